@@ -1,0 +1,205 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* common.h: includes, constants and the structs shared with Go (bpf2go -type).
+ *
+ * Every struct here is part of a map layout. Changing one is a layout change:
+ * bump the version in the map's name (ct_v1 -> ct_v2) and add a migration in
+ * datapath/loader. Never reuse a name with a different layout.
+ */
+#pragma once
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define DIR_INGRESS 0
+#define DIR_EGRESS  1
+
+/* Verdicts a TC program returns. UNSPEC lets later programs and filters on the
+ * same hook see the packet (TCX_NEXT); it passes when there are none. */
+#define CTD_PASS TC_ACT_UNSPEC
+#define CTD_DROP TC_ACT_SHOT
+
+/* Reserved identities. 0 is never a valid identity; in policy keys it means "any". */
+#define IDENTITY_ANY   0
+#define IDENTITY_HOST  1
+#define IDENTITY_WORLD 2
+
+/* TCP flag bits as in byte 13 of the TCP header. */
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_PSH 0x08
+#define TCPF_ACK 0x10
+
+/* An address of either family; IPv4 uses the first 4 bytes, the rest is zero. */
+union addr {
+	__u8  b[16];
+	__u32 w[4];
+	__u64 d[2];
+};
+
+/* ---- conntrack: ct_v1 (LRU hash) ---- */
+
+enum ct_state {
+	CT_NEW = 0,         /* non-TCP: seen in the originating direction only */
+	CT_ESTABLISHED = 1, /* TCP: handshake done (or picked up mid-stream); others: reply seen */
+	CT_SYN_SENT = 2,
+	CT_SYN_RECV = 3,
+	CT_FIN_WAIT = 4,    /* one side has sent FIN */
+	CT_CLOSED = 5,      /* both sides sent FIN, or RST */
+};
+
+/* Entry flags. */
+#define CT_F_OPENED_INGRESS 0x01 /* first packet was seen on ingress */
+#define CT_F_PICKUP         0x02 /* TCP flow picked up mid-stream (first packet was not a SYN) */
+#define CT_F_RELATED        0x04 /* an ICMP error related to this flow was seen */
+
+/* The key is canonical: endpoint a is the lower (address, port) of the two, so
+ * both directions of a connection hash to the same entry with one lookup.
+ * One table serves both families (family distinguishes; IPv4 zero-pads). */
+struct ct_key {
+	__u8   addr_a[16];
+	__u8   addr_b[16];
+	__be16 port_a;
+	__be16 port_b;
+	__u8   proto;
+	__u8   family; /* 4 or 6 */
+	__u8   pad[2];
+} __attribute__((aligned(8)));
+
+struct ct_entry {
+	__u64 packets_orig;
+	__u64 bytes_orig;
+	__u64 packets_reply;
+	__u64 bytes_reply;
+	__u64 first_seen; /* CLOCK_BOOTTIME ns */
+	__u64 last_seen;  /* CLOCK_BOOTTIME ns */
+	__u32 src_identity; /* originator's identity */
+	__u32 dst_identity; /* responder's identity */
+	__u32 ifindex;      /* interface the flow was first seen on */
+	__u8  state;        /* enum ct_state */
+	__u8  orig_is_b;    /* 1 when endpoint b of the key opened the flow */
+	__u8  tcp_flags_orig;  /* OR of TCP flags seen from the originator */
+	__u8  tcp_flags_reply; /* OR of TCP flags seen from the responder */
+	__u8  flags;        /* CT_F_* */
+	__u8  pad[7];
+};
+
+/* ---- ipcache: ipcache4_v1 / ipcache6_v1 (LPM trie) ---- */
+
+struct ipcache4_key {
+	__u32 prefixlen;
+	__u8  addr[4];
+};
+
+struct ipcache6_key {
+	__u32 prefixlen;
+	__u8  addr[16];
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags; /* reserved, 0 */
+};
+
+/* ---- policy: policy_v1 (hash) ---- */
+
+#define VERDICT_UNSET 0 /* default verdict not configured: allow */
+#define VERDICT_ALLOW 1
+#define VERDICT_DENY  2
+
+struct policy_key {
+	__u32 identity; /* remote identity, 0 = any */
+	__u16 port;     /* destination port of the first packet, host order, 0 = any */
+	__u8  proto;    /* IP protocol, 0 = any */
+	__u8  dir;      /* DIR_INGRESS or DIR_EGRESS */
+};
+
+struct policy_value {
+	__u8 verdict; /* VERDICT_ALLOW or VERDICT_DENY */
+	__u8 pad[3];
+};
+
+/* ---- config: config_v1 (array of one) ---- */
+
+struct config {
+	__u8  default_verdict[2]; /* by direction; VERDICT_UNSET means allow */
+	__u8  pad[2];
+	__u32 policy_rules;       /* rules in policy_v1; 0 skips the policy lookups */
+	__u32 events_rate;        /* events per second per CPU; 0 = unlimited */
+	__u32 events_burst;       /* token bucket depth per CPU */
+};
+
+/* ---- metrics: metrics_v1 (per-CPU array), index = dir * METRIC_MAX + reason ---- */
+
+enum metric_reason {
+	/* verdicts: forwarded */
+	M_FWD_ESTABLISHED = 0, /* conntrack hit */
+	M_FWD_NEW = 1,         /* new flow allowed by policy */
+	M_FWD_RELATED = 2,     /* ICMP error related to a tracked flow */
+	M_FWD_UNTRACKED = 3,   /* not tracked: non-IP, neighbour discovery, later fragments */
+	M_FWD_UNPARSEABLE = 4, /* could not be parsed, passed (default allow) */
+	/* verdicts: dropped */
+	M_DROP_POLICY = 16,
+	M_DROP_INVALID = 17,   /* invalid or out-of-state */
+	M_DROP_CT_INSERT = 18, /* conntrack insert failed */
+	M_DROP_PARSE = 19,     /* could not be parsed, dropped (default deny) */
+	/* counters that are not verdicts (bytes unused unless noted) */
+	M_CT_CREATED = 32,        /* entries created */
+	M_CT_UPDATE_FAILED = 33,  /* a conntrack map update failed */
+	M_EVENTS_LOST = 34,       /* ring buffer reservation failed */
+	M_EVENTS_RATELIMITED = 35,/* event suppressed by the per-CPU rate limit */
+	M_FRAGMENTS = 36,         /* later fragments seen (also counted as untracked) */
+	METRIC_MAX = 64,
+};
+
+struct metric_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* ---- events: events_v1 (ring buffer) ---- */
+
+enum event_type {
+	EV_FLOW_NEW = 1,
+	EV_FLOW_CLOSED = 2,
+	EV_DROP = 3,
+	EV_CT_INSERT_FAILED = 4,
+};
+
+struct event {
+	__u64 time;  /* CLOCK_BOOTTIME ns */
+	__u8  type;  /* enum event_type */
+	__u8  reason;/* enum metric_reason, for drops */
+	__u8  dir;
+	__u8  proto;
+	__u8  family;
+	__u8  state;
+	__u8  pad[2];
+	__u32 ifindex;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 pad2;
+	__u8  src[16]; /* originator for flow events, the packet's source for drops */
+	__u8  dst[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 pad3;
+	__u64 packets_orig;
+	__u64 bytes_orig;
+	__u64 packets_reply;
+	__u64 bytes_reply;
+};
+
+struct ratelimit {
+	__u64 tokens;
+	__u64 last; /* ns */
+};

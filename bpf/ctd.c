@@ -1,0 +1,209 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* ctd.c: the TC ingress and egress programs.
+ *
+ * A packet's way: parse -> conntrack lookup (one, with a canonical key) ->
+ * hit: advance state and counters, pass -> miss: resolve both identities
+ * through the ipcache, judge policy, create the entry or drop.
+ */
+#include "common.h"
+#include "parse.h"
+#include "conntrack.h"
+#include "ipcache.h"
+#include "policy.h"
+#include "metrics.h"
+#include "events.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline struct config *config_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config_v1, &zero);
+}
+
+static __always_inline int verdict_drop(__u32 dir, __u32 reason, __u64 len)
+{
+	count(dir, reason, len);
+	return CTD_DROP;
+}
+
+/* ct_account adds the packet to e's direction counters and flags. */
+static __always_inline void ct_account(struct ct_entry *e, int is_orig, __u8 tcp_flags,
+				       __u64 len, __u64 segs, __u64 now)
+{
+	if (is_orig) {
+		__sync_fetch_and_add(&e->packets_orig, segs);
+		__sync_fetch_and_add(&e->bytes_orig, len);
+		e->tcp_flags_orig |= tcp_flags;
+	} else {
+		__sync_fetch_and_add(&e->packets_reply, segs);
+		__sync_fetch_and_add(&e->bytes_reply, len);
+		e->tcp_flags_reply |= tcp_flags;
+	}
+	e->last_seen = now;
+}
+
+/* ct_new judges a flow that has no entry and, if allowed, creates one. */
+static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+				  struct ct_key *k, int src_is_b, __u64 len, __u64 segs, __u64 now)
+{
+	struct config *cfg = config_get();
+	struct ct_entry e = {};
+	__u32 src_id, dst_id;
+	__u16 port = 0;
+	int err;
+
+	src_id = identity_of(&t->src, t->family);
+	dst_id = identity_of(&t->dst, t->family);
+	if (t->proto == IPPROTO_TCP || t->proto == IPPROTO_UDP)
+		port = bpf_ntohs(t->dport);
+
+	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto, port) != VERDICT_ALLOW) {
+		emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
+		return verdict_drop(dir, M_DROP_POLICY, len);
+	}
+	/* An RST for a connection we do not know needs no entry. */
+	if (t->proto == IPPROTO_TCP && (t->tcp_flags & TCPF_RST)) {
+		count(dir, M_FWD_NEW, len);
+		return CTD_PASS;
+	}
+
+	e.first_seen = now;
+	e.src_identity = src_id;
+	e.dst_identity = dst_id;
+	e.ifindex = skb->ifindex;
+	e.orig_is_b = src_is_b;
+	e.flags = dir == DIR_INGRESS ? CT_F_OPENED_INGRESS : 0;
+	e.state = CT_NEW;
+	if (t->proto == IPPROTO_TCP) {
+		if (tcp_opens(t->tcp_flags)) {
+			e.state = CT_SYN_SENT;
+		} else {
+			e.state = CT_ESTABLISHED;
+			e.flags |= CT_F_PICKUP;
+		}
+	}
+	ct_account(&e, 1, t->tcp_flags, len, segs, now);
+	ct_update_state(&e, t->proto, t->tcp_flags, 1);
+
+	err = bpf_map_update_elem(&ct_v1, k, &e, BPF_ANY);
+	if (err) {
+		count(dir, M_CT_UPDATE_FAILED, 0);
+		emit(cfg, now, EV_CT_INSERT_FAILED, M_DROP_CT_INSERT, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
+		return verdict_drop(dir, M_DROP_CT_INSERT, len);
+	}
+	count(dir, M_CT_CREATED, 0);
+	count(dir, M_FWD_NEW, len);
+	emit(cfg, now, EV_FLOW_NEW, 0, dir, skb->ifindex, t, src_id, dst_id, e.state, NULL);
+	return CTD_PASS;
+}
+
+/* related handles an ICMP error: it passes when it quotes a tracked flow, and
+ * is otherwise judged like a new flow without creating an entry. */
+static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
+{
+	struct ct_key k = {};
+	struct ct_entry *e;
+	struct config *cfg;
+	__u32 src_id;
+
+	ct_key_of(&p->inner, &k);
+	e = bpf_map_lookup_elem(&ct_v1, &k);
+	if (e) {
+		e->flags |= CT_F_RELATED;
+		count(dir, M_FWD_RELATED, len);
+		return CTD_PASS;
+	}
+	cfg = config_get();
+	src_id = identity_of(&p->t.src, p->t.family);
+	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : identity_of(&p->t.dst, p->t.family),
+			   p->t.proto, 0) != VERDICT_ALLOW) {
+		emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, &p->t, src_id, 0, 0, NULL);
+		return verdict_drop(dir, M_DROP_POLICY, len);
+	}
+	count(dir, M_FWD_NEW, len);
+	return CTD_PASS;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
+{
+	struct pkt p = {};
+	struct ct_key k;
+	struct ct_entry *e;
+	__u64 len = skb->len, segs = skb->gso_segs ? skb->gso_segs : 1, now;
+	int kind, src_is_b, is_orig;
+	__u8 old;
+
+	kind = parse(skb, &p);
+	switch (kind) {
+	case PKT_TRACK:
+		break;
+	case PKT_NON_IP:
+	case PKT_UNTRACKED:
+		count(dir, M_FWD_UNTRACKED, len);
+		return CTD_PASS;
+	case PKT_FRAGMENT:
+		/* Later fragments carry no ports and are not tracked: the first
+		 * fragment was judged, and without it nothing reassembles. */
+		count(dir, M_FRAGMENTS, len);
+		count(dir, M_FWD_UNTRACKED, len);
+		return CTD_PASS;
+	case PKT_ICMP_ERR:
+		return related(skb, dir, &p, len, bpf_ktime_get_boot_ns());
+	default: {
+		struct config *cfg = config_get();
+
+		if (cfg && cfg->default_verdict[dir & 1] == VERDICT_DENY)
+			return verdict_drop(dir, M_DROP_PARSE, len);
+		count(dir, M_FWD_UNPARSEABLE, len);
+		return CTD_PASS;
+	}
+	}
+
+	if (p.t.proto == IPPROTO_TCP && tcp_flags_invalid(p.t.tcp_flags))
+		return verdict_drop(dir, M_DROP_INVALID, len);
+
+	now = bpf_ktime_get_boot_ns();
+	src_is_b = ct_key_of(&p.t, &k);
+	e = bpf_map_lookup_elem(&ct_v1, &k);
+	if (!e)
+		return ct_new(skb, dir, &p.t, &k, src_is_b, len, segs, now);
+
+	/* A SYN on a closed connection reuses its tuple: a new flow. */
+	if (p.t.proto == IPPROTO_TCP && e->state == CT_CLOSED && tcp_opens(p.t.tcp_flags))
+		return ct_new(skb, dir, &p.t, &k, src_is_b, len, segs, now);
+
+	is_orig = src_is_b == e->orig_is_b;
+	old = e->state;
+	ct_account(e, is_orig, p.t.tcp_flags, len, segs, now);
+	ct_update_state(e, p.t.proto, p.t.tcp_flags, is_orig);
+	if (e->state == CT_CLOSED && old != CT_CLOSED) {
+		struct tuple orig = p.t;
+
+		if (!is_orig) {
+			orig.src = p.t.dst;
+			orig.dst = p.t.src;
+			orig.sport = p.t.dport;
+			orig.dport = p.t.sport;
+		}
+		emit(config_get(), now, EV_FLOW_CLOSED, 0, dir, e->ifindex, &orig,
+		     e->src_identity, e->dst_identity, CT_CLOSED, e);
+	}
+	count(dir, M_FWD_ESTABLISHED, len);
+	return CTD_PASS;
+}
+
+SEC("tc")
+int ctd_ingress(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INGRESS);
+}
+
+SEC("tc")
+int ctd_egress(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_EGRESS);
+}

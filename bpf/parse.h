@@ -1,0 +1,321 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* parse.h: bounded, bounds-checked parsing of L2/L3/L4 headers into a tuple.
+ *
+ * Every read goes through bpf_skb_load_bytes, which checks bounds against the
+ * whole skb and works on non-linear (GRO'd) skbs, so nothing in a packet can
+ * make the parser read past its end or misread a paged fragment.
+ */
+#pragma once
+
+#include "common.h"
+
+#define ETH_P_8021Q_  0x8100
+#define ETH_P_8021AD_ 0x88A8
+#define IPV6_MAX_EXT_HDRS 6
+
+enum pkt_kind {
+	PKT_TRACK = 0,     /* an IP packet with a tuple to track */
+	PKT_NON_IP = 1,    /* not IPv4/IPv6: passed untracked */
+	PKT_UNTRACKED = 2, /* IP but deliberately not tracked (neighbour discovery, MLD) */
+	PKT_FRAGMENT = 3,  /* a later fragment: no L4 header, never parsed as ports */
+	PKT_ICMP_ERR = 4,  /* ICMP error: inner holds the quoted tuple */
+	PKT_ERROR = 5,     /* truncated or malformed */
+};
+
+struct tuple {
+	union addr src;
+	union addr dst;
+	__be16 sport;
+	__be16 dport;
+	__u8   proto;
+	__u8   family;
+	__u8   tcp_flags;
+	__u8   pad;
+};
+
+struct pkt {
+	struct tuple t;     /* the packet's own tuple */
+	struct tuple inner; /* for PKT_ICMP_ERR: the quoted packet's tuple */
+	__u32 kind;
+};
+
+/* ICMP echo: the identifier stands in for the port. The request carries it as
+ * the source port and the reply as the destination port, so both directions
+ * of one exchange meet in the same canonical conntrack key. */
+static __always_inline void icmp_echo_ports(struct tuple *t, __be16 id, int is_request)
+{
+	if (is_request) {
+		t->sport = id;
+		t->dport = 0;
+	} else {
+		t->sport = 0;
+		t->dport = id;
+	}
+}
+
+/* Reads TCP/UDP ports (and TCP flags) at off into t. Other protocols are
+ * tracked by address pair and protocol with zero ports. */
+static __always_inline int parse_ports(struct __sk_buff *skb, __u32 off, struct tuple *t)
+{
+	__u8 hdr[14];
+
+	switch (t->proto) {
+	case IPPROTO_TCP:
+		if (bpf_skb_load_bytes(skb, off, hdr, 14) < 0)
+			return -1;
+		t->tcp_flags = hdr[13];
+		break;
+	case IPPROTO_UDP:
+		if (bpf_skb_load_bytes(skb, off, hdr, 4) < 0)
+			return -1;
+		break;
+	default:
+		return 0;
+	}
+	__builtin_memcpy(&t->sport, &hdr[0], 2);
+	__builtin_memcpy(&t->dport, &hdr[2], 2);
+	return 0;
+}
+
+/* The packet quoted by an ICMP error: its IP header and the first 8 bytes of
+ * its L4 header (all RFC 792 guarantees). Returns 0 when a tuple was read. */
+static __always_inline int parse_inner4(struct __sk_buff *skb, __u32 off, struct tuple *in)
+{
+	struct iphdr ip;
+	__u8 l4[8];
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
+		return -1;
+	in->family = 4;
+	in->proto = ip.protocol;
+	in->src.w[0] = ip.saddr;
+	in->dst.w[0] = ip.daddr;
+	if (ip.frag_off & bpf_htons(0x1fff))
+		return 0;
+	off += ip.ihl * 4;
+	switch (ip.protocol) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+		if (bpf_skb_load_bytes(skb, off, l4, 4) < 0)
+			return -1;
+		__builtin_memcpy(&in->sport, &l4[0], 2);
+		__builtin_memcpy(&in->dport, &l4[2], 2);
+		break;
+	case IPPROTO_ICMP:
+		if (bpf_skb_load_bytes(skb, off, l4, 8) < 0)
+			return -1;
+		if (l4[0] == ICMP_ECHO || l4[0] == ICMP_ECHOREPLY) {
+			__be16 id;
+			__builtin_memcpy(&id, &l4[4], 2);
+			icmp_echo_ports(in, id, l4[0] == ICMP_ECHO);
+		}
+		break;
+	}
+	return 0;
+}
+
+static __always_inline int parse_inner6(struct __sk_buff *skb, __u32 off, struct tuple *in)
+{
+	struct ipv6hdr ip6;
+	__u8 l4[8];
+
+	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+		return -1;
+	in->family = 6;
+	in->proto = ip6.nexthdr;
+	__builtin_memcpy(in->src.b, &ip6.saddr, 16);
+	__builtin_memcpy(in->dst.b, &ip6.daddr, 16);
+	off += sizeof(ip6);
+	/* The quoted packet's extension headers are not walked: a quoted packet
+	 * with them is matched by address pair and next header only. */
+	switch (ip6.nexthdr) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+		if (bpf_skb_load_bytes(skb, off, l4, 4) < 0)
+			return -1;
+		__builtin_memcpy(&in->sport, &l4[0], 2);
+		__builtin_memcpy(&in->dport, &l4[2], 2);
+		break;
+	case IPPROTO_ICMPV6:
+		if (bpf_skb_load_bytes(skb, off, l4, 8) < 0)
+			return -1;
+		if (l4[0] == ICMPV6_ECHO_REQUEST || l4[0] == ICMPV6_ECHO_REPLY) {
+			__be16 id;
+			__builtin_memcpy(&id, &l4[4], 2);
+			icmp_echo_ports(in, id, l4[0] == ICMPV6_ECHO_REQUEST);
+		}
+		break;
+	}
+	return 0;
+}
+
+static __always_inline int parse_icmp4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	__u8 h[8];
+	__be16 id;
+
+	if (bpf_skb_load_bytes(skb, off, h, 8) < 0)
+		return PKT_ERROR;
+	switch (h[0]) {
+	case ICMP_ECHO:
+	case ICMP_ECHOREPLY:
+		__builtin_memcpy(&id, &h[4], 2);
+		icmp_echo_ports(&p->t, id, h[0] == ICMP_ECHO);
+		return PKT_TRACK;
+	case ICMP_DEST_UNREACH:
+	case ICMP_SOURCE_QUENCH:
+	case ICMP_REDIRECT:
+	case ICMP_TIME_EXCEEDED:
+	case ICMP_PARAMETERPROB:
+		if (parse_inner4(skb, off + 8, &p->inner) < 0)
+			return PKT_ERROR;
+		return PKT_ICMP_ERR;
+	}
+	/* Other ICMP (timestamps, ...) is tracked by address pair. */
+	return PKT_TRACK;
+}
+
+static __always_inline int parse_icmp6(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	__u8 h[8];
+	__be16 id;
+
+	if (bpf_skb_load_bytes(skb, off, h, 8) < 0)
+		return PKT_ERROR;
+	switch (h[0]) {
+	case ICMPV6_ECHO_REQUEST:
+	case ICMPV6_ECHO_REPLY:
+		__builtin_memcpy(&id, &h[4], 2);
+		icmp_echo_ports(&p->t, id, h[0] == ICMPV6_ECHO_REQUEST);
+		return PKT_TRACK;
+	case ICMPV6_DEST_UNREACH:
+	case ICMPV6_PKT_TOOBIG:
+	case ICMPV6_TIME_EXCEED:
+	case ICMPV6_PARAMPROB:
+		if (parse_inner6(skb, off + 8, &p->inner) < 0)
+			return PKT_ERROR;
+		return PKT_ICMP_ERR;
+	case 130: /* MLD query */
+	case 131: /* MLD report */
+	case 132: /* MLD done */
+	case 133: /* router solicitation */
+	case 134: /* router advertisement */
+	case 135: /* neighbour solicitation */
+	case 136: /* neighbour advertisement */
+	case 137: /* redirect */
+	case 143: /* MLDv2 report */
+		/* Link-local control traffic IPv6 cannot work without: never tracked,
+		 * never judged by policy. */
+		return PKT_UNTRACKED;
+	}
+	return PKT_TRACK;
+}
+
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	if (p->t.proto == IPPROTO_ICMP)
+		return parse_icmp4(skb, off, p);
+	if (p->t.proto == IPPROTO_ICMPV6)
+		return parse_icmp6(skb, off, p);
+	if (parse_ports(skb, off, &p->t) < 0)
+		return PKT_ERROR;
+	return PKT_TRACK;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	struct iphdr ip;
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+		return PKT_ERROR;
+	if (ip.version != 4 || ip.ihl < 5)
+		return PKT_ERROR;
+	p->t.family = 4;
+	p->t.proto = ip.protocol;
+	p->t.src.w[0] = ip.saddr;
+	p->t.dst.w[0] = ip.daddr;
+	/* A non-zero fragment offset: no L4 header here. */
+	if (ip.frag_off & bpf_htons(0x1fff))
+		return PKT_FRAGMENT;
+	return parse_l4(skb, off + ip.ihl * 4, p);
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p)
+{
+	struct ipv6hdr ip6;
+	__u8 nexthdr;
+
+	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+		return PKT_ERROR;
+	if (ip6.version != 6)
+		return PKT_ERROR;
+	p->t.family = 6;
+	__builtin_memcpy(p->t.src.b, &ip6.saddr, 16);
+	__builtin_memcpy(p->t.dst.b, &ip6.daddr, 16);
+	nexthdr = ip6.nexthdr;
+	off += sizeof(ip6);
+
+#pragma unroll
+	for (int i = 0; i < IPV6_MAX_EXT_HDRS; i++) {
+		__u8 ext[8];
+
+		switch (nexthdr) {
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				return PKT_ERROR;
+			nexthdr = ext[0];
+			off += (ext[1] + 1) * 8;
+			break;
+		case IPPROTO_AH:
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				return PKT_ERROR;
+			nexthdr = ext[0];
+			off += (ext[1] + 2) * 4;
+			break;
+		case IPPROTO_FRAGMENT:
+			if (bpf_skb_load_bytes(skb, off, ext, 8) < 0)
+				return PKT_ERROR;
+			nexthdr = ext[0];
+			p->t.proto = nexthdr;
+			/* ext[2..3]: offset (13 bits) and flags. */
+			if ((ext[2] << 8 | ext[3]) & 0xfff8)
+				return PKT_FRAGMENT;
+			off += 8;
+			break;
+		default:
+			p->t.proto = nexthdr;
+			return parse_l4(skb, off, p);
+		}
+	}
+	/* More extension headers than we walk: refuse rather than guess. */
+	return PKT_ERROR;
+}
+
+/* parse fills p and returns its kind. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 eth[ETH_HLEN];
+	__u32 off = ETH_HLEN;
+	__u16 proto;
+
+	if (bpf_skb_load_bytes(skb, 0, eth, ETH_HLEN) < 0)
+		return PKT_ERROR;
+	proto = eth[12] << 8 | eth[13];
+	if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
+		__u8 vlan[4];
+
+		if (bpf_skb_load_bytes(skb, off, vlan, 4) < 0)
+			return PKT_ERROR;
+		proto = vlan[2] << 8 | vlan[3];
+		off += 4;
+	}
+	switch (proto) {
+	case ETH_P_IP:
+		return parse_ipv4(skb, off, p);
+	case ETH_P_IPV6:
+		return parse_ipv6(skb, off, p);
+	}
+	return PKT_NON_IP;
+}

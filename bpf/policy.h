@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* policy.h: the verdict for a new flow by (direction, remote identity,
+ * protocol, port), most specific rule first, then the direction's default. */
+#pragma once
+
+#include "common.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+} policy_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} config_v1 SEC(".maps");
+
+static __always_inline int policy_rule(__u32 dir, __u32 id, __u8 proto, __u16 port)
+{
+	struct policy_key k = { .identity = id, .port = port, .proto = proto, .dir = dir };
+	struct policy_value *v = bpf_map_lookup_elem(&policy_v1, &k);
+
+	return v ? v->verdict : VERDICT_UNSET;
+}
+
+/* policy_verdict: a specific identity beats any identity; within one, a
+ * protocol with a port beats the protocol, beats any protocol with the port,
+ * beats any protocol. Returns VERDICT_ALLOW or VERDICT_DENY. */
+static __always_inline int policy_verdict(const struct config *cfg, __u32 dir, __u32 remote_id,
+					  __u8 proto, __u16 port)
+{
+	__u32 ids[2] = { remote_id, IDENTITY_ANY };
+	int v;
+
+	if (cfg && cfg->policy_rules) {
+#pragma unroll
+		for (int i = 0; i < 2; i++) {
+			if (port) {
+				v = policy_rule(dir, ids[i], proto, port);
+				if (v)
+					return v;
+			}
+			v = policy_rule(dir, ids[i], proto, 0);
+			if (v)
+				return v;
+			if (port) {
+				v = policy_rule(dir, ids[i], 0, port);
+				if (v)
+					return v;
+			}
+			v = policy_rule(dir, ids[i], 0, 0);
+			if (v)
+				return v;
+		}
+	}
+	if (cfg && cfg->default_verdict[dir & 1] == VERDICT_DENY)
+		return VERDICT_DENY;
+	return VERDICT_ALLOW;
+}

@@ -1,0 +1,262 @@
+// Package loader opens or creates ctd's pinned maps and loads the TC programs that use them.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	stdmaps "maps"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/bpffs"
+)
+
+// Defaults for Options.
+const (
+	DefaultPinPath     = "/sys/fs/bpf/ctd"
+	DefaultCTMax       = 262144
+	DefaultIPCacheMax  = 512000
+	DefaultRingBufSize = 8 << 20
+)
+
+// Options size the datapath's maps and say where they are pinned. Sizes are
+// what the operator asked for, never derived from anything that can change
+// between runs, so a restart reopens the same maps.
+type Options struct {
+	PinPath     string
+	CTMax       uint32
+	IPCacheMax  uint32
+	RingBufSize uint32
+}
+
+// WithDefaults fills zero fields with their defaults.
+func (o Options) WithDefaults() Options {
+	if o.PinPath == "" {
+		o.PinPath = DefaultPinPath
+	}
+	if o.CTMax == 0 {
+		o.CTMax = DefaultCTMax
+	}
+	if o.IPCacheMax == 0 {
+		o.IPCacheMax = DefaultIPCacheMax
+	}
+	if o.RingBufSize == 0 {
+		o.RingBufSize = DefaultRingBufSize
+	}
+	return o
+}
+
+// Validate checks the sizes the kernel would otherwise reject obscurely.
+func (o Options) Validate() error {
+	if o.CTMax < 1 {
+		return fmt.Errorf("invalid --ct-max %d: must be at least 1", o.CTMax)
+	}
+	if o.IPCacheMax < 1 {
+		return fmt.Errorf("invalid --ipcache-max %d: must be at least 1", o.IPCacheMax)
+	}
+	if n := o.RingBufSize; n < 4096 || n&(n-1) != 0 {
+		return fmt.Errorf("invalid --ringbuf-size %d: must be a power of two of at least 4096", n)
+	}
+	return nil
+}
+
+// Spec returns the datapath's collection spec with the maps sized by o.
+func (o Options) Spec() (*ebpf.CollectionSpec, error) {
+	spec, err := bpf.LoadCtd()
+	if err != nil {
+		return nil, fmt.Errorf("load datapath spec: %w", err)
+	}
+	spec.Maps[bpf.CtdMapCtV1].MaxEntries = o.CTMax
+	spec.Maps[bpf.CtdMapIpcache4V1].MaxEntries = o.IPCacheMax
+	spec.Maps[bpf.CtdMapIpcache6V1].MaxEntries = o.IPCacheMax
+	spec.Maps[bpf.CtdMapEventsV1].MaxEntries = o.RingBufSize
+	return spec, nil
+}
+
+// MapNames lists every map ctd pins, in a stable order.
+var MapNames = []string{
+	bpf.CtdMapCtV1,
+	bpf.CtdMapIpcache4V1,
+	bpf.CtdMapIpcache6V1,
+	bpf.CtdMapPolicyV1,
+	bpf.CtdMapConfigV1,
+	bpf.CtdMapMetricsV1,
+	bpf.CtdMapEventsV1,
+	bpf.CtdMapEvlimitV1,
+}
+
+// IncompatibleError says that a pinned map differs from what this build wants.
+type IncompatibleError struct {
+	Map  string
+	Pin  string
+	Diff error
+}
+
+func (e *IncompatibleError) Error() string {
+	return fmt.Sprintf("pinned map %s at %s differs from this build (%v): run 'ctd daemon' to migrate it, or 'ctd teardown' to start empty", e.Map, e.Pin, e.Diff)
+}
+
+func (e *IncompatibleError) Unwrap() error { return ebpf.ErrMapIncompatible }
+
+// Datapath is the loaded programs and the pinned maps they use.
+type Datapath struct {
+	bpf.CtdMaps
+	bpf.CtdPrograms
+}
+
+// Close releases the file descriptors; pinned objects stay in the kernel.
+func (d *Datapath) Close() error {
+	return errors.Join(d.CtdPrograms.Close(), d.CtdMaps.Close())
+}
+
+// Load opens the pinned maps (creating and pinning any that are missing) and
+// loads the programs against them. Nothing is pinned unless everything loaded.
+func Load(o Options) (*Datapath, error) {
+	o = o.WithDefaults()
+	spec, err := o.Spec()
+	if err != nil {
+		return nil, err
+	}
+	maps, created, err := openOrCreate(o.PinPath, spec)
+	if err != nil {
+		return nil, err
+	}
+	dp := &Datapath{}
+	if err := spec.LoadAndAssign(&dp.CtdPrograms, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+		closeAll(maps)
+		return nil, fmt.Errorf("load datapath programs: %w", err)
+	}
+	if err := assignMaps(&dp.CtdMaps, maps); err != nil {
+		dp.Close()
+		return nil, err
+	}
+	if err := pinCreated(o.PinPath, maps, created); err != nil {
+		dp.Close()
+		return nil, err
+	}
+	return dp, nil
+}
+
+// OpenMaps opens the pinned maps, creating and pinning any that are missing,
+// without loading programs: for commands that fill the maps before or without
+// an attached datapath.
+func OpenMaps(o Options) (*bpf.CtdMaps, error) {
+	o = o.WithDefaults()
+	spec, err := o.Spec()
+	if err != nil {
+		return nil, err
+	}
+	maps, created, err := openOrCreate(o.PinPath, spec)
+	if err != nil {
+		return nil, err
+	}
+	var out bpf.CtdMaps
+	if err := assignMaps(&out, maps); err != nil {
+		closeAll(maps)
+		return nil, err
+	}
+	if err := pinCreated(o.PinPath, maps, created); err != nil {
+		out.Close()
+		return nil, err
+	}
+	return &out, nil
+}
+
+// OpenPinned opens the maps that are pinned at pinPath, whatever their size,
+// and fails if the datapath was never set up there.
+func OpenPinned(pinPath string) (*bpf.CtdMaps, error) {
+	if pinPath == "" {
+		pinPath = DefaultPinPath
+	}
+	maps := make(map[string]*ebpf.Map, len(MapNames))
+	for _, name := range MapNames {
+		pin := filepath.Join(pinPath, name)
+		m, err := ebpf.LoadPinnedMap(pin, nil)
+		if err != nil {
+			closeAll(maps)
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", pinPath, name)
+			}
+			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
+		}
+		maps[name] = m
+	}
+	var out bpf.CtdMaps
+	if err := assignMaps(&out, maps); err != nil {
+		closeAll(maps)
+		return nil, err
+	}
+	return &out, nil
+}
+
+// openOrCreate returns every map of spec: the pinned one where it exists and is
+// compatible, else a new unpinned one (listed in created).
+func openOrCreate(pinPath string, spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, map[string]bool, error) {
+	if err := bpffs.Ensure(pinPath); err != nil {
+		return nil, nil, err
+	}
+	maps := make(map[string]*ebpf.Map, len(MapNames))
+	created := make(map[string]bool)
+	for _, name := range MapNames {
+		ms := spec.Maps[name]
+		pin := filepath.Join(pinPath, name)
+		m, err := ebpf.LoadPinnedMap(pin, nil)
+		switch {
+		case err == nil:
+			if diff := ms.Compatible(m); diff != nil {
+				m.Close()
+				closeAll(maps)
+				return nil, nil, &IncompatibleError{Map: name, Pin: pin, Diff: diff}
+			}
+		case errors.Is(err, os.ErrNotExist):
+			m, err = ebpf.NewMap(ms)
+			if err != nil {
+				closeAll(maps)
+				return nil, nil, fmt.Errorf("create map %s: %w", name, err)
+			}
+			created[name] = true
+		default:
+			closeAll(maps)
+			return nil, nil, fmt.Errorf("open pinned map %s: %w", pin, err)
+		}
+		maps[name] = m
+	}
+	return maps, created, nil
+}
+
+// pinCreated pins the maps this process created. If another process pinned
+// the same name meanwhile, or a pin fails, the pins made here are undone.
+func pinCreated(pinPath string, maps map[string]*ebpf.Map, created map[string]bool) error {
+	var pinned []*ebpf.Map
+	for _, name := range MapNames {
+		if !created[name] {
+			continue
+		}
+		if err := maps[name].Pin(filepath.Join(pinPath, name)); err != nil {
+			for _, m := range pinned {
+				m.Unpin()
+			}
+			return fmt.Errorf("pin map %s: %w", name, err)
+		}
+		pinned = append(pinned, maps[name])
+	}
+	return nil
+}
+
+func assignMaps(out *bpf.CtdMaps, maps map[string]*ebpf.Map) error {
+	// Assign takes ownership by deleting what it assigns: give it a copy.
+	coll := &ebpf.Collection{Maps: stdmaps.Clone(maps)}
+	if err := coll.Assign(out); err != nil {
+		return fmt.Errorf("assign maps: %w", err)
+	}
+	return nil
+}
+
+func closeAll(maps map[string]*ebpf.Map) {
+	for _, m := range maps {
+		m.Close()
+	}
+}
