@@ -1,0 +1,71 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctd-dev/ctd/datapath/loader"
+)
+
+// app holds the global flags every command shares.
+type app struct {
+	pinPath  string
+	stateDir string
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func newRootCmd() *cobra.Command {
+	a := &app{}
+	root := &cobra.Command{
+		Use:           "ctd",
+		Short:         "Connection tracking, identities and policy for a Linux interface, in eBPF",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&a.pinPath, "pin-path", envOr("CTD_PIN_PATH", loader.DefaultPinPath), "bpffs directory holding ctd's pinned maps and links (env CTD_PIN_PATH)")
+	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("CTD_STATE_DIR", "/var/lib/ctd"), "directory of ctd's desired-state store (env CTD_STATE_DIR)")
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return fmt.Errorf("%s: %w (see '%s --help')", c.CommandPath(), err, c.CommandPath())
+	})
+	root.AddCommand(
+	// Commands, one file each.
+	)
+	return root
+}
+
+// requireRoot fails early, in one line, where the kernel would refuse.
+func requireRoot() error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("ctd must run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): current uid is %d", os.Geteuid())
+	}
+	return nil
+}
+
+// outputFlag adds -o/--output with the formats text and json.
+func outputFlag(c *cobra.Command, out *string) {
+	c.Flags().StringVarP(out, "output", "o", "text", "output format: text or json")
+	_ = c.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{"text", "json"}, cobra.ShellCompDirectiveNoFileComp))
+}
+
+func checkOutput(out string) error {
+	if out != "text" && out != "json" {
+		return fmt.Errorf("invalid --output %q: valid formats are text, json", out)
+	}
+	return nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

@@ -1,0 +1,295 @@
+// Package ctmap reads and edits the conntrack table (ct_v1) as flows.
+package ctmap
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/bpf"
+)
+
+// State is a flow's connection state (enum ct_state in bpf/common.h).
+type State uint8
+
+const (
+	StateNew         State = 0
+	StateEstablished State = 1
+	StateSynSent     State = 2
+	StateSynRecv     State = 3
+	StateFinWait     State = 4
+	StateClosed      State = 5
+)
+
+var stateNames = [...]string{"NEW", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT", "CLOSED"}
+
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return "STATE_" + strconv.Itoa(int(s))
+}
+
+// Entry flags (CT_F_* in bpf/common.h).
+const (
+	FlagOpenedIngress = 0x01
+	FlagPickup        = 0x02
+	FlagRelated       = 0x04
+)
+
+// Key and Entry are the map's raw layout.
+type (
+	Key   = bpf.CtdCtKey
+	Entry = bpf.CtdCtEntry
+)
+
+// Flow is one conntrack entry, seen from its originator: Src and Sport sent
+// the first packet ctd saw.
+type Flow struct {
+	Proto         uint8
+	Src, Dst      netip.Addr
+	Sport, Dport  uint16
+	State         State
+	PacketsOrig   uint64
+	BytesOrig     uint64
+	PacketsReply  uint64
+	BytesReply    uint64
+	FirstSeen     time.Duration // CLOCK_BOOTTIME
+	LastSeen      time.Duration // CLOCK_BOOTTIME
+	SrcIdentity   uint32
+	DstIdentity   uint32
+	Ifindex       uint32
+	Flags         uint8
+	TCPFlagsOrig  uint8
+	TCPFlagsReply uint8
+}
+
+// ProtoName names the common protocols as conntrack-tools does, others by number.
+func ProtoName(p uint8) string {
+	switch p {
+	case unix.IPPROTO_TCP:
+		return "tcp"
+	case unix.IPPROTO_UDP:
+		return "udp"
+	case unix.IPPROTO_ICMP:
+		return "icmp"
+	case unix.IPPROTO_ICMPV6:
+		return "icmpv6"
+	}
+	return strconv.Itoa(int(p))
+}
+
+// ParseProto is the inverse of ProtoName; it also accepts numbers 0-255.
+func ParseProto(s string) (uint8, error) {
+	switch s {
+	case "tcp":
+		return unix.IPPROTO_TCP, nil
+	case "udp":
+		return unix.IPPROTO_UDP, nil
+	case "icmp":
+		return unix.IPPROTO_ICMP, nil
+	case "icmpv6":
+		return unix.IPPROTO_ICMPV6, nil
+	}
+	n, err := strconv.ParseUint(s, 10, 8)
+	if err != nil {
+		return 0, fmt.Errorf("invalid protocol %q: valid are tcp, udp, icmp, icmpv6 or a number 0-255", s)
+	}
+	return uint8(n), nil
+}
+
+func addrOf(b [16]byte, family uint8) netip.Addr {
+	if family == 4 {
+		return netip.AddrFrom4([4]byte(b[:4]))
+	}
+	return netip.AddrFrom16(b)
+}
+
+func bytesOf(a netip.Addr) [16]byte {
+	if a.Is4() {
+		var b [16]byte
+		v4 := a.As4()
+		copy(b[:], v4[:])
+		return b
+	}
+	return a.As16()
+}
+
+func ntohs(v uint16) uint16 { return v<<8 | v>>8 }
+
+// FlowOf decodes a raw key and entry.
+func FlowOf(k *Key, e *Entry) Flow {
+	f := Flow{
+		Proto:         k.Proto,
+		State:         State(e.State),
+		PacketsOrig:   e.PacketsOrig,
+		BytesOrig:     e.BytesOrig,
+		PacketsReply:  e.PacketsReply,
+		BytesReply:    e.BytesReply,
+		FirstSeen:     time.Duration(e.FirstSeen),
+		LastSeen:      time.Duration(e.LastSeen),
+		SrcIdentity:   e.SrcIdentity,
+		DstIdentity:   e.DstIdentity,
+		Ifindex:       e.Ifindex,
+		Flags:         e.Flags,
+		TCPFlagsOrig:  e.TcpFlagsOrig,
+		TCPFlagsReply: e.TcpFlagsReply,
+	}
+	a, b := addrOf(k.AddrA, k.Family), addrOf(k.AddrB, k.Family)
+	pa, pb := ntohs(k.PortA), ntohs(k.PortB)
+	if e.OrigIsB != 0 {
+		f.Src, f.Sport, f.Dst, f.Dport = b, pb, a, pa
+	} else {
+		f.Src, f.Sport, f.Dst, f.Dport = a, pa, b, pb
+	}
+	return f
+}
+
+// KeyOf builds the canonical key of a flow, as the datapath does, and
+// reports whether the originator is endpoint b.
+func KeyOf(proto uint8, src netip.Addr, sport uint16, dst netip.Addr, dport uint16) (Key, bool) {
+	k := Key{Proto: proto, Family: 6}
+	if src.Is4() {
+		k.Family = 4
+	}
+	sb, db := bytesOf(src), bytesOf(dst)
+	sp, dp := ntohs(sport), ntohs(dport)
+	// The datapath compares the addresses as two host-order (little-endian)
+	// 64-bit words, then the ports as stored (network order).
+	srcIsB := false
+	if c := compareWords(sb, db); c != 0 {
+		srcIsB = c > 0
+	} else {
+		srcIsB = sp > dp
+	}
+	if srcIsB {
+		k.AddrA, k.AddrB, k.PortA, k.PortB = db, sb, dp, sp
+	} else {
+		k.AddrA, k.AddrB, k.PortA, k.PortB = sb, db, sp, dp
+	}
+	return k, srcIsB
+}
+
+func compareWords(a, b [16]byte) int {
+	for i := 0; i < 16; i += 8 {
+		x, y := le64(a[i:]), le64(b[i:])
+		if x != y {
+			if x < y {
+				return -1
+			}
+			return 1
+		}
+	}
+	return 0
+}
+
+func le64(b []byte) uint64 {
+	var v uint64
+	for i := 7; i >= 0; i-- {
+		v = v<<8 | uint64(b[i])
+	}
+	return v
+}
+
+// Map is the conntrack table.
+type Map struct {
+	m *ebpf.Map
+}
+
+// New wraps the ct_v1 map.
+func New(m *ebpf.Map) *Map { return &Map{m: m} }
+
+// BatchSize is how many entries one batch syscall moves.
+const BatchSize = 4096
+
+// Iterate calls fn for every entry, reading the table in batches. Entries
+// that appear or vanish while it runs may or may not be seen. fn returning
+// false stops the walk.
+func (m *Map) Iterate(fn func(k *Key, e *Entry) bool) error {
+	keys := make([]Key, BatchSize)
+	vals := make([]Entry, BatchSize)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.m.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			if !fn(&keys[i], &vals[i]) {
+				return nil
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read conntrack table: %w", err)
+		}
+	}
+}
+
+// Count returns the number of live entries.
+func (m *Map) Count() (int, error) {
+	n := 0
+	err := m.Iterate(func(*Key, *Entry) bool { n++; return true })
+	return n, err
+}
+
+// Delete removes keys in batches; keys already gone (evicted or deleted
+// meanwhile) are not an error. It returns how many it deleted.
+func (m *Map) Delete(keys []Key) (int, error) {
+	deleted := 0
+	for len(keys) > 0 {
+		chunk := keys[:min(len(keys), BatchSize)]
+		n, err := m.m.BatchDelete(chunk, nil)
+		deleted += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			// The batch stops at the first missing key: skip it, go on.
+			chunk = chunk[n+1:]
+			keys = keys[n+1:]
+			continue
+		}
+		if err != nil {
+			return deleted, fmt.Errorf("delete conntrack entries: %w", err)
+		}
+		keys = keys[len(chunk):]
+	}
+	return deleted, nil
+}
+
+// Put writes an entry (for tests and migrations).
+func (m *Map) Put(k *Key, e *Entry) error {
+	if err := m.m.Put(k, e); err != nil {
+		return fmt.Errorf("write conntrack entry: %w", err)
+	}
+	return nil
+}
+
+// Lookup reads one entry.
+func (m *Map) Lookup(k *Key) (Entry, error) {
+	var e Entry
+	err := m.m.Lookup(k, &e)
+	return e, err
+}
+
+// BootTime converts CLOCK_BOOTTIME durations, as the datapath stamps them,
+// to wall-clock time.
+type BootTime struct {
+	wall time.Time
+	boot time.Duration
+}
+
+// Now samples both clocks.
+func Now() BootTime {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	return BootTime{wall: time.Now(), boot: time.Duration(ts.Nano())}
+}
+
+// Boot returns the CLOCK_BOOTTIME reading.
+func (b BootTime) Boot() time.Duration { return b.boot }
+
+// Wall converts a CLOCK_BOOTTIME stamp to wall-clock time.
+func (b BootTime) Wall(d time.Duration) time.Time { return b.wall.Add(d - b.boot) }
