@@ -1,0 +1,209 @@
+// Package conntrack lists, filters and flushes the conntrack table for operators.
+package conntrack
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+)
+
+// Filter selects flows. The zero Filter selects every flow; each set field
+// narrows the selection further.
+type Filter struct {
+	// Proto is an IP protocol number; 0 matches any protocol.
+	Proto uint8
+	// Addr matches flows that have it as either endpoint; the zero Addr
+	// matches any address.
+	Addr netip.Addr
+	// Port matches flows that have it as either endpoint's port (for ICMP
+	// echo flows: the echo identifier); 0 matches any port.
+	Port uint16
+}
+
+// ParseFilter parses the --proto, --addr and --port flag values; an empty
+// string leaves that field unset.
+func ParseFilter(proto, addr, port string) (Filter, error) {
+	var f Filter
+	if proto != "" {
+		p, err := ctmap.ParseProto(strings.ToLower(proto))
+		if err != nil || p == 0 {
+			return Filter{}, fmt.Errorf("invalid --proto %q: valid are tcp, udp, icmp, icmpv6 or a protocol number 1-255", proto)
+		}
+		f.Proto = p
+	}
+	if addr != "" {
+		a, err := netip.ParseAddr(addr)
+		if err != nil || a.Zone() != "" {
+			return Filter{}, fmt.Errorf("invalid --addr %q: valid is an IPv4 or IPv6 address without zone, e.g. 198.51.100.1 or fd00::1", addr)
+		}
+		f.Addr = a.Unmap()
+	}
+	if port != "" {
+		n, err := strconv.ParseUint(port, 10, 16)
+		if err != nil || n == 0 {
+			return Filter{}, fmt.Errorf("invalid --port %q: valid is a port number 1-65535", port)
+		}
+		f.Port = uint16(n)
+	}
+	return f, nil
+}
+
+// Match reports whether fl is selected by f.
+func (f Filter) Match(fl ctmap.Flow) bool {
+	if f.Proto != 0 && fl.Proto != f.Proto {
+		return false
+	}
+	if f.Addr.IsValid() && fl.Src != f.Addr && fl.Dst != f.Addr {
+		return false
+	}
+	if f.Port != 0 && fl.Sport != f.Port && fl.Dport != f.Port {
+		return false
+	}
+	return true
+}
+
+// List calls fn for every flow of m that f selects, reading the table in
+// batches without holding it in memory. It stops at the first error fn
+// returns and returns that error.
+func List(m *ctmap.Map, f Filter, fn func(ctmap.Flow) error) error {
+	var fnErr error
+	err := m.Iterate(func(k *ctmap.Key, e *ctmap.Entry) bool {
+		fl := ctmap.FlowOf(k, e)
+		if !f.Match(fl) {
+			return true
+		}
+		fnErr = fn(fl)
+		return fnErr == nil
+	})
+	if fnErr != nil {
+		return fnErr
+	}
+	return err
+}
+
+// Flush deletes every flow of m that f selects and returns how many entries
+// it deleted. Flows created while it runs may survive.
+func Flush(m *ctmap.Map, f Filter) (int, error) {
+	var keys []ctmap.Key
+	err := m.Iterate(func(k *ctmap.Key, e *ctmap.Entry) bool {
+		if f.Match(ctmap.FlowOf(k, e)) {
+			keys = append(keys, *k)
+		}
+		return true
+	})
+	if err != nil {
+		return 0, err
+	}
+	return m.Delete(keys)
+}
+
+// Row is one flow as ctd prints it in JSON.
+type Row struct {
+	Proto        string   `json:"proto"` // tcp, udp, icmp, icmpv6 or the protocol number
+	Src          string   `json:"src"`   // originator: sent the first packet ctd saw
+	Sport        uint16   `json:"sport"`
+	Dst          string   `json:"dst"`
+	Dport        uint16   `json:"dport"`
+	State        string   `json:"state"`
+	PacketsOrig  uint64   `json:"packets_orig"`
+	BytesOrig    uint64   `json:"bytes_orig"`
+	PacketsReply uint64   `json:"packets_reply"`
+	BytesReply   uint64   `json:"bytes_reply"`
+	FirstSeen    string   `json:"first_seen"` // RFC 3339, wall clock
+	LastSeen     string   `json:"last_seen"`  // RFC 3339, wall clock
+	Iface        string   `json:"iface"`      // name, or the ifindex where no interface has it
+	SrcIdentity  uint32   `json:"src_identity"`
+	DstIdentity  uint32   `json:"dst_identity"`
+	Flags        []string `json:"flags"` // opened_ingress, pickup, related
+}
+
+// Names resolves interface indexes to names in the calling thread's network
+// namespace, asking the kernel once per index.
+type Names struct {
+	cache map[uint32]string
+}
+
+// NewNames returns an empty resolver.
+func NewNames() *Names { return &Names{cache: make(map[uint32]string)} }
+
+// Name returns the name of the interface with index ifindex, or the index
+// itself when no interface has it (any more).
+func (n *Names) Name(ifindex uint32) string {
+	if s, ok := n.cache[ifindex]; ok {
+		return s
+	}
+	s := strconv.FormatUint(uint64(ifindex), 10)
+	if ifi, err := net.InterfaceByIndex(int(ifindex)); err == nil {
+		s = ifi.Name
+	}
+	n.cache[ifindex] = s
+	return s
+}
+
+var flagNames = []struct {
+	bit  uint8
+	name string
+}{
+	{ctmap.FlagOpenedIngress, "opened_ingress"},
+	{ctmap.FlagPickup, "pickup"},
+	{ctmap.FlagRelated, "related"},
+}
+
+// FlagNames names the flags set in f (ctmap.Flag*), unknown bits as hex.
+func FlagNames(f uint8) []string {
+	names := []string{}
+	for _, fn := range flagNames {
+		if f&fn.bit != 0 {
+			names = append(names, fn.name)
+			f &^= fn.bit
+		}
+	}
+	if f != 0 {
+		names = append(names, fmt.Sprintf("%#x", f))
+	}
+	return names
+}
+
+// RowOf converts fl to its JSON form; bt converts its timestamps to wall
+// time and names its interface.
+func RowOf(fl ctmap.Flow, bt ctmap.BootTime, names *Names) Row {
+	return Row{
+		Proto:        ctmap.ProtoName(fl.Proto),
+		Src:          fl.Src.String(),
+		Sport:        fl.Sport,
+		Dst:          fl.Dst.String(),
+		Dport:        fl.Dport,
+		State:        fl.State.String(),
+		PacketsOrig:  fl.PacketsOrig,
+		BytesOrig:    fl.BytesOrig,
+		PacketsReply: fl.PacketsReply,
+		BytesReply:   fl.BytesReply,
+		FirstSeen:    bt.Wall(fl.FirstSeen).Format(time.RFC3339Nano),
+		LastSeen:     bt.Wall(fl.LastSeen).Format(time.RFC3339Nano),
+		Iface:        names.Name(fl.Ifindex),
+		SrcIdentity:  fl.SrcIdentity,
+		DstIdentity:  fl.DstIdentity,
+		Flags:        FlagNames(fl.Flags),
+	}
+}
+
+// Line formats fl as one line in the style of conntrack-tools: the
+// originator's direction, then after "|" the reply direction's counters.
+//
+//	tcp ESTABLISHED src=198.51.100.1 dst=198.51.100.2 sport=40000 dport=8080 packets=5 bytes=400 | packets=4 bytes=300 id=2->2 iface=ctd0
+func Line(fl ctmap.Flow, names *Names) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s %s src=%s dst=%s sport=%d dport=%d packets=%d bytes=%d | packets=%d bytes=%d id=%d->%d iface=%s",
+		ctmap.ProtoName(fl.Proto), fl.State, fl.Src, fl.Dst, fl.Sport, fl.Dport,
+		fl.PacketsOrig, fl.BytesOrig, fl.PacketsReply, fl.BytesReply,
+		fl.SrcIdentity, fl.DstIdentity, names.Name(fl.Ifindex))
+	if f := FlagNames(fl.Flags); len(f) > 0 {
+		b.WriteString(" flags=" + strings.Join(f, ","))
+	}
+	return b.String()
+}
