@@ -38,7 +38,8 @@ func newRootCmd() *cobra.Command {
 		return fmt.Errorf("%s: %w (see '%s --help')", c.CommandPath(), err, c.CommandPath())
 	})
 	root.AddCommand(
-	// Commands, one file each.
+		// Commands, one file each.
+		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a),
 	)
 	return root
 }

@@ -1,0 +1,131 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/loader"
+)
+
+func newAttachCmd(a *app) *cobra.Command {
+	var (
+		iface string
+		mode  string
+		opts  = loader.Options{
+			CTMax:       loader.DefaultCTMax,
+			IPCacheMax:  loader.DefaultIPCacheMax,
+			RingBufSize: loader.DefaultRingBufSize,
+		}
+	)
+	c := &cobra.Command{
+		Use:   "attach --iface NAME [--mode auto|tcx|tc]",
+		Short: "Load the datapath (reusing pinned maps) and attach it to an interface's ingress and egress",
+		Long: `Load ctd's TC programs against the maps pinned at --pin-path (creating
+and pinning any that are missing) and attach them to the interface's ingress
+and egress hooks. TCX links are pinned below <pin-path>/links, so the datapath
+keeps running without a ctd process. Attaching again replaces the programs
+atomically; it never attaches twice.
+
+The map sizes take effect when the maps are created; a pinned map of another
+size is refused (run 'ctd teardown' to start empty).`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			m, err := attach.ParseMode(mode)
+			if err != nil {
+				return err
+			}
+			if err := opts.Validate(); err != nil {
+				return err
+			}
+			if err := checkPinPath(a.pinPath); err != nil {
+				return err
+			}
+			if _, err := lookupIface(iface); err != nil {
+				return err
+			}
+			opts.PinPath = a.pinPath
+			at, err := a.attach(iface, m, opts)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.OutOrStdout(), "attached ctd to %s (%s): ingress prog %d, egress prog %d\n",
+				at.Iface, at.Mode, at.IngressProgID, at.EgressProgID)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&iface, "iface", "", "interface to attach to (required)")
+	c.Flags().StringVar(&mode, "mode", string(attach.ModeAuto), "attach mode: auto (tcx where the kernel has it, else tc), tcx, or tc (clsact + cls_bpf)")
+	c.Flags().Uint32Var(&opts.CTMax, "ct-max", opts.CTMax, "conntrack table size (entries)")
+	c.Flags().Uint32Var(&opts.IPCacheMax, "ipcache-max", opts.IPCacheMax, "ipcache size per family (prefixes)")
+	c.Flags().Uint32Var(&opts.RingBufSize, "ringbuf-size", opts.RingBufSize, "event ring buffer size in bytes (a power of two)")
+	_ = c.MarkFlagRequired("iface")
+	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
+	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
+		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))
+	return c
+}
+
+// attach loads and attaches the datapath. If it fails, what this call
+// created is removed again: map pins and directories that did not exist
+// before, and the attachment of an interface that had none.
+func (a *app) attach(iface string, mode attach.Mode, opts loader.Options) (attach.Attachment, error) {
+	before, err := attach.Status(iface, a.linkDir())
+	if err != nil {
+		return attach.Attachment{}, err
+	}
+	undo := a.undoCreatedPins()
+
+	dp, err := loader.Load(opts)
+	if err != nil {
+		undo()
+		return attach.Attachment{}, err
+	}
+	defer dp.Close()
+
+	at, err := attach.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress}, a.linkDir())
+	if err != nil {
+		if before.Mode == "" {
+			if derr := attach.Detach(iface, a.linkDir()); derr != nil {
+				err = errors.Join(err, derr)
+			}
+			undo()
+		}
+		return attach.Attachment{}, err
+	}
+	return at, nil
+}
+
+// undoCreatedPins notes which of ctd's pins exist now and returns a function
+// that removes those that did not: map pins, the link directory and the pin
+// directory (the directories only when empty).
+func (a *app) undoCreatedPins() func() {
+	exists := func(p string) bool {
+		_, err := os.Lstat(p)
+		return err == nil
+	}
+	var created []string // removed in reverse order
+	if !exists(a.pinPath) {
+		created = append(created, a.pinPath)
+	}
+	if !exists(a.linkDir()) {
+		created = append(created, a.linkDir())
+	}
+	for _, name := range loader.MapNames {
+		if p := filepath.Join(a.pinPath, name); !exists(p) {
+			created = append(created, p)
+		}
+	}
+	return func() {
+		for i := len(created) - 1; i >= 0; i-- {
+			os.Remove(created[i])
+		}
+	}
+}

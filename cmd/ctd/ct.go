@@ -1,0 +1,36 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+
+	"github.com/ctd-dev/ctd/control/conntrack"
+)
+
+func newCTCmd(a *app) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "ct",
+		Short: "List and flush the conntrack table",
+		Args:  cobra.NoArgs,
+	}
+	c.AddCommand(newCTListCmd(a), newCTFlushCmd(a))
+	return c
+}
+
+// filterFlags are the flow selectors shared by ct list and ct flush.
+type filterFlags struct {
+	proto, addr, port string
+}
+
+func (f *filterFlags) register(c *cobra.Command) {
+	c.Flags().StringVar(&f.proto, "proto", "", "only flows of this protocol: tcp, udp, icmp, icmpv6 or a number")
+	c.Flags().StringVar(&f.addr, "addr", "", "only flows with this address at either end")
+	c.Flags().StringVar(&f.port, "port", "", "only flows with this port at either end (ICMP echo: the identifier)")
+	_ = c.RegisterFlagCompletionFunc("proto", cobra.FixedCompletions(
+		[]string{"tcp", "udp", "icmp", "icmpv6"}, cobra.ShellCompDirectiveNoFileComp))
+	_ = c.RegisterFlagCompletionFunc("addr", cobra.NoFileCompletions)
+	_ = c.RegisterFlagCompletionFunc("port", cobra.NoFileCompletions)
+}
+
+func (f *filterFlags) parse() (conntrack.Filter, error) {
+	return conntrack.ParseFilter(f.proto, f.addr, f.port)
+}

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+
+	"github.com/cilium/ebpf"
+	"github.com/spf13/cobra"
+
+	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/loader"
+)
+
+type statusReport struct {
+	PinPath    string        `json:"pin_path"`
+	Interfaces []ifaceStatus `json:"interfaces"`
+	Maps       []mapStatus   `json:"maps"`
+}
+
+type ifaceStatus struct {
+	Name          string `json:"name"`
+	Ifindex       int    `json:"ifindex"`
+	Mode          string `json:"mode"`
+	IngressProgID uint32 `json:"ingress_prog_id"`
+	EgressProgID  uint32 `json:"egress_prog_id"`
+}
+
+type mapStatus struct {
+	Name   string `json:"name"`
+	Pinned bool   `json:"pinned"`
+	Type   string `json:"type,omitempty"`
+	// Entries is the number of entries in use; arrays always have all of
+	// them, and a ring buffer has none (omitted).
+	Entries *int `json:"entries,omitempty"`
+	// MaxEntries is the map's capacity; for a ring buffer its size in bytes.
+	MaxEntries uint32 `json:"max_entries,omitempty"`
+}
+
+func newStatusCmd(a *app) *cobra.Command {
+	var out string
+	c := &cobra.Command{
+		Use:   "status [-o json]",
+		Short: "Show the interfaces ctd is attached to and how full its maps are",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := checkOutput(out); err != nil {
+				return err
+			}
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			if err := checkPinPath(a.pinPath); err != nil {
+				return err
+			}
+			r, err := a.status()
+			if err != nil {
+				return err
+			}
+			if out == "json" {
+				return writeJSON(c.OutOrStdout(), r)
+			}
+			return r.writeText(c.OutOrStdout())
+		},
+	}
+	outputFlag(c, &out)
+	return c
+}
+
+func (a *app) status() (*statusReport, error) {
+	r := &statusReport{PinPath: a.pinPath, Interfaces: []ifaceStatus{}, Maps: []mapStatus{}}
+	ats, err := a.attachments()
+	if err != nil {
+		return nil, err
+	}
+	for _, at := range ats {
+		r.Interfaces = append(r.Interfaces, ifaceStatus{
+			Name:          at.Iface,
+			Ifindex:       at.Ifindex,
+			Mode:          string(at.Mode),
+			IngressProgID: uint32(at.IngressProgID),
+			EgressProgID:  uint32(at.EgressProgID),
+		})
+	}
+	for _, name := range loader.MapNames {
+		s, err := pinnedMapStatus(a.pinPath, name)
+		if err != nil {
+			return nil, err
+		}
+		r.Maps = append(r.Maps, s)
+	}
+	return r, nil
+}
+
+func pinnedMapStatus(pinPath, name string) (mapStatus, error) {
+	pin := filepath.Join(pinPath, name)
+	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
+	if errors.Is(err, os.ErrNotExist) {
+		return mapStatus{Name: name}, nil
+	}
+	if err != nil {
+		return mapStatus{}, fmt.Errorf("open pinned map %s: %w", pin, err)
+	}
+	defer m.Close()
+
+	s := mapStatus{Name: name, Pinned: true, Type: m.Type().String(), MaxEntries: m.MaxEntries()}
+	var n int
+	switch {
+	case name == bpf.CtdMapCtV1:
+		n, err = ctmap.New(m).Count()
+	case m.Type() == ebpf.RingBuf:
+		return s, nil
+	case m.Type() == ebpf.Array || m.Type() == ebpf.PerCPUArray:
+		n = int(m.MaxEntries())
+	default:
+		n, err = countKeys(m)
+	}
+	if err != nil {
+		return mapStatus{}, fmt.Errorf("count entries of %s: %w", pin, err)
+	}
+	s.Entries = &n
+	return s, nil
+}
+
+// countKeys walks m's keys. Under concurrent deletes a hash walk may restart,
+// so the count is capped at the map's capacity.
+func countKeys(m *ebpf.Map) (int, error) {
+	var key any
+	n := 0
+	for n < int(m.MaxEntries()) {
+		next, err := m.NextKeyBytes(key)
+		if err != nil {
+			return 0, err
+		}
+		if next == nil {
+			break
+		}
+		n++
+		key = next
+	}
+	return n, nil
+}
+
+func (r *statusReport) writeText(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	fmt.Fprintf(tw, "pin path:\t%s\n", r.PinPath)
+	if len(r.Interfaces) == 0 {
+		fmt.Fprintln(tw, "interfaces:\tnone attached")
+	} else {
+		fmt.Fprintln(tw, "interfaces:")
+		fmt.Fprintln(tw, "  NAME\tIFINDEX\tMODE\tINGRESS PROG\tEGRESS PROG")
+		for _, i := range r.Interfaces {
+			fmt.Fprintf(tw, "  %s\t%d\t%s\t%d\t%d\n", i.Name, i.Ifindex, i.Mode, i.IngressProgID, i.EgressProgID)
+		}
+	}
+	fmt.Fprintln(tw, "maps:")
+	fmt.Fprintln(tw, "  NAME\tTYPE\tENTRIES\tMAX")
+	for _, m := range r.Maps {
+		switch {
+		case !m.Pinned:
+			fmt.Fprintf(tw, "  %s\t-\tnot pinned\t-\n", m.Name)
+		case m.Entries == nil:
+			fmt.Fprintf(tw, "  %s\t%s\t-\t%d bytes\n", m.Name, m.Type, m.MaxEntries)
+		default:
+			fmt.Fprintf(tw, "  %s\t%s\t%d\t%d\n", m.Name, m.Type, *m.Entries, m.MaxEntries)
+		}
+	}
+	return tw.Flush()
+}
