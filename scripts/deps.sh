@@ -11,6 +11,7 @@ PACKAGES=(
 	bpftool
 	iproute2
 	iputils-ping
+	socat
 	linux-libc-dev
 	gcc-multilib
 )
