@@ -698,3 +698,65 @@ func checkOneLineError(t *testing.T, r cliResult, want string) {
 		t.Errorf("stderr %q, want one line \"ctd: ...\" containing %q", r.stderr, want)
 	}
 }
+
+// TestCoreAttachFailureUndoes: when attaching fails after the maps were
+// created (here: an ingress qdisc occupies the clsact slot that tc mode
+// needs), ctd removes what it created: no pins, no programs.
+func TestCoreAttachFailureUndoes(t *testing.T) {
+	bin := nettest.BuildCtd(t)
+	pair := nettest.NewPair(t)
+	a := pair.A
+	ctd := &coreCLI{t: t, bin: bin, pin: nettest.PinPath(t), host: a}
+
+	if out, err := a.Command("tc", "qdisc", "add", "dev", a.Iface, "ingress").CombinedOutput(); err != nil {
+		t.Fatalf("tc qdisc add dev %s ingress: %v\n%s", a.Iface, err, out)
+	}
+	r := ctd.run("attach", "--iface", a.Iface, "--mode", "tc")
+	checkOneLineError(t, r, "an ingress qdisc occupies the clsact slot")
+	if _, err := os.Lstat(ctd.pin); !errors.Is(err, os.ErrNotExist) {
+		entries, _ := filepath.Glob(filepath.Join(ctd.pin, "*"))
+		t.Errorf("pin path %s exists after a failed attach (%v, entries %v)", ctd.pin, err, entries)
+	}
+	if got := programsOn(t, a); len(got) != 0 {
+		t.Errorf("programs on %s after a failed attach: %v", a.Iface, got)
+	}
+
+	// The same attach in tcx mode does not need the clsact slot. A failed
+	// tc attach over it must leave the working attachment alone.
+	ctd.must("attach", "--iface", a.Iface, "--mode", "tcx")
+	checkOneLineError(t, ctd.run("attach", "--iface", a.Iface, "--mode", "tc"), "an ingress qdisc occupies the clsact slot")
+	if got := programsOn(t, a); len(got) != 2 {
+		t.Errorf("programs on %s after a failed switch to tc: %v, want the tcx ones", a.Iface, got)
+	}
+	ctd.must("teardown")
+}
+
+// TestCoreTeardownOwnMount: a pin path outside /sys/fs/bpf gets a bpffs
+// mounted on itself; teardown unmounts it and removes the directory.
+func TestCoreTeardownOwnMount(t *testing.T) {
+	bin := nettest.BuildCtd(t)
+	pair := nettest.NewPair(t)
+	dir, err := os.MkdirTemp("", "ctdtest-pins-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pin := filepath.Join(dir, "ctd")
+	t.Cleanup(func() {
+		unix.Unmount(pin, unix.MNT_DETACH)
+		os.RemoveAll(dir)
+	})
+	ctd := &coreCLI{t: t, bin: bin, pin: pin, host: pair.A}
+
+	ctd.must("attach", "--iface", pair.A.Iface)
+	var st unix.Statfs_t
+	if err := unix.Statfs(pin, &st); err != nil || st.Type != unix.BPF_FS_MAGIC {
+		t.Fatalf("pin path %s after attach: statfs type %#x, %v; want a bpffs", pin, st.Type, err)
+	}
+	ctd.must("teardown")
+	if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("after teardown: pin path %s still exists (%v)", pin, err)
+	}
+	if got := programsOn(t, pair.A); len(got) != 0 {
+		t.Errorf("after teardown: programs on %s: %v, want none", pair.A.Iface, got)
+	}
+}

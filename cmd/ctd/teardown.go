@@ -102,18 +102,21 @@ func (a *app) attachedIfaces() ([]string, error) {
 // mounted on it (as bpffs.Ensure does for pin paths outside /sys/fs/bpf),
 // and removes dir.
 func removePinDir(dir string) error {
+	mounted, err := isMountPoint(dir)
+	if err != nil {
+		return err
+	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return fmt.Errorf("read pin path: %w", err)
 	}
 	for _, e := range entries {
+		if mounted && isPreloaded(e.Name()) {
+			continue // goes with the unmount
+		}
 		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
 			return fmt.Errorf("remove pin: %w", err)
 		}
-	}
-	mounted, err := isMountPoint(dir)
-	if err != nil {
-		return err
 	}
 	if mounted {
 		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
@@ -125,6 +128,10 @@ func removePinDir(dir string) error {
 	}
 	return nil
 }
+
+// isPreloaded reports whether name is one of the iterators the kernel places
+// at the root of every bpffs mount (bpf_preload); they cannot be unlinked.
+func isPreloaded(name string) bool { return name == "maps.debug" || name == "progs.debug" }
 
 // isMountPoint reports whether dir is on another filesystem than its parent.
 func isMountPoint(dir string) (bool, error) {
