@@ -274,6 +274,38 @@ func (m *Map) Lookup(k *Key) (Entry, error) {
 	return e, err
 }
 
+// LookupAndDelete reads and deletes one entry in one step, so that no update
+// made before the deletion is missed. ebpf.ErrKeyNotExist: no such entry.
+func (m *Map) LookupAndDelete(k *Key) (Entry, error) {
+	var e Entry
+	err := m.m.LookupAndDelete(k, &e)
+	return e, err
+}
+
+// Insert writes an entry only where the key has none; ebpf.ErrKeyExist when
+// it has one, which is kept.
+func (m *Map) Insert(k *Key, e *Entry) error {
+	return m.m.Update(k, e, ebpf.UpdateNoExist)
+}
+
+// PutBatch writes entries in batches (for tests, benchmarks and migrations).
+func (m *Map) PutBatch(keys []Key, entries []Entry) error {
+	if len(keys) != len(entries) {
+		return fmt.Errorf("write conntrack entries: %d keys but %d entries", len(keys), len(entries))
+	}
+	for len(keys) > 0 {
+		n := min(len(keys), BatchSize)
+		if _, err := m.m.BatchUpdate(keys[:n], entries[:n], nil); err != nil {
+			return fmt.Errorf("write conntrack entries: %w", err)
+		}
+		keys, entries = keys[n:], entries[n:]
+	}
+	return nil
+}
+
+// MaxEntries is the table's capacity.
+func (m *Map) MaxEntries() uint32 { return m.m.MaxEntries() }
+
 // BootTime converts CLOCK_BOOTTIME durations, as the datapath stamps them,
 // to wall-clock time.
 type BootTime struct {
