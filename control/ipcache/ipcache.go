@@ -1,0 +1,464 @@
+// Package ipcache validates and applies ipcache changes.
+package ipcache
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/datapath/ipcachemap"
+)
+
+// Entry is one prefix and its identity.
+type Entry = ipcachemap.Entry
+
+// Reserved identity names.
+var identityNames = map[string]uint32{
+	"host":  ipcachemap.IdentityHost,
+	"world": ipcachemap.IdentityWorld,
+}
+
+// ParseIdentity parses the value of id=: a number 1-4294967295, world (2)
+// or host (1).
+func ParseIdentity(s string) (uint32, error) {
+	if id, ok := identityNames[s]; ok {
+		return id, nil
+	}
+	const valid = "want a number 1-4294967295, world or host"
+	if s == "" {
+		return 0, fmt.Errorf("empty identity in id=: %s", valid)
+	}
+	if s[0] == '-' {
+		return 0, fmt.Errorf("invalid identity %q: negative; %s", s, valid)
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
+	switch {
+	case errors.Is(err, strconv.ErrRange) || err == nil && n > math.MaxUint32:
+		return 0, fmt.Errorf("invalid identity %q: out of range; %s", s, valid)
+	case err != nil:
+		return 0, fmt.Errorf("invalid identity %q: %s", s, valid)
+	case n == 0:
+		return 0, fmt.Errorf("invalid identity 0: 0 is never a valid identity; %s", valid)
+	}
+	return uint32(n), nil
+}
+
+// IdentityName returns the reserved name of id ("world", "host") or "".
+func IdentityName(id uint32) string {
+	for name, v := range identityNames {
+		if v == id {
+			return name
+		}
+	}
+	return ""
+}
+
+// ParseAddr parses a plain IPv4 or IPv6 address (no prefix length, no zone,
+// no IPv4-mapped IPv6 form).
+func ParseAddr(s string) (netip.Addr, error) {
+	if strings.Contains(s, "/") {
+		return netip.Addr{}, fmt.Errorf("invalid address %q: give an address without a prefix length", s)
+	}
+	a, why := parseAddr(s)
+	if why != "" {
+		return netip.Addr{}, fmt.Errorf("invalid address %q: %s", s, why)
+	}
+	return a, nil
+}
+
+// parseAddr returns the address or why s is not one.
+func parseAddr(s string) (netip.Addr, string) {
+	if strings.Contains(s, "%") {
+		return netip.Addr{}, "zones (%...) are not allowed"
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, fmt.Sprintf("%q is not an IPv4 or IPv6 address", s)
+	}
+	if a.Is4In6() {
+		return netip.Addr{}, fmt.Sprintf("IPv4-mapped IPv6 addresses are not accepted, write %v", a.Unmap())
+	}
+	return a, ""
+}
+
+// ParsePrefix parses a CIDR; a bare address means /32 or /128. Host bits
+// are rejected, not cleared: 10.0.0.1/8 is an error that suggests
+// 10.0.0.0/8.
+func ParsePrefix(s string) (netip.Prefix, error) {
+	addr, bits, hasBits := strings.Cut(s, "/")
+	a, why := parseAddr(addr)
+	if why != "" {
+		return netip.Prefix{}, fmt.Errorf("invalid CIDR %q: %s", s, why)
+	}
+	if !hasBits {
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	family := "IPv4"
+	if a.Is6() {
+		family = "IPv6"
+	}
+	n, err := strconv.Atoi(bits)
+	if err != nil || bits[0] == '+' || bits[0] == '-' || (len(bits) > 1 && bits[0] == '0') {
+		return netip.Prefix{}, fmt.Errorf("invalid CIDR %q: prefix length %q is not a number 0-%d", s, bits, a.BitLen())
+	}
+	if n > a.BitLen() {
+		return netip.Prefix{}, fmt.Errorf("invalid CIDR %q: prefix length %d is out of range for %s (0-%d)", s, n, family, a.BitLen())
+	}
+	p := netip.PrefixFrom(a, n)
+	if m := p.Masked(); m != p {
+		return netip.Prefix{}, fmt.Errorf("%s has host bits set: did you mean %v? (ctd rejects host bits rather than clearing them)", s, m)
+	}
+	return p, nil
+}
+
+// ParseEntry parses the fields of one "CIDR id=N" entry.
+func ParseEntry(fields []string) (Entry, error) {
+	switch {
+	case len(fields) == 0:
+		return Entry{}, errors.New(`missing CIDR and identity: want "CIDR id=N"`)
+	case len(fields) == 1:
+		return Entry{}, fmt.Errorf(`missing id=N after %q: want "CIDR id=N"`, fields[0])
+	case len(fields) > 2:
+		return Entry{}, fmt.Errorf(`unexpected %q after %q: want "CIDR id=N"`, strings.Join(fields[2:], " "), strings.Join(fields[:2], " "))
+	}
+	p, err := ParsePrefix(fields[0])
+	if err != nil {
+		return Entry{}, err
+	}
+	v, ok := strings.CutPrefix(fields[1], "id=")
+	if !ok {
+		return Entry{}, fmt.Errorf(`missing id=N after %q: got %q, want "CIDR id=N"`, fields[0], fields[1])
+	}
+	id, err := ParseIdentity(v)
+	if err != nil {
+		return Entry{}, err
+	}
+	return Entry{Prefix: p, Identity: id}, nil
+}
+
+// Parse reads a whole ipcache file: one "CIDR id=N" per line; blank lines
+// and everything after a # are ignored. It fails, naming the line, on the
+// first bad line, on a prefix given twice with different identities, and on
+// a file without entries. A prefix given twice with the same identity counts
+// once.
+func Parse(r io.Reader) ([]Entry, error) {
+	type first struct{ index, line int }
+	var (
+		out  []Entry
+		seen = map[netip.Prefix]first{}
+	)
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
+	for n := 1; sc.Scan(); n++ {
+		text, _, _ := strings.Cut(sc.Text(), "#")
+		fields := strings.Fields(text)
+		if len(fields) == 0 {
+			continue
+		}
+		e, err := ParseEntry(fields)
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %w", n, err)
+		}
+		if f, dup := seen[e.Prefix]; dup {
+			if id := out[f.index].Identity; id != e.Identity {
+				return nil, fmt.Errorf("line %d: %v id=%d conflicts with id=%d on line %d", n, e.Prefix, e.Identity, id, f.line)
+			}
+			continue
+		}
+		seen[e.Prefix] = first{len(out), n}
+		out = append(out, e)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	if len(out) == 0 {
+		return nil, errors.New(`no entries: the file must have at least one "CIDR id=N" line`)
+	}
+	return out, nil
+}
+
+// Result counts what an Apply changed.
+type Result struct {
+	Added     int // prefixes that were not in the table
+	Updated   int // prefixes whose identity changed
+	Unchanged int // prefixes already there with the same identity
+	Deleted   int // prefixes removed (replace only)
+}
+
+// Options control Apply.
+type Options struct {
+	// Replace makes the table equal to the entries: prefixes not among
+	// them are deleted.
+	Replace bool
+}
+
+// Table is the ipcache as operators change it: the datapath's tries and,
+// when Store is set, the desired-state store, which the daemon restores
+// and reconciles the tries from. Each change is made to both inside one
+// store transaction, which also keeps other ctd processes from
+// interleaving: if either part fails, neither keeps the change.
+type Table struct {
+	Map   *ipcachemap.Map
+	Store *store.Store // nil: the tries only
+}
+
+// update runs fn in a store transaction, or with a nil Tx without a store.
+func (t Table) update(fn func(tx *store.Tx) error) error {
+	if t.Store == nil {
+		return fn(nil)
+	}
+	return t.Store.Update(fn)
+}
+
+// Load parses a whole ipcache file from r and applies it; nothing is
+// applied unless every line is valid.
+func (t Table) Load(r io.Reader, o Options) (Result, error) {
+	entries, err := Parse(r)
+	if err != nil {
+		return Result{}, err
+	}
+	return t.Apply(entries, o)
+}
+
+// Apply writes validated entries to the tries with batch operations, and
+// records them in the store (with Replace, the store's ipcache becomes
+// exactly the entries).
+//
+// New and changed prefixes are written first (an update of a prefix is
+// atomic for the datapath), then, with Replace, the prefixes not among the
+// entries are deleted: a prefix present before and after is never missing.
+// Only when the union of old and new prefixes would not fit in a trie are
+// that family's stale prefixes deleted first (common prefixes still never
+// go missing; other addresses may briefly resolve through a shorter prefix).
+//
+// Before anything is written, Apply checks that the result fits. If the
+// kernel still fails midway, Apply restores the table as it read it and
+// reports both. Apply is meant to be the table's only writer while it runs.
+func (t Table) Apply(entries []Entry, o Options) (Result, error) {
+	var res Result
+	err := t.update(func(tx *store.Tx) error {
+		var (
+			undo func() error
+			err  error
+		)
+		res, undo, err = apply(t.Map, entries, o)
+		if err != nil || tx == nil {
+			return err
+		}
+		tx.OnAbort(undo)
+		if o.Replace {
+			if err := tx.ClearIPCache(); err != nil {
+				return err
+			}
+		}
+		sorted := slices.Clone(entries)
+		slices.SortFunc(sorted, ipcachemap.Compare)
+		for _, e := range sorted {
+			if err := tx.PutIPCache(e.Prefix, e.Identity); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return Result{}, err
+	}
+	return res, nil
+}
+
+// apply changes the tries and returns what undoes the change.
+func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error, error) {
+	var res Result
+	for _, e := range entries {
+		if !e.Prefix.IsValid() || e.Prefix.Masked() != e.Prefix || e.Identity == 0 {
+			return res, nil, fmt.Errorf("invalid entry %v id=%d", e.Prefix, e.Identity)
+		}
+	}
+	before, err := m.List()
+	if err != nil {
+		return res, nil, err
+	}
+	old := make(map[netip.Prefix]uint32, len(before))
+	for _, e := range before {
+		old[e.Prefix] = e.Identity
+	}
+	want := make(map[netip.Prefix]uint32, len(entries))
+	var upserts []Entry
+	for _, e := range entries {
+		if _, dup := want[e.Prefix]; dup {
+			return res, nil, fmt.Errorf("%v is given twice", e.Prefix)
+		}
+		want[e.Prefix] = e.Identity
+		switch id, ok := old[e.Prefix]; {
+		case !ok:
+			res.Added++
+			upserts = append(upserts, e)
+		case id != e.Identity:
+			res.Updated++
+			upserts = append(upserts, e)
+		default:
+			res.Unchanged++
+		}
+	}
+	var stale []netip.Prefix
+	if o.Replace {
+		for _, e := range before {
+			if _, ok := want[e.Prefix]; !ok {
+				stale = append(stale, e.Prefix)
+			}
+		}
+	}
+
+	// Capacity, per family: the peak is old+added, unless stale prefixes
+	// are deleted first.
+	max4, max6 := m.MaxEntries()
+	var staleFirst [2]bool
+	for fam, limit := range [2]uint32{max4, max6} {
+		is4 := fam == 0
+		nOld, nAdded, nStale := 0, 0, 0
+		for _, e := range before {
+			if e.Prefix.Addr().Is4() == is4 {
+				nOld++
+			}
+		}
+		for _, e := range upserts {
+			if e.Prefix.Addr().Is4() == is4 {
+				if _, ok := old[e.Prefix]; !ok {
+					nAdded++
+				}
+			}
+		}
+		for _, p := range stale {
+			if p.Addr().Is4() == is4 {
+				nStale++
+			}
+		}
+		name := map[bool]string{true: "IPv4", false: "IPv6"}[is4]
+		if end := nOld + nAdded - nStale; end > int(limit) {
+			return Result{}, nil, fmt.Errorf("the %s ipcache holds at most %d prefixes (--ipcache-max) but would need %d: nothing was changed", name, limit, end)
+		}
+		staleFirst[fam] = nOld+nAdded > int(limit)
+	}
+
+	var firstDel, lastDel []netip.Prefix
+	for _, p := range stale {
+		fam := 0
+		if !p.Addr().Is4() {
+			fam = 1
+		}
+		if staleFirst[fam] {
+			firstDel = append(firstDel, p)
+		} else {
+			lastDel = append(lastDel, p)
+		}
+	}
+	n, err := m.BatchDelete(firstDel)
+	res.Deleted += n
+	if err == nil {
+		_, err = m.BatchUpdate(upserts)
+	}
+	if err == nil {
+		n, err = m.BatchDelete(lastDel)
+		res.Deleted += n
+	}
+	if err != nil {
+		if rerr := restore(m, old, upserts, stale); rerr != nil {
+			return Result{}, nil, fmt.Errorf("apply ipcache changes: %w; restoring the previous table failed too: %v", err, rerr)
+		}
+		return Result{}, nil, fmt.Errorf("apply ipcache changes: %w (the previous table was restored)", err)
+	}
+	return res, func() error { return restore(m, old, upserts, stale) }, nil
+}
+
+// restore undoes a partial Apply: prefixes it wrote or deleted get their
+// old identity back, prefixes it added are deleted.
+func restore(m *ipcachemap.Map, old map[netip.Prefix]uint32, upserts []Entry, stale []netip.Prefix) error {
+	var put []Entry
+	var del []netip.Prefix
+	for _, e := range upserts {
+		if id, ok := old[e.Prefix]; ok {
+			put = append(put, Entry{Prefix: e.Prefix, Identity: id})
+		} else {
+			del = append(del, e.Prefix)
+		}
+	}
+	for _, p := range stale {
+		put = append(put, Entry{Prefix: p, Identity: old[p]})
+	}
+	_, derr := m.BatchDelete(del)
+	_, perr := m.BatchUpdate(put)
+	return errors.Join(derr, perr)
+}
+
+// Add inserts or updates one prefix and reports the identity it had in the
+// tries before (0 when it was new).
+func (t Table) Add(e Entry) (previous uint32, err error) {
+	if e.Identity == 0 {
+		return 0, fmt.Errorf("invalid identity 0 for %v", e.Prefix)
+	}
+	err = t.update(func(tx *store.Tx) error {
+		prev, existed, err := t.Map.Get(e.Prefix)
+		if err != nil {
+			return err
+		}
+		if err := t.Map.Put(e.Prefix, e.Identity); err != nil {
+			return err
+		}
+		previous = prev
+		if tx == nil {
+			return nil
+		}
+		tx.OnAbort(func() error {
+			if existed {
+				return t.Map.Put(e.Prefix, prev)
+			}
+			return t.Map.Delete(e.Prefix)
+		})
+		return tx.PutIPCache(e.Prefix, e.Identity)
+	})
+	return previous, err
+}
+
+// Delete removes exactly p (not the prefixes it covers) and returns the
+// identity it had. It fails when p is neither in the tries nor in the store.
+func (t Table) Delete(p netip.Prefix) (identity uint32, err error) {
+	err = t.update(func(tx *store.Tx) error {
+		id, inMap, err := t.Map.Get(p)
+		if err != nil {
+			return err
+		}
+		inStore := false
+		if tx != nil {
+			var sid uint32
+			if sid, inStore = tx.LookupIPCache(p); !inMap {
+				id = sid
+			}
+		}
+		if !inMap && !inStore {
+			return fmt.Errorf("%v is not in the ipcache (del removes exactly the prefix given; see 'ctd ipcache list')", p)
+		}
+		if inMap {
+			if err := t.Map.Delete(p); errors.Is(err, ipcachemap.ErrNotFound) {
+				return fmt.Errorf("%v is not in the ipcache (deleted meanwhile)", p)
+			} else if err != nil {
+				return err
+			}
+		}
+		identity = id
+		if tx == nil {
+			return nil
+		}
+		if inMap {
+			tx.OnAbort(func() error { return t.Map.Put(p, id) })
+		}
+		return tx.DeleteIPCache(p)
+	})
+	return identity, err
+}

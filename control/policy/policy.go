@@ -1,0 +1,312 @@
+// Package policy parses and applies identity-aware policy rules.
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/control/ipcache"
+	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/datapath/policymap"
+)
+
+// Rule is one policy rule.
+type Rule = policymap.Rule
+
+// Syntax is the rule grammar, for messages and help.
+const Syntax = "ingress|egress id=N|any [tcp|udp|icmp|icmpv6|any[/PORT]] allow|deny"
+
+// ParseDirection parses ingress or egress.
+func ParseDirection(s string) (policymap.Direction, error) {
+	switch s {
+	case "ingress":
+		return policymap.Ingress, nil
+	case "egress":
+		return policymap.Egress, nil
+	}
+	return 0, fmt.Errorf("invalid direction %q: valid are ingress, egress", s)
+}
+
+// ParseVerdict parses allow or deny.
+func ParseVerdict(s string) (policymap.Verdict, error) {
+	switch s {
+	case "allow":
+		return policymap.Allow, nil
+	case "deny":
+		return policymap.Deny, nil
+	}
+	return 0, fmt.Errorf("invalid verdict %q: valid are allow, deny", s)
+}
+
+var protoNames = []struct {
+	name  string
+	proto uint8
+}{
+	{"any", policymap.AnyProto},
+	{"tcp", unix.IPPROTO_TCP},
+	{"udp", unix.IPPROTO_UDP},
+	{"icmp", unix.IPPROTO_ICMP},
+	{"icmpv6", unix.IPPROTO_ICMPV6},
+}
+
+// ProtoName names a rule's protocol: any, tcp, udp, icmp, icmpv6, or its number.
+func ProtoName(p uint8) string {
+	for _, n := range protoNames {
+		if n.proto == p {
+			return n.name
+		}
+	}
+	return strconv.Itoa(int(p))
+}
+
+// parseRemote parses id=N, id=world, id=host, id=any or any.
+func parseRemote(s string) (uint32, error) {
+	if s == "any" || s == "id=any" {
+		return policymap.AnyIdentity, nil
+	}
+	v, ok := strings.CutPrefix(s, "id=")
+	if !ok {
+		return 0, fmt.Errorf("invalid remote %q: want id=N (1-4294967295, world, host) or any", s)
+	}
+	return ipcache.ParseIdentity(v)
+}
+
+// parsePorts parses tcp, udp, icmp, icmpv6 or any, optionally with /PORT
+// (only for tcp, udp and any).
+func parsePorts(s string) (proto uint8, port uint16, err error) {
+	name, portStr, hasPort := strings.Cut(s, "/")
+	found := false
+	for _, n := range protoNames {
+		if n.name == name {
+			proto, found = n.proto, true
+		}
+	}
+	if !found {
+		return 0, 0, fmt.Errorf("invalid protocol %q: valid are tcp, udp, icmp, icmpv6, any (with /PORT for tcp, udp, any)", name)
+	}
+	if !hasPort {
+		return proto, policymap.AnyPort, nil
+	}
+	if proto != unix.IPPROTO_TCP && proto != unix.IPPROTO_UDP && proto != policymap.AnyProto {
+		return 0, 0, fmt.Errorf("invalid %q: a port is only valid with tcp, udp or any", s)
+	}
+	n, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil || n == 0 || portStr[0] == '+' {
+		return 0, 0, fmt.Errorf("invalid port %q in %q: want a number 1-65535", portStr, s)
+	}
+	return proto, uint16(n), nil
+}
+
+// ParseSelector parses a rule given as fields, following Syntax. The
+// verdict is required unless verdictOptional; without one, the returned
+// rule's Verdict is VerdictUnset.
+func ParseSelector(fields []string, verdictOptional bool) (Rule, error) {
+	var r Rule
+	if len(fields) < 2 {
+		return Rule{}, fmt.Errorf("incomplete rule %q: want %s", strings.Join(fields, " "), Syntax)
+	}
+	var err error
+	if r.Dir, err = ParseDirection(fields[0]); err != nil {
+		return Rule{}, err
+	}
+	if r.Identity, err = parseRemote(fields[1]); err != nil {
+		return Rule{}, err
+	}
+	rest := fields[2:]
+	// The last field is a verdict if it reads like one.
+	if n := len(rest); n > 0 && (rest[n-1] == "allow" || rest[n-1] == "deny") {
+		r.Verdict, _ = ParseVerdict(rest[n-1])
+		rest = rest[:n-1]
+	} else if !verdictOptional {
+		return Rule{}, fmt.Errorf("missing verdict allow or deny at the end of %q: want %s", strings.Join(fields, " "), Syntax)
+	}
+	switch len(rest) {
+	case 0:
+	case 1:
+		if r.Proto, r.Port, err = parsePorts(rest[0]); err != nil {
+			return Rule{}, err
+		}
+	default:
+		return Rule{}, fmt.Errorf("unexpected %q in %q: want %s", strings.Join(rest[1:], " "), strings.Join(fields, " "), Syntax)
+	}
+	return r, nil
+}
+
+// ParseRule parses a complete rule, verdict included.
+func ParseRule(fields []string) (Rule, error) { return ParseSelector(fields, false) }
+
+// Selector formats a rule's selector as ParseSelector reads it.
+func Selector(r Rule) string {
+	id := "any"
+	if r.Identity != policymap.AnyIdentity {
+		id = "id=" + strconv.FormatUint(uint64(r.Identity), 10)
+	}
+	s := r.Dir.String() + " " + id
+	switch {
+	case r.Port != policymap.AnyPort:
+		s += " " + ProtoName(r.Proto) + "/" + strconv.Itoa(int(r.Port))
+	case r.Proto != policymap.AnyProto:
+		s += " " + ProtoName(r.Proto)
+	}
+	return s
+}
+
+// Format formats a rule as ParseRule reads it.
+func Format(r Rule) string { return Selector(r) + " " + r.Verdict.String() }
+
+// Policy is the policy as operators change it: the datapath's maps and,
+// when Store is set, the desired-state store, which the daemon restores and
+// reconciles the maps from. Each change is made to both inside one store
+// transaction, which also keeps other ctd processes from interleaving (the
+// rule count in config_v1 is a read-modify-write): if either part fails,
+// neither keeps the change.
+type Policy struct {
+	Map   *policymap.Map
+	Store *store.Store // nil: the maps only
+}
+
+func (p Policy) update(fn func(tx *store.Tx) error) error {
+	if p.Store == nil {
+		return fn(nil)
+	}
+	return p.Store.Update(fn)
+}
+
+func keyOf(r Rule) store.RuleKey {
+	return store.RuleKey{Dir: store.Direction(r.Dir), Identity: r.Identity, Proto: r.Proto, Port: r.Port}
+}
+
+// Add inserts a rule or changes the verdict of the rule with its selector,
+// and reports the verdict it had before (VerdictUnset when it is new).
+func (p Policy) Add(r Rule) (previous policymap.Verdict, err error) {
+	if r.Verdict != policymap.Allow && r.Verdict != policymap.Deny {
+		return 0, fmt.Errorf("rule %q has no verdict: want allow or deny", Selector(r))
+	}
+	err = p.update(func(tx *store.Tx) error {
+		old, err := p.Map.Get(r)
+		existed := err == nil
+		if err != nil && !errors.Is(err, policymap.ErrNotFound) {
+			return err
+		}
+		if err := p.Map.Put(r); err != nil {
+			return fmt.Errorf("add rule %q: %w", Format(r), err)
+		}
+		previous = old.Verdict
+		if tx == nil {
+			return nil
+		}
+		tx.OnAbort(func() error {
+			if existed {
+				return p.Map.Put(old)
+			}
+			return p.Map.Delete(r)
+		})
+		return tx.PutRule(keyOf(r), store.Verdict(r.Verdict))
+	})
+	return previous, err
+}
+
+// Delete removes the rule with r's selector. If r has a verdict, the rule
+// must have that verdict. It returns the removed rule, and fails when the
+// rule is neither in the map nor in the store.
+func (p Policy) Delete(r Rule) (removed Rule, err error) {
+	err = p.update(func(tx *store.Tx) error {
+		old, err := p.Map.Get(r)
+		inMap := err == nil
+		if err != nil && !errors.Is(err, policymap.ErrNotFound) {
+			return err
+		}
+		inStore := false
+		if tx != nil {
+			rules, err := tx.Rules()
+			if err != nil {
+				return err
+			}
+			var v store.Verdict
+			if v, inStore = rules[keyOf(r)]; inStore && !inMap {
+				old = r
+				old.Verdict = policymap.Verdict(v)
+			}
+		}
+		if !inMap && !inStore {
+			return fmt.Errorf("no rule %q (see 'ctd policy list')", Selector(r))
+		}
+		if r.Verdict != policymap.VerdictUnset && old.Verdict != r.Verdict {
+			return fmt.Errorf("rule %q is %v, not %v: nothing deleted", Selector(r), old.Verdict, r.Verdict)
+		}
+		if inMap {
+			if err := p.Map.Delete(r); errors.Is(err, policymap.ErrNotFound) {
+				return fmt.Errorf("no rule %q (deleted meanwhile)", Selector(r))
+			} else if err != nil {
+				return fmt.Errorf("delete rule %q: %w", Selector(r), err)
+			}
+		}
+		removed = old
+		if tx == nil {
+			return nil
+		}
+		if inMap {
+			tx.OnAbort(func() error { return p.Map.Put(old) })
+		}
+		return tx.DeleteRule(keyOf(r))
+	})
+	return removed, err
+}
+
+// SetDefault sets a direction's default verdict and returns the one it had.
+func (p Policy) SetDefault(d policymap.Direction, v policymap.Verdict) (previous policymap.Verdict, err error) {
+	err = p.update(func(tx *store.Tx) error {
+		defaults, err := p.Map.Defaults()
+		if err != nil {
+			return err
+		}
+		if err := p.Map.SetDefault(d, v); err != nil {
+			return err
+		}
+		previous = defaults[d]
+		if tx == nil {
+			return nil
+		}
+		tx.OnAbort(func() error {
+			if previous == policymap.VerdictUnset {
+				// SetDefault takes allow or deny; unset allows too.
+				return p.Map.SetDefault(d, policymap.Allow)
+			}
+			return p.Map.SetDefault(d, previous)
+		})
+		return tx.SetDefault(store.Direction(d), store.Verdict(v))
+	})
+	return previous, err
+}
+
+// State is the whole policy: default verdicts and rules.
+type State struct {
+	// Defaults by Direction, as configured (VerdictUnset: never set, allows).
+	Defaults [2]policymap.Verdict
+	Rules    []Rule
+	// RuleCount is the datapath's PolicyRules; it equals len(Rules)
+	// unless a change is under way.
+	RuleCount uint32
+}
+
+// Show reads the whole policy.
+func Show(m *policymap.Map) (State, error) {
+	var (
+		s   State
+		err error
+	)
+	if s.Defaults, err = m.Defaults(); err != nil {
+		return State{}, err
+	}
+	if s.Rules, err = m.List(); err != nil {
+		return State{}, err
+	}
+	if s.RuleCount, err = m.RuleCount(); err != nil {
+		return State{}, err
+	}
+	return s, nil
+}
