@@ -39,7 +39,7 @@ func newRootCmd() *cobra.Command {
 	})
 	root.AddCommand(
 		// Commands, one file each.
-		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a),
+		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a), newIPCacheCmd(a), newPolicyCmd(a),
 	)
 	return root
 }

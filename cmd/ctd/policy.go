@@ -1,0 +1,220 @@
+package main
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctd-dev/ctd/control/policy"
+	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/policymap"
+)
+
+func newPolicyCmd(a *app) *cobra.Command {
+	var ipcacheMax uint32
+	c := &cobra.Command{
+		Use:   "policy",
+		Short: "Identity-aware policy: which new flows each direction allows",
+		Long: `Policy decides the first packet of a new flow; replies and later packets
+of an allowed flow pass through conntrack without a policy lookup, and
+established flows are not re-judged when policy changes ('ctd ct flush'
+makes them be).
+
+A rule matches the remote identity (the source on ingress, the destination
+on egress; see 'ctd ipcache'), the protocol and the destination port:
+
+  ` + policy.Syntax + `
+
+id=any (or any), protocol any and no port are wildcards. The most specific
+rule wins: a specific identity beats any identity; within one, protocol and
+port beat the protocol alone, which beats any protocol with the port, which
+beats any protocol. Without a matching rule the direction's default verdict
+applies, allow unless set otherwise.
+
+Changes go to the pinned maps and to the desired-state store (--state-dir),
+which 'ctd daemon' restores after a restart.`,
+	}
+	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
+		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
+	open := func(c *cobra.Command) (policy.Policy, func(), error) {
+		maps, err := a.openMaps(c, ipcacheMax)
+		if err != nil {
+			return policy.Policy{}, nil, err
+		}
+		st, err := store.Open(a.stateDir, nil)
+		if err != nil {
+			maps.Close()
+			return policy.Policy{}, nil, err
+		}
+		return policy.Policy{Map: policymap.New(maps.PolicyV1, maps.ConfigV1), Store: st}, func() { maps.Close() }, nil
+	}
+
+	c.AddCommand(&cobra.Command{
+		Use:   "default ingress|egress allow|deny",
+		Short: "Set the verdict for new flows no rule matches",
+		Args:  exactArgs(2, "ctd policy default ingress|egress allow|deny"),
+		RunE: func(c *cobra.Command, args []string) error {
+			d, err := policy.ParseDirection(args[0])
+			if err != nil {
+				return err
+			}
+			v, err := policy.ParseVerdict(args[1])
+			if err != nil {
+				return err
+			}
+			p, done, err := open(c)
+			if err != nil {
+				return err
+			}
+			defer done()
+			prev, err := p.SetDefault(d, v)
+			if err != nil {
+				return fmt.Errorf("policy default %v %v: %w", d, v, err)
+			}
+			fmt.Fprintf(c.OutOrStdout(), "default %v %v (was %s)\n", d, v, defaultString(prev))
+			return nil
+		},
+	})
+
+	c.AddCommand(&cobra.Command{
+		Use:   "add " + policy.Syntax,
+		Short: "Add a rule, or change the verdict of the rule with the same selector",
+		Args:  cobra.ArbitraryArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			r, err := policy.ParseRule(args)
+			if err != nil {
+				return err
+			}
+			p, done, err := open(c)
+			if err != nil {
+				return err
+			}
+			defer done()
+			prev, err := p.Add(r)
+			if err != nil {
+				return err
+			}
+			w := c.OutOrStdout()
+			switch prev {
+			case policymap.VerdictUnset:
+				fmt.Fprintf(w, "added %s\n", policy.Format(r))
+			case r.Verdict:
+				fmt.Fprintf(w, "unchanged %s\n", policy.Format(r))
+			default:
+				fmt.Fprintf(w, "updated %s (was %v)\n", policy.Format(r), prev)
+			}
+			return nil
+		},
+	})
+
+	c.AddCommand(&cobra.Command{
+		Use:   "del ingress|egress id=N|any [tcp|udp|icmp|icmpv6|any[/PORT]] [allow|deny]",
+		Short: "Delete the rule with this selector (with a verdict: only if the rule has it)",
+		Args:  cobra.ArbitraryArgs,
+		RunE: func(c *cobra.Command, args []string) error {
+			r, err := policy.ParseSelector(args, true)
+			if err != nil {
+				return err
+			}
+			p, done, err := open(c)
+			if err != nil {
+				return err
+			}
+			defer done()
+			old, err := p.Delete(r)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.OutOrStdout(), "deleted %s\n", policy.Format(old))
+			return nil
+		},
+	})
+
+	var listOut string
+	list := &cobra.Command{
+		Use:   "list [-o json]",
+		Short: "Show the default verdicts and every rule",
+		Args:  exactArgs(0, "ctd policy list [-o json]"),
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := checkOutput(listOut); err != nil {
+				return err
+			}
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			if err := checkPinPath(a.pinPath); err != nil {
+				return err
+			}
+			maps, err := loader.OpenPinned(a.pinPath)
+			if err != nil {
+				return err
+			}
+			defer maps.Close()
+			s, err := policy.Show(policymap.New(maps.PolicyV1, maps.ConfigV1))
+			if err != nil {
+				return err
+			}
+			return policyList(c.OutOrStdout(), s, listOut)
+		},
+	}
+	outputFlag(list, &listOut)
+	c.AddCommand(list)
+	return c
+}
+
+// defaultString shows a default verdict; unset is the allow of a datapath
+// that was never told otherwise.
+func defaultString(v policymap.Verdict) string {
+	if v == policymap.VerdictUnset {
+		return "allow, unset"
+	}
+	return v.String()
+}
+
+// policyJSON is 'ctd policy list -o json'.
+type policyJSON struct {
+	Defaults map[string]string `json:"defaults"` // "ingress"/"egress" -> "allow"/"deny"
+	Rules    []policyRuleJSON  `json:"rules"`
+}
+
+type policyRuleJSON struct {
+	Direction string `json:"direction"`
+	Identity  uint32 `json:"identity"` // 0 = any
+	Proto     string `json:"proto"`    // "any" = any protocol
+	Port      uint16 `json:"port"`     // 0 = any
+	Verdict   string `json:"verdict"`
+	Rule      string `json:"rule"` // as 'policy add' reads it
+}
+
+func policyList(w io.Writer, s policy.State, output string) error {
+	if output == "json" {
+		out := policyJSON{Defaults: map[string]string{}, Rules: []policyRuleJSON{}}
+		for d, v := range s.Defaults {
+			out.Defaults[policymap.Direction(d).String()] = v.Effective().String()
+		}
+		for _, r := range s.Rules {
+			out.Rules = append(out.Rules, policyRuleJSON{
+				Direction: r.Dir.String(),
+				Identity:  r.Identity,
+				Proto:     policy.ProtoName(r.Proto),
+				Port:      r.Port,
+				Verdict:   r.Verdict.String(),
+				Rule:      policy.Format(r),
+			})
+		}
+		return writeJSON(w, out)
+	}
+	for d, v := range s.Defaults {
+		if _, err := fmt.Fprintf(w, "default %v %s\n", policymap.Direction(d), defaultString(v)); err != nil {
+			return err
+		}
+	}
+	for _, r := range s.Rules {
+		if _, err := fmt.Fprintln(w, policy.Format(r)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
