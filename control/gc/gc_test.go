@@ -27,6 +27,11 @@ const testNow = 100 * time.Hour
 // newCT creates an unpinned conntrack table with the datapath's layout.
 func newCT(tb testing.TB, maxEntries uint32) *ctmap.Map {
 	tb.Helper()
+	return ctmap.New(newCTMap(tb, maxEntries))
+}
+
+func newCTMap(tb testing.TB, maxEntries uint32) *ebpf.Map {
+	tb.Helper()
 	if unix.Geteuid() != 0 {
 		tb.Fatalf("creating BPF maps needs root (euid %d): run the tests as root", unix.Geteuid())
 	}
@@ -39,7 +44,7 @@ func newCT(tb testing.TB, maxEntries uint32) *ctmap.Map {
 		tb.Fatalf("create conntrack map: %v", err)
 	}
 	tb.Cleanup(func() { m.Close() })
-	return ctmap.New(m)
+	return m
 }
 
 // flowKey returns a distinct key of protocol proto for each i.

@@ -1,0 +1,281 @@
+// Package events decodes and streams datapath events.
+//
+// The datapath writes flow-new, flow-closed, drop and ct-insert-failed
+// records to the ring buffer events_v1. A ring buffer has one consumer: two
+// readers would each get a share of the records. ctd's consumer is 'ctd
+// monitor', for as long as it runs; the daemon never reads events (it learns
+// what it needs from the counters of metrics_v1), so the operator's monitor
+// sees every event. While nobody reads, the ring fills up and the datapath
+// counts the records it cannot write as events-lost; a Reader skips what was
+// written before it started (see Reader.SkipBefore).
+package events
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
+)
+
+// Type is an event's kind (enum event_type in bpf/common.h).
+type Type uint8
+
+const (
+	FlowNew        Type = 1
+	FlowClosed     Type = 2
+	Drop           Type = 3
+	CTInsertFailed Type = 4
+)
+
+// recordSize is the size of struct event.
+const recordSize = int(unsafe.Sizeof(bpf.CtdEvent{}))
+
+func (t Type) String() string {
+	switch t {
+	case FlowNew:
+		return "flow-new"
+	case FlowClosed:
+		return "flow-closed"
+	case Drop:
+		return "drop"
+	case CTInsertFailed:
+		return "ct-insert-failed"
+	}
+	return "type" + strconv.Itoa(int(t))
+}
+
+// IsFlow reports whether t is about a flow's life: flow-new, flow-closed.
+func (t Type) IsFlow() bool { return t == FlowNew || t == FlowClosed }
+
+// IsDrop reports whether t is about a dropped packet: drop, ct-insert-failed.
+func (t Type) IsDrop() bool { return t == Drop || t == CTInsertFailed }
+
+// Event is one datapath event as ctd prints it.
+type Event struct {
+	Time        time.Time     `json:"time"`             // wall clock, RFC 3339
+	Type        string        `json:"type"`             // flow-new, flow-closed, drop, ct-insert-failed
+	Reason      string        `json:"reason,omitempty"` // drops: policy, ct-insert-failed
+	Proto       string        `json:"proto"`
+	Src         netip.Addr    `json:"src"` // flow events: the originator; drops: the packet's source
+	Sport       uint16        `json:"sport"`
+	Dst         netip.Addr    `json:"dst"`
+	Dport       uint16        `json:"dport"`
+	SrcIdentity uint32        `json:"src_identity"`
+	DstIdentity uint32        `json:"dst_identity"`
+	Iface       string        `json:"iface"` // name, or the ifindex where no interface has it
+	Ifindex     uint32        `json:"ifindex"`
+	Dir         string        `json:"dir"`             // the hook that saw the packet: ingress, egress
+	State       string        `json:"state,omitempty"` // flow events: the flow's state
+	*Counters                 // flow-closed: the flow's final counters
+	Kind        Type          `json:"-"`
+	Boot        time.Duration `json:"-"` // Time as the datapath stamped it (CLOCK_BOOTTIME)
+}
+
+// Counters are a flow's counters, per direction of the flow.
+type Counters struct {
+	PacketsOrig  uint64 `json:"packets_orig"`
+	BytesOrig    uint64 `json:"bytes_orig"`
+	PacketsReply uint64 `json:"packets_reply"`
+	BytesReply   uint64 `json:"bytes_reply"`
+}
+
+// Decoder turns raw ring buffer records into Events. It resolves interface
+// names in the calling thread's network namespace and caches them.
+type Decoder struct {
+	clock ctmap.BootTime
+	names map[uint32]string
+}
+
+// NewDecoder returns a Decoder that converts times with a fresh reading of
+// the clocks.
+func NewDecoder() *Decoder {
+	return &Decoder{clock: ctmap.Now(), names: make(map[uint32]string)}
+}
+
+// Resync reads the clocks again (after the wall clock was stepped) and
+// forgets cached interface names.
+func (d *Decoder) Resync() {
+	d.clock = ctmap.Now()
+	clear(d.names)
+}
+
+// Decode decodes one record.
+func (d *Decoder) Decode(raw []byte) (Event, error) {
+	var r bpf.CtdEvent
+	if len(raw) < recordSize {
+		return Event{}, fmt.Errorf("decode event: record of %d bytes, want %d", len(raw), recordSize)
+	}
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(&r)), recordSize), raw)
+	t := Type(r.Type)
+	if t < FlowNew || t > CTInsertFailed {
+		return Event{}, fmt.Errorf("decode event: unknown type %d", r.Type)
+	}
+	boot := time.Duration(r.Time)
+	ev := Event{
+		Time:        d.clock.Wall(boot),
+		Type:        t.String(),
+		Proto:       ctmap.ProtoName(r.Proto),
+		Src:         addrOf(r.Src, r.Family),
+		Sport:       ntohs(r.Sport),
+		Dst:         addrOf(r.Dst, r.Family),
+		Dport:       ntohs(r.Dport),
+		SrcIdentity: r.SrcIdentity,
+		DstIdentity: r.DstIdentity,
+		Iface:       d.name(r.Ifindex),
+		Ifindex:     r.Ifindex,
+		Dir:         metricsmap.Direction(r.Dir).String(),
+		Kind:        t,
+		Boot:        boot,
+	}
+	if t.IsDrop() {
+		ev.Reason = metricsmap.Reason(r.Reason).String()
+	}
+	if t.IsFlow() {
+		ev.State = ctmap.State(r.State).String()
+	}
+	if t == FlowClosed {
+		ev.Counters = &Counters{
+			PacketsOrig:  r.PacketsOrig,
+			BytesOrig:    r.BytesOrig,
+			PacketsReply: r.PacketsReply,
+			BytesReply:   r.BytesReply,
+		}
+	}
+	return ev, nil
+}
+
+func (d *Decoder) name(ifindex uint32) string {
+	if n, ok := d.names[ifindex]; ok {
+		return n
+	}
+	n := strconv.FormatUint(uint64(ifindex), 10)
+	if ifi, err := net.InterfaceByIndex(int(ifindex)); err == nil {
+		n = ifi.Name
+	}
+	d.names[ifindex] = n
+	return n
+}
+
+func addrOf(b [16]byte, family uint8) netip.Addr {
+	if family == 4 {
+		return netip.AddrFrom4([4]byte(b[:4]))
+	}
+	return netip.AddrFrom16(b)
+}
+
+func ntohs(v uint16) uint16 { return v<<8 | v>>8 }
+
+// ErrClosed is returned by Read after Close.
+var ErrClosed = ringbuf.ErrClosed
+
+// Reader streams events from the ring buffer. Only one Reader should read
+// a ring at a time (see the package documentation).
+type Reader struct {
+	rd   *ringbuf.Reader
+	dec  *Decoder
+	rec  ringbuf.Record
+	skip time.Duration
+}
+
+// NewReader opens a reader on the events_v1 ring buffer.
+func NewReader(events *ebpf.Map) (*Reader, error) {
+	rd, err := ringbuf.NewReader(events)
+	if err != nil {
+		return nil, fmt.Errorf("open event ring buffer: %w", err)
+	}
+	return &Reader{rd: rd, dec: NewDecoder()}, nil
+}
+
+// SkipBefore makes Read drop events stamped before boot (CLOCK_BOOTTIME),
+// such as those that piled up while nobody read.
+func (r *Reader) SkipBefore(boot time.Duration) { r.skip = boot }
+
+// Decoder returns the reader's decoder, e.g. to Resync it.
+func (r *Reader) Decoder() *Decoder { return r.dec }
+
+// Read blocks until the next event, Close (ErrClosed), or the deadline
+// (os.ErrDeadlineExceeded). It is not safe for concurrent use, except with
+// Close and SetDeadline.
+func (r *Reader) Read() (Event, error) {
+	for {
+		if err := r.rd.ReadInto(&r.rec); err != nil {
+			if errors.Is(err, ringbuf.ErrClosed) {
+				return Event{}, ErrClosed
+			}
+			return Event{}, fmt.Errorf("read event: %w", err)
+		}
+		ev, err := r.dec.Decode(r.rec.RawSample)
+		if err != nil {
+			return Event{}, err
+		}
+		if ev.Boot < r.skip {
+			continue
+		}
+		return ev, nil
+	}
+}
+
+// SetDeadline makes a blocked or later Read return at t.
+func (r *Reader) SetDeadline(t time.Time) { r.rd.SetDeadline(t) }
+
+// Close stops the reader and interrupts a blocked Read.
+func (r *Reader) Close() error { return r.rd.Close() }
+
+// DefaultRate is the per-CPU event rate ctd suggests: events per second
+// per CPU, with a burst of as many.
+const DefaultRate = 10000
+
+// RateLimit is the datapath's per-CPU token bucket for events.
+type RateLimit struct {
+	Rate  uint32 // events per second per CPU; 0: unlimited
+	Burst uint32 // bucket depth per CPU; 0: as many as Rate
+}
+
+func (l RateLimit) String() string {
+	if l.Rate == 0 {
+		return "unlimited"
+	}
+	burst := l.Burst
+	if burst == 0 {
+		burst = l.Rate
+	}
+	return fmt.Sprintf("%d events/s per CPU, burst %d", l.Rate, burst)
+}
+
+// GetRateLimit reads the event rate limit from config_v1.
+func GetRateLimit(config *ebpf.Map) (RateLimit, error) {
+	var c bpf.CtdConfig
+	if err := config.Lookup(uint32(0), &c); err != nil {
+		return RateLimit{}, fmt.Errorf("read config_v1: %w", err)
+	}
+	return RateLimit{Rate: c.EventsRate, Burst: c.EventsBurst}, nil
+}
+
+// SetRateLimit writes the event rate limit to config_v1, keeping its other
+// fields: it reads the config, changes the event fields and writes it back.
+// That is not atomic against another process writing config_v1 at the same
+// moment; ctd's writers are short CLI commands and the daemon.
+func SetRateLimit(config *ebpf.Map, l RateLimit) error {
+	if l.Rate == 0 && l.Burst != 0 {
+		return fmt.Errorf("invalid event burst %d: a burst needs a rate (rate 0 means unlimited)", l.Burst)
+	}
+	var c bpf.CtdConfig
+	if err := config.Lookup(uint32(0), &c); err != nil {
+		return fmt.Errorf("read config_v1: %w", err)
+	}
+	c.EventsRate, c.EventsBurst = l.Rate, l.Burst
+	if err := config.Put(uint32(0), &c); err != nil {
+		return fmt.Errorf("write config_v1: %w", err)
+	}
+	return nil
+}
