@@ -3,6 +3,7 @@ package ipcache
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -258,9 +259,7 @@ func (t Table) Apply(entries []Entry, o Options) (Result, error) {
 				return err
 			}
 		}
-		sorted := slices.Clone(entries)
-		slices.SortFunc(sorted, ipcachemap.Compare)
-		for _, e := range sorted {
+		for _, e := range storeOrder(entries) {
 			if err := tx.PutIPCache(e.Prefix, e.Identity); err != nil {
 				return err
 			}
@@ -271,6 +270,28 @@ func (t Table) Apply(entries []Entry, o Options) (Result, error) {
 		return Result{}, err
 	}
 	return res, nil
+}
+
+// storeOrder sorts entries in the order of the store's keys (the store keys
+// prefixes by netip.Prefix.MarshalBinary): bbolt then appends each key to
+// its page instead of moving the keys after it, which makes a big load
+// linear instead of quadratic.
+func storeOrder(entries []Entry) []Entry {
+	type keyed struct {
+		key []byte
+		e   Entry
+	}
+	ks := make([]keyed, len(entries))
+	for i, e := range entries {
+		k, _ := e.Prefix.MarshalBinary() // never fails for a valid prefix
+		ks[i] = keyed{k, e}
+	}
+	slices.SortFunc(ks, func(a, b keyed) int { return bytes.Compare(a.key, b.key) })
+	out := make([]Entry, len(ks))
+	for i, k := range ks {
+		out[i] = k.e
+	}
+	return out
 }
 
 // apply changes the tries and returns what undoes the change.
