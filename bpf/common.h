@@ -3,7 +3,7 @@
  *
  * Every struct here is part of a map layout. Changing one is a layout change:
  * bump the version in the map's name (ct_v1 -> ct_v2) and add a migration in
- * datapath/loader. Never reuse a name with a different layout.
+ * datapath/migrate. Never reuse a name with a different layout.
  */
 #pragma once
 
@@ -75,6 +75,7 @@ struct ct_key {
 	__u8   pad[2];
 } __attribute__((aligned(8)));
 
+#ifndef CT_LAYOUT_V2
 struct ct_entry {
 	__u64 packets_orig;
 	__u64 bytes_orig;
@@ -92,6 +93,29 @@ struct ct_entry {
 	__u8  flags;        /* CT_F_* */
 	__u8  pad[7];
 };
+#else
+/* Test-only layout ct_v2 (built into bpf/v2test, never shipped): the v1
+ * fields reordered plus one new field, so that the tests of
+ * datapath/migrate prove that a layout upgrade converts every entry. */
+struct ct_entry {
+	__u64 first_seen;
+	__u64 last_seen;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u64 packets_orig;
+	__u64 packets_reply;
+	__u64 bytes_orig;
+	__u64 bytes_reply;
+	__u32 ifindex;
+	__u8  state;
+	__u8  orig_is_b;
+	__u8  tcp_flags_orig;
+	__u8  tcp_flags_reply;
+	__u8  flags;
+	__u8  pad[3];
+	__u32 origin; /* 0: created by this datapath; 1: converted from ct_v1 */
+};
+#endif
 
 /* ---- ipcache: ipcache4_v1 / ipcache6_v1 (LPM trie) ---- */
 
