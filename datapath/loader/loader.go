@@ -7,6 +7,8 @@ import (
 	stdmaps "maps"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/cilium/ebpf"
 
@@ -69,11 +71,43 @@ func (o Options) Spec() (*ebpf.CollectionSpec, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load datapath spec: %w", err)
 	}
-	spec.Maps[bpf.CtdMapCtV1].MaxEntries = o.CTMax
-	spec.Maps[bpf.CtdMapIpcache4V1].MaxEntries = o.IPCacheMax
-	spec.Maps[bpf.CtdMapIpcache6V1].MaxEntries = o.IPCacheMax
-	spec.Maps[bpf.CtdMapEventsV1].MaxEntries = o.RingBufSize
+	o.SizeSpec(spec)
 	return spec, nil
+}
+
+// SizeSpec sizes the maps of spec as o says, whatever their layout version:
+// ct_vN by CTMax, ipcache4_vN and ipcache6_vN by IPCacheMax, events_vN by
+// RingBufSize. Other maps keep the size they were built with.
+func (o Options) SizeSpec(spec *ebpf.CollectionSpec) {
+	for name, ms := range spec.Maps {
+		table, _, ok := SplitName(name)
+		if !ok {
+			continue
+		}
+		switch table {
+		case "ct":
+			ms.MaxEntries = o.CTMax
+		case "ipcache4", "ipcache6":
+			ms.MaxEntries = o.IPCacheMax
+		case "events":
+			ms.MaxEntries = o.RingBufSize
+		}
+	}
+}
+
+// SplitName splits a map name into the table it holds and the version of
+// its layout: "ct_v1" is ("ct", 1, true). Names without a version suffix
+// return ok false.
+func SplitName(name string) (table string, version int, ok bool) {
+	i := strings.LastIndex(name, "_v")
+	if i < 1 {
+		return "", 0, false
+	}
+	v, err := strconv.Atoi(name[i+2:])
+	if err != nil || v < 0 || strconv.Itoa(v) != name[i+2:] {
+		return "", 0, false
+	}
+	return name[:i], v, true
 }
 
 // MapNames lists every map ctd pins, in a stable order.
@@ -212,6 +246,11 @@ func openOrCreate(pinPath string, spec *ebpf.CollectionSpec) (map[string]*ebpf.M
 				return nil, nil, &IncompatibleError{Map: name, Pin: pin, Diff: diff}
 			}
 		case errors.Is(err, os.ErrNotExist):
+			if other := otherLayout(pinPath, name); other != "" {
+				closeAll(maps)
+				return nil, nil, &IncompatibleError{Map: name, Pin: filepath.Join(pinPath, other),
+					Diff: fmt.Errorf("pinned as %s, this build uses %s", other, name)}
+			}
 			m, err = ebpf.NewMap(ms)
 			if err != nil {
 				closeAll(maps)
@@ -225,6 +264,22 @@ func openOrCreate(pinPath string, spec *ebpf.CollectionSpec) (map[string]*ebpf.M
 		maps[name] = m
 	}
 	return maps, created, nil
+}
+
+// otherLayout returns the name of a map pinned in pinPath that holds the
+// same table as name in another layout version, or "".
+func otherLayout(pinPath, name string) string {
+	table, _, ok := SplitName(name)
+	if !ok {
+		return ""
+	}
+	entries, _ := os.ReadDir(pinPath)
+	for _, e := range entries {
+		if t, _, ok := SplitName(e.Name()); ok && t == table && e.Name() != name {
+			return e.Name()
+		}
+	}
+	return ""
 }
 
 // pinCreated pins the maps this process created. If another process pinned

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -86,5 +87,51 @@ func TestOptionsValidate(t *testing.T) {
 				t.Fatalf("Validate() = %v, want ok=%v", err, tc.ok)
 			}
 		})
+	}
+}
+
+func TestSplitName(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		table   string
+		version int
+		ok      bool
+	}{
+		{"ct_v1", "ct", 1, true},
+		{"ipcache4_v12", "ipcache4", 12, true},
+		{"ct_v1~migrating", "", 0, false},
+		{"ct", "", 0, false},
+		{"_v1", "", 0, false},
+		{"ct_v01", "", 0, false},
+		{"ct_v", "", 0, false},
+		{".bss", "", 0, false},
+	} {
+		table, version, ok := SplitName(tc.name)
+		if table != tc.table || version != tc.version || ok != tc.ok {
+			t.Errorf("SplitName(%q) = %q, %d, %v; want %q, %d, %v", tc.name, table, version, ok, tc.table, tc.version, tc.ok)
+		}
+	}
+}
+
+func TestLoadRefusesOtherLayout(t *testing.T) {
+	pin := testPinPath(t)
+	if err := os.MkdirAll(pin, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 40, ValueSize: 80, MaxEntries: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Pin(filepath.Join(pin, "ct_v9")); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Load(Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024})
+	var inc *IncompatibleError
+	if !errors.As(err, &inc) || inc.Map != bpf.CtdMapCtV1 || !strings.Contains(err.Error(), "pinned as ct_v9") {
+		t.Fatalf("want IncompatibleError for ct_v1 pinned as ct_v9, got %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(pin, bpf.CtdMapCtV1)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Load pinned an empty %s beside ct_v9", bpf.CtdMapCtV1)
 	}
 }
