@@ -1,0 +1,543 @@
+package migrate
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+
+	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/bpf/v2test"
+	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
+)
+
+// secondIface is a second interface in host A, one end of a veth pair
+// there; its name sorts after nettest.IfaceA.
+const secondIface = "ctdz0"
+
+// attachedDatapath loads a v1 datapath and attaches it in host h: TCX on
+// the veth end, tc on a second veth added beside it.
+func attachedDatapath(t *testing.T, h *nettest.Host, o loader.Options) (loader.Options, *loader.Datapath) {
+	t.Helper()
+	o.PinPath = nettest.PinPath(t)
+	dp, err := loader.Load(o)
+	if err != nil {
+		t.Fatalf("loader.Load: %v", err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	progs := attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress}
+	err = h.Do(func() error {
+		v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: secondIface}, PeerName: secondIface + "p"}
+		if err := netlink.LinkAdd(v); err != nil {
+			return fmt.Errorf("add veth %s: %w", secondIface, err)
+		}
+		if err := netlink.LinkSetUp(v); err != nil {
+			return err
+		}
+		if _, err := attach.Attach(h.Iface, attach.ModeTCX, progs, LinkDir(o.PinPath)); err != nil {
+			return err
+		}
+		_, err := attach.Attach(secondIface, attach.ModeTC, progs, LinkDir(o.PinPath))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("attach in %s: %v", h.Name, err)
+	}
+	return o, dp
+}
+
+// status returns what is attached to the interfaces, in h.
+func status(t *testing.T, h *nettest.Host, linkDir string, ifaces ...string) []attach.Attachment {
+	t.Helper()
+	var out []attach.Attachment
+	err := h.Do(func() error {
+		for _, iface := range ifaces {
+			a, err := attach.Status(iface, linkDir)
+			if err != nil {
+				return err
+			}
+			out = append(out, a)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	return out
+}
+
+func progUsesMap(t *testing.T, progID ebpf.ProgramID, mapID ebpf.MapID) bool {
+	t.Helper()
+	ids, err := progMaps(progID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return slices.Contains(ids, mapID)
+}
+
+// TestRollbackWhenSwitchFails fails the switch on the second of two
+// interfaces and checks that the first is switched back and that the old
+// maps, pins and programs stay; then migrates for real.
+func TestRollbackWhenSwitchFails(t *testing.T) {
+	pair := nettest.NewPair(t)
+	a := pair.A
+	o, _ := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+	want := fillCT(t, o.PinPath, 300)
+	ifaces := []string{a.Iface, secondIface}
+	linkDir := LinkDir(o.PinPath)
+	old := status(t, a, linkDir, ifaces...)
+	if old[0].Mode != attach.ModeTCX || old[1].Mode != attach.ModeTC {
+		t.Fatalf("attached %+v, want tcx on %s and tc on %s", old, a.Iface, secondIface)
+	}
+	before := pinnedIDs(t, o.PinPath)
+
+	o.CTMax = 4096
+	spec, err := o.Spec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var firstWasSwitched bool
+	injected := errors.New("injected switch failure")
+	beforeSwitch := func(iface string) error {
+		if iface != secondIface {
+			return nil
+		}
+		// The first interface runs the new programs by now.
+		st, err := attach.Status(a.Iface, linkDir)
+		firstWasSwitched = err == nil && st.IngressProgID != old[0].IngressProgID
+		return injected
+	}
+	err = a.Do(func() error {
+		coll, _, err := run(config{opts: o, spec: spec, hooks: hooks{beforeSwitch: beforeSwitch}})
+		if err == nil {
+			coll.Close()
+		}
+		return err
+	})
+	if !errors.Is(err, injected) || !strings.Contains(err.Error(), secondIface) {
+		t.Fatalf("migration with a failing switch: got %v, want the injected failure on %s", err, secondIface)
+	}
+	if !firstWasSwitched {
+		t.Fatalf("%s was not switched before %s failed: the rollback went untested", a.Iface, secondIface)
+	}
+	if got := status(t, a, linkDir, ifaces...); !slices.Equal(got, old) {
+		t.Fatalf("after the rollback: attached %+v, want the old programs %+v", got, old)
+	}
+	checkUnchanged(t, o.PinPath, before)
+	checkNoTempPins(t, o.PinPath)
+	ct := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+	if ct.MaxEntries() != 1024 {
+		t.Errorf("ct_v1 has max_entries %d after the rollback, want 1024", ct.MaxEntries())
+	}
+	checkCT(t, ct, want)
+
+	// Without the failure, both interfaces move to programs on the new map.
+	var rep Report
+	err = a.Do(func() error {
+		dp, r, err := Load(o, Interfaces{})
+		if err == nil {
+			dp.Close()
+		}
+		rep = r
+		return err
+	})
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if !slices.Equal(rep.Switched, ifaces) {
+		t.Errorf("switched %v, want %v", rep.Switched, ifaces)
+	}
+	newCT := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1]
+	for _, st := range status(t, a, linkDir, ifaces...) {
+		for _, id := range []ebpf.ProgramID{st.IngressProgID, st.EgressProgID} {
+			if !progUsesMap(t, id, newCT) {
+				t.Errorf("%s: program %d does not use the new ct_v1 (map %d)", st.Iface, id, newCT)
+			}
+		}
+	}
+	checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), want)
+}
+
+// TestMigrateUnderTraffic migrates while a UDP request/echo stream and a
+// ping cross a veth whose ingress is default deny, so that a conntrack
+// entry missing for a moment drops replies.
+func TestMigrateUnderTraffic(t *testing.T) {
+	nettest.RequireTool(t, "ping", "iputils-ping")
+	nettest.RequireTool(t, "nsenter", "util-linux")
+	for _, tc := range []struct {
+		name    string
+		ctMax   uint32
+		newSpec func() (*ebpf.CollectionSpec, error)
+		wantMap string
+	}{
+		{"resize", 4096, bpf.LoadCtd, bpf.CtdMapCtV1},
+		{"upgrade", 1024, v2test.LoadCtd, v2test.CtdMapCtV2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pair := nettest.NewPair(t)
+			a, b := pair.A, pair.B
+			o, dp := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+			cfg := bpf.CtdConfig{DefaultVerdict: [2]uint8{2, 0}} // ingress: deny
+			if err := dp.ConfigV1.Put(uint32(0), cfg); err != nil {
+				t.Fatal(err)
+			}
+			checkIngressDenied(t, a, b)
+
+			srv, err := b.ListenPacket("udp4", netip.AddrPortFrom(b.IPv4, 0).String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer srv.Close()
+			go echo(srv)
+			conn, err := a.Dial("udp4", srv.LocalAddr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			key, _ := ctmap.KeyOf(17, a.IPv4, uint16(conn.LocalAddr().(*net.UDPAddr).Port),
+				b.IPv4, uint16(srv.LocalAddr().(*net.UDPAddr).Port))
+
+			ping := a.Command("ping", "-n", "-q", "-c", "15", "-i", "0.2", "-W", "2", b.IPv4.String())
+			pingOut := make(chan error, 1)
+			var pingText []byte
+			go func() {
+				var err error
+				pingText, err = ping.CombinedOutput()
+				pingOut <- err
+			}()
+
+			s := stream(conn, 3*time.Second, time.Millisecond)
+			time.Sleep(time.Second)
+
+			oldSpec, err := o.Spec()
+			if err != nil {
+				t.Fatal(err)
+			}
+			before, ok := readRaw(t, dp.CtV1, oldSpec.Maps[bpf.CtdMapCtV1], key)
+			if !ok || before.packetsOrig == 0 {
+				t.Fatalf("no conntrack entry for the UDP stream before the migration")
+			}
+			spec, err := tc.newSpec()
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.CTMax = tc.ctMax
+			// Between pass 1 and the switch the stream goes on for a while
+			// and a new flow starts: pass 2 must bring both over.
+			var late net.Conn
+			afterCopy := func() error {
+				var err error
+				if late, err = a.Dial("udp4", srv.LocalAddr().String()); err != nil {
+					return err
+				}
+				if err := roundTrip(late); err != nil {
+					return fmt.Errorf("new flow before the switch: %w", err)
+				}
+				time.Sleep(100 * time.Millisecond)
+				return nil
+			}
+			var rep Report
+			var coll *ebpf.Collection
+			start := time.Now()
+			err = a.Do(func() (err error) {
+				coll, rep, err = run(config{opts: o, spec: spec, hooks: hooks{afterCopy: afterCopy}})
+				return err
+			})
+			if late != nil {
+				defer late.Close()
+			}
+			if err != nil {
+				t.Fatalf("migration under traffic: %v", err)
+			}
+			defer coll.Close()
+			t.Logf("migration took %v: %+v", time.Since(start), rep)
+			if !slices.Equal(rep.Switched, []string{a.Iface, secondIface}) {
+				t.Errorf("switched %v, want %s and %s", rep.Switched, a.Iface, secondIface)
+			}
+
+			if len(rep.Maps) != 1 || rep.Maps[0].CaughtUp < 2 {
+				t.Errorf("pass 2 caught up %+v, want the stream's and the new flow's entries", rep.Maps)
+			}
+			if err := roundTrip(late); err != nil {
+				t.Errorf("the flow that started during the copy broke after the switch: %v", err)
+			}
+
+			res := s.wait()
+			if err := <-pingOut; err != nil {
+				t.Errorf("ping across the migration failed: %v\n%s", err, pingText)
+			}
+			t.Logf("UDP: %d sent, %d echoed", res.sent, res.received)
+			if res.sent < 1000 || res.received != res.sent {
+				t.Errorf("UDP stream: %d datagrams sent, %d echoed: lost %v", res.sent, res.received, res.missing())
+			}
+
+			newCT := coll.Maps[tc.wantMap]
+			after, ok := readRaw(t, newCT, spec.Maps[tc.wantMap], key)
+			if !ok {
+				t.Fatalf("the UDP stream's conntrack entry is missing from %s", tc.wantMap)
+			}
+			if after.packetsOrig < before.packetsOrig || after.packetsReply < before.packetsReply ||
+				after.bytesOrig < before.bytesOrig || after.bytesReply < before.bytesReply {
+				t.Errorf("counters shrank: before %+v, after %+v", before, after)
+			}
+			// Every datagram crossed the egress hook once and every echo the
+			// ingress hook: the counters lost none of them in the move.
+			if after.packetsOrig != uint64(res.sent) || after.packetsReply != uint64(res.received) {
+				t.Errorf("counters after the migration: %d orig, %d reply packets; the stream sent %d and got %d",
+					after.packetsOrig, after.packetsReply, res.sent, res.received)
+			}
+			if drops := ingressDrops(t, dp.MetricsV1); drops != 1 {
+				t.Errorf("%d packets dropped at ingress, want only the 1 probe of checkIngressDenied", drops)
+			}
+		})
+	}
+}
+
+// checkIngressDenied proves the policy: a new flow from b to a is dropped.
+func checkIngressDenied(t *testing.T, a, b *nettest.Host) {
+	t.Helper()
+	l, err := a.ListenPacket("udp4", netip.AddrPortFrom(a.IPv4, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := b.Dial("udp4", l.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("probe")); err != nil {
+		t.Fatal(err)
+	}
+	l.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if _, _, err := l.ReadFrom(make([]byte, 16)); err == nil {
+		t.Fatal("a new flow passed ingress although its default verdict is deny")
+	}
+}
+
+// roundTrip sends one datagram and waits for its echo.
+func roundTrip(c net.Conn) error {
+	if _, err := c.Write([]byte("late")); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	_, err := c.Read(make([]byte, 16))
+	return err
+}
+
+func echo(c net.PacketConn) {
+	buf := make([]byte, 64)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		c.WriteTo(buf[:n], from)
+	}
+}
+
+type streamResult struct {
+	sent, received int
+	got            map[uint64]bool
+}
+
+func (r streamResult) missing() []uint64 {
+	var m []uint64
+	for i := range uint64(r.sent) {
+		if !r.got[i] && len(m) < 20 {
+			m = append(m, i)
+		}
+	}
+	return m
+}
+
+type udpStream struct {
+	done chan streamResult
+}
+
+func (s udpStream) wait() streamResult { return <-s.done }
+
+// stream sends sequence-numbered datagrams every interval for d and counts
+// the distinct echoes, waiting a second for late ones.
+func stream(conn net.Conn, d, interval time.Duration) udpStream {
+	s := udpStream{done: make(chan streamResult, 1)}
+	var (
+		mu  sync.Mutex
+		got = make(map[uint64]bool)
+	)
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			if n == 8 {
+				mu.Lock()
+				got[binary.BigEndian.Uint64(buf)] = true
+				mu.Unlock()
+			}
+		}
+	}()
+	go func() {
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		end := time.Now().Add(d)
+		sent := 0
+		for now := range tick.C {
+			if now.After(end) {
+				break
+			}
+			if _, err := conn.Write(binary.BigEndian.AppendUint64(nil, uint64(sent))); err != nil {
+				break
+			}
+			sent++
+		}
+		deadline := time.Now().Add(time.Second)
+		for time.Now().Before(deadline) {
+			mu.Lock()
+			n := len(got)
+			mu.Unlock()
+			if n == sent {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		conn.SetReadDeadline(time.Now())
+		mu.Lock()
+		defer mu.Unlock()
+		s.done <- streamResult{sent: sent, received: len(got), got: maps.Clone(got)}
+	}()
+	return s
+}
+
+// ingressDrops sums the ingress drop counters over all CPUs.
+func ingressDrops(t *testing.T, metrics *ebpf.Map) uint64 {
+	t.Helper()
+	var total uint64
+	for reason := uint32(16); reason < 32; reason++ {
+		var per []bpf.CtdMetricValue
+		if err := metrics.Lookup(reason, &per); err != nil {
+			t.Fatalf("read metric %d: %v", reason, err)
+		}
+		for _, v := range per {
+			total += v.Packets
+		}
+	}
+	return total
+}
+
+// TestRecoverInterrupted leaves the remains of interrupted migrations and
+// checks that the next Load undoes or completes them.
+func TestRecoverInterrupted(t *testing.T) {
+	t.Run("before the switch", func(t *testing.T) {
+		o := setup(t, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+		want := fillCT(t, o.PinPath, 100)
+		before := pinnedIDs(t, o.PinPath)
+		spec, err := o.Spec()
+		if err != nil {
+			t.Fatal(err)
+		}
+		spec.Maps[bpf.CtdMapCtV1].MaxEntries = 4096
+		orphan, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer orphan.Close()
+		if err := orphan.Pin(filepath.Join(o.PinPath, bpf.CtdMapCtV1+tempSuffix)); err != nil {
+			t.Fatal(err)
+		}
+
+		dp, rep, err := Load(o, none)
+		if err != nil {
+			t.Fatalf("Load: %v", err)
+		}
+		dp.Close()
+		if len(rep.Recovered) != 1 || !strings.Contains(rep.Recovered[0], "removed") {
+			t.Errorf("recovered %q, want the orphaned pin removed", rep.Recovered)
+		}
+		checkUnchanged(t, o.PinPath, before)
+		checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), want)
+	})
+
+	t.Run("after the switch", func(t *testing.T) {
+		pair := nettest.NewPair(t)
+		a := pair.A
+		o, _ := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+		want := fillCT(t, o.PinPath, 100)
+		oldCT := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+		// Written by the old programs after pass 1: the completion must
+		// insert it although pass 2 never ran.
+		lateKey, lateEntry := ctKey(5000), bpf.CtdCtEntry{PacketsOrig: 9, FirstSeen: 1, LastSeen: 2}
+		want[lateKey] = lateEntry
+
+		o.CTMax = 4096
+		spec, err := o.Spec()
+		if err != nil {
+			t.Fatal(err)
+		}
+		crash := errors.New("injected crash after the switch")
+		err = a.Do(func() error {
+			coll, _, err := run(config{opts: o, spec: spec, hooks: hooks{
+				afterCopy:   func() error { return oldCT.Put(lateKey, lateEntry) },
+				afterSwitch: func(map[string]*ebpf.Map) error { return crash },
+			}})
+			if err == nil {
+				coll.Close()
+			}
+			return err
+		})
+		if !errors.Is(err, crash) {
+			t.Fatalf("got %v, want the injected failure", err)
+		}
+		temp := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1+tempSuffix]
+		if temp == 0 {
+			t.Fatal("no temporary pin left after a failure past the switch")
+		}
+
+		var rep Report
+		err = a.Do(func() error {
+			dp, r, err := Load(o, Interfaces{})
+			if err == nil {
+				dp.Close()
+			}
+			rep = r
+			return err
+		})
+		if err != nil {
+			t.Fatalf("Load after the interrupted migration: %v", err)
+		}
+		if len(rep.Recovered) != 1 || !strings.Contains(rep.Recovered[0], "completed") || rep.Migrated() {
+			t.Errorf("report %+v, want the migration completed and nothing migrated again", rep)
+		}
+		after := pinnedIDs(t, o.PinPath)
+		if after[bpf.CtdMapCtV1] != temp {
+			t.Errorf("ct_v1 is map %d, want the map the programs switched to (%d)", after[bpf.CtdMapCtV1], temp)
+		}
+		checkNoTempPins(t, o.PinPath)
+		ct := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+		if ct.MaxEntries() != 4096 {
+			t.Errorf("ct_v1 has max_entries %d, want 4096", ct.MaxEntries())
+		}
+		checkCT(t, ct, want)
+		for _, st := range status(t, a, LinkDir(o.PinPath), a.Iface, secondIface) {
+			if !progUsesMap(t, st.IngressProgID, temp) {
+				t.Errorf("%s runs program %d, which does not use ct_v1", st.Iface, st.IngressProgID)
+			}
+		}
+	})
+}
