@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -278,4 +279,27 @@ func SetRateLimit(config *ebpf.Map, l RateLimit) error {
 		return fmt.Errorf("write config_v1: %w", err)
 	}
 	return nil
+}
+
+// String is a readable one-line rendering of e, e.g.
+//
+//	2026-01-02T03:04:05.123456Z flow-closed tcp 198.51.100.1:41000 -> 198.51.100.2:80 ingress ctd0 id 2 -> 42 CLOSED orig 4 pkts 400 B, reply 3 pkts 2200 B
+func (e Event) String() string {
+	var b strings.Builder
+	b.WriteString(e.Time.Format("2006-01-02T15:04:05.000000Z07:00"))
+	b.WriteByte(' ')
+	b.WriteString(e.Type)
+	if e.Reason != "" {
+		fmt.Fprintf(&b, " (%s)", e.Reason)
+	}
+	fmt.Fprintf(&b, " %s %s -> %s %s %s id %d -> %d", e.Proto,
+		netip.AddrPortFrom(e.Src, e.Sport), netip.AddrPortFrom(e.Dst, e.Dport),
+		e.Dir, e.Iface, e.SrcIdentity, e.DstIdentity)
+	if e.State != "" {
+		b.WriteString(" " + e.State)
+	}
+	if c := e.Counters; c != nil {
+		fmt.Fprintf(&b, " orig %d pkts %d B, reply %d pkts %d B", c.PacketsOrig, c.BytesOrig, c.PacketsReply, c.BytesReply)
+	}
+	return b.String()
 }

@@ -1,0 +1,199 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctd-dev/ctd/control/events"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
+)
+
+// lostReportInterval is how often monitor reports events the datapath
+// could not deliver.
+const lostReportInterval = 5 * time.Second
+
+func newMonitorCmd(a *app) *cobra.Command {
+	var out, typ, iface string
+	c := &cobra.Command{
+		Use:   "monitor [-o json] [--type flow|drop] [--iface NAME]",
+		Short: "Stream the datapath's events live: new and closed flows, drops",
+		Long: `Stream the datapath's events until interrupted (SIGINT or SIGTERM):
+flow-new and flow-closed (with the flow's final counters), drop (a packet
+that policy denied, with both identities) and ct-insert-failed. With -o json
+each event is one JSON object per line, with the keys time (RFC 3339), type,
+reason (drops), proto, src, sport, dst, dport (flow events: the flow's
+originator; drops: the packet), src_identity, dst_identity, iface, ifindex,
+dir, state (flow events) and packets_orig, bytes_orig, packets_reply,
+bytes_reply (flow-closed).
+
+The ring buffer has one reader: run one monitor at a time, or they split
+the events between them. The daemon never reads it. Events written before
+monitor started are skipped. Every 5 seconds monitor reports on stderr the
+events the datapath could not deliver: lost because the ring was full, or
+suppressed by the per-CPU rate limit (see 'ctd events rate').
+
+Interface names are those of monitor's own network namespace.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := checkOutput(out); err != nil {
+				return err
+			}
+			match := func(events.Type) bool { return true }
+			switch typ {
+			case "":
+			case "flow":
+				match = events.Type.IsFlow
+			case "drop":
+				match = events.Type.IsDrop
+			default:
+				return fmt.Errorf("invalid --type %q: valid types are flow (flow-new, flow-closed) and drop (drop, ct-insert-failed)", typ)
+			}
+			var ifindex uint32
+			if iface != "" {
+				ifi, err := net.InterfaceByName(iface)
+				if err != nil {
+					return fmt.Errorf("invalid --iface %q: no such interface in this network namespace (see 'ip link')", iface)
+				}
+				ifindex = uint32(ifi.Index)
+			}
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			maps, err := a.openPinnedMaps()
+			if err != nil {
+				return err
+			}
+			defer maps.Close()
+			rd, err := events.NewReader(maps.EventsV1)
+			if err != nil {
+				return err
+			}
+			defer rd.Close()
+			rd.SkipBefore(ctmap.Now().Boot())
+			lim, err := events.GetRateLimit(maps.ConfigV1)
+			if err != nil {
+				return err
+			}
+
+			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			lost := &lostReporter{m: metricsmap.New(maps.MetricsV1), w: c.ErrOrStderr()}
+			if err := lost.start(); err != nil {
+				return err
+			}
+			done := make(chan struct{})
+			defer close(done)
+			go func() {
+				t := time.NewTicker(lostReportInterval)
+				defer t.Stop()
+				for {
+					select {
+					case <-ctx.Done():
+						rd.Close() // ends the Read below
+						return
+					case <-done:
+						return
+					case <-t.C:
+						lost.report()
+					}
+				}
+			}()
+			fmt.Fprintf(c.ErrOrStderr(), "ctd monitor: streaming the events of %s (rate limit: %s); interrupt to stop\n", a.pinPath, lim)
+
+			w := bufio.NewWriter(c.OutOrStdout())
+			err = stream(rd, w, out == "json", func(ev events.Event) bool {
+				return match(ev.Kind) && (ifindex == 0 || ev.Ifindex == ifindex)
+			})
+			if errors.Is(err, events.ErrClosed) && ctx.Err() != nil {
+				err = nil
+			}
+			lost.report()
+			return err
+		},
+	}
+	outputFlag(c, &out)
+	c.Flags().StringVar(&typ, "type", "", "only events of this kind: flow (flow-new, flow-closed) or drop (drop, ct-insert-failed)")
+	c.Flags().StringVar(&iface, "iface", "", "only events of this interface")
+	_ = c.RegisterFlagCompletionFunc("type", cobra.FixedCompletions([]string{"flow", "drop"}, cobra.ShellCompDirectiveNoFileComp))
+	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
+	return c
+}
+
+// stream writes the events that keep selects, one per line, flushing each,
+// until reading fails.
+func stream(rd *events.Reader, w *bufio.Writer, asJSON bool, keep func(events.Event) bool) error {
+	enc := json.NewEncoder(w)
+	synced := time.Now()
+	for {
+		ev, err := rd.Read()
+		if err != nil {
+			return err
+		}
+		if !keep(ev) {
+			continue
+		}
+		if asJSON {
+			err = enc.Encode(ev)
+		} else {
+			_, err = fmt.Fprintln(w, ev)
+		}
+		if err == nil {
+			err = w.Flush()
+		}
+		if err != nil {
+			return fmt.Errorf("write event: %w", err)
+		}
+		// Follow steps of the wall clock and renamed interfaces.
+		if time.Since(synced) > time.Minute {
+			rd.Decoder().Resync()
+			synced = time.Now()
+		}
+	}
+}
+
+// lostReporter reports growth of the datapath's events-lost and
+// events-ratelimited counters.
+type lostReporter struct {
+	m           *metricsmap.Map
+	w           io.Writer
+	lost, limit uint64
+	since       time.Time
+}
+
+func (l *lostReporter) read() (lost, limit uint64, err error) {
+	s, err := l.m.Read()
+	if err != nil {
+		return 0, 0, err
+	}
+	return s.Total(metricsmap.EventsLost).Packets, s.Total(metricsmap.EventsRateLimited).Packets, nil
+}
+
+func (l *lostReporter) start() (err error) {
+	l.lost, l.limit, err = l.read()
+	l.since = time.Now()
+	return err
+}
+
+func (l *lostReporter) report() {
+	lost, limit, err := l.read()
+	if err != nil {
+		fmt.Fprintf(l.w, "ctd monitor: read the lost-event counters: %v\n", err)
+		return
+	}
+	if lost > l.lost || limit > l.limit {
+		fmt.Fprintf(l.w, "ctd monitor: %d events lost (ring buffer full) and %d suppressed by the rate limit in the last %v\n",
+			lost-l.lost, limit-l.limit, time.Since(l.since).Round(time.Second))
+	}
+	l.lost, l.limit, l.since = lost, limit, time.Now()
+}
