@@ -39,7 +39,7 @@ func newRootCmd() *cobra.Command {
 	})
 	root.AddCommand(
 		// Commands, one file each.
-		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a), newIPCacheCmd(a), newPolicyCmd(a),
+		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a), newDaemonCmd(a), newIPCacheCmd(a), newPolicyCmd(a),
 		newMapsCmd(a), newMetricsCmd(a), newMonitorCmd(a), newEventsCmd(a),
 	)
 	return root

@@ -1,0 +1,263 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ctd-dev/ctd/control/daemon"
+	"github.com/ctd-dev/ctd/control/gc"
+	"github.com/ctd-dev/ctd/control/mapinfo"
+	"github.com/ctd-dev/ctd/control/metrics"
+	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
+)
+
+func newDaemonCmd(a *app) *cobra.Command {
+	var (
+		ifaces      []string
+		mode        string
+		metricsAddr string
+		logFormat   string
+		cfg         daemon.Config
+		lifetimes   = gc.DefaultLifetimes()
+	)
+	c := &cobra.Command{
+		Use:   "daemon --iface NAME [--iface NAME...] [--mode auto|tcx|tc] [--ct-max N] [--metrics-addr ADDR]",
+		Short: "Run ctd's agent: adopt the pinned datapath, restore the desired state, attach, and keep it reconciled",
+		Long: `Run ctd's long-lived agent. On start it reopens the maps pinned at
+--pin-path (creating them when missing), restores the desired state kept in
+--state-dir into them (ipcache, policy rules, default verdicts) and removes
+what the store does not hold, always inserting before deleting; then it
+replaces the programs on every interface atomically with the ones built into
+this binary and logs a "ready" line. Interfaces given with --iface are
+recorded in the store; interfaces recorded earlier are attached as well.
+
+While it runs it reconciles the maps whenever the store changes (CLI
+commands write the store and the maps together). On SIGTERM or SIGINT it
+exits 0 and leaves the programs attached and the maps pinned; after a crash
+or SIGKILL the next start recovers the same way. It never detaches.
+
+Map sizes default to the size of the pinned map (or the built-in default
+when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			if err := checkPinPath(a.pinPath); err != nil {
+				return err
+			}
+			m, err := attach.ParseMode(mode)
+			if err != nil {
+				return err
+			}
+			for _, f := range []string{"ct-max", "ipcache-max"} {
+				if fl := c.Flags().Lookup(f); fl.Changed && fl.Value.String() == "0" {
+					return fmt.Errorf("invalid --%s 0: must be at least 1", f)
+				}
+			}
+			if fl := c.Flags().Lookup("ringbuf-size"); fl.Changed {
+				o := loader.Options{CTMax: 1, IPCacheMax: 1, RingBufSize: cfg.RingBufSize}
+				if err := o.Validate(); err != nil {
+					return err
+				}
+			}
+			if err := lifetimes.Validate(); err != nil {
+				return err
+			}
+			if cfg.PollInterval <= 0 {
+				return fmt.Errorf("invalid --poll-interval %v: must be a positive duration, e.g. 1s", cfg.PollInterval)
+			}
+			for _, iface := range ifaces {
+				if _, err := lookupIface(iface); err != nil {
+					return err
+				}
+			}
+			var handler slog.Handler
+			switch logFormat {
+			case "text":
+				handler = slog.NewTextHandler(c.ErrOrStderr(), nil)
+			case "json":
+				handler = slog.NewJSONHandler(c.ErrOrStderr(), nil)
+			default:
+				return fmt.Errorf("invalid --log-format %q: valid formats are text, json", logFormat)
+			}
+			log := slog.New(handler)
+
+			cfg.Interfaces, cfg.Mode = ifaces, m
+			cfg.PinPath, cfg.StateDir = a.pinPath, a.stateDir
+			cfg.Logger = log
+			cfg.Spec = datapathSpec
+			if len(ifaces) == 0 {
+				if err := requireStoredIfaces(a.stateDir); err != nil {
+					return err
+				}
+			}
+			// Bind before starting, so that a bad or busy address fails
+			// before anything changes.
+			var metricsLn net.Listener
+			if metricsAddr != "" {
+				if metricsLn, err = net.Listen("tcp", metricsAddr); err != nil {
+					return fmt.Errorf("invalid --metrics-addr %q: %w", metricsAddr, err)
+				}
+				defer metricsLn.Close()
+			}
+			cfg.Components = daemonComponents(lifetimes, metricsLn)
+			return runDaemon(c, cfg, log)
+		},
+	}
+	c.Flags().StringArrayVar(&ifaces, "iface", nil, "interface to attach to (repeatable; default: the interfaces recorded in the state store)")
+	c.Flags().StringVar(&mode, "mode", string(attach.ModeAuto), "attach mode for --iface: auto (tcx where the kernel has it, else tc), tcx, or tc")
+	c.Flags().Uint32Var(&cfg.CTMax, "ct-max", 0, fmt.Sprintf("conntrack table size (entries); default: the pinned table's size, else %d", loader.DefaultCTMax))
+	c.Flags().Uint32Var(&cfg.IPCacheMax, "ipcache-max", 0, fmt.Sprintf("ipcache size per family (prefixes); default: the pinned size, else %d", loader.DefaultIPCacheMax))
+	c.Flags().Uint32Var(&cfg.RingBufSize, "ringbuf-size", 0, fmt.Sprintf("event ring buffer size in bytes, a power of two; default: the pinned size, else %d", loader.DefaultRingBufSize))
+	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 (off unless set)")
+	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
+	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
+	lifetimes.AddFlags(c.Flags())
+	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
+	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
+		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))
+	_ = c.RegisterFlagCompletionFunc("log-format", cobra.FixedCompletions([]string{"text", "json"}, cobra.ShellCompDirectiveNoFileComp))
+	return c
+}
+
+// requireStoredIfaces fails when no --iface is given and the store records
+// no interface either: the daemon would protect nothing.
+func requireStoredIfaces(stateDir string) error {
+	path := filepath.Join(stateDir, store.FileName)
+	if _, err := os.Stat(path); err != nil {
+		return fmt.Errorf("missing --iface: there is no state store at %s to take the interfaces from; name one, e.g. --iface eth0", path)
+	}
+	s, err := store.Open(stateDir, nil)
+	if err != nil {
+		return err
+	}
+	st, err := s.Snapshot()
+	if err != nil {
+		return err
+	}
+	if len(st.Interfaces) == 0 {
+		return fmt.Errorf("missing --iface: the state store %s records no interface; name one, e.g. --iface eth0", s.Path())
+	}
+	return nil
+}
+
+// daemonComponents returns the loops the daemon runs beside reconcile:
+// conntrack GC, and the Prometheus endpoint when metrics is a listener.
+func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Component {
+	var runner atomic.Pointer[gc.Runner] // the metrics read the GC's totals
+	cs := []daemon.Component{{
+		Name: "conntrack GC",
+		Run: func(ctx context.Context, env *daemon.Env) error {
+			r, err := gc.NewRunner(ctmap.New(env.Datapath.CtV1), gc.RunnerConfig{
+				Lifetimes: lt,
+				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.MetricsV1)),
+				Logger:    env.Logger,
+			})
+			if err != nil {
+				return err
+			}
+			runner.Store(r)
+			return r.Run(ctx)
+		},
+	}}
+	if metricsLn == nil {
+		return cs
+	}
+	return append(cs, daemon.Component{
+		Name: "metrics server",
+		Run: func(ctx context.Context, env *daemon.Env) error {
+			maps, err := mapinfo.Of(&env.Datapath.CtdMaps, env.PinPath)
+			if err != nil {
+				return err
+			}
+			col := metrics.NewCollector(metrics.Sources{
+				Metrics: metricsmap.New(env.Datapath.MetricsV1),
+				Maps:    maps,
+				GC: func() gc.Stats {
+					if r := runner.Load(); r != nil {
+						return r.Stats()
+					}
+					return gc.Stats{}
+				},
+				Attachments: func() ([]attach.Attachment, error) {
+					var out []attach.Attachment
+					for _, iface := range env.Interfaces {
+						at, err := attach.Status(iface, env.LinkDir)
+						if errors.Is(err, attach.ErrInterfaceNotFound) {
+							at = attach.Attachment{Iface: iface}
+						} else if err != nil {
+							return nil, err
+						}
+						out = append(out, at)
+					}
+					return out, nil
+				},
+				Build: metrics.ReadBuildInfo(),
+			})
+			return serveMetrics(ctx, metricsLn, col.Handler(), env.Logger)
+		},
+	})
+}
+
+// serveMetrics serves h at /metrics on ln until ctx is done.
+func serveMetrics(ctx context.Context, ln net.Listener, h http.Handler, log *slog.Logger) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", h)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	log.Info("serving metrics", "addr", ln.Addr().String(), "path", "/metrics")
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve metrics on %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		return nil
+	}
+}
+
+func runDaemon(c *cobra.Command, cfg daemon.Config, log *slog.Logger) error {
+	d, err := daemon.New(cfg)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+
+	// Signals are caught from here on: a SIGTERM during Start lets Start
+	// finish (it leaves nothing half-done) and then stops.
+	ctx, stop := signal.NotifyContext(c.Context(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	r, err := d.Start()
+	if err != nil {
+		return err
+	}
+	daemon.LogReady(log, r)
+
+	err = d.Run(ctx)
+	if err != nil {
+		log.Error("stopping", "err", err)
+		return err
+	}
+	log.Info("stopped; programs stay attached and maps pinned")
+	return nil
+}
