@@ -42,13 +42,17 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 		return ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), func() { maps.Close() }, nil
 	}
 	table := func(c *cobra.Command) (ipcache.Table, func(), error) {
-		m, done, err := open(c)
+		if err := requireRoot(); err != nil {
+			return ipcache.Table{}, nil, err
+		}
+		// The store first: a command that cannot record its change must
+		// not create maps either.
+		st, err := store.Open(a.stateDir, nil)
 		if err != nil {
 			return ipcache.Table{}, nil, err
 		}
-		st, err := store.Open(a.stateDir, nil)
+		m, done, err := open(c)
 		if err != nil {
-			done()
 			return ipcache.Table{}, nil, err
 		}
 		return ipcache.Table{Map: m, Store: st}, done, nil

@@ -271,3 +271,23 @@ func TestOpenMapsSize(t *testing.T) {
 		t.Fatal("an explicit --ipcache-max other than the pinned size was accepted")
 	}
 }
+
+func TestIPCacheUnusableStore(t *testing.T) {
+	// A change that cannot be recorded is not made, and creates no maps.
+	e := newCLIEnv(t)
+	e.stateDir = filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(e.stateDir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"ipcache", "add", "10.0.0.0/8", "id=5"},
+		{"policy", "default", "ingress", "deny"},
+	} {
+		if _, err := e.run("", args...); err == nil || !strings.Contains(err.Error(), "not a directory") {
+			t.Fatalf("ctd %s with a file as state directory: %v", strings.Join(args, " "), err)
+		}
+	}
+	if _, err := os.Stat(e.pin); !os.IsNotExist(err) {
+		t.Fatalf("failed commands created %s: %v", e.pin, err)
+	}
+}

@@ -39,13 +39,17 @@ which 'ctd daemon' restores after a restart.`,
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
 	open := func(c *cobra.Command) (policy.Policy, func(), error) {
-		maps, err := a.openMaps(c, ipcacheMax)
+		if err := requireRoot(); err != nil {
+			return policy.Policy{}, nil, err
+		}
+		// The store first: a command that cannot record its change must
+		// not create maps either.
+		st, err := store.Open(a.stateDir, nil)
 		if err != nil {
 			return policy.Policy{}, nil, err
 		}
-		st, err := store.Open(a.stateDir, nil)
+		maps, err := a.openMaps(c, ipcacheMax)
 		if err != nil {
-			maps.Close()
 			return policy.Policy{}, nil, err
 		}
 		return policy.Policy{Map: policymap.New(maps.PolicyV1, maps.ConfigV1), Store: st}, func() { maps.Close() }, nil
