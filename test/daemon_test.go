@@ -3,13 +3,16 @@ package test
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
@@ -57,5 +60,72 @@ func TestDaemonRejectsBadInput(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestDaemonNotifiesSystemd runs the daemon as a Type=notify unit would:
+// it must send READY=1 once ready, and STOPPING=1 on SIGTERM, then exit 0
+// with its programs still attached.
+func TestDaemonNotifiesSystemd(t *testing.T) {
+	pair := nettest.NewPair(t)
+	bin := nettest.BuildCtd(t)
+	pin := nettest.PinPath(t)
+	sockPath := filepath.Join(t.TempDir(), "notify.sock")
+	sock, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+
+	cmd := pair.A.Command(bin, "--pin-path", pin, "--state-dir", filepath.Join(t.TempDir(), "state"),
+		"daemon", "--iface", pair.A.Iface)
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sockPath)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+
+	read := func(want string) {
+		t.Helper()
+		sock.SetReadDeadline(time.Now().Add(30 * time.Second))
+		buf := make([]byte, 512)
+		n, err := sock.Read(buf)
+		if err != nil {
+			t.Fatalf("waiting for %s on $NOTIFY_SOCKET: %v\n%s", want, err, stderr.String())
+		}
+		if !strings.Contains(string(buf[:n]), want) {
+			t.Fatalf("$NOTIFY_SOCKET got %q, want %s", buf[:n], want)
+		}
+	}
+	read("READY=1")
+	if !strings.Contains(stderr.String(), "msg=ready") {
+		t.Errorf("READY=1 before the ready line; log so far:\n%s", stderr.String())
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	read("STOPPING=1")
+	if err := <-done; err != nil {
+		t.Errorf("daemon after SIGTERM: %v, want exit 0\n%s", err, stderr.String())
+	}
+	var attached bool
+	if err := pair.A.Do(func() error {
+		at, err := attach.Status(pair.A.Iface, filepath.Join(pin, "links"))
+		attached = at.Mode != ""
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if !attached {
+		t.Errorf("no program attached to %s after the daemon stopped", pair.A.Iface)
 	}
 }

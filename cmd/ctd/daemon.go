@@ -252,12 +252,38 @@ func runDaemon(c *cobra.Command, cfg daemon.Config, log *slog.Logger) error {
 		return err
 	}
 	daemon.LogReady(log, r)
+	if err := notifySystemd("READY=1\nSTATUS=ready"); err != nil {
+		log.Warn("notify systemd", "err", err)
+	}
 
 	err = d.Run(ctx)
+	_ = notifySystemd("STOPPING=1")
 	if err != nil {
 		log.Error("stopping", "err", err)
 		return err
 	}
 	log.Info("stopped; programs stay attached and maps pinned")
+	return nil
+}
+
+// notifySystemd sends state to systemd's notify socket ($NOTIFY_SOCKET, set
+// for Type=notify units), so that `systemctl start` and `restart` return
+// once the daemon is ready. Without the variable it does nothing.
+func notifySystemd(state string) error {
+	sock := os.Getenv("NOTIFY_SOCKET")
+	if sock == "" {
+		return nil
+	}
+	if sock[0] == '@' { // abstract namespace
+		sock = "\x00" + sock[1:]
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		return fmt.Errorf("dial $NOTIFY_SOCKET: %w", err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(state)); err != nil {
+		return fmt.Errorf("write $NOTIFY_SOCKET: %w", err)
+	}
 	return nil
 }
