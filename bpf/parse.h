@@ -11,7 +11,7 @@
 
 #define ETH_P_8021Q_  0x8100
 #define ETH_P_8021AD_ 0x88A8
-#define IPV6_MAX_EXT_HDRS 6
+#define IPV6_MAX_EXT_HDRS 6 /* walked before the upper-layer header */
 
 enum pkt_kind {
 	PKT_TRACK = 0,     /* an IP packet with a tuple to track */
@@ -53,20 +53,21 @@ static __always_inline void icmp_echo_ports(struct tuple *t, __be16 id, int is_r
 	}
 }
 
-/* Reads TCP/UDP ports (and TCP flags) at off into t. Other protocols are
- * tracked by address pair and protocol with zero ports. */
-static __always_inline int parse_ports(struct __sk_buff *skb, __u32 off, struct tuple *t)
+/* Reads TCP/UDP ports (and TCP flags) at off into t; the whole header must
+ * lie within the IP packet, which ends at end. Other protocols are tracked by
+ * address pair and protocol with zero ports. */
+static __always_inline int parse_ports(struct __sk_buff *skb, __u32 off, __u32 end, struct tuple *t)
 {
 	__u8 hdr[14];
 
 	switch (t->proto) {
 	case IPPROTO_TCP:
-		if (bpf_skb_load_bytes(skb, off, hdr, 14) < 0)
+		if (off + 20 > end || bpf_skb_load_bytes(skb, off, hdr, 14) < 0)
 			return -1;
 		t->tcp_flags = hdr[13];
 		break;
 	case IPPROTO_UDP:
-		if (bpf_skb_load_bytes(skb, off, hdr, 4) < 0)
+		if (off + 8 > end || bpf_skb_load_bytes(skb, off, hdr, 4) < 0)
 			return -1;
 		break;
 	default:
@@ -149,12 +150,12 @@ static __always_inline int parse_inner6(struct __sk_buff *skb, __u32 off, struct
 	return 0;
 }
 
-static __always_inline int parse_icmp4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+static __always_inline int parse_icmp4(struct __sk_buff *skb, __u32 off, __u32 end, struct pkt *p)
 {
 	__u8 h[8];
 	__be16 id;
 
-	if (bpf_skb_load_bytes(skb, off, h, 8) < 0)
+	if (off + 8 > end || bpf_skb_load_bytes(skb, off, h, 8) < 0)
 		return PKT_ERROR;
 	switch (h[0]) {
 	case ICMP_ECHO:
@@ -175,12 +176,12 @@ static __always_inline int parse_icmp4(struct __sk_buff *skb, __u32 off, struct 
 	return PKT_TRACK;
 }
 
-static __always_inline int parse_icmp6(struct __sk_buff *skb, __u32 off, struct pkt *p)
+static __always_inline int parse_icmp6(struct __sk_buff *skb, __u32 off, __u32 end, struct pkt *p)
 {
 	__u8 h[8];
 	__be16 id;
 
-	if (bpf_skb_load_bytes(skb, off, h, 8) < 0)
+	if (off + 8 > end || bpf_skb_load_bytes(skb, off, h, 8) < 0)
 		return PKT_ERROR;
 	switch (h[0]) {
 	case ICMPV6_ECHO_REQUEST:
@@ -211,13 +212,14 @@ static __always_inline int parse_icmp6(struct __sk_buff *skb, __u32 off, struct 
 	return PKT_TRACK;
 }
 
-static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt *p)
+/* parse_l4 reads the upper-layer header at off of an IP packet ending at end. */
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u32 end, struct pkt *p)
 {
 	if (p->t.proto == IPPROTO_ICMP)
-		return parse_icmp4(skb, off, p);
+		return parse_icmp4(skb, off, end, p);
 	if (p->t.proto == IPPROTO_ICMPV6)
-		return parse_icmp6(skb, off, p);
-	if (parse_ports(skb, off, &p->t) < 0)
+		return parse_icmp6(skb, off, end, p);
+	if (parse_ports(skb, off, end, &p->t) < 0)
 		return PKT_ERROR;
 	return PKT_TRACK;
 }
@@ -225,10 +227,23 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct pkt
 static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct pkt *p)
 {
 	struct iphdr ip;
+	__u32 end = skb->len;
+	__u16 tot;
 
 	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
 		return PKT_ERROR;
 	if (ip.version != 4 || ip.ihl < 5)
+		return PKT_ERROR;
+	/* The packet must fit in the frame (a link-layer trailer may follow
+	 * it). A total length of 0 is the rest of the frame in a BIG TCP GSO
+	 * packet, and malformed in any other. */
+	tot = bpf_ntohs(ip.tot_len);
+	if (tot || !skb->gso_size) {
+		if (off + tot > end)
+			return PKT_ERROR;
+		end = off + tot;
+	}
+	if (off + ip.ihl * 4 > end)
 		return PKT_ERROR;
 	p->t.family = 4;
 	p->t.proto = ip.protocol;
@@ -237,28 +252,42 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct p
 	/* A non-zero fragment offset: no L4 header here. */
 	if (ip.frag_off & bpf_htons(0x1fff))
 		return PKT_FRAGMENT;
-	return parse_l4(skb, off + ip.ihl * 4, p);
+	return parse_l4(skb, off + ip.ihl * 4, end, p);
 }
 
 static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct pkt *p)
 {
 	struct ipv6hdr ip6;
+	__u32 end = skb->len;
+	__u16 plen;
 	__u8 nexthdr;
 
 	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
 		return PKT_ERROR;
 	if (ip6.version != 6)
 		return PKT_ERROR;
+	/* As for IPv4, but a payload length of 0 outside BIG TCP GSO packets
+	 * is an empty payload (a jumbogram cannot cross an Ethernet link). */
+	plen = bpf_ntohs(ip6.payload_len);
+	if (plen || !skb->gso_size) {
+		if (off + sizeof(ip6) + plen > end)
+			return PKT_ERROR;
+		end = off + sizeof(ip6) + plen;
+	}
 	p->t.family = 6;
 	__builtin_memcpy(p->t.src.b, &ip6.saddr, 16);
 	__builtin_memcpy(p->t.dst.b, &ip6.daddr, 16);
 	nexthdr = ip6.nexthdr;
 	off += sizeof(ip6);
 
+	/* IPV6_MAX_EXT_HDRS extension headers, then the upper-layer header. An
+	 * extension header that runs past the packet's end makes it malformed. */
 #pragma unroll
-	for (int i = 0; i < IPV6_MAX_EXT_HDRS; i++) {
+	for (int i = 0; i <= IPV6_MAX_EXT_HDRS; i++) {
 		__u8 ext[8];
 
+		if (off > end)
+			return PKT_ERROR;
 		switch (nexthdr) {
 		case IPPROTO_HOPOPTS:
 		case IPPROTO_ROUTING:
@@ -286,7 +315,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct p
 			break;
 		default:
 			p->t.proto = nexthdr;
-			return parse_l4(skb, off, p);
+			return parse_l4(skb, off, end, p);
 		}
 	}
 	/* More extension headers than we walk: refuse rather than guess. */
