@@ -1,0 +1,466 @@
+package bpf_test
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+)
+
+const identityWorld = 2
+
+// Overlapping prefixes in both families and, for addresses under them, the
+// identity the longest match gives.
+var (
+	lpmPrefixes = map[netip.Prefix]uint32{
+		netip.MustParsePrefix("198.0.0.0/8"):            100,
+		netip.MustParsePrefix("198.51.0.0/16"):          200,
+		netip.MustParsePrefix("198.51.100.0/24"):        300,
+		netip.MustParsePrefix("198.51.100.7/32"):        400,
+		netip.MustParsePrefix("fd00::/8"):               1100,
+		netip.MustParsePrefix("fd00:c7d::/32"):          1200,
+		netip.MustParsePrefix("fd00:c7d:0:1::/64"):      1300,
+		netip.MustParsePrefix("fd00:c7d:0:1::7/128"):    1400,
+		netip.MustParsePrefix("fd00:c7d:0:1:8000::/65"): 1350,
+	}
+	lpmAddrs = map[netip.Addr]uint32{
+		netip.MustParseAddr("198.51.100.7"):         400,
+		netip.MustParseAddr("198.51.100.8"):         300,
+		netip.MustParseAddr("198.51.100.255"):       300,
+		netip.MustParseAddr("198.51.7.1"):           200,
+		netip.MustParseAddr("198.1.1.1"):            100,
+		netip.MustParseAddr("203.0.113.1"):          identityWorld,
+		netip.MustParseAddr("199.0.0.1"):            identityWorld,
+		netip.MustParseAddr("fd00:c7d:0:1::7"):      1400,
+		netip.MustParseAddr("fd00:c7d:0:1::8"):      1300,
+		netip.MustParseAddr("fd00:c7d:0:1:8000::1"): 1350,
+		netip.MustParseAddr("fd00:c7d:5::1"):        1200,
+		netip.MustParseAddr("fd12::1"):              1100,
+		netip.MustParseAddr("2001:db8::1"):          identityWorld,
+	}
+)
+
+// Every new flow records both sides' identities, the originator's as src,
+// whichever direction opened it.
+func TestIdentitiesLongestPrefix(t *testing.T) {
+	for _, o := range openers {
+		t.Run(o.name, func(t *testing.T) {
+			d := newDatapath(t)
+			for p, id := range lpmPrefixes {
+				d.setIdentity(t, p, id)
+			}
+			port := uint16(1000)
+			want := map[string]ctmap.Flow{}
+			for src, srcID := range lpmAddrs {
+				for dst, dstID := range lpmAddrs {
+					if src == dst || src.Is4() != dst.Is4() {
+						continue
+					}
+					port++
+					s, ds := netip.AddrPortFrom(src, port), netip.AddrPortFrom(dst, 53)
+					d.expect(t, o.origDir, udpFrame(t, s, ds, 10), verdictPass, newFlow(o.origDir))
+					want[s.String()+" "+ds.String()] = ctmap.Flow{SrcIdentity: srcID, DstIdentity: dstID}
+				}
+			}
+			got := d.flows(t)
+			if len(got) != len(want) {
+				t.Fatalf("%d entries, want %d", len(got), len(want))
+			}
+			for _, f := range got {
+				key := netip.AddrPortFrom(f.Src, f.Sport).String() + " " + netip.AddrPortFrom(f.Dst, f.Dport).String()
+				w, ok := want[key]
+				if !ok {
+					t.Errorf("unexpected entry %s", key)
+					continue
+				}
+				if f.SrcIdentity != w.SrcIdentity || f.DstIdentity != w.DstIdentity {
+					t.Errorf("%s: identities src=%d dst=%d, want src=%d dst=%d", key, f.SrcIdentity, f.DstIdentity, w.SrcIdentity, w.DstIdentity)
+				}
+			}
+		})
+	}
+}
+
+// A flow's identities are resolved when it is created: a later ipcache change
+// applies to new flows only.
+func TestIdentitiesResolvedAtCreation(t *testing.T) {
+	d := newDatapath(t)
+	host, peer := netip.MustParseAddrPort("198.51.100.7:40000"), netip.MustParseAddrPort("203.0.113.9:80")
+	hostPrefix := netip.PrefixFrom(host.Addr(), 32)
+	d.setIdentity(t, netip.MustParsePrefix("198.51.100.0/24"), 300)
+	d.setIdentity(t, hostPrefix, 400)
+
+	d.expect(t, egress, tcpFrame(t, host, peer, tcpSYN, 0), verdictPass, newFlow(egress))
+	if err := d.Ipcache4V1.Delete(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: host.Addr().As4()}); err != nil {
+		t.Fatal(err)
+	}
+	d.expect(t, ingress, tcpFrame(t, peer, host, tcpSYN|tcpACK, 0), verdictPass, hit(ingress))
+	if f := d.flows(t); len(f) != 1 || f[0].SrcIdentity != 400 || f[0].DstIdentity != identityWorld {
+		t.Fatalf("existing flow: %+v, want src identity 400 (as created), dst world", f)
+	}
+
+	other := netip.AddrPortFrom(host.Addr(), 40001)
+	d.expect(t, egress, tcpFrame(t, other, peer, tcpSYN, 0), verdictPass, newFlow(egress))
+	for _, f := range d.flows(t) {
+		if f.Sport == other.Port() && f.SrcIdentity != 300 {
+			t.Fatalf("new flow after the /32 was removed: src identity %d, want 300 from the /24", f.SrcIdentity)
+		}
+	}
+}
+
+// rule is one policy_v1 entry.
+type rule struct {
+	dir     direction
+	id      uint32 // 0 = any
+	proto   uint8  // 0 = any
+	port    uint16 // 0 = any
+	verdict uint8
+}
+
+func (r rule) String() string {
+	id, proto := "any", "any"
+	if r.id != 0 {
+		id = fmt.Sprint(r.id)
+	}
+	if r.proto != 0 {
+		proto = ctmap.ProtoName(r.proto)
+	}
+	v := "allow"
+	if r.verdict == verdictDeny {
+		v = "deny"
+	}
+	return fmt.Sprintf("%s id=%s %s/%d %s", r.dir, id, proto, r.port, v)
+}
+
+// setPolicy writes the rules and the defaults, with config.PolicyRules set
+// to the number of rules, as ctd does.
+func (d *testDatapath) setPolicy(tb testing.TB, defaults [2]uint8, rules ...rule) {
+	tb.Helper()
+	for _, r := range rules {
+		k := bpf.CtdPolicyKey{Identity: r.id, Port: r.port, Proto: r.proto, Dir: uint8(r.dir)}
+		if err := d.PolicyV1.Put(k, bpf.CtdPolicyValue{Verdict: r.verdict}); err != nil {
+			tb.Fatalf("policy add %s: %v", r, err)
+		}
+	}
+	d.setConfig(tb, bpf.CtdConfig{DefaultVerdict: defaults, PolicyRules: uint32(len(rules))})
+}
+
+func (d *testDatapath) delRule(tb testing.TB, r rule) {
+	tb.Helper()
+	k := bpf.CtdPolicyKey{Identity: r.id, Port: r.port, Proto: r.proto, Dir: uint8(r.dir)}
+	if err := d.PolicyV1.Delete(k); err != nil {
+		tb.Fatalf("policy del %s: %v", r, err)
+	}
+}
+
+// The protected host and its peers: the peer's /32 carries identity 42 inside
+// a /24 of identity 43.
+var (
+	local      = netip.MustParseAddr("198.51.100.1")
+	peer       = netip.MustParseAddr("203.0.113.7")
+	peerOther  = netip.MustParseAddr("203.0.113.8")
+	local6     = netip.MustParseAddr("fd00:c7d::1")
+	peer6      = netip.MustParseAddr("fd00:c7d:1::7")
+	peerID     = uint32(42)
+	neighbours = uint32(43)
+)
+
+func policyDatapath(t *testing.T) *testDatapath {
+	t.Helper()
+	d := newDatapath(t)
+	d.setIdentity(t, netip.MustParsePrefix("203.0.113.0/24"), neighbours)
+	d.setIdentity(t, netip.PrefixFrom(peer, 32), peerID)
+	d.setIdentity(t, netip.PrefixFrom(peer6, 128), peerID)
+	return d
+}
+
+func TestPolicyPrecedence(t *testing.T) {
+	const (
+		A = verdictAllow
+		D = verdictDeny
+	)
+	tcp, udp := uint8(unix.IPPROTO_TCP), uint8(unix.IPPROTO_UDP)
+	// Each level of precedence against the next, both ways round: the more
+	// specific rule wins whatever its verdict and whatever the default.
+	levels := []rule{
+		{ingress, peerID, tcp, 80, 0},
+		{ingress, peerID, tcp, 0, 0},
+		{ingress, peerID, 0, 80, 0},
+		{ingress, peerID, 0, 0, 0},
+		{ingress, 0, tcp, 80, 0},
+		{ingress, 0, tcp, 0, 0},
+		{ingress, 0, 0, 80, 0},
+		{ingress, 0, 0, 0, 0},
+	}
+	with := func(r rule, v uint8) rule { r.verdict = v; return r }
+	type tcase struct {
+		name     string
+		defaults [2]uint8
+		rules    []rule
+		want     uint8
+	}
+	var cases []tcase
+	for i := range levels {
+		for j := i + 1; j < len(levels); j++ {
+			for _, v := range []uint8{A, D} {
+				other := uint8(A + D - v)
+				cases = append(cases, tcase{
+					name:     fmt.Sprintf("%s beats %s", with(levels[i], v), with(levels[j], other)),
+					defaults: [2]uint8{other, 0},
+					rules:    []rule{with(levels[i], v), with(levels[j], other)},
+					want:     v,
+				})
+			}
+		}
+	}
+	cases = append(cases,
+		tcase{"no rule: default deny", denyIn(ingress), nil, D},
+		tcase{"no rule: default allow", [2]uint8{}, nil, A},
+		tcase{"another identity's rule", denyIn(ingress), []rule{{ingress, neighbours, tcp, 80, A}}, D},
+		tcase{"another protocol's rule", denyIn(ingress), []rule{{ingress, peerID, udp, 80, A}}, D},
+		tcase{"another port's rule", denyIn(ingress), []rule{{ingress, peerID, tcp, 81, A}}, D},
+		tcase{"the other direction's rule", denyIn(ingress), []rule{{egress, peerID, tcp, 80, A}, {egress, 0, 0, 0, A}}, D},
+		tcase{"deny rule under default allow", [2]uint8{}, []rule{{ingress, peerID, tcp, 80, D}}, D},
+		tcase{"deny for any under default allow", [2]uint8{}, []rule{{ingress, 0, 0, 0, D}}, D},
+	)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			d := policyDatapath(t)
+			d.setPolicy(t, tc.defaults, tc.rules...)
+			checkNewFlow(t, d, ingress, tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0), tc.want)
+		})
+	}
+}
+
+// checkNewFlow sends the first packet of a flow and checks the verdict: an
+// allowed flow gets an entry, a denied one is dropped for policy and leaves none.
+func checkNewFlow(t *testing.T, d *testDatapath, dir direction, frame []byte, want uint8) {
+	t.Helper()
+	if want == verdictAllow {
+		d.expect(t, dir, frame, verdictPass, newFlow(dir))
+		if n := len(d.flows(t)); n != 1 {
+			t.Fatalf("allowed flow: %d entries, want 1", n)
+		}
+		return
+	}
+	d.expect(t, dir, frame, verdictDrop, one(metricKey{dir, dropPolicy}))
+	d.noFlows(t)
+}
+
+func TestPolicyMatches(t *testing.T) {
+	tcp, udp, icmp, icmp6 := uint8(unix.IPPROTO_TCP), uint8(unix.IPPROTO_UDP), uint8(unix.IPPROTO_ICMP), uint8(unix.IPPROTO_ICMPV6)
+	for _, tc := range []struct {
+		name     string
+		defaults [2]uint8
+		rules    []rule
+		dir      direction
+		frame    func(t *testing.T) []byte
+		want     uint8
+	}{
+		{
+			name: "egress judges the destination's identity", defaults: denyIn(egress),
+			rules: []rule{{egress, peerID, tcp, 443, verdictAllow}}, dir: egress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(local, 40000), netip.AddrPortFrom(peer, 443), tcpSYN, 0)
+			},
+			want: verdictAllow,
+		},
+		{
+			name: "egress rule for the source's identity does not match", defaults: denyIn(egress),
+			rules: []rule{{egress, peerID, tcp, 443, verdictAllow}}, dir: egress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(peerOther, 443), tcpSYN, 0)
+			},
+			want: verdictDeny,
+		},
+		{
+			name: "the most specific prefix's identity is judged", defaults: denyIn(ingress),
+			rules: []rule{{ingress, neighbours, tcp, 0, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0)
+			},
+			want: verdictDeny,
+		},
+		{
+			name: "the /24's identity for its other addresses", defaults: denyIn(ingress),
+			rules: []rule{{ingress, neighbours, tcp, 0, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(peerOther, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0)
+			},
+			want: verdictAllow,
+		},
+		{
+			name: "world when no prefix matches", defaults: denyIn(ingress),
+			rules: []rule{{ingress, identityWorld, udp, 53, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return udpFrame(t, netip.MustParseAddrPort("198.18.0.77:5353"), netip.AddrPortFrom(local, 53), 20)
+			},
+			want: verdictAllow,
+		},
+		{
+			name: "udp by port", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, udp, 53, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return udpFrame(t, netip.AddrPortFrom(peer, 5353), netip.AddrPortFrom(local, 53), 20)
+			},
+			want: verdictAllow,
+		},
+		{
+			name: "udp source port is not the rule's port", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, udp, 53, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return udpFrame(t, netip.AddrPortFrom(peer, 53), netip.AddrPortFrom(local, 5353), 20)
+			},
+			want: verdictDeny,
+		},
+		{
+			name: "icmp echo by protocol", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, icmp, 0, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte { return echoFrame(t, peer, local, 9, false) },
+			want:  verdictAllow,
+		},
+		{
+			name: "icmp echo id is not a port", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, icmp, 9, verdictAllow}, {ingress, peerID, 0, 9, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte { return echoFrame(t, peer, local, 9, false) },
+			want:  verdictDeny,
+		},
+		{
+			name: "icmpv6 echo by protocol", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, icmp6, 0, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte { return echoFrame(t, peer6, local6, 9, false) },
+			want:  verdictAllow,
+		},
+		{
+			name: "v6 peer identity", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, tcp, 22, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(peer6, 40000), netip.AddrPortFrom(local6, 22), tcpSYN, 0)
+			},
+			want: verdictAllow,
+		},
+		{
+			name: "a non-SYN without entry is judged as new: denied", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, tcp, 81, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpACK, 100)
+			},
+			want: verdictDeny,
+		},
+		{
+			name: "a non-SYN without entry is judged as new: allowed", defaults: denyIn(ingress),
+			rules: []rule{{ingress, peerID, tcp, 80, verdictAllow}}, dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpACK, 100)
+			},
+			want: verdictAllow,
+		},
+		{
+			name: "an RST without entry is judged", defaults: denyIn(ingress), dir: ingress,
+			frame: func(t *testing.T) []byte {
+				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpRST, 0)
+			},
+			want: verdictDeny,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := policyDatapath(t)
+			d.setPolicy(t, tc.defaults, tc.rules...)
+			checkNewFlow(t, d, tc.dir, tc.frame(t), tc.want)
+		})
+	}
+}
+
+// With rules in the map but config.PolicyRules 0, the datapath skips the
+// lookups and applies the default: the count is part of the contract.
+func TestPolicyRulesCountGatesLookups(t *testing.T) {
+	d := policyDatapath(t)
+	r := rule{ingress, peerID, unix.IPPROTO_TCP, 80, verdictAllow}
+	d.setPolicy(t, denyIn(ingress), r)
+	d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(ingress)})
+	checkNewFlow(t, d, ingress, tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0), verdictDeny)
+}
+
+// Only the first packet of a flow is judged: an allowed flow's replies and
+// later packets pass by conntrack, in both directions, under deny, and even
+// after the rule that allowed it is gone; once its entry is flushed, its next
+// packet is judged as new again.
+func TestPolicyStateful(t *testing.T) {
+	for _, fam := range []struct{ local, peer netip.Addr }{{local, peer}, {local6, peer6}} {
+		t.Run(fam.local.String(), func(t *testing.T) {
+			d := policyDatapath(t)
+			allow := rule{ingress, peerID, unix.IPPROTO_TCP, 80, verdictAllow}
+			deny := [2]uint8{verdictDeny, verdictDeny}
+			d.setPolicy(t, deny, allow)
+			client, server := netip.AddrPortFrom(fam.peer, 40000), netip.AddrPortFrom(fam.local, 80)
+
+			checkNewFlow(t, d, ingress, tcpFrame(t, client, server, tcpSYN, 0), verdictAllow)
+			d.expect(t, egress, tcpFrame(t, server, client, tcpSYN|tcpACK, 0), verdictPass, hit(egress))
+			d.expect(t, ingress, tcpFrame(t, client, server, tcpACK, 0), verdictPass, hit(ingress))
+
+			d.delRule(t, allow)
+			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: deny})
+			d.expect(t, ingress, tcpFrame(t, client, server, tcpPSH|tcpACK, 100), verdictPass, hit(ingress))
+			d.expect(t, egress, tcpFrame(t, server, client, tcpPSH|tcpACK, 1000), verdictPass, hit(egress))
+			if f := d.flows(t); len(f) != 1 || f[0].State != ctmap.StateEstablished || f[0].SrcIdentity != peerID {
+				t.Fatalf("allowed flow: %+v, want one established entry from identity %d", f, peerID)
+			}
+
+			d.resetCT(t)
+			d.expect(t, ingress, tcpFrame(t, client, server, tcpPSH|tcpACK, 100), verdictDrop, one(metricKey{ingress, dropPolicy}))
+			d.expect(t, egress, tcpFrame(t, server, client, tcpPSH|tcpACK, 1000), verdictDrop, one(metricKey{egress, dropPolicy}))
+			d.noFlows(t)
+		})
+	}
+}
+
+// ICMP errors about an allowed flow pass under deny; others are judged.
+func TestPolicyICMPErrors(t *testing.T) {
+	for _, fam := range []struct{ local, peer, router netip.Addr }{
+		{local, peer, netip.MustParseAddr("198.51.100.254")},
+		{local6, peer6, netip.MustParseAddr("fd00:c7d::fe")},
+	} {
+		t.Run(fam.local.String(), func(t *testing.T) {
+			d := policyDatapath(t)
+			d.setPolicy(t, denyIn(ingress))
+			client, server := netip.AddrPortFrom(fam.local, 40000), netip.AddrPortFrom(fam.peer, 443)
+
+			syn := tcpFrame(t, client, server, tcpSYN, 0)
+			checkNewFlow(t, d, egress, syn, verdictAllow)
+			d.expect(t, ingress, tcpFrame(t, server, client, tcpSYN|tcpACK, 0), verdictPass, hit(ingress))
+			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, syn), verdictPass, one(metricKey{ingress, fwdRelated}))
+			if f := d.flows(t); len(f) != 1 || f[0].Flags&ctmap.FlagRelated == 0 {
+				t.Fatalf("want the flow marked related: %+v", f)
+			}
+
+			// Quoting a packet of no tracked flow: judged, denied.
+			stray := tcpFrame(t, netip.AddrPortFrom(fam.local, 40001), server, tcpSYN, 0)
+			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, stray), verdictDrop, one(metricKey{ingress, dropPolicy}))
+			if n := len(d.flows(t)); n != 1 {
+				t.Fatalf("%d entries after a denied ICMP error, want 1", n)
+			}
+		})
+	}
+}
+
+// The datapath judges policy for every protocol it tracks, by address pair
+// for those without ports.
+func TestPolicyOtherProtocol(t *testing.T) {
+	d := policyDatapath(t)
+	const gre = 47
+	d.setPolicy(t, denyIn(ingress), rule{ingress, peerID, gre, 0, verdictAllow})
+	frame := tcpFrame(t, netip.AddrPortFrom(peer, 1), netip.AddrPortFrom(local, 2), tcpSYN, 0)
+	frame[14+9] = gre // the protocol byte; the checksum is not the datapath's business
+	checkNewFlow(t, d, ingress, frame, verdictAllow)
+	f := d.flows(t)[0]
+	if f.Proto != gre || f.Sport != 0 || f.Dport != 0 || f.Src != peer || f.Dst != local {
+		t.Fatalf("GRE flow: %+v, want %s -> %s proto %d without ports", f, peer, local, gre)
+	}
+	other := tcpFrame(t, netip.AddrPortFrom(peerOther, 1), netip.AddrPortFrom(local, 2), tcpSYN, 0)
+	other[14+9] = gre
+	d.expect(t, ingress, other, verdictDrop, one(metricKey{ingress, dropPolicy}))
+}
