@@ -28,10 +28,13 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
@@ -121,6 +124,7 @@ type Daemon struct {
 	linkDir string
 	log     *slog.Logger
 	store   *store.Store
+	lock    *os.File // LockFile, held until Close
 	dp      *loader.Datapath
 
 	mu     sync.Mutex // guards gen and ifaces against concurrent syncs
@@ -128,7 +132,8 @@ type Daemon struct {
 	ifaces map[string]attach.Mode // attached interfaces and their modes
 }
 
-// New checks cfg and opens the store.
+// New checks cfg, opens the store and takes the state directory's lock
+// (one daemon per state); Close releases it.
 func New(cfg Config) (*Daemon, error) {
 	if cfg.Mode == "" {
 		cfg.Mode = attach.ModeAuto
@@ -159,7 +164,46 @@ func New(cfg Config) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Daemon{cfg: cfg, linkDir: migrate.LinkDir(cfg.PinPath), log: cfg.Logger, store: s, ifaces: make(map[string]attach.Mode)}, nil
+	lock, err := lockStateDir(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	return &Daemon{
+		cfg:     cfg,
+		linkDir: migrate.LinkDir(cfg.PinPath),
+		log:     cfg.Logger,
+		store:   s,
+		lock:    lock,
+		ifaces:  make(map[string]attach.Mode),
+	}, nil
+}
+
+// LockFile is the file in the state directory that a daemon holds locked
+// (flock) while it runs; it contains the daemon's pid.
+const LockFile = "daemon.lock"
+
+// lockStateDir makes sure that one daemon at a time acts on a desired state:
+// two would migrate and reconcile the same maps against each other. The
+// kernel drops the lock when the process dies, so a SIGKILL leaves no stale
+// lock behind.
+func lockStateDir(dir string) (*os.File, error) {
+	path := filepath.Join(dir, LockFile)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("daemon lock %s: %w", path, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		defer f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			pid, _ := os.ReadFile(path)
+			return nil, fmt.Errorf("another ctd daemon (pid %s) runs with the state directory %s: stop it first, one daemon acts on a state at a time", strings.TrimSpace(string(pid)), dir)
+		}
+		return nil, fmt.Errorf("daemon lock %s: %w", path, err)
+	}
+	if err := f.Truncate(0); err == nil {
+		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return f, nil
 }
 
 // Start loads the datapath, restores and reconciles the desired state,
@@ -217,15 +261,16 @@ func (d *Daemon) Start() (Ready, error) {
 	if r.Attached, err = d.attachAll(st.Interfaces, true); err != nil {
 		return r, err
 	}
-	if err := d.record(); err != nil {
+	gen, err = d.record(st.Generation)
+	if err != nil {
 		return r, err
 	}
 	r.Attach = time.Since(t2)
 
 	d.mu.Lock()
-	d.gen = st.Generation
+	d.gen = gen
 	d.mu.Unlock()
-	r.Generation = st.Generation
+	r.Generation = gen
 	r.Total = time.Since(t0)
 	return r, nil
 }
@@ -423,19 +468,41 @@ func (d *Daemon) attachAll(stored map[string]string, strict bool) ([]attach.Atta
 	return out, nil
 }
 
-// record writes the configured interfaces to the store.
-func (d *Daemon) record() error {
+// record writes the configured interfaces to the store. synced is the
+// generation the maps were reconciled to; record returns the generation
+// they match afterwards: past its own write when no other writer came in
+// between, else synced, so that the reconcile loop catches up.
+func (d *Daemon) record(synced uint64) (uint64, error) {
 	if len(d.cfg.Interfaces) == 0 {
-		return nil
+		return synced, nil
 	}
-	return d.store.Update(func(tx *store.Tx) error {
+	var before, expect uint64
+	err := d.store.Update(func(tx *store.Tx) error {
+		before = tx.Generation()
+		expect = before
+		have := tx.Interfaces()
 		for _, name := range d.cfg.Interfaces {
+			if m, ok := have[name]; ok && m == string(d.cfg.Mode) {
+				continue
+			}
+			expect = before + 1
 			if err := tx.PutInterface(name, string(d.cfg.Mode)); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
+	if err != nil {
+		return synced, fmt.Errorf("record the interfaces in the state store: %w", err)
+	}
+	if before != synced {
+		return synced, nil
+	}
+	after, err := d.store.Generation()
+	if err != nil || after != expect {
+		return synced, nil
+	}
+	return after, nil
 }
 
 // Run runs the components and the reconcile loop until ctx is done, then
@@ -565,12 +632,16 @@ func (d *Daemon) Reconcile() (SyncStats, error) {
 // Close releases the datapath's file descriptors. Programs stay attached
 // and maps pinned.
 func (d *Daemon) Close() error {
-	if d.dp == nil {
-		return nil
+	var errs []error
+	if d.dp != nil {
+		errs = append(errs, d.dp.Close())
+		d.dp = nil
 	}
-	err := d.dp.Close()
-	d.dp = nil
-	return err
+	if d.lock != nil {
+		errs = append(errs, d.lock.Close()) // releases the flock
+		d.lock = nil
+	}
+	return errors.Join(errs...)
 }
 
 // LogReady logs the ready line for r.

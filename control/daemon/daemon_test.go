@@ -582,3 +582,41 @@ func progTags(t *testing.T, e *testEnv) [2]string {
 	}
 	return tags
 }
+
+// TestOneDaemonPerState checks that a second daemon on the same state
+// directory is refused, naming the first one, until the first one closes.
+func TestOneDaemonPerState(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	cfg := Config{StateDir: dir, Logger: slog.New(slog.DiscardHandler)}
+	d1, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(cfg)
+	if want := fmt.Sprintf("another ctd daemon (pid %d) runs with the state directory %s", os.Getpid(), dir); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("second New = %v, want an error containing %q", err, want)
+	}
+	if err := d1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d2, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New after the first daemon closed: %v", err)
+	}
+	d2.Close()
+}
+
+// TestStartMatchesOwnWrite checks that recording the interfaces at start
+// does not make the reconcile loop see a change it made itself.
+func TestStartMatchesOwnWrite(t *testing.T) {
+	e := newTestEnv(t)
+	d, r := e.start(t, e.config())
+	defer d.Close()
+	g, err := e.store(t).Generation()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Generation != g || g != 1 {
+		t.Errorf("Ready.Generation %d, store generation %d: want both 1 (the interface record)", r.Generation, g)
+	}
+}
