@@ -129,3 +129,79 @@ func TestDaemonNotifiesSystemd(t *testing.T) {
 		t.Errorf("no program attached to %s after the daemon stopped", pair.A.Iface)
 	}
 }
+
+// TestDetachForgetsInterface checks that `ctd detach` removes the interface
+// from the state store, so that the next `ctd daemon` does not attach it
+// again, and that the daemon without --iface attaches the recorded ones.
+func TestDetachForgetsInterface(t *testing.T) {
+	pair := nettest.NewPair(t)
+	bin := nettest.BuildCtd(t)
+	pin := nettest.PinPath(t)
+	state := filepath.Join(t.TempDir(), "state")
+	run := func(args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := pair.A.CommandContext(ctx, bin, append([]string{"--pin-path", pin, "--state-dir", state}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+	attached := func() bool {
+		t.Helper()
+		var at attach.Attachment
+		if err := pair.A.Do(func() (err error) {
+			at, err = attach.Status(pair.A.Iface, filepath.Join(pin, "links"))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return at.Mode != ""
+	}
+	// daemon runs the daemon until it is ready, then stops it with SIGTERM.
+	daemon := func(args ...string) {
+		t.Helper()
+		cmd := pair.A.Command(bin, append([]string{"--pin-path", pin, "--state-dir", state, "daemon"}, args...)...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(stderr.String(), "msg=ready") {
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				cmd.Wait()
+				t.Fatalf("daemon %v not ready:\n%s", args, stderr.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("daemon %v after SIGTERM: %v\n%s", args, err, stderr.String())
+		}
+	}
+
+	daemon("--iface", pair.A.Iface)
+	if out, err := run("detach", "--iface", pair.A.Iface); err != nil {
+		t.Fatalf("detach: %v\n%s", err, out)
+	}
+	if attached() {
+		t.Fatal("still attached after detach")
+	}
+	out, err := run("daemon")
+	if err == nil || !strings.Contains(out, "records no interface") {
+		t.Errorf("daemon without --iface after detach: %v, %q; want it refused for lack of interfaces", err, out)
+	}
+	if attached() {
+		t.Error("a daemon attached the detached interface again")
+	}
+
+	// Recorded again, and its programs removed behind ctd's back: a daemon
+	// without --iface attaches the recorded interface.
+	daemon("--iface", pair.A.Iface)
+	if err := pair.A.Do(func() error { return attach.Detach(pair.A.Iface, filepath.Join(pin, "links")) }); err != nil {
+		t.Fatal(err)
+	}
+	daemon()
+	if !attached() {
+		t.Error("a daemon without --iface did not attach the recorded interface")
+	}
+}

@@ -158,6 +158,27 @@ func requireStoredIfaces(stateDir string) error {
 	return nil
 }
 
+// detachAndForget detaches ctd from iface and removes iface from the
+// interfaces recorded in the state store (which 'ctd daemon' attaches at
+// every start), in one store transaction: if the detach fails, the store
+// keeps the interface. Without a store file only the detach is done; none is
+// created.
+func (a *app) detachAndForget(iface string) error {
+	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
+		return attach.Detach(iface, a.linkDir())
+	}
+	s, err := store.Open(a.stateDir, nil)
+	if err != nil {
+		return err
+	}
+	return s.Update(func(tx *store.Tx) error {
+		if err := tx.DeleteInterface(iface); err != nil {
+			return err
+		}
+		return attach.Detach(iface, a.linkDir())
+	})
+}
+
 // daemonComponents returns the loops the daemon runs beside reconcile:
 // conntrack GC, and the Prometheus endpoint when metrics is a listener.
 func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Component {

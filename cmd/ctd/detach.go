@@ -30,7 +30,7 @@ func newDetachCmd(a *app) *cobra.Command {
 				if _, err := os.Lstat(filepath.Join(a.linkDir(), iface)); err != nil {
 					return lookupErr
 				}
-				if err := attach.Detach(iface, a.linkDir()); err != nil {
+				if err := a.detachAndForget(iface); err != nil {
 					return err
 				}
 				fmt.Fprintf(c.OutOrStdout(), "interface %s is gone: removed its pinned ctd links\n", iface)
@@ -40,7 +40,7 @@ func newDetachCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if err := attach.Detach(iface, a.linkDir()); err != nil {
+			if err := a.detachAndForget(iface); err != nil {
 				return err
 			}
 			if before.Mode == "" {
