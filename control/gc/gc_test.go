@@ -165,13 +165,18 @@ func TestPassDeletesExactlyTheExpired(t *testing.T) {
 	}
 }
 
-// TestPassRace drives the datapath's races with a pass through its hooks:
-// an entry refreshed after the scan read it, one refreshed and re-created by
-// the datapath while the pass had it deleted, one evicted before its
-// deletion, and an untouched expired one.
+// TestPassRace drives the datapath's races with a pass through its hook,
+// between the scan's read of an expired entry and its deletion: an entry
+// refreshed by a packet, one evicted and created anew by the datapath, one
+// evicted, and an untouched expired one.
 func TestPassRace(t *testing.T) {
 	lt := DefaultLifetimes()
 	ct := newCT(t, 1024)
+	x, err := ct.NewExpirer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
 	stale := testNow - lt.TCPClosed - time.Minute
 	keys := map[string]ctmap.Key{}
 	for i, name := range []string{"refreshed", "recreated", "evicted", "expired", "live"} {
@@ -194,42 +199,31 @@ func TestPassRace(t *testing.T) {
 		return "?"
 	}
 	// What the datapath writes: a refresh (a SYN reusing the closed tuple
-	// makes a new SYN_SENT flow) and, for "recreated", a second new flow
-	// while the pass holds the deleted entry.
+	// makes a new SYN_SENT flow), and a new entry after an eviction.
 	refresh := entry(ctmap.StateSynSent, testNow+time.Millisecond)
 	recreate := entry(ctmap.StateSynSent, testNow+2*time.Millisecond)
 	recreate.PacketsOrig = 1
 
-	var deleted, restored []string
-	h := hooks{
-		beforeDelete: func(k *ctmap.Key, seen *ctmap.Entry) {
-			n := nameOf(k)
-			deleted = append(deleted, n)
-			switch n {
-			case "refreshed", "recreated":
-				if err := ct.Put(k, &refresh); err != nil {
-					t.Error(err)
-				}
-			case "evicted":
-				if _, err := ct.Delete([]ctmap.Key{*k}); err != nil {
-					t.Error(err)
-				}
+	var seen []string
+	res, err := pass(ct, x, lt, testNow, func(k *ctmap.Key, _ *ctmap.Entry) {
+		n := nameOf(k)
+		seen = append(seen, n)
+		switch n {
+		case "refreshed":
+			if err := ct.Put(k, &refresh); err != nil {
+				t.Error(err)
 			}
-		},
-		beforeRestore: func(k *ctmap.Key, got *ctmap.Entry) {
-			n := nameOf(k)
-			restored = append(restored, n)
-			if got.LastSeen != refresh.LastSeen {
-				t.Errorf("%s: pass would restore last_seen %d, want the refreshed %d", n, got.LastSeen, refresh.LastSeen)
+		case "recreated", "evicted":
+			if _, err := ct.Delete([]ctmap.Key{*k}); err != nil {
+				t.Error(err)
 			}
 			if n == "recreated" {
-				if err := ct.Insert(k, &recreate); err != nil {
-					t.Errorf("re-create %s: %v", n, err)
+				if err := ct.Put(k, &recreate); err != nil {
+					t.Error(err)
 				}
 			}
-		},
-	}
-	res, err := pass(ct, lt, testNow, h)
+		}
+	})
 	if err != nil {
 		t.Fatalf("pass: %v", err)
 	}
@@ -238,12 +232,12 @@ func TestPassRace(t *testing.T) {
 	if res != want {
 		t.Errorf("Result %+v, want %+v", res, want)
 	}
-	if len(deleted) != 4 || len(restored) != 2 {
-		t.Errorf("hooks saw deletions %v and restores %v; want the 4 expired and the 2 refreshed", deleted, restored)
+	if len(seen) != 4 {
+		t.Errorf("hook saw %v; want the 4 expired entries", seen)
 	}
 	for name, want := range map[string]*ctmap.Entry{
 		"refreshed": &refresh,
-		"recreated": &recreate, // the datapath's entry wins over the restore
+		"recreated": &recreate,
 		"evicted":   nil,
 		"expired":   nil,
 	} {
@@ -261,6 +255,46 @@ func TestPassRace(t *testing.T) {
 	k := keys["live"]
 	if _, err := ct.Lookup(&k); err != nil {
 		t.Errorf("live entry: %v", err)
+	}
+}
+
+// TestPassManyBatches runs a pass over more expired entries than one run
+// of the expire program takes, refreshing every seventh during the pass.
+func TestPassManyBatches(t *testing.T) {
+	lt := DefaultLifetimes()
+	ct := newCT(t, 4096)
+	x, err := ct.NewExpirer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	const n = 3*ctmap.ExpireBatch + 5
+	for i := range n {
+		k := flowKey(unix.IPPROTO_UDP, i)
+		e := entry(ctmap.StateEstablished, testNow-lt.UDPEstablished-time.Second)
+		if err := ct.Put(&k, &e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	calls, refreshed := 0, 0
+	res, err := pass(ct, x, lt, testNow, func(k *ctmap.Key, _ *ctmap.Entry) {
+		calls++
+		if calls%7 == 0 {
+			e := entry(ctmap.StateEstablished, testNow)
+			if err := ct.Put(k, &e); err != nil {
+				t.Error(err)
+			}
+			refreshed++
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Scanned != n || res.Deleted != n-refreshed || res.Refreshed != refreshed || refreshed == 0 {
+		t.Errorf("Result %+v, want %d scanned, %d deleted, %d refreshed", res, n, n-refreshed, refreshed)
+	}
+	if left, err := ct.Count(); err != nil || left != refreshed {
+		t.Errorf("%d entries left (%v), want the %d refreshed", left, err, refreshed)
 	}
 }
 

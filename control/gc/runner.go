@@ -190,8 +190,14 @@ func (r *Runner) EstimatedFill(created uint64) float64 {
 }
 
 // Run runs a pass at once, then one per interval, until ctx is done. A
-// failed pass is logged and counted; the next one runs as planned.
+// failed pass is logged and counted; the next one runs as planned. Run fails
+// only if it cannot load GC's BPF program.
 func (r *Runner) Run(ctx context.Context) error {
+	x, err := r.m.NewExpirer()
+	if err != nil {
+		return fmt.Errorf("conntrack GC: %w", err)
+	}
+	defer x.Close()
 	var poll <-chan time.Time
 	if r.cfg.Signals != nil {
 		t := time.NewTicker(r.cfg.SignalInterval)
@@ -231,7 +237,7 @@ func (r *Runner) Run(ctx context.Context) error {
 		case <-timer.C:
 		}
 		lastStart = time.Now()
-		next := r.runPass(woken)
+		next := r.runPass(x, woken)
 		woken = false
 		due = time.Now().Add(next)
 		timer.Reset(next)
@@ -262,7 +268,7 @@ func (r *Runner) signalled() string {
 }
 
 // runPass runs one pass, records it, and returns the next interval.
-func (r *Runner) runPass(woken bool) time.Duration {
+func (r *Runner) runPass(x *ctmap.Expirer, woken bool) time.Duration {
 	var base Signals
 	if r.cfg.Signals != nil {
 		s, err := r.cfg.Signals()
@@ -271,7 +277,7 @@ func (r *Runner) runPass(woken bool) time.Duration {
 		}
 		base = s
 	}
-	res, err := Pass(r.m, r.cfg.Lifetimes, ctmap.Now().Boot())
+	res, err := pass(r.m, x, r.cfg.Lifetimes, ctmap.Now().Boot(), nil)
 
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -274,20 +274,6 @@ func (m *Map) Lookup(k *Key) (Entry, error) {
 	return e, err
 }
 
-// LookupAndDelete reads and deletes one entry in one step, so that no update
-// made before the deletion is missed. ebpf.ErrKeyNotExist: no such entry.
-func (m *Map) LookupAndDelete(k *Key) (Entry, error) {
-	var e Entry
-	err := m.m.LookupAndDelete(k, &e)
-	return e, err
-}
-
-// Insert writes an entry only where the key has none; ebpf.ErrKeyExist when
-// it has one, which is kept.
-func (m *Map) Insert(k *Key, e *Entry) error {
-	return m.m.Update(k, e, ebpf.UpdateNoExist)
-}
-
 // PutBatch writes entries in batches (for tests, benchmarks and migrations).
 func (m *Map) PutBatch(keys []Key, entries []Entry) error {
 	if len(keys) != len(entries) {
