@@ -205,3 +205,107 @@ func TestDetachForgetsInterface(t *testing.T) {
 		t.Error("a daemon without --iface did not attach the recorded interface")
 	}
 }
+
+// TestDaemonRestoresAfterReboot sets ipcache and policy through the CLI
+// beside a running daemon, then empties bpffs as a reboot does (`ctd
+// teardown` detaches and removes every pin): the next daemon start, without
+// --iface, must restore the state from the store before attaching to the
+// recorded interface, and enforce it.
+func TestDaemonRestoresAfterReboot(t *testing.T) {
+	pair := nettest.NewPair(t)
+	bin := nettest.BuildCtd(t)
+	pin := nettest.PinPath(t)
+	state := filepath.Join(t.TempDir(), "state")
+	run := func(args ...string) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := pair.A.CommandContext(ctx, bin, append([]string{"--pin-path", pin, "--state-dir", state}, args...)...).Output()
+		if err != nil {
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				out = append(out, ee.Stderr...)
+			}
+			t.Fatalf("ctd %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	daemon := func(args ...string) (stop func()) {
+		t.Helper()
+		cmd := pair.A.Command(bin, append([]string{"--pin-path", pin, "--state-dir", state, "daemon", "--poll-interval", "50ms"}, args...)...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		stop = func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			if err := cmd.Wait(); err != nil {
+				t.Errorf("daemon after SIGTERM: %v\n%s", err, stderr.String())
+			}
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(stderr.String(), "msg=ready") {
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				cmd.Wait()
+				t.Fatalf("daemon %v not ready:\n%s", args, stderr.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		return stop
+	}
+	dial := func(port string) error {
+		return pair.B.Do(func() error {
+			d := net.Dialer{Timeout: 500 * time.Millisecond}
+			c, err := d.Dial("tcp", net.JoinHostPort(pair.A.IPv4.String(), port))
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+	}
+	for _, port := range []string{"7200", "7201"} {
+		l, err := pair.A.Listen("tcp", net.JoinHostPort(pair.A.IPv4.String(), port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+	}
+
+	stop := daemon("--iface", pair.A.Iface)
+	run("policy", "default", "ingress", "deny")
+	run("ipcache", "add", pair.B.IPv4.String()+"/32", "id=42")
+	run("policy", "add", "ingress", "id=42", "tcp/7200", "allow")
+	stop()
+	listsBefore := run("ipcache", "list", "-o", "json") + run("policy", "list", "-o", "json")
+
+	run("teardown") // what a reboot leaves: no pins, nothing attached
+	if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("pin path %s still there after teardown: %v", pin, err)
+	}
+	if err := dial("7201"); err != nil {
+		t.Fatalf("without ctd, B cannot reach A:7201: %v", err)
+	}
+
+	stop = daemon()
+	defer stop()
+	if got := run("ipcache", "list", "-o", "json") + run("policy", "list", "-o", "json"); got != listsBefore {
+		t.Errorf("after the restore the maps hold\n%s\nwant, as before the reboot,\n%s", got, listsBefore)
+	}
+	if err := dial("7200"); err != nil {
+		t.Errorf("the restored rule does not allow B to A:7200: %v", err)
+	}
+	if err := dial("7201"); err == nil {
+		t.Error("B reached A:7201 although the restored ingress default is deny")
+	}
+}
