@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os/exec"
@@ -154,9 +153,7 @@ func (m *monitorProc) stop(sig syscall.Signal) {
 	case <-time.After(10 * time.Second):
 		m.t.Fatalf("ctd monitor did not exit within 10s of %v", sig)
 	}
-	err := m.cmd.Wait()
-	var ee *exec.ExitError
-	if errors.As(err, &ee) || err != nil {
+	if err := m.cmd.Wait(); err != nil {
 		m.t.Errorf("ctd monitor exited with %v after %v; stderr:\n%s", err, sig, m.Stderr())
 	}
 }
