@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -80,7 +81,7 @@ func TestDaemonNotifiesSystemd(t *testing.T) {
 	cmd := pair.A.Command(bin, "--pin-path", pin, "--state-dir", filepath.Join(t.TempDir(), "state"),
 		"daemon", "--iface", pair.A.Iface)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sockPath)
-	var stderr strings.Builder
+	var stderr syncBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -107,8 +108,12 @@ func TestDaemonNotifiesSystemd(t *testing.T) {
 		}
 	}
 	read("READY=1")
-	if !strings.Contains(stderr.String(), "msg=ready") {
-		t.Errorf("READY=1 before the ready line; log so far:\n%s", stderr.String())
+	// The log is copied from a pipe: give the copy a moment.
+	for deadline := time.Now().Add(2 * time.Second); !strings.Contains(stderr.String(), "msg=ready"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Errorf("READY=1 without a ready line in the log:\n%s", stderr.String())
+			break
+		}
 	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -159,7 +164,7 @@ func TestDetachForgetsInterface(t *testing.T) {
 	daemon := func(args ...string) {
 		t.Helper()
 		cmd := pair.A.Command(bin, append([]string{"--pin-path", pin, "--state-dir", state, "daemon"}, args...)...)
-		var stderr strings.Builder
+		var stderr syncBuffer
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -233,7 +238,7 @@ func TestDaemonRestoresAfterReboot(t *testing.T) {
 	daemon := func(args ...string) (stop func()) {
 		t.Helper()
 		cmd := pair.A.Command(bin, append([]string{"--pin-path", pin, "--state-dir", state, "daemon", "--poll-interval", "50ms"}, args...)...)
-		var stderr strings.Builder
+		var stderr syncBuffer
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -308,4 +313,23 @@ func TestDaemonRestoresAfterReboot(t *testing.T) {
 	if err := dial("7201"); err == nil {
 		t.Error("B reached A:7201 although the restored ingress default is deny")
 	}
+}
+
+// syncBuffer collects a process's output for a test that reads it while
+// the process runs.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
