@@ -2,8 +2,6 @@ package main
 
 import (
 	"bufio"
-	"encoding/json"
-	"fmt"
 	"io"
 
 	"github.com/spf13/cobra"
@@ -63,40 +61,35 @@ With -o json the output is one JSON array, written as the table is read.`,
 }
 
 func listText(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
-	names := conntrack.NewNames()
+	enc := conntrack.NewEncoder(ctmap.Now(), conntrack.NewNames())
+	var buf []byte
 	return conntrack.List(m, f, func(fl ctmap.Flow) error {
-		_, err := fmt.Fprintln(w, conntrack.Line(fl, names))
+		buf = append(enc.AppendLine(buf[:0], fl), '\n')
+		_, err := w.Write(buf)
 		return err
 	})
 }
 
 // listJSON streams a JSON array: "[", the objects separated by ",", "]".
 func listJSON(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
-	names := conntrack.NewNames()
-	bt := ctmap.Now()
+	enc := conntrack.NewEncoder(ctmap.Now(), conntrack.NewNames())
+	buf := []byte("[")
 	sep := "\n"
-	if _, err := io.WriteString(w, "["); err != nil {
-		return err
-	}
 	err := conntrack.List(m, f, func(fl ctmap.Flow) error {
-		b, err := json.Marshal(conntrack.RowOf(fl, bt, names))
-		if err != nil {
-			return err
-		}
-		if _, err := io.WriteString(w, sep); err != nil {
-			return err
-		}
+		buf = enc.AppendJSON(append(buf, sep...), fl)
 		sep = ",\n"
-		_, err = w.Write(b)
+		_, err := w.Write(buf)
+		buf = buf[:0]
 		return err
 	})
 	if err != nil {
 		return err
 	}
 	if sep == "\n" {
-		_, err = io.WriteString(w, "]\n")
+		buf = append(buf, "]\n"...)
 	} else {
-		_, err = io.WriteString(w, "\n]\n")
+		buf = append(buf, "\n]\n"...)
 	}
+	_, err = w.Write(buf)
 	return err
 }

@@ -1,0 +1,67 @@
+package conntrack
+
+import (
+	"encoding/json"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+)
+
+// TestEncoderMatchesReference checks the hand-written encoder against
+// json.Marshal(RowOf(...)) and Line, byte for byte.
+func TestEncoderMatchesReference(t *testing.T) {
+	bt := ctmap.Now()
+	names := NewNames()
+	flows := append([]ctmap.Flow(nil), testFlows...)
+	boot := bt.Boot()
+	for i, d := range []time.Duration{
+		boot,                         // now
+		boot - 3*time.Second,         // a whole number of seconds ago
+		boot - 1500*time.Millisecond, // trailing zeros in the fraction
+		boot - time.Hour - 7*time.Nanosecond,
+		boot - 999999999,
+	} {
+		fl := testFlows[i%len(testFlows)]
+		fl.FirstSeen, fl.LastSeen = d-time.Minute, d
+		fl.Flags = uint8(i) | 0x80*uint8(i%2)
+		fl.Ifindex = uint32(1000 + i)
+		fl.PacketsOrig, fl.BytesReply = uint64(i)*12345678901, ^uint64(0)
+		flows = append(flows, fl)
+	}
+	flows = append(flows, ctmap.Flow{Proto: 132, Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), State: 9})
+
+	enc := NewEncoder(bt, names)
+	for _, fl := range flows {
+		want, err := json.Marshal(RowOf(fl, bt, names))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := enc.AppendJSON(nil, fl); string(got) != string(want) {
+			t.Errorf("AppendJSON:\n got %s\nwant %s", got, want)
+		}
+		if got, want := string(enc.AppendLine(nil, fl)), Line(fl, names); got != want {
+			t.Errorf("AppendLine:\n got %s\nwant %s", got, want)
+		}
+	}
+}
+
+func TestAppendString(t *testing.T) {
+	for _, s := range []string{"", "ctd0", `a"b`, `back\slash`, "tab\t", "<&>", "ünï"} {
+		want, _ := json.Marshal(s)
+		if got := appendString(nil, s); string(got) != string(want) {
+			t.Errorf("appendString(%q) = %s, want %s", s, got, want)
+		}
+	}
+}
+
+func BenchmarkEncoderJSON(b *testing.B) {
+	enc := NewEncoder(ctmap.Now(), NewNames())
+	fl := testFlows[0]
+	fl.FirstSeen, fl.LastSeen = 5*time.Second+123, 6*time.Second+456789
+	var buf []byte
+	for b.Loop() {
+		buf = enc.AppendJSON(buf[:0], fl)
+	}
+}
