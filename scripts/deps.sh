@@ -12,6 +12,8 @@ PACKAGES=(
 	iproute2
 	iputils-ping
 	socat
+	nftables
+	linux-perf
 	linux-libc-dev
 	gcc-multilib
 )

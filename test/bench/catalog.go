@@ -1,0 +1,133 @@
+package bench
+
+import "time"
+
+// PacketKind is the packet a per-packet case sends through ctd's programs.
+type PacketKind int
+
+const (
+	// TCPEstablishedOrig is an ACK from a tracked flow's originator, on egress.
+	TCPEstablishedOrig PacketKind = iota
+	// TCPEstablishedReply is an ACK from a tracked flow's responder, on ingress.
+	TCPEstablishedReply
+	// TCPNew is the SYN of a flow ctd has not seen, on ingress: conntrack
+	// miss, two ipcache lookups, policy, insert, counters and a flow-new event.
+	TCPNew
+	// UDPEstablished is a datagram of a tracked flow from its originator, on egress.
+	UDPEstablished
+	// ICMPEstablished is an echo request of a tracked exchange, on egress.
+	ICMPEstablished
+	// TCP6EstablishedOrig is TCPEstablishedOrig over IPv6.
+	TCP6EstablishedOrig
+	// TCP6New is TCPNew over IPv6.
+	TCP6New
+)
+
+// New reports whether every packet of the kind opens a flow.
+func (k PacketKind) New() bool { return k == TCPNew || k == TCP6New }
+
+// PacketCase is one per-packet figure: a kind of packet run through the real
+// ctd program with BPF_PROG_TEST_RUN against tables of a given size, next to
+// an empty TC program run on the same packet in the same loop.
+type PacketCase struct {
+	Name     string     // sub-benchmark of BenchmarkPacket
+	Title    string     // row label in the table
+	Kind     PacketKind //
+	Flows    int        // conntrack entries in the table
+	Prefixes int        // ipcache prefixes per family
+	// Policy sets ingress default deny with one allow rule that matches the
+	// packets, so that a new flow takes the policy lookups; without it the
+	// datapath is in its default-allow configuration with no rules.
+	Policy bool
+	// Hot repeats one packet of one flow inside a single BPF_PROG_TEST_RUN
+	// (instructions with warm caches); otherwise every run is a different
+	// flow drawn from the whole table, one run per syscall.
+	Hot  bool
+	Goal time.Duration // allowed cost over the empty program; 0 when the issue sets none
+}
+
+// Units that BenchmarkPacket reports besides ns/op (the ctd program's median).
+const (
+	UnitFloor = "floor-ns/op" // the empty TC program's median on the same packets
+	UnitOver  = "over-ns/op"  // median over rounds of (ctd median - floor median)
+)
+
+// Table sizes used by the per-packet cases.
+const (
+	DefaultFlows    = 1000
+	DefaultPrefixes = 1000
+)
+
+// PacketCases lists the per-packet figures in table order.
+var PacketCases = []PacketCase{
+	{Name: "tcp-est-orig/flows=1k", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Goal: 60 * time.Nanosecond},
+	{Name: "tcp-est-reply/flows=1k", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000, Prefixes: DefaultPrefixes, Goal: 60 * time.Nanosecond},
+	{Name: "tcp-est-orig-hot/flows=1k", Title: "TCP established, originator, one flow repeated in-kernel", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Hot: true},
+	{Name: "tcp-est-orig/flows=100k", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 100000, Prefixes: DefaultPrefixes},
+	{Name: "tcp-est-reply/flows=100k", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 100000, Prefixes: DefaultPrefixes},
+	{Name: "tcp-est-orig/flows=1M", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 1000000, Prefixes: DefaultPrefixes},
+	{Name: "tcp-est-reply/flows=1M", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000000, Prefixes: DefaultPrefixes},
+	{Name: "tcp-new/prefixes=1k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 1000},
+	{Name: "tcp-new/prefixes=10k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Goal: 250 * time.Nanosecond},
+	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000},
+	{Name: "tcp-new-policy/prefixes=10k", Title: "TCP new flow, ingress default deny + allow rule", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Policy: true},
+	{Name: "udp-est/flows=1k", Title: "UDP established, originator (egress)", Kind: UDPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
+	{Name: "icmp-est/flows=1k", Title: "ICMP echo request, established (egress)", Kind: ICMPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
+	{Name: "tcp6-est-orig/flows=1k", Title: "IPv6 TCP established, originator (egress)", Kind: TCP6EstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes},
+	{Name: "tcp6-new/prefixes=10k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 10000},
+}
+
+// Setup is one configuration of the receiving side in the real-traffic runs.
+type Setup struct {
+	Name  string // sub-benchmark of BenchmarkTraffic
+	Title string
+}
+
+// Setups lists the real-traffic configurations; the first is the baseline.
+var Setups = []Setup{
+	{Name: "none", Title: "no program"},
+	{Name: "ctd-allow", Title: "ctd, default allow"},
+	{Name: "ctd-deny-rule", Title: "ctd, ingress default deny + allow rule"},
+	{Name: "nf-conntrack", Title: "nf_conntrack (nftables ct state rules)"},
+}
+
+// Baseline is the set-up every real-traffic figure is compared with.
+const Baseline = "none"
+
+// TrafficTest is one real-traffic measurement, reported by every
+// BenchmarkTraffic sub-benchmark as a metric in Unit.
+type TrafficTest struct {
+	Name  string
+	Title string
+	Unit  string
+	// MinRatio is the goal for ctd's set-ups as a fraction of the
+	// baseline's figure; 0 when the issue sets none.
+	MinRatio float64
+	// NotBelow names a set-up ctd's set-ups must not fall below; "" for none.
+	NotBelow string
+}
+
+// TrafficTests lists the real-traffic measurements in table order.
+var TrafficTests = []TrafficTest{
+	{Name: "tcp_stream", Title: "single-stream TCP throughput", Unit: "Mbit/s", MinRatio: 0.95},
+	{Name: "tcp_crr", Title: "TCP connection rate (connect, request, response, close)", Unit: "conn/s", MinRatio: 0.95, NotBelow: "nf-conntrack"},
+	{Name: "udp_small", Title: "small UDP packet rate (64-byte payloads)", Unit: "pkt/s"},
+}
+
+// ControlCase is one control-plane figure.
+type ControlCase struct {
+	Name  string
+	Title string
+	Unit  string        // "s" for durations, else the unit of the figure
+	Goal  time.Duration // upper bound for durations; 0 when the issue sets none
+}
+
+// ControlCases lists the control-plane figures in table order.
+var ControlCases = []ControlCase{
+	{Name: "ipcache-load", Title: "ipcache load, 100k prefixes", Unit: "s", Goal: 500 * time.Millisecond},
+	{Name: "ct-list", Title: "ct list, 1M entries", Unit: "s", Goal: time.Second},
+	{Name: "ct-list-json", Title: "ct list -o json, 1M entries", Unit: "s", Goal: time.Second},
+	{Name: "gc-pass", Title: "GC pass, 1M entries, half expired", Unit: "s", Goal: time.Second},
+	{Name: "daemon-ready", Title: "daemon start → ready, 100k ct + 100k ipcache entries", Unit: "s", Goal: time.Second},
+	{Name: "ct-memlock", Title: "memlock per conntrack entry (1M-entry table)", Unit: "B/entry"},
+}

@@ -1,0 +1,305 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"strings"
+	"time"
+
+	"github.com/ctd-dev/ctd/test/bench"
+)
+
+// report is everything the table shows.
+type report struct {
+	Env      environment
+	Plan     plan
+	Packet   []packetRow
+	Traffic  []trafficRow
+	TGoals   []trafficGoal
+	Control  []controlRow
+	Profiles []profile
+	Errors   []string // runs that failed
+	Took     time.Duration
+}
+
+func count(n int) string {
+	switch {
+	case n >= 1000000 && n%1000000 == 0:
+		return fmt.Sprintf("%dM", n/1000000)
+	case n >= 1000 && n%1000 == 0:
+		return fmt.Sprintf("%dk", n/1000)
+	}
+	return fmt.Sprint(n)
+}
+
+func ns(v float64) string { return fmt.Sprintf("%.0f", v) }
+
+func seconds(v float64) string {
+	if v < 1 {
+		return fmt.Sprintf("%.0f ms", v*1000)
+	}
+	return fmt.Sprintf("%.2f s", v)
+}
+
+func controlValue(r controlRow) string {
+	if r.Case.Unit == "s" {
+		return seconds(r.Value)
+	}
+	return fmt.Sprintf("%.0f %s", r.Value, r.Case.Unit)
+}
+
+func packetResult(r packetRow) string {
+	if r.Case.Goal == 0 {
+		return "—"
+	}
+	_, s := atMost(r.Over, float64(r.Case.Goal.Nanoseconds()), func(v float64) string { return fmt.Sprintf("%.0f ns", v) })
+	return s
+}
+
+func packetTitle(c bench.PacketCase) string {
+	return fmt.Sprintf("%s, %s flows, %s prefixes", c.Title, count(c.Flows), count(c.Prefixes))
+}
+
+// cell escapes a table cell.
+func cell(s string) string { return strings.ReplaceAll(s, "|", `\|`) }
+
+func (rep *report) markdown() string {
+	var b strings.Builder
+	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	e := rep.Env
+
+	p("# ctd benchmarks\n\n")
+	if rep.Plan.smoke {
+		p("**Smoke run**: every measurement ran only briefly; the figures below show that the harness works, not what ctd costs.\n\n")
+	}
+	p("Written by `make bench` (`go run ./test/bench/cmd/benchtable`, as root) on %s in %s.\n\n", e.Date, rep.Took.Round(time.Second))
+	p("| | |\n|---|---|\n")
+	p("| kernel | %s |\n| CPU | %s, %d cores |\n| Go | %s |\n| commit | %s |\n| load average at start | %s |\n", e.Kernel, e.CPU, e.Cores, e.GoVersion, e.Commit, e.Load)
+	for _, m := range e.Mitigations {
+		p("| %s | %s |\n", m[0], cell(m[1]))
+	}
+	p("\nEvery figure stands next to a baseline measured in the same run, interleaved with it; the machine is shared and noisy, so each figure is a median over repeated runs. Goals are issue 6's. No timing is asserted in `go test`: this table is the only judge.\n\n")
+
+	p("## Goals\n\n| goal | measured | result |\n|---|---|---|\n")
+	for _, r := range rep.Packet {
+		if r.Case.Goal == 0 {
+			continue
+		}
+		desc := fmt.Sprintf("%s: ≤ %d ns over the empty TC program", packetTitle(r.Case), r.Case.Goal.Nanoseconds())
+		if r.Err != "" {
+			p("| %s | %s | not measured |\n", cell(desc), cell(r.Err))
+			continue
+		}
+		p("| %s | %s ns | %s |\n", cell(desc), ns(r.Over), packetResult(r))
+	}
+	for _, g := range rep.TGoals {
+		p("| %s: %s | %s | %s |\n", cell(g.Setup.Title), cell(g.Desc), cell(g.Measured), g.Result)
+	}
+	for _, r := range rep.Control {
+		if r.Case.Goal == 0 {
+			continue
+		}
+		desc := fmt.Sprintf("%s ≤ %s", r.Case.Title, seconds(r.Case.Goal.Seconds()))
+		if r.Err != "" {
+			p("| %s | %s | not measured |\n", cell(desc), cell(r.Err))
+			continue
+		}
+		_, res := atMost(r.Value, r.Case.Goal.Seconds(), seconds)
+		p("| %s | %s | %s |\n", cell(desc), controlValue(r), res)
+	}
+
+	p("\n## Per packet (BPF_PROG_TEST_RUN)\n\n")
+	p("The real `ctd_ingress`/`ctd_egress` programs, loaded by `loader.Load` against maps pinned for the run, and an empty TC program (`r0 = -1; exit`: TC_ACT_UNSPEC, as ctd passes) run on the same packets, interleaved packet by packet; the figure is ctd's time over that floor. ")
+	p("Unless marked \"repeated in-kernel\", every run is one `BPF_PROG_TEST_RUN` with repeat 1 on a flow drawn at random from the whole table, so the figures include the cache and TLB misses a table of that size costs; the kernel times the program plus one clock read, which the floor has too. ")
+	p("New-flow rows send SYNs of flows ctd has not seen (distinct source ports from /32 ipcache hosts, to a server covered by a /24): conntrack miss, both identities through the ipcache tries, policy, insert, counters and a flow-new event; after every %d packets the entries they created are deleted and the events drained, outside the timed runs. ", 2048)
+	p("Conntrack tables are sized as an operator would (`--ct-max` the default 262144, or twice the flows) and prefilled with synthetic established flows with batch updates; the ipcache holds the given number of prefixes per family (80%% host entries, the rest CIDRs) in 198.18.0.0/15 and fd00:bec::/32. ")
+	p("Each row: median over %s of %d packets per program (each run the median of rounds of 2048).\n\n", plural(rep.Plan.packetCount, "run"), rep.Plan.packetSamples)
+	p("| figure | conntrack flows | ipcache prefixes | ctd (ns/packet) | empty TC (ns/packet) | ctd over floor (ns) | goal | result |\n|---|---|---|---|---|---|---|---|\n")
+	for _, r := range rep.Packet {
+		c := r.Case
+		title := c.Title
+		goal := "—"
+		if c.Goal > 0 {
+			goal = fmt.Sprintf("≤ %d", c.Goal.Nanoseconds())
+		}
+		if r.Err != "" {
+			p("| %s | %s | %s | %s | | | %s | not measured |\n", cell(title), count(c.Flows), count(c.Prefixes), cell(r.Err), goal)
+			continue
+		}
+		p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", cell(title), count(c.Flows), count(c.Prefixes), ns(r.Ctd), ns(r.Floor), ns(r.Over), goal, packetResult(r))
+	}
+
+	p("\n## Real traffic over a veth pair\n\n")
+	p("Two network namespaces joined by a veth pair; A sends, B receives. Set-ups, on B's veth end: no program; ctd attached with `ctd attach` (TCX), default allow; ctd with `ctd policy default ingress deny` and `ctd policy add` rules allowing A's identity to the benchmark ports; Linux nf_conntrack through nftables input/output chains with `ct state established,related accept; ct state new accept`. ")
+	p("Each set-up runs on fresh namespaces; %s, each running every set-up once in rotated order; each measurement counts for %s after %s of warm-up. ", plural(rep.Plan.trafficRounds, "round"), rep.Plan.trafficDuration, rep.Plan.trafficWarmup)
+	p("TCP throughput: one connection, 128 KiB writes, bytes counted by the receiver. Connection rate: %d parallel clients, each connect, 64-byte request, 64-byte response, server closes, client closes (like netperf TCP_CRR). UDP: 64-byte datagrams sent with sendmmsg in batches of 64; on veth the receive path (and B's ingress program) runs in the sender's context, so the rate is that of packets crossing the set-up; B's socket is not read during the run. ", 4)
+	p("Figures are medians over rounds; ratios are medians of the per-round ratio to no program in the same round; overhead is 1 − ratio.\n\n")
+	p("| set-up |")
+	for _, t := range bench.TrafficTests {
+		p(" %s (%s) | ratio | overhead |", t.Title, t.Unit)
+	}
+	p("\n|---|")
+	for range bench.TrafficTests {
+		p("---|---|---|")
+	}
+	p("\n")
+	for _, r := range rep.Traffic {
+		p("| %s |", cell(r.Setup.Title))
+		if r.Err != "" {
+			p(" %s |", cell(r.Err))
+			for range len(bench.TrafficTests)*3 - 1 {
+				p(" |")
+			}
+			p("\n")
+			continue
+		}
+		for _, t := range bench.TrafficTests {
+			c := r.Cells[t.Name]
+			if r.Setup.Name == bench.Baseline {
+				p(" %.0f | 1 | — |", c.Median)
+				continue
+			}
+			p(" %.0f | %.3f | %s |", c.Median, c.Ratio, overhead(c.Ratio))
+		}
+		p("\n")
+	}
+
+	p("\n## Control plane\n\n| figure | measured | goal | result | how |\n|---|---|---|---|---|\n")
+	for _, r := range rep.Control {
+		goal, res := "—", "—"
+		if r.Case.Goal > 0 {
+			goal = "≤ " + seconds(r.Case.Goal.Seconds())
+		}
+		if r.Err != "" {
+			p("| %s | %s | %s | not measured | %s |\n", cell(r.Case.Title), cell(r.Err), goal, cell(r.How))
+			continue
+		}
+		if r.Case.Goal > 0 {
+			_, res = atMost(r.Value, r.Case.Goal.Seconds(), seconds)
+		}
+		runs := ""
+		if r.Runs > 1 {
+			runs = fmt.Sprintf(" (median of %d)", r.Runs)
+		}
+		p("| %s | %s%s | %s | %s | %s |\n", cell(r.Case.Title), controlValue(r), runs, goal, res, cell(r.How))
+	}
+
+	if len(rep.Profiles) > 0 {
+		p("\n## Where the time goes\n\n")
+		p("For every per-packet goal missed: `perf record -e cpu-clock -g` while the case runs (`bpftool prog profile` needs a bpftool built with skeletons, and this VM has no hardware cycle counter), each sample inside ctd's program put in the category of the function the program called, or the program body when it was in the JIT code itself. The ns column spreads the row's cost over the floor by these shares.\n\n")
+		for _, pr := range rep.Profiles {
+			p("### %s\n\n", packetTitle(pr.Case))
+			if pr.Row.Err == "" {
+				p("%s ns over the floor against a goal of %d ns: %s.\n\n", ns(pr.Row.Over), pr.Case.Goal.Nanoseconds(), packetResult(pr.Row))
+			}
+			if pr.Err != "" {
+				p("%s\n\n", pr.Err)
+				continue
+			}
+			if len(pr.Shares) > 0 && pr.Row.Err == "" {
+				top := pr.Shares[0]
+				p("Dominated by %s: %.0f%% of the samples, ≈ %.0f ns.\n\n", top.What, 100*top.Fraction, top.Fraction*pr.Row.Over)
+			}
+			p("| share of %d samples | ≈ ns | where |\n|---|---|---|\n", pr.Samples)
+			for _, s := range pr.Shares {
+				p("| %.1f%% | %.0f | %s |\n", 100*s.Fraction, s.Fraction*pr.Row.Over, cell(s.What))
+			}
+			p("\n")
+		}
+	}
+	if len(rep.Errors) > 0 {
+		p("\n## Failures\n\n")
+		for _, e := range rep.Errors {
+			p("- %s\n", e)
+		}
+	}
+	return b.String()
+}
+
+func overhead(ratio float64) string {
+	if math.IsNaN(ratio) {
+		return "—"
+	}
+	return fmt.Sprintf("%+.1f%%", 100*(1-ratio))
+}
+
+// jsonReport is the machine-readable form of the table (-json).
+type jsonReport struct {
+	Smoke   bool          `json:"smoke"`
+	Packet  []jsonPacket  `json:"packet"`
+	Traffic []jsonTraffic `json:"traffic"`
+	Control []jsonControl `json:"control"`
+	Errors  []string      `json:"errors"`
+}
+
+type jsonPacket struct {
+	Name    string  `json:"name"`
+	CtdNs   float64 `json:"ctd_ns"`
+	FloorNs float64 `json:"floor_ns"`
+	OverNs  float64 `json:"over_ns"`
+	GoalNs  int64   `json:"goal_ns,omitempty"`
+	Met     *bool   `json:"met,omitempty"`
+	Error   string  `json:"error,omitempty"`
+}
+
+type jsonTraffic struct {
+	Setup string                     `json:"setup"`
+	Tests map[string]jsonTrafficCell `json:"tests"`
+	Error string                     `json:"error,omitempty"`
+}
+
+type jsonTrafficCell struct {
+	Unit   string  `json:"unit"`
+	Median float64 `json:"median"`
+	Ratio  float64 `json:"ratio"`
+	Rounds int     `json:"rounds"`
+}
+
+type jsonControl struct {
+	Name  string  `json:"name"`
+	Value float64 `json:"value"`
+	Unit  string  `json:"unit"`
+	Met   *bool   `json:"met,omitempty"`
+	Error string  `json:"error,omitempty"`
+}
+
+func (rep *report) json() jsonReport {
+	out := jsonReport{Smoke: rep.Plan.smoke, Errors: rep.Errors}
+	for _, r := range rep.Packet {
+		j := jsonPacket{Name: r.Case.Name, CtdNs: r.Ctd, FloorNs: r.Floor, OverNs: r.Over, GoalNs: r.Case.Goal.Nanoseconds(), Error: r.Err}
+		if r.Case.Goal > 0 && r.Err == "" {
+			met := r.Met()
+			j.Met = &met
+		}
+		out.Packet = append(out.Packet, j)
+	}
+	for _, r := range rep.Traffic {
+		j := jsonTraffic{Setup: r.Setup.Name, Tests: map[string]jsonTrafficCell{}, Error: r.Err}
+		for _, t := range bench.TrafficTests {
+			if c, ok := r.Cells[t.Name]; ok && !math.IsNaN(c.Median) {
+				ratio := c.Ratio
+				if math.IsNaN(ratio) {
+					ratio = 0
+				}
+				j.Tests[t.Name] = jsonTrafficCell{Unit: t.Unit, Median: c.Median, Ratio: ratio, Rounds: c.Rounds}
+			}
+		}
+		out.Traffic = append(out.Traffic, j)
+	}
+	for _, r := range rep.Control {
+		j := jsonControl{Name: r.Case.Name, Value: r.Value, Unit: r.Case.Unit, Error: r.Err}
+		if r.Case.Goal > 0 && r.Err == "" {
+			met := r.Met()
+			j.Met = &met
+		}
+		out.Control = append(out.Control, j)
+	}
+	return out
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
+}

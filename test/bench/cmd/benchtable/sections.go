@@ -1,0 +1,283 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ctd-dev/ctd/test/bench"
+)
+
+// plan is how long and how often each measurement runs.
+type plan struct {
+	smoke           bool
+	packetSamples   int // packets per program per case and run (-benchtime Nx)
+	packetCount     int // runs per case (-count)
+	trafficRounds   int
+	trafficDuration time.Duration
+	trafficWarmup   time.Duration
+	controlCount    int // runs of each control-plane benchmark
+	ctListRuns      int
+	profileSamples  int
+	benchTimeout    time.Duration
+}
+
+func fullPlan() plan {
+	return plan{
+		packetSamples: 65536, packetCount: 5,
+		trafficRounds: 5, trafficDuration: 3 * time.Second, trafficWarmup: 300 * time.Millisecond,
+		controlCount: 3, ctListRuns: 3, profileSamples: 131072,
+		benchTimeout: 20 * time.Minute,
+	}
+}
+
+func smokePlan() plan {
+	return plan{
+		smoke:         true,
+		packetSamples: 2048, packetCount: 1,
+		trafficRounds: 1, trafficDuration: 300 * time.Millisecond, trafficWarmup: 100 * time.Millisecond,
+		controlCount: 1, ctListRuns: 1, profileSamples: 4096,
+		benchTimeout: 10 * time.Minute,
+	}
+}
+
+// ---- per packet ----
+
+type packetRow struct {
+	Case             bench.PacketCase
+	Ctd, Floor, Over float64 // medians over runs, ns
+	Runs             int
+	Err              string // why the row has no figures
+}
+
+// Met reports whether the row has a goal and meets it.
+func (r packetRow) Met() bool { return r.Err == "" && r.Over <= float64(r.Case.Goal.Nanoseconds()) }
+
+func packetSection(g *goTest, p plan) ([]packetRow, error) {
+	res, runErr := g.bench("./test/bench", "^BenchmarkPacket$", strconv.Itoa(p.packetSamples)+"x", p.packetCount, p.benchTimeout)
+	rows := make([]packetRow, len(bench.PacketCases))
+	for i, c := range bench.PacketCases {
+		rows[i].Case = c
+		var ctd, floor, over []float64
+		for _, r := range res {
+			if r.Base() != "BenchmarkPacket/"+c.Name {
+				continue
+			}
+			ctd = append(ctd, r.Metrics["ns/op"])
+			floor = append(floor, r.Metrics[bench.UnitFloor])
+			over = append(over, r.Metrics[bench.UnitOver])
+		}
+		if len(ctd) == 0 {
+			rows[i].Err = "not measured: BenchmarkPacket/" + c.Name + " reported nothing"
+			if runErr != nil {
+				rows[i].Err += " (the run failed, see below)"
+			}
+			continue
+		}
+		rows[i].Ctd, rows[i].Floor, rows[i].Over = bench.Median(ctd), bench.Median(floor), bench.Median(over)
+		rows[i].Runs = len(ctd)
+	}
+	return rows, runErr
+}
+
+// ---- real traffic ----
+
+type trafficCell struct {
+	Median float64 // of the set-up's figures over rounds
+	Ratio  float64 // median over rounds of figure / baseline's figure in the same round
+	Rounds int
+}
+
+type trafficRow struct {
+	Setup bench.Setup
+	Cells map[string]trafficCell // by TrafficTest.Name
+	Err   string
+}
+
+type trafficGoal struct {
+	Desc     string // "TCP connection rate ≥ 0.95 × no program"
+	Setup    bench.Setup
+	Measured string
+	Met      bool
+	Result   string
+}
+
+func trafficSection(g *goTest, p plan) ([]trafficRow, []trafficGoal, error) {
+	res, runErr := g.bench("./test/bench", "^BenchmarkTraffic$", "1x", 1, p.benchTimeout,
+		"-traffic.rounds="+strconv.Itoa(p.trafficRounds),
+		"-traffic.duration="+p.trafficDuration.String(),
+		"-traffic.warmup="+p.trafficWarmup.String())
+	// per set-up, per test: values in round order
+	values := map[string]map[string][]float64{}
+	for _, r := range res {
+		name, ok := strings.CutPrefix(r.Base(), "BenchmarkTraffic/")
+		if !ok {
+			continue
+		}
+		if values[name] == nil {
+			values[name] = map[string][]float64{}
+		}
+		for _, t := range bench.TrafficTests {
+			if v, ok := r.Metrics[t.Unit]; ok {
+				values[name][t.Name] = append(values[name][t.Name], v)
+			}
+		}
+	}
+	ratios := func(setup, other, test string) []float64 {
+		a, b := values[setup][test], values[other][test]
+		var out []float64
+		for i := range min(len(a), len(b)) {
+			if b[i] > 0 {
+				out = append(out, a[i]/b[i])
+			}
+		}
+		return out
+	}
+	rows := make([]trafficRow, len(bench.Setups))
+	for i, s := range bench.Setups {
+		rows[i] = trafficRow{Setup: s, Cells: map[string]trafficCell{}}
+		if len(values[s.Name]) == 0 {
+			rows[i].Err = "not measured: BenchmarkTraffic/" + s.Name + " reported nothing"
+			continue
+		}
+		for _, t := range bench.TrafficTests {
+			v := values[s.Name][t.Name]
+			rows[i].Cells[t.Name] = trafficCell{Median: bench.Median(v), Ratio: bench.Median(ratios(s.Name, bench.Baseline, t.Name)), Rounds: len(v)}
+		}
+	}
+	var goals []trafficGoal
+	for _, t := range bench.TrafficTests {
+		for _, s := range bench.Setups {
+			if !strings.HasPrefix(s.Name, "ctd") {
+				continue
+			}
+			if t.MinRatio > 0 {
+				r := bench.Median(ratios(s.Name, bench.Baseline, t.Name))
+				g := trafficGoal{Desc: fmt.Sprintf("%s ≥ %.2f × no program", t.Title, t.MinRatio), Setup: s}
+				g.Measured = fmt.Sprintf("%.3f ×", r)
+				g.Met, g.Result = atLeast(r, t.MinRatio)
+				goals = append(goals, g)
+			}
+			if t.NotBelow != "" {
+				r := bench.Median(ratios(s.Name, t.NotBelow, t.Name))
+				g := trafficGoal{Desc: fmt.Sprintf("%s ≥ %s", t.Title, setupTitle(t.NotBelow)), Setup: s}
+				g.Measured = fmt.Sprintf("%.3f × %s", r, setupTitle(t.NotBelow))
+				g.Met, g.Result = atLeast(r, 1)
+				goals = append(goals, g)
+			}
+		}
+	}
+	return rows, goals, runErr
+}
+
+func setupTitle(name string) string {
+	for _, s := range bench.Setups {
+		if s.Name == name {
+			return s.Title
+		}
+	}
+	return name
+}
+
+// atLeast words a ratio against its lower bound.
+func atLeast(v, goal float64) (bool, string) {
+	if math.IsNaN(v) {
+		return false, "not measured"
+	}
+	if v >= goal {
+		return true, "met"
+	}
+	return false, fmt.Sprintf("missed by %.3f (%.1f%%)", goal-v, 100*(goal-v)/goal)
+}
+
+// atMost words a cost against its upper bound.
+func atMost(v, goal float64, format func(float64) string) (bool, string) {
+	if v <= goal {
+		return true, "met"
+	}
+	return false, "missed by " + format(v-goal)
+}
+
+// ---- control plane ----
+
+type controlRow struct {
+	Case  bench.ControlCase
+	Value float64 // seconds, or the case's unit
+	Runs  int
+	How   string
+	Err   string
+	// Failed is set when a measurement that exists failed (as opposed to
+	// one whose code has not landed yet).
+	Failed bool
+}
+
+func (r controlRow) Met() bool {
+	return r.Err == "" && r.Case.Goal > 0 && r.Value <= r.Case.Goal.Seconds()
+}
+
+// source is a control-plane figure that another package's benchmark measures.
+type source struct {
+	pkg, bench, sub string
+	metric          string  // unit to read
+	scale           float64 // to seconds
+	how             string
+}
+
+var sources = map[string]source{
+	"ipcache-load": {pkg: "./control/ipcache", bench: "BenchmarkLoad100k", sub: "maps+store", metric: "ns/op", scale: 1e-9,
+		how: "`control/ipcache` BenchmarkLoad100k/maps+store: 100k random prefixes per family (200k in all) parsed, validated and written with batch updates to the tries and the state store, as `ctd ipcache load` does"},
+	"gc-pass": {pkg: "./control/gc", bench: "BenchmarkPass", metric: "ns/op", scale: 1e-9,
+		how: "`control/gc` BenchmarkPass: one pass with batch lookups and deletes over 1M TCP and UDP entries, every other one expired"},
+	"daemon-ready": {pkg: "./control/daemon", bench: "BenchmarkStartReady", sub: "restart", metric: "ready-ms", scale: 1e-3,
+		how: "`control/daemon` BenchmarkStartReady/restart: the daemon's own start → ready time over a live datapath with 100k conntrack entries and 100k ipcache prefixes pinned and in the store"},
+}
+
+func pattern(name, sub string) string {
+	p := "^" + regexp.QuoteMeta(name) + "$"
+	if sub != "" {
+		p += "/^" + regexp.QuoteMeta(sub) + "$"
+	}
+	return p
+}
+
+// fromBenchmark measures a control-plane case with another package's benchmark.
+func fromBenchmark(g *goTest, p plan, c bench.ControlCase) controlRow {
+	row := controlRow{Case: c}
+	s, ok := sources[c.Name]
+	if !ok {
+		row.Err, row.Failed = "not measured: no source for "+c.Name, true
+		return row
+	}
+	row.How = s.how
+	if err := g.hasBenchmark(s.pkg, s.bench); err != nil {
+		row.Err = err.Error()
+		return row
+	}
+	res, err := g.bench(s.pkg, pattern(s.bench, s.sub), "1x", p.controlCount, p.benchTimeout)
+	want := s.bench
+	if s.sub != "" {
+		want += "/" + s.sub
+	}
+	var vals []float64
+	for _, r := range res {
+		if r.Base() != want {
+			continue
+		}
+		if v, ok := r.Metrics[s.metric]; ok {
+			vals = append(vals, v*s.scale)
+		}
+	}
+	if err != nil {
+		row.Err, row.Failed = "not measured: "+err.Error(), true
+		return row
+	}
+	if len(vals) == 0 {
+		row.Err = fmt.Sprintf("not measured: %s in %s reported no %s yet", want, s.pkg, s.metric)
+		return row
+	}
+	row.Value, row.Runs = bench.Median(vals), len(vals)
+	return row
+}

@@ -1,0 +1,347 @@
+package bench
+
+import (
+	"encoding/binary"
+	"fmt"
+	mrand "math/rand/v2"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/test/nettest"
+)
+
+const (
+	// passVerdict is TC_ACT_UNSPEC as BPF_PROG_TEST_RUN returns it.
+	passVerdict = 0xffffffff
+	// roundSize is how many packets a round runs through each program.
+	roundSize = 2048
+	// hotRepeat is the in-kernel repeat count of one hot run.
+	hotRepeat = 2048
+)
+
+// TCP flags.
+const (
+	tcpSYN = 0x02
+	tcpACK = 0x10
+)
+
+func checksum(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	for s > 0xffff {
+		s = s>>16 + s&0xffff
+	}
+	return ^uint16(s)
+}
+
+// frame builds an Ethernet frame carrying an IP packet from src to dst with
+// the L4 header and payload l4. Checksums other than IPv4's are left zero:
+// ctd does not read them.
+func frame(buf []byte, src, dst netip.Addr, proto uint8, l4 []byte) []byte {
+	buf = append(buf[:0],
+		0x02, 0, 0, 0, 0, 2, // destination MAC
+		0x02, 0, 0, 0, 0, 1, // source MAC
+	)
+	if src.Is4() {
+		buf = binary.BigEndian.AppendUint16(buf, unix.ETH_P_IP)
+		ip := len(buf)
+		buf = append(buf, 0x45, 0)
+		buf = binary.BigEndian.AppendUint16(buf, uint16(20+len(l4)))
+		buf = append(buf, 0, 0, 0x40, 0, 64, proto, 0, 0) // id, DF, ttl, proto, checksum
+		buf = append(buf, src.AsSlice()...)
+		buf = append(buf, dst.AsSlice()...)
+		binary.BigEndian.PutUint16(buf[ip+10:], checksum(buf[ip:ip+20]))
+	} else {
+		buf = binary.BigEndian.AppendUint16(buf, unix.ETH_P_IPV6)
+		buf = append(buf, 0x60, 0, 0, 0)
+		buf = binary.BigEndian.AppendUint16(buf, uint16(len(l4)))
+		buf = append(buf, proto, 64)
+		buf = append(buf, src.AsSlice()...)
+		buf = append(buf, dst.AsSlice()...)
+	}
+	return append(buf, l4...)
+}
+
+func tcpHeader(sport, dport uint16, flags uint8) []byte {
+	h := make([]byte, 20)
+	binary.BigEndian.PutUint16(h[0:], sport)
+	binary.BigEndian.PutUint16(h[2:], dport)
+	binary.BigEndian.PutUint32(h[4:], 1000)
+	if flags&tcpACK != 0 {
+		binary.BigEndian.PutUint32(h[8:], 2000)
+	}
+	h[12] = 5 << 4
+	h[13] = flags
+	binary.BigEndian.PutUint16(h[14:], 65535)
+	return h
+}
+
+func udpDatagram(sport, dport uint16) []byte {
+	h := make([]byte, 8+18)
+	binary.BigEndian.PutUint16(h[0:], sport)
+	binary.BigEndian.PutUint16(h[2:], dport)
+	binary.BigEndian.PutUint16(h[4:], uint16(len(h)))
+	return h
+}
+
+func icmpEcho(id uint16) []byte {
+	h := make([]byte, 8+32)
+	h[0] = 8 // echo request
+	binary.BigEndian.PutUint16(h[4:], id)
+	binary.BigEndian.PutUint16(h[6:], 1)
+	binary.BigEndian.PutUint16(h[2:], checksum(h))
+	return h
+}
+
+// packetSource yields the packets of one case and the program they go
+// through; for new flows it also yields the conntrack key each one creates.
+type packetSource struct {
+	f    *fixture
+	c    PacketCase
+	prog *ebpf.Program
+	rnd  *mrand.Rand
+	buf  []byte
+}
+
+func newPacketSource(f *fixture, c PacketCase) (*packetSource, error) {
+	s := &packetSource{f: f, c: c, rnd: mrand.New(mrand.NewPCG(uint64(c.Kind), uint64(c.Flows)))}
+	switch c.Kind {
+	case TCPEstablishedReply, TCPNew, TCP6New:
+		s.prog = f.dp.CtdIngress
+	default:
+		s.prog = f.dp.CtdEgress
+	}
+	if !c.Kind.New() && f.perClass == 0 {
+		return nil, fmt.Errorf("case %s: the fixture has no prefilled flows of its class", c.Name)
+	}
+	return s, nil
+}
+
+// packet returns the i-th packet of a round. New flows get source port
+// newPortBase+i, so a round's flows are distinct until they are deleted.
+func (s *packetSource) packet(i int) ([]byte, ctmap.Key) {
+	var (
+		fl    flow
+		class int
+	)
+	switch s.c.Kind {
+	case TCPEstablishedOrig, TCPEstablishedReply:
+		class = classTCP4
+	case UDPEstablished:
+		class = classUDP4
+	case ICMPEstablished:
+		class = classICMP4
+	case TCP6EstablishedOrig:
+		class = classTCP6
+	case TCPNew, TCP6New:
+		src := s.f.sources4
+		srv := server4
+		if s.c.Kind == TCP6New {
+			src, srv = s.f.sources6, server6
+		}
+		client := src[s.rnd.IntN(len(src))]
+		sport := uint16(newPortBase + i)
+		s.buf = frame(s.buf, client, srv, unix.IPPROTO_TCP, tcpHeader(sport, newPort, tcpSYN))
+		k, _ := ctmap.KeyOf(unix.IPPROTO_TCP, client, sport, srv, newPort)
+		return s.buf, k
+	}
+	j := 0
+	if s.c.Hot {
+		j = s.f.perClass / 2
+	} else {
+		j = s.rnd.IntN(s.f.perClass)
+	}
+	fl = flowOf(class, j)
+	switch s.c.Kind {
+	case TCPEstablishedOrig, TCP6EstablishedOrig:
+		s.buf = frame(s.buf, fl.client, fl.server, fl.proto, tcpHeader(fl.cport, fl.sport, tcpACK))
+	case TCPEstablishedReply:
+		s.buf = frame(s.buf, fl.server, fl.client, fl.proto, tcpHeader(fl.sport, fl.cport, tcpACK))
+	case UDPEstablished:
+		s.buf = frame(s.buf, fl.client, fl.server, fl.proto, udpDatagram(fl.cport, fl.sport))
+	case ICMPEstablished:
+		s.buf = frame(s.buf, fl.client, fl.server, fl.proto, icmpEcho(fl.cport))
+	}
+	return s.buf, ctmap.Key{}
+}
+
+// run runs prog once over pkt repeat times and returns the time per run.
+func run(prog *ebpf.Program, pkt []byte, repeat int) (float64, error) {
+	ret, d, err := prog.Benchmark(pkt, repeat, nil)
+	if err != nil {
+		return 0, err
+	}
+	if ret != passVerdict {
+		return 0, fmt.Errorf("program %s returned %d, want TC_ACT_UNSPEC (pass)", prog, int32(ret))
+	}
+	return float64(d) / float64(time.Nanosecond), nil
+}
+
+// roundResult is one round's median time per packet of each program.
+type roundResult struct{ ctd, floor float64 }
+
+// coldRound runs n packets, each a different flow, once through each
+// program, alternating which goes first. New flows are deleted afterwards.
+func coldRound(s *packetSource, n int) (roundResult, error) {
+	ctd := make([]float64, 0, n)
+	floor := make([]float64, 0, n)
+	var keys []ctmap.Key
+	for i := range n {
+		pkt, k := s.packet(i)
+		if s.c.Kind.New() {
+			keys = append(keys, k)
+		}
+		progs := [2]*ebpf.Program{s.prog, s.f.floor}
+		if i%2 == 1 {
+			progs[0], progs[1] = progs[1], progs[0]
+		}
+		var d [2]float64
+		for j, p := range progs {
+			var err error
+			if d[j], err = run(p, pkt, 1); err != nil {
+				return roundResult{}, err
+			}
+		}
+		if i%2 == 1 {
+			d[0], d[1] = d[1], d[0]
+		}
+		ctd = append(ctd, d[0])
+		floor = append(floor, d[1])
+	}
+	if s.c.Kind.New() {
+		deleted, err := s.f.ct.Delete(keys)
+		if err != nil {
+			return roundResult{}, err
+		}
+		if deleted != len(keys) {
+			return roundResult{}, fmt.Errorf("%d SYNs of distinct new flows left %d conntrack entries, want one each", len(keys), deleted)
+		}
+		if err := s.f.drainEvents(); err != nil {
+			return roundResult{}, err
+		}
+	}
+	return roundResult{ctd: Median(ctd), floor: Median(floor)}, nil
+}
+
+// hotRound runs one packet n times inside one BPF_PROG_TEST_RUN per program.
+func hotRound(s *packetSource, n int) (roundResult, error) {
+	pkt, _ := s.packet(0)
+	ctd, err := run(s.prog, pkt, n)
+	if err != nil {
+		return roundResult{}, err
+	}
+	floor, err := run(s.f.floor, pkt, n)
+	if err != nil {
+		return roundResult{}, err
+	}
+	return roundResult{ctd: ctd, floor: floor}, nil
+}
+
+// BenchmarkPacket measures ctd's programs per packet with BPF_PROG_TEST_RUN
+// for every case of PacketCases. b.N is the number of packets each program
+// runs; they are split into rounds, and every round runs ctd and the empty
+// TC program interleaved on the same packets. Reported: the medians over
+// rounds of ctd's time (ns/op), the floor's (floor-ns/op) and their
+// difference (over-ns/op).
+//
+// Except for Hot cases, every run is one syscall with repeat 1 on a flow
+// drawn at random from the whole table, so the figures include the cache
+// misses a table of that size costs; the kernel times only the program and
+// one clock read, which the floor has too. New-flow cases send SYNs of
+// distinct flows and delete the entries they create after each round
+// (outside the timed runs), draining the flow-new events as the daemon would.
+func BenchmarkPacket(b *testing.B) {
+	nettest.RequireRoot(b)
+	var keys []fixtureKey
+	for _, c := range PacketCases {
+		k := fixtureKey{c.Flows, c.Prefixes, c.Policy}
+		if !slices.Contains(keys, k) {
+			keys = append(keys, k)
+		}
+	}
+	for _, k := range keys {
+		var (
+			f    *fixture
+			ferr error
+		)
+		get := func(b *testing.B) *fixture {
+			if f == nil && ferr == nil {
+				f, ferr = newFixture(k)
+			}
+			if ferr != nil {
+				b.Fatal(ferr)
+			}
+			return f
+		}
+		for _, c := range PacketCases {
+			if (fixtureKey{c.Flows, c.Prefixes, c.Policy}) != k {
+				continue
+			}
+			b.Run(c.Name, func(b *testing.B) { benchCase(b, get(b), c) })
+		}
+		if f != nil {
+			if err := f.Close(); err != nil {
+				b.Error(err)
+			}
+		}
+	}
+}
+
+func benchCase(b *testing.B, f *fixture, c PacketCase) {
+	s, err := newPacketSource(f, c)
+	if err != nil {
+		b.Fatal(err)
+	}
+	before, err := f.created()
+	if err != nil {
+		b.Fatal(err)
+	}
+	size := roundSize
+	if c.Hot {
+		size = hotRepeat
+	}
+	var ctd, floor, over []float64
+	packets := 0
+	for done := 0; done < b.N; {
+		n := min(size, b.N-done)
+		var r roundResult
+		if c.Hot {
+			r, err = hotRound(s, n)
+		} else {
+			r, err = coldRound(s, n)
+		}
+		if err != nil {
+			b.Fatalf("case %s: %v", c.Name, err)
+		}
+		ctd = append(ctd, r.ctd)
+		floor = append(floor, r.floor)
+		over = append(over, r.ctd-r.floor)
+		done += n
+		packets += n
+	}
+	after, err := f.created()
+	if err != nil {
+		b.Fatal(err)
+	}
+	want := uint64(0)
+	if c.Kind.New() {
+		want = uint64(packets)
+	}
+	if got := after - before; got != want {
+		b.Fatalf("case %s: %d packets created %d conntrack entries, want %d", c.Name, packets, got, want)
+	}
+	b.ReportMetric(Median(ctd), "ns/op")
+	b.ReportMetric(Median(floor), UnitFloor)
+	b.ReportMetric(Median(over), UnitOver)
+}
