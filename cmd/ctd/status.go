@@ -11,8 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/spf13/cobra"
 
-	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
@@ -108,41 +107,16 @@ func pinnedMapStatus(pinPath, name string) (mapStatus, error) {
 	defer m.Close()
 
 	s := mapStatus{Name: name, Pinned: true, Type: m.Type().String(), MaxEntries: m.MaxEntries()}
-	var n int
-	switch {
-	case name == bpf.CtdMapCtV1:
-		n, err = ctmap.New(m).Count()
-	case m.Type() == ebpf.RingBuf:
+	if m.Type() == ebpf.RingBuf {
 		return s, nil
-	case m.Type() == ebpf.Array || m.Type() == ebpf.PerCPUArray:
-		n = int(m.MaxEntries())
-	default:
-		n, err = countKeys(m)
 	}
+	c, err := mapinfo.Count(m)
 	if err != nil {
 		return mapStatus{}, fmt.Errorf("count entries of %s: %w", pin, err)
 	}
+	n := int(c)
 	s.Entries = &n
 	return s, nil
-}
-
-// countKeys walks m's keys. Under concurrent deletes a hash walk may restart,
-// so the count is capped at the map's capacity.
-func countKeys(m *ebpf.Map) (int, error) {
-	var key any
-	n := 0
-	for n < int(m.MaxEntries()) {
-		next, err := m.NextKeyBytes(key)
-		if err != nil {
-			return 0, err
-		}
-		if next == nil {
-			break
-		}
-		n++
-		key = next
-	}
-	return n, nil
 }
 
 func (r *statusReport) writeText(w io.Writer) error {

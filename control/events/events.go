@@ -25,6 +25,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 )
 
@@ -234,7 +235,7 @@ func (r *Reader) Close() error { return r.rd.Close() }
 
 // DefaultRate is the per-CPU event rate ctd suggests: events per second
 // per CPU, with a burst of as many.
-const DefaultRate = 10000
+const DefaultRate = loader.DefaultEventsRate
 
 // RateLimit is the datapath's per-CPU token bucket for events.
 type RateLimit struct {

@@ -251,7 +251,7 @@ func openOrCreate(pinPath string, spec *ebpf.CollectionSpec) (map[string]*ebpf.M
 				return nil, nil, &IncompatibleError{Map: name, Pin: filepath.Join(pinPath, other),
 					Diff: fmt.Errorf("pinned as %s, this build uses %s", other, name)}
 			}
-			m, err = ebpf.NewMap(ms)
+			m, err = newMap(ms)
 			if err != nil {
 				closeAll(maps)
 				return nil, nil, fmt.Errorf("create map %s: %w", name, err)
@@ -280,6 +280,26 @@ func otherLayout(pinPath, name string) string {
 		}
 	}
 	return ""
+}
+
+// DefaultEventsRate is the per-CPU event rate limit (events per second, and
+// the burst) a new datapath starts with, so that a flood of new flows cannot
+// starve the event consumer. `ctd events rate` changes it.
+const DefaultEventsRate = 10000
+
+// newMap creates a map with its initial contents: config_v1 starts with the
+// event rate limit on; every other map starts empty (or zeroed).
+func newMap(ms *ebpf.MapSpec) (*ebpf.Map, error) {
+	m, err := ebpf.NewMap(ms)
+	if err != nil || ms.Name != bpf.CtdMapConfigV1 {
+		return m, err
+	}
+	cfg := bpf.CtdConfig{EventsRate: DefaultEventsRate, EventsBurst: DefaultEventsRate}
+	if err := m.Put(uint32(0), cfg); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("initialise %s: %w", ms.Name, err)
+	}
+	return m, nil
 }
 
 // pinCreated pins the maps this process created. If another process pinned

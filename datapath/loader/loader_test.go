@@ -135,3 +135,18 @@ func TestLoadRefusesOtherLayout(t *testing.T) {
 		t.Errorf("Load pinned an empty %s beside ct_v9", bpf.CtdMapCtV1)
 	}
 }
+
+func TestNewConfigLimitsEvents(t *testing.T) {
+	maps, err := OpenMaps(Options{PinPath: testPinPath(t), CTMax: 1024, IPCacheMax: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer maps.Close()
+	var cfg bpf.CtdConfig
+	if err := maps.ConfigV1.Lookup(uint32(0), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.EventsRate != DefaultEventsRate || cfg.EventsBurst != DefaultEventsRate {
+		t.Fatalf("new config_v1 = %+v, want the event rate limit %d on", cfg, DefaultEventsRate)
+	}
+}
