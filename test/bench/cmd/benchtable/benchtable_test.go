@@ -57,6 +57,7 @@ func TestWording(t *testing.T) {
 		{"duration over goal", false, "missed by 356 ms", func() (bool, string) { return atMost(0.856, 0.5, seconds) }},
 		{"ratio above goal", true, "met", func() (bool, string) { return atLeast(0.97, 0.95) }},
 		{"ratio below goal", false, "missed by 0.050 (5.3%)", func() (bool, string) { return atLeast(0.9, 0.95) }},
+		{"ratio just below goal", false, "missed by less than 0.001 (0.011%)", func() (bool, string) { return atLeast(0.9499, 0.95) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			met, result := tc.measure()

@@ -187,10 +187,17 @@ func (rep *report) markdown() string {
 	if len(rep.Profiles) > 0 {
 		p("\n## Where the time goes\n\n")
 		p("For every per-packet goal missed: `perf record -e cpu-clock -g` while the case runs (`bpftool prog profile` needs a bpftool built with skeletons, and this VM has no hardware cycle counter), each sample inside ctd's program put in the category of the function the program called, or the program body when it was in the JIT code itself. The ns column spreads the row's cost over the floor by these shares.\n\n")
+		if e.callsCostExtra() {
+			p("This kernel mitigates spectre_v2 with retpolines and SRSO with safe RET (see the top of the page): every indirect call and every return costs extra, so the program's helper calls (packet reads, clock, map operations) cost more here than on a kernel without these mitigations, and part of that shows as program body.\n\n")
+		}
 		for _, pr := range rep.Profiles {
 			p("### %s\n\n", packetTitle(pr.Case))
 			if pr.Row.Err == "" {
-				p("%s ns over the floor against a goal of %d ns: %s.\n\n", ns(pr.Row.Over), pr.Case.Goal.Nanoseconds(), packetResult(pr.Row))
+				p("%s ns over the floor against a goal of %d ns: %s.", ns(pr.Row.Over), pr.Case.Goal.Nanoseconds(), packetResult(pr.Row))
+				if hot, ok := rep.hotTwin(pr.Case); ok {
+					p(" The same kind of packet repeated in-kernel on one flow (warm caches, no syscall between runs) costs %s ns over its floor: the other %s ns are the cache, TLB and branch-predictor misses of a run that follows a syscall and touches a flow at random.", ns(hot.Over), ns(pr.Row.Over-hot.Over))
+				}
+				p("\n\n")
 			}
 			if pr.Err != "" {
 				p("%s\n\n", pr.Err)
@@ -302,4 +309,27 @@ func plural(n int, what string) string {
 		return "1 " + what
 	}
 	return fmt.Sprintf("%d %ss", n, what)
+}
+
+// hotTwin finds the measured "repeated in-kernel" row of the same kind and
+// table sizes as c.
+func (rep *report) hotTwin(c bench.PacketCase) (packetRow, bool) {
+	for _, r := range rep.Packet {
+		h := r.Case
+		if h.Hot && !c.Hot && h.Kind == c.Kind && h.Flows == c.Flows && h.Prefixes == c.Prefixes && h.Policy == c.Policy && r.Err == "" {
+			return r, true
+		}
+	}
+	return packetRow{}, false
+}
+
+// callsCostExtra reports whether the kernel's mitigations make calls and
+// returns expensive.
+func (e environment) callsCostExtra() bool {
+	for _, m := range e.Mitigations {
+		if strings.Contains(m[1], "Retpolines") || strings.Contains(m[1], "Safe RET") {
+			return true
+		}
+	}
+	return false
 }

@@ -29,7 +29,7 @@ func fullPlan() plan {
 	return plan{
 		packetSamples: 65536, packetCount: 5,
 		trafficRounds: 5, trafficDuration: 3 * time.Second, trafficWarmup: 300 * time.Millisecond,
-		controlCount: 3, ctListRuns: 3, profileSamples: 131072,
+		controlCount: 3, ctListRuns: 3, profileSamples: 524288,
 		benchTimeout: 20 * time.Minute,
 	}
 }
@@ -157,20 +157,30 @@ func trafficSection(g *goTest, p plan) ([]trafficRow, []trafficGoal, error) {
 			if t.MinRatio > 0 {
 				r := bench.Median(ratios(s.Name, bench.Baseline, t.Name))
 				g := trafficGoal{Desc: fmt.Sprintf("%s ≥ %.2f × no program", t.Title, t.MinRatio), Setup: s}
-				g.Measured = fmt.Sprintf("%.3f ×", r)
+				g.Measured = ratioText(r) + " ×"
 				g.Met, g.Result = atLeast(r, t.MinRatio)
 				goals = append(goals, g)
 			}
 			if t.NotBelow != "" {
 				r := bench.Median(ratios(s.Name, t.NotBelow, t.Name))
 				g := trafficGoal{Desc: fmt.Sprintf("%s ≥ %s", t.Title, setupTitle(t.NotBelow)), Setup: s}
-				g.Measured = fmt.Sprintf("%.3f × %s", r, setupTitle(t.NotBelow))
+				g.Measured = ratioText(r) + " × " + setupTitle(t.NotBelow)
 				g.Met, g.Result = atLeast(r, 1)
 				goals = append(goals, g)
 			}
 		}
 	}
 	return rows, goals, runErr
+}
+
+// ratioText shows a ratio with enough digits that one just below a goal
+// never reads as equal to it.
+func ratioText(r float64) string {
+	s := fmt.Sprintf("%.3f", r)
+	if t := fmt.Sprintf("%.4f", r); t[len(t)-1] != '0' {
+		s = t
+	}
+	return s
 }
 
 func setupTitle(name string) string {
@@ -189,6 +199,9 @@ func atLeast(v, goal float64) (bool, string) {
 	}
 	if v >= goal {
 		return true, "met"
+	}
+	if goal-v < 0.0005 {
+		return false, fmt.Sprintf("missed by less than 0.001 (%.3f%%)", 100*(goal-v)/goal)
 	}
 	return false, fmt.Sprintf("missed by %.3f (%.1f%%)", goal-v, 100*(goal-v)/goal)
 }
