@@ -35,9 +35,10 @@ type PacketCase struct {
 	Kind     PacketKind //
 	Flows    int        // conntrack entries in the table
 	Prefixes int        // ipcache prefixes per family
-	// Policy sets ingress default deny with one allow rule that matches the
-	// packets, so that a new flow takes the policy lookups; without it the
-	// datapath is in its default-allow configuration with no rules.
+	// Policy sets ingress default deny with allow rules (one per source
+	// identity, 64 in all) that match the packets, so that a new flow takes
+	// a policy lookup; without it the datapath is in its default-allow
+	// configuration with no rules.
 	Policy bool
 	// Hot repeats one packet of one flow inside a single BPF_PROG_TEST_RUN
 	// (instructions with warm caches); otherwise every run is a different
@@ -70,7 +71,8 @@ var PacketCases = []PacketCase{
 	{Name: "tcp-new/prefixes=1k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 1000},
 	{Name: "tcp-new/prefixes=10k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Goal: 250 * time.Nanosecond},
 	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000},
-	{Name: "tcp-new-policy/prefixes=10k", Title: "TCP new flow, ingress default deny + allow rule", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Policy: true},
+	{Name: "tcp-new/flows=1M", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: 1000000, Prefixes: 1000},
+	{Name: "tcp-new-policy/prefixes=10k", Title: "TCP new flow, ingress default deny + allow rules", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Policy: true},
 	{Name: "udp-est/flows=1k", Title: "UDP established, originator (egress)", Kind: UDPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
 	{Name: "icmp-est/flows=1k", Title: "ICMP echo request, established (egress)", Kind: ICMPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
 	{Name: "tcp6-est-orig/flows=1k", Title: "IPv6 TCP established, originator (egress)", Kind: TCP6EstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes},
@@ -87,7 +89,7 @@ type Setup struct {
 var Setups = []Setup{
 	{Name: "none", Title: "no program"},
 	{Name: "ctd-allow", Title: "ctd, default allow"},
-	{Name: "ctd-deny-rule", Title: "ctd, ingress default deny + allow rule"},
+	{Name: "ctd-deny-rule", Title: "ctd, ingress default deny + allow rules"},
 	{Name: "nf-conntrack", Title: "nf_conntrack (nftables ct state rules)"},
 }
 

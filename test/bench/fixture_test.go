@@ -51,8 +51,7 @@ type fixture struct {
 	ct     *ctmap.Map
 	// perClass is the number of prefilled flows of each class.
 	perClass int
-	// sources4 and sources6 are ipcache host entries that new flows come
-	// from (with Policy: only those whose identity the allow rule names).
+	// sources4 and sources6 are the ipcache host entries new flows come from.
 	sources4, sources6 []netip.Addr
 }
 
@@ -253,35 +252,31 @@ func (f *fixture) fillIPCache() error {
 		return fmt.Errorf("prefill ipcache6: %w", err)
 	}
 
-	pick := func(hosts []netip.Addr) []netip.Addr {
-		if !f.key.policy {
-			return hosts
-		}
-		var out []netip.Addr
-		for i, h := range hosts {
-			if hostIdentity0+uint32(i%hostIdentities) == allowedIdentity {
-				out = append(out, h)
-			}
-		}
-		return out
-	}
-	f.sources4, f.sources6 = pick(hosts4), pick(hosts6)
+	f.sources4, f.sources6 = hosts4, hosts6
 	if len(f.sources4) == 0 || len(f.sources6) == 0 {
 		return fmt.Errorf("prefill ipcache: no host entries to send new flows from (%d prefixes)", f.key.prefixes)
 	}
 	return nil
 }
 
-// setPolicy makes ingress default deny with one rule that allows the
-// sources' identity to the new flows' port.
+// setPolicy makes ingress default deny with one rule per host identity
+// that allows it to the new flows' port, so every SYN is allowed by the
+// first policy lookup.
 func (f *fixture) setPolicy() error {
-	for _, proto := range []uint8{unix.IPPROTO_TCP} {
-		k := bpf.CtdPolicyKey{Identity: allowedIdentity, Port: newPort, Proto: proto, Dir: dirIngress}
+	for id := uint32(hostIdentity0); id < hostIdentity0+hostIdentities; id++ {
+		k := bpf.CtdPolicyKey{Identity: id, Port: newPort, Proto: unix.IPPROTO_TCP, Dir: dirIngress}
 		if err := f.dp.PolicyV1.Put(&k, &bpf.CtdPolicyValue{Verdict: verdictAllow}); err != nil {
 			return fmt.Errorf("write policy rule: %w", err)
 		}
 	}
-	cfg := bpf.CtdConfig{DefaultVerdict: [2]uint8{verdictDeny, 0}, PolicyRules: 1}
+	// Change only the defaults and the rule count: the rest (the event rate
+	// limit) stays as the loader created it.
+	var cfg bpf.CtdConfig
+	if err := f.dp.ConfigV1.Lookup(uint32(0), &cfg); err != nil {
+		return fmt.Errorf("read config: %w", err)
+	}
+	cfg.DefaultVerdict[dirIngress] = verdictDeny
+	cfg.PolicyRules = hostIdentities
 	if err := f.dp.ConfigV1.Put(uint32(0), &cfg); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}

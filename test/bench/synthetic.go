@@ -33,11 +33,10 @@ const (
 	clientPort0  = 1024
 	portsPerAddr = 16384
 
-	hostIdentity0   = 1000 // /32 and /128 entries: 1000 + k%64
-	hostIdentities  = 64
-	cidrIdentity0   = 5000 // CIDR entries: 5000 + k%256
-	serverIdentity  = 9000 // the servers' CIDRs
-	allowedIdentity = hostIdentity0
+	hostIdentity0  = 1000 // /32 and /128 entries: 1000 + k%64
+	hostIdentities = 64
+	cidrIdentity0  = 5000 // CIDR entries: 5000 + k%256
+	serverIdentity = 9000 // the servers' CIDRs
 
 	stateEstablished = 1 // CT_ESTABLISHED
 )
