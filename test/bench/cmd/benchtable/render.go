@@ -196,7 +196,7 @@ func (rep *report) markdown() string {
 			if pr.Row.Err == "" {
 				p("%s ns over the floor against a goal of %d ns: %s.", ns(pr.Row.Over), pr.Case.Goal.Nanoseconds(), packetResult(pr.Row))
 				if hot, ok := rep.hotTwin(pr.Case); ok {
-					p(" The same kind of packet repeated in-kernel on one flow (warm caches, no syscall between runs) costs %s ns over its floor: the other %s ns are the cache, TLB and branch-predictor misses of a run that follows a syscall and touches a flow at random.", ns(hot.Over), ns(pr.Row.Over-hot.Over))
+					p(" The same kind of packet repeated in-kernel on one flow (warm caches, no syscall between runs) costs %s ns over its floor; the difference, %s ns, is what running cold costs: the cache, TLB and branch-predictor misses of a run that follows a syscall and touches a flow at random.", ns(hot.Over), ns(pr.Row.Over-hot.Over))
 				}
 				p("\n\n")
 			}

@@ -28,7 +28,7 @@ type plan struct {
 func fullPlan() plan {
 	return plan{
 		packetSamples: 65536, packetCount: 5,
-		trafficRounds: 5, trafficDuration: 3 * time.Second, trafficWarmup: 300 * time.Millisecond,
+		trafficRounds: 5, trafficDuration: 4 * time.Second, trafficWarmup: 300 * time.Millisecond,
 		controlCount: 3, ctListRuns: 3, profileSamples: 524288,
 		benchTimeout: 20 * time.Minute,
 	}
