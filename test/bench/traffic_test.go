@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,7 +26,7 @@ import (
 )
 
 var (
-	trafficRounds   = flag.Int("traffic.rounds", 5, "BenchmarkTraffic rounds; each runs every set-up once, in rotated order")
+	trafficRounds   = flag.Int("traffic.rounds", 5, "BenchmarkTraffic rounds; each measures every set-up once per test, in rotated order")
 	trafficDuration = flag.Duration("traffic.duration", 3*time.Second, "how long each real-traffic measurement counts")
 	trafficWarmup   = flag.Duration("traffic.warmup", 300*time.Millisecond, "how long each real-traffic measurement runs before it counts")
 )
@@ -61,54 +62,64 @@ const nftRules = `table inet ctdbench {
 `
 
 // BenchmarkTraffic measures real traffic from namespace A to namespace B
-// over a veth pair in every set-up of Setups. Each sub-benchmark is one
-// set-up in one round on a fresh pair of namespaces: ctd is attached to B's
-// veth end, nf_conntrack runs in B. Rounds rotate the set-ups' order, so
-// that no set-up always runs first or after the same one. Each reports the
-// metrics of TrafficTests: single-stream TCP throughput, connections per
-// second (connect, 64-byte request, 64-byte response, close, by several
-// parallel clients) and 64-byte UDP datagrams per second sent with
-// sendmmsg (the datapath runs in the sender's context on veth).
-// Run it with -benchtime 1x.
+// over a veth pair in every set-up of Setups: ctd is attached to B's veth
+// end, nf_conntrack runs in B. Every round builds each set-up on a fresh
+// pair of namespaces and then runs each measurement of TrafficTests on all
+// of them back to back, in an order that rotates from round to round, so
+// that the figures compared with each other are measured close together
+// and no set-up always goes first. A sub-benchmark
+// round=R/SETUP/TEST reports one figure in the test's unit: single-stream
+// TCP throughput, connections per second (connect, 64-byte request,
+// 64-byte response, close, by several parallel clients), or 64-byte UDP
+// datagrams per second sent with sendmmsg (the datapath runs in the
+// sender's context on veth). Run it with -benchtime 1x.
 func BenchmarkTraffic(b *testing.B) {
 	nettest.RequireRoot(b)
 	nettest.RequireTool(b, "nft", "nftables")
 	nettest.RequireTool(b, "nsenter", "util-linux")
 	for r := range *trafficRounds {
-		for i := range Setups {
-			s := Setups[(i+r)%len(Setups)]
-			b.Run(s.Name, func(b *testing.B) { trafficCase(b, s) })
+		b.Run(fmt.Sprintf("round=%d", r+1), func(b *testing.B) { trafficRound(b, r) })
+	}
+}
+
+func trafficRound(b *testing.B, r int) {
+	pairs := make([]*nettest.Pair, len(Setups))
+	checks := make([]func() error, len(Setups))
+	for i, s := range Setups {
+		pairs[i] = nettest.NewPair(b)
+		checks[i] = setUp(b, pairs[i], s)
+	}
+	for ti, t := range TrafficTests {
+		for k := range Setups {
+			i := (k + r + ti) % len(Setups)
+			s, p := Setups[i], pairs[i]
+			b.Run(s.Name+"/"+t.Name, func(b *testing.B) {
+				v, err := measure(p, t)
+				if err != nil {
+					b.Fatalf("set-up %s: %s: %v", s.Name, t.Name, err)
+				}
+				b.ReportMetric(v, t.Unit)
+				b.ReportMetric(0, "ns/op")
+			})
+		}
+	}
+	for i, s := range Setups {
+		if err := checks[i](); err != nil {
+			b.Errorf("set-up %s: %v", s.Name, err)
 		}
 	}
 }
 
-func trafficCase(b *testing.B, s Setup) {
-	p := nettest.NewPair(b)
-	check := setUp(b, p, s)
-	for _, t := range TrafficTests {
-		var (
-			v   float64
-			err error
-		)
-		switch t.Name {
-		case "tcp_stream":
-			v, err = tcpStream(p)
-		case "tcp_crr":
-			v, err = tcpCRR(p)
-		case "udp_small":
-			v, err = udpSmall(p)
-		default:
-			err = fmt.Errorf("no measurement for %q", t.Name)
-		}
-		if err != nil {
-			b.Fatalf("set-up %s: %s: %v", s.Name, t.Name, err)
-		}
-		b.ReportMetric(v, t.Unit)
+func measure(p *nettest.Pair, t TrafficTest) (float64, error) {
+	switch t.Name {
+	case "tcp_stream":
+		return tcpStream(p)
+	case "tcp_crr":
+		return tcpCRR(p)
+	case "udp_small":
+		return udpSmall(p)
 	}
-	if err := check(); err != nil {
-		b.Fatalf("set-up %s: %v", s.Name, err)
-	}
-	b.ReportMetric(0, "ns/op")
+	return 0, fmt.Errorf("no measurement for %q", t.Name)
 }
 
 // setUp configures B for s and returns a check, run after the traffic,
@@ -227,6 +238,25 @@ func rate(count *atomic.Int64) float64 {
 	return float64(c1-c0) / t1.Sub(t0).Seconds()
 }
 
+// pinThread locks the calling goroutine to its thread and the thread to
+// one CPU (modulo the CPUs there are), so that sender and receiver do not
+// trade places from one measurement to the next; the returned func undoes it.
+func pinThread(cpu int) func() {
+	runtime.LockOSThread()
+	var old, set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &old); err != nil {
+		return runtime.UnlockOSThread
+	}
+	set.Set(cpu % runtime.NumCPU())
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return runtime.UnlockOSThread
+	}
+	return func() {
+		unix.SchedSetaffinity(0, &old)
+		runtime.UnlockOSThread()
+	}
+}
+
 // tcpStream returns the throughput in Mbit/s of one TCP connection from A
 // to B, counted by the receiver.
 func tcpStream(p *nettest.Pair) (float64, error) {
@@ -244,6 +274,7 @@ func tcpStream(p *nettest.Pair) (float64, error) {
 			return
 		}
 		defer c.Close()
+		defer pinThread(1)()
 		buf := make([]byte, 256<<10)
 		for {
 			n, err := c.Read(buf)
@@ -264,6 +295,7 @@ func tcpStream(p *nettest.Pair) (float64, error) {
 	var stop atomic.Bool
 	cli := make(chan error, 1)
 	go func() {
+		defer pinThread(0)()
 		buf := make([]byte, 128<<10)
 		for !stop.Load() {
 			if _, err := c.Write(buf); err != nil {
@@ -395,6 +427,7 @@ func udpSmall(p *nettest.Pair) (float64, error) {
 	)
 	errc := make(chan error, 1)
 	go func() {
+		defer pinThread(0)()
 		wc := ipv4.NewPacketConn(c.(*net.UDPConn))
 		msgs := make([]ipv4.Message, udpBatch)
 		for i := range msgs {

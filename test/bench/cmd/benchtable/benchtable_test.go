@@ -1,6 +1,8 @@
 package main
 
 import (
+	"fmt"
+	"math"
 	"strings"
 	"testing"
 
@@ -104,5 +106,52 @@ func TestCategorise(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("categorise (-want +got):\n%s", diff)
+	}
+}
+
+func TestTrafficTables(t *testing.T) {
+	var res []result
+	add := func(round int, setup, test, unit string, v float64) {
+		res = append(res, result{Name: fmt.Sprintf("BenchmarkTraffic/round=%d/%s/%s", round, setup, test), N: 1, Metrics: map[string]float64{unit: v, "ns/op": 0}})
+	}
+	// Two rounds; the second is 10% faster for everyone. ctd-allow is 0.9
+	// of none in round 1 and 0.96 in round 2; nf-conntrack 0.95 in both.
+	for r, scale := range []float64{1, 1.1} {
+		add(r+1, "none", "tcp_crr", "conn/s", 1000*scale)
+		add(r+1, "nf-conntrack", "tcp_crr", "conn/s", 950*scale)
+		add(r+1, "ctd-deny-rule", "tcp_crr", "conn/s", 1000*scale)
+		for _, tt := range []struct{ test, unit string }{{"tcp_stream", "Mbit/s"}, {"udp_small", "pkt/s"}} {
+			for _, s := range []string{"none", "ctd-allow", "ctd-deny-rule", "nf-conntrack"} {
+				add(r+1, s, tt.test, tt.unit, 100*scale)
+			}
+		}
+	}
+	add(1, "ctd-allow", "tcp_crr", "conn/s", 900)
+	add(2, "ctd-allow", "tcp_crr", "conn/s", 1056)
+	rows, goals := trafficTables(res)
+	if len(rows) != 4 {
+		t.Fatalf("%d rows", len(rows))
+	}
+	allow := rows[1]
+	if allow.Setup.Name != "ctd-allow" || allow.Err != "" {
+		t.Fatalf("row 1: %+v", allow)
+	}
+	crr := allow.Cells["tcp_crr"]
+	if crr.Rounds != 2 || crr.Median != (900+1056)/2.0 || math.Abs(crr.Ratio-0.93) > 1e-9 {
+		t.Errorf("ctd-allow tcp_crr: %+v, want median 978 and ratio 0.93 (median of 0.90 and 0.96)", crr)
+	}
+	results := map[string]string{}
+	for _, g := range goals {
+		results[g.Setup.Name+": "+g.Desc] = g.Result
+	}
+	for goal, want := range map[string]string{
+		"ctd-allow: TCP connection rate (connect, request, response, close) ≥ 0.95 × no program":                          "missed by 0.020 (2.1%)",
+		"ctd-allow: TCP connection rate (connect, request, response, close) ≥ nf_conntrack (nftables ct state rules)":     "missed by 0.021 (2.1%)",
+		"ctd-deny-rule: TCP connection rate (connect, request, response, close) ≥ nf_conntrack (nftables ct state rules)": "met",
+		"ctd-deny-rule: single-stream TCP throughput ≥ 0.95 × no program":                                                 "met",
+	} {
+		if got := results[goal]; got != want {
+			t.Errorf("%s: %q, want %q", goal, got, want)
+		}
 	}
 }

@@ -28,7 +28,7 @@ type plan struct {
 func fullPlan() plan {
 	return plan{
 		packetSamples: 65536, packetCount: 5,
-		trafficRounds: 5, trafficDuration: 4 * time.Second, trafficWarmup: 300 * time.Millisecond,
+		trafficRounds: 12, trafficDuration: time.Second, trafficWarmup: 200 * time.Millisecond,
 		controlCount: 3, ctListRuns: 3, profileSamples: 524288,
 		benchTimeout: 20 * time.Minute,
 	}
@@ -110,29 +110,53 @@ func trafficSection(g *goTest, p plan) ([]trafficRow, []trafficGoal, error) {
 		"-traffic.rounds="+strconv.Itoa(p.trafficRounds),
 		"-traffic.duration="+p.trafficDuration.String(),
 		"-traffic.warmup="+p.trafficWarmup.String())
-	// per set-up, per test: values in round order
-	values := map[string]map[string][]float64{}
+	rows, goals := trafficTables(res)
+	return rows, goals, runErr
+}
+
+// trafficTables turns BenchmarkTraffic's results into the table's rows and
+// the goals' verdicts.
+func trafficTables(res []result) ([]trafficRow, []trafficGoal) {
+	// values[setup][test][round]; results are named round=R/SETUP/TEST.
+	values := map[string]map[string]map[int]float64{}
 	for _, r := range res {
-		name, ok := strings.CutPrefix(r.Base(), "BenchmarkTraffic/")
-		if !ok {
+		f := strings.Split(strings.TrimPrefix(r.Base(), "BenchmarkTraffic/"), "/")
+		if len(f) != 3 || !strings.HasPrefix(f[0], "round=") {
 			continue
 		}
-		if values[name] == nil {
-			values[name] = map[string][]float64{}
+		round, err := strconv.Atoi(strings.TrimPrefix(f[0], "round="))
+		if err != nil {
+			continue
 		}
+		setup, test := f[1], f[2]
 		for _, t := range bench.TrafficTests {
-			if v, ok := r.Metrics[t.Unit]; ok {
-				values[name][t.Name] = append(values[name][t.Name], v)
+			v, ok := r.Metrics[t.Unit]
+			if t.Name != test || !ok {
+				continue
 			}
+			if values[setup] == nil {
+				values[setup] = map[string]map[int]float64{}
+			}
+			if values[setup][test] == nil {
+				values[setup][test] = map[int]float64{}
+			}
+			values[setup][test][round] = v
 		}
 	}
+	// ratios pairs the rounds in which both set-ups were measured.
 	ratios := func(setup, other, test string) []float64 {
-		a, b := values[setup][test], values[other][test]
 		var out []float64
-		for i := range min(len(a), len(b)) {
-			if b[i] > 0 {
-				out = append(out, a[i]/b[i])
+		for round, a := range values[setup][test] {
+			if b, ok := values[other][test][round]; ok && b > 0 {
+				out = append(out, a/b)
 			}
+		}
+		return out
+	}
+	all := func(setup, test string) []float64 {
+		var out []float64
+		for _, v := range values[setup][test] {
+			out = append(out, v)
 		}
 		return out
 	}
@@ -144,7 +168,10 @@ func trafficSection(g *goTest, p plan) ([]trafficRow, []trafficGoal, error) {
 			continue
 		}
 		for _, t := range bench.TrafficTests {
-			v := values[s.Name][t.Name]
+			v := all(s.Name, t.Name)
+			if len(v) == 0 {
+				continue
+			}
 			rows[i].Cells[t.Name] = trafficCell{Median: bench.Median(v), Ratio: bench.Median(ratios(s.Name, bench.Baseline, t.Name)), Rounds: len(v)}
 		}
 	}
@@ -170,7 +197,7 @@ func trafficSection(g *goTest, p plan) ([]trafficRow, []trafficGoal, error) {
 			}
 		}
 	}
-	return rows, goals, runErr
+	return rows, goals
 }
 
 // ratioText shows a ratio with enough digits that one just below a goal
