@@ -134,10 +134,10 @@ func (rep *report) markdown() string {
 	p("Two network namespaces joined by a veth pair; A sends, B receives. Set-ups, on B's veth end: no program; ctd attached with `ctd attach` (TCX), default allow; ctd with `ctd policy default ingress deny` and `ctd policy add` rules allowing A's identity to the benchmark ports; Linux nf_conntrack through nftables input/output chains with `ct state established,related accept; ct state new accept`. ")
 	p("%s; each round builds every set-up on fresh namespaces, then runs each measurement on all of them back to back, in an order that rotates from round to round; each measurement counts for %s after %s of warm-up. ", plural(rep.Plan.trafficRounds, "round"), rep.Plan.trafficDuration, rep.Plan.trafficWarmup)
 	p("TCP throughput: one connection, 128 KiB writes, bytes counted by the receiver. Connection rate: %d parallel clients, each connect, 64-byte request, 64-byte response, server closes, client closes (like netperf TCP_CRR). UDP: 64-byte datagrams sent with sendmmsg in batches of 64; on veth the receive path (and B's ingress program) runs in the sender's context, so the rate is that of packets crossing the set-up; B's socket is not read during the run. ", 4)
-	p("Figures are medians over rounds; ratios are medians of the per-round ratio to no program in the same round; overhead is 1 − ratio.\n\n")
+	p("Figures are medians over rounds; ratios are medians of the per-round ratio to no program in the same round, with the quartiles of those per-round ratios (how far this machine's noise carries one round); overhead is 1 − ratio.\n\n")
 	p("| set-up |")
 	for _, t := range bench.TrafficTests {
-		p(" %s (%s) | ratio | overhead |", t.Title, t.Unit)
+		p(" %s (%s) | ratio (quartiles) | overhead |", t.Title, t.Unit)
 	}
 	p("\n|---|")
 	for range bench.TrafficTests {
@@ -164,7 +164,11 @@ func (rep *report) markdown() string {
 				p(" %.0f | 1 | — |", c.Median)
 				continue
 			}
-			p(" %.0f | %.3f | %s |", c.Median, c.Ratio, overhead(c.Ratio))
+			q := ""
+			if c.Rounds >= 4 {
+				q = fmt.Sprintf(" (%.3f–%.3f)", c.Q1, c.Q3)
+			}
+			p(" %.0f | %.3f%s | %s |", c.Median, c.Ratio, q, overhead(c.Ratio))
 		}
 		p("\n")
 	}

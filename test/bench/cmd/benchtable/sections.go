@@ -88,6 +88,9 @@ func packetSection(g *goTest, p plan) ([]packetRow, error) {
 type trafficCell struct {
 	Median float64 // of the set-up's figures over rounds
 	Ratio  float64 // median over rounds of figure / baseline's figure in the same round
+	// Q1 and Q3 are the quartiles of the per-round ratios: how far the
+	// noise carries one round's ratio.
+	Q1, Q3 float64
 	Rounds int
 }
 
@@ -172,7 +175,9 @@ func trafficTables(res []result) ([]trafficRow, []trafficGoal) {
 			if len(v) == 0 {
 				continue
 			}
-			rows[i].Cells[t.Name] = trafficCell{Median: bench.Median(v), Ratio: bench.Median(ratios(s.Name, bench.Baseline, t.Name)), Rounds: len(v)}
+			rs := ratios(s.Name, bench.Baseline, t.Name)
+			rows[i].Cells[t.Name] = trafficCell{Median: bench.Median(v), Ratio: bench.Median(rs),
+				Q1: bench.Quantile(rs, 0.25), Q3: bench.Quantile(rs, 0.75), Rounds: len(v)}
 		}
 	}
 	var goals []trafficGoal
@@ -182,22 +187,32 @@ func trafficTables(res []result) ([]trafficRow, []trafficGoal) {
 				continue
 			}
 			if t.MinRatio > 0 {
-				r := bench.Median(ratios(s.Name, bench.Baseline, t.Name))
+				rs := ratios(s.Name, bench.Baseline, t.Name)
+				r := bench.Median(rs)
 				g := trafficGoal{Desc: fmt.Sprintf("%s ≥ %.2f × no program", t.Title, t.MinRatio), Setup: s}
-				g.Measured = ratioText(r) + " ×"
+				g.Measured = ratioText(r) + " ×" + spread(rs)
 				g.Met, g.Result = atLeast(r, t.MinRatio)
 				goals = append(goals, g)
 			}
 			if t.NotBelow != "" {
-				r := bench.Median(ratios(s.Name, t.NotBelow, t.Name))
+				rs := ratios(s.Name, t.NotBelow, t.Name)
+				r := bench.Median(rs)
 				g := trafficGoal{Desc: fmt.Sprintf("%s ≥ %s", t.Title, setupTitle(t.NotBelow)), Setup: s}
-				g.Measured = ratioText(r) + " × " + setupTitle(t.NotBelow)
+				g.Measured = ratioText(r) + " × " + setupTitle(t.NotBelow) + spread(rs)
 				g.Met, g.Result = atLeast(r, 1)
 				goals = append(goals, g)
 			}
 		}
 	}
 	return rows, goals
+}
+
+// spread shows the quartiles of per-round ratios.
+func spread(rs []float64) string {
+	if len(rs) < 4 {
+		return ""
+	}
+	return fmt.Sprintf(" (rounds' quartiles %.3f–%.3f)", bench.Quantile(rs, 0.25), bench.Quantile(rs, 0.75))
 }
 
 // ratioText shows a ratio with enough digits that one just below a goal
