@@ -119,10 +119,17 @@ const (
 // the loader sizes them, and closes them when the test ends.
 func newDatapath(tb testing.TB) *testDatapath {
 	tb.Helper()
-	spec, err := loader.Options{CTMax: testCTMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().Spec()
+	spec, err := bpf.LoadCtd()
 	if err != nil {
 		tb.Fatal(err)
 	}
+	return newDatapathFrom(tb, spec)
+}
+
+// newDatapathFrom is newDatapath for another build of the programs.
+func newDatapathFrom(tb testing.TB, spec *ebpf.CollectionSpec) *testDatapath {
+	tb.Helper()
+	loader.Options{CTMax: testCTMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().SizeSpec(spec)
 	d := &testDatapath{}
 	if err := spec.LoadAndAssign(&d.CtdObjects, nil); err != nil {
 		tb.Fatalf("load datapath: %v", err)
