@@ -81,8 +81,8 @@ struct ct_entry {
 	__u64 bytes_orig;
 	__u64 packets_reply;
 	__u64 bytes_reply;
-	__u64 first_seen; /* CLOCK_BOOTTIME ns */
-	__u64 last_seen;  /* CLOCK_BOOTTIME ns */
+	__u64 first_seen; /* CLOCK_MONOTONIC_COARSE ns */
+	__u64 last_seen;  /* CLOCK_MONOTONIC_COARSE ns */
 	__u32 src_identity; /* originator's identity */
 	__u32 dst_identity; /* responder's identity */
 	__u32 ifindex;      /* interface the flow was first seen on */
@@ -200,7 +200,7 @@ enum event_type {
 };
 
 struct event {
-	__u64 time;  /* CLOCK_BOOTTIME ns */
+	__u64 time;  /* CLOCK_MONOTONIC_COARSE ns */
 	__u8  type;  /* enum event_type */
 	__u8  reason;/* enum metric_reason, for drops */
 	__u8  dir;

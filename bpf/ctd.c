@@ -152,7 +152,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 		count(dir, M_FWD_UNTRACKED, len);
 		return CTD_PASS;
 	case PKT_ICMP_ERR:
-		return related(skb, dir, &p, len, bpf_ktime_get_boot_ns());
+		return related(skb, dir, &p, len, bpf_ktime_get_coarse_ns());
 	default: {
 		struct config *cfg = config_get();
 
@@ -166,7 +166,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 	if (p.t.proto == IPPROTO_TCP && tcp_flags_invalid(p.t.tcp_flags))
 		return verdict_drop(dir, M_DROP_INVALID, len);
 
-	now = bpf_ktime_get_boot_ns();
+	now = bpf_ktime_get_coarse_ns();
 	src_is_b = ct_key_of(&p.t, &k);
 	e = bpf_map_lookup_elem(&ct_v1, &k);
 	if (!e)

@@ -157,7 +157,7 @@ func TestTCPStates(t *testing.T) {
 func runTCP(t *testing.T, d *testDatapath, p pair, o opener, steps []tcpStep) *flowModel {
 	t.Helper()
 	m := newModel(t, unix.IPPROTO_TCP, p, o)
-	start := ctmap.Now().Boot()
+	start := ctmap.Now().Mono()
 	var first ctmap.Flow
 	for i, s := range steps {
 		src, dst, dir := p.orig, p.resp, o.origDir
@@ -173,7 +173,7 @@ func runTCP(t *testing.T, d *testDatapath, p pair, o opener, steps []tcpStep) *f
 		m.account(s.from, len(frame), s.flags)
 		m.want.State = s.state
 		got := d.onlyFlow(t, m.want)
-		checkTimes(t, got, start, ctmap.Now().Boot())
+		checkTimes(t, got, start, ctmap.Now().Mono())
 		if i == 0 {
 			first = got
 		} else if got.FirstSeen != first.FirstSeen {

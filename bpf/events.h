@@ -19,12 +19,15 @@ struct {
 	__type(value, struct ratelimit);
 } evlimit_v1 SEC(".maps");
 
-/* event_allowed takes one token from this CPU's bucket. */
+/* event_allowed takes one token from this CPU's bucket. The bucket holds at
+ * most burst tokens, also right after the limit was lowered; the refill is
+ * computed in whole seconds plus a fraction so that it cannot overflow after
+ * a long idle time. */
 static __always_inline int event_allowed(const struct config *cfg, __u64 now)
 {
 	__u32 zero = 0;
 	struct ratelimit *rl;
-	__u64 rate, burst, refill;
+	__u64 rate, burst, refill, elapsed;
 
 	if (!cfg || !cfg->events_rate)
 		return 1;
@@ -33,13 +36,14 @@ static __always_inline int event_allowed(const struct config *cfg, __u64 now)
 		return 0;
 	rate = cfg->events_rate;
 	burst = cfg->events_burst ? cfg->events_burst : rate;
-	refill = (now - rl->last) * rate / 1000000000ULL;
+	elapsed = now - rl->last;
+	refill = elapsed / 1000000000ULL * rate + elapsed % 1000000000ULL * rate / 1000000000ULL;
 	if (refill) {
 		rl->tokens += refill;
-		if (rl->tokens > burst)
-			rl->tokens = burst;
 		rl->last = now;
 	}
+	if (rl->tokens > burst)
+		rl->tokens = burst;
 	if (!rl->tokens)
 		return 0;
 	rl->tokens--;

@@ -344,7 +344,7 @@ func loIfindex(tb testing.TB) uint32 {
 	return uint32(lo.Index)
 }
 
-// checkTimes asserts first <= last within [from, to] (CLOCK_BOOTTIME).
+// checkTimes asserts first <= last within [from, to] (CLOCK_MONOTONIC_COARSE).
 func checkTimes(tb testing.TB, f ctmap.Flow, from, to time.Duration) {
 	tb.Helper()
 	if f.FirstSeen < from || f.LastSeen > to || f.FirstSeen > f.LastSeen {

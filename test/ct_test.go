@@ -465,7 +465,7 @@ func testCTFlows(t *testing.T, mode string) {
 		t.Fatalf("after attaching twice: programs on %s: %v, want ingress and egress once", a.Iface, got)
 	}
 
-	start := time.Now().Add(-time.Second) // wall clocks and CLOCK_BOOTTIME drift apart slowly
+	start := time.Now().Add(-time.Second) // wall clocks and CLOCK_MONOTONIC_COARSE drift apart slowly
 	var want []wantFlow
 	flow := func(w wantFlow) {
 		w.notBefore, w.attachedTo = start, a.Iface

@@ -101,7 +101,7 @@ func TestObservabilityCLI(t *testing.T) {
 		if have, err := ct.Count(); err != nil || have > n {
 			t.Fatalf("table holds %d (%v), more than %d", have, err, n)
 		} else {
-			putFlows(t, ct, have, n-have, ctmap.Now().Boot())
+			putFlows(t, ct, have, n-have, ctmap.Now().Mono())
 		}
 		maps, stderr := mapsJSON(t, bin, pin)
 		got := maps["ct_v1"]
@@ -114,7 +114,7 @@ func TestObservabilityCLI(t *testing.T) {
 		}
 	}
 	// Above 80% full: a warning on stderr, in both formats.
-	putFlows(t, ct, 3000, 500, ctmap.Now().Boot()) // 3500 of 4096: 85.4%
+	putFlows(t, ct, 3000, 500, ctmap.Now().Mono()) // 3500 of 4096: 85.4%
 	_, stderr := mapsJSON(t, bin, pin)
 	if !strings.Contains(stderr, "warning: map ct_v1 is 85.4% full (3500 of 4096 entries)") {
 		t.Errorf("ctd maps at 85%% full: stderr %q", stderr)
@@ -127,7 +127,7 @@ func TestObservabilityCLI(t *testing.T) {
 
 	// ctd ct gc: 3500 entries; expire 1200 of them by giving them an old
 	// last_seen, and run a pass with a UDP NEW lifetime of 10s.
-	putFlows(t, ct, 0, 1200, ctmap.Now().Boot()-time.Minute)
+	putFlows(t, ct, 0, 1200, ctmap.Now().Mono()-time.Minute)
 	var res struct {
 		Scanned, Deleted, Refreshed, Vanished int
 		Duration                              float64 `json:"duration_seconds"`

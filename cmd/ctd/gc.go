@@ -50,7 +50,7 @@ UDP without reply 30s, with reply 60s; ICMP 30s; other protocols 60s.`,
 				return err
 			}
 			defer closeCT()
-			res, err := gc.Pass(m, lt, ctmap.Now().Boot())
+			res, err := gc.Pass(m, lt, ctmap.Now().Mono())
 			if err != nil {
 				return err
 			}

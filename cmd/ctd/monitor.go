@@ -80,7 +80,7 @@ Interface names are those of monitor's own network namespace.`,
 				return err
 			}
 			defer rd.Close()
-			rd.SkipBefore(ctmap.Now().Boot())
+			rd.SkipBefore(ctmap.Now().Mono())
 			lim, err := events.GetRateLimit(maps.ConfigV1)
 			if err != nil {
 				return err

@@ -171,7 +171,7 @@ func FlagNames(f uint8) []string {
 
 // RowOf converts fl to its JSON form; bt converts its timestamps to wall
 // time and names its interface.
-func RowOf(fl ctmap.Flow, bt ctmap.BootTime, names *Names) Row {
+func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *Names) Row {
 	return Row{
 		Proto:        ctmap.ProtoName(fl.Proto),
 		Src:          fl.Src.String(),

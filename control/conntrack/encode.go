@@ -12,7 +12,7 @@ import (
 // per-flow allocations: `ct list` of a million flows is dominated by this.
 // Its output is byte for byte what json.Marshal(RowOf(...)) and Line give.
 type Encoder struct {
-	bt    ctmap.BootTime
+	bt    ctmap.Clock
 	names *Names
 
 	// The formatted date and time of one wall-clock second, reused while
@@ -23,7 +23,7 @@ type Encoder struct {
 
 // NewEncoder returns an encoder that converts stamps with bt and names
 // interfaces with names.
-func NewEncoder(bt ctmap.BootTime, names *Names) *Encoder {
+func NewEncoder(bt ctmap.Clock, names *Names) *Encoder {
 	return &Encoder{bt: bt, names: names, sec: -1}
 }
 
@@ -108,7 +108,7 @@ func (e *Encoder) AppendLine(b []byte, fl ctmap.Flow) []byte {
 	return b
 }
 
-// appendTime appends the wall time of a CLOCK_BOOTTIME stamp in RFC 3339
+// appendTime appends the wall time of a CLOCK_MONOTONIC_COARSE stamp in RFC 3339
 // with nanoseconds, UTC, as time.RFC3339Nano formats it.
 func (e *Encoder) appendTime(b []byte, d time.Duration) []byte {
 	t := e.bt.Wall(d).UTC()

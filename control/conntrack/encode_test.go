@@ -15,7 +15,7 @@ func TestEncoderMatchesReference(t *testing.T) {
 	bt := ctmap.Now()
 	names := NewNames()
 	flows := append([]ctmap.Flow(nil), testFlows...)
-	boot := bt.Boot()
+	boot := bt.Mono()
 	for i, d := range []time.Duration{
 		boot,                         // now
 		boot - 3*time.Second,         // a whole number of seconds ago

@@ -80,7 +80,7 @@ type Event struct {
 	State       string        `json:"state,omitempty"` // flow events: the flow's state
 	*Counters                 // flow-closed: the flow's final counters
 	Kind        Type          `json:"-"`
-	Boot        time.Duration `json:"-"` // Time as the datapath stamped it (CLOCK_BOOTTIME)
+	Stamp       time.Duration `json:"-"` // Time as the datapath stamped it (CLOCK_MONOTONIC_COARSE)
 }
 
 // Counters are a flow's counters, per direction of the flow.
@@ -94,7 +94,7 @@ type Counters struct {
 // Decoder turns raw ring buffer records into Events. It resolves interface
 // names in the calling thread's network namespace and caches them.
 type Decoder struct {
-	clock ctmap.BootTime
+	clock ctmap.Clock
 	names map[uint32]string
 }
 
@@ -122,9 +122,9 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 	if t < FlowNew || t > CTInsertFailed {
 		return Event{}, fmt.Errorf("decode event: unknown type %d", r.Type)
 	}
-	boot := time.Duration(r.Time)
+	stamp := time.Duration(r.Time)
 	ev := Event{
-		Time:        d.clock.Wall(boot),
+		Time:        d.clock.Wall(stamp),
 		Type:        t.String(),
 		Proto:       ctmap.ProtoName(r.Proto),
 		Src:         addrOf(r.Src, r.Family),
@@ -137,7 +137,7 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 		Ifindex:     r.Ifindex,
 		Dir:         metricsmap.Direction(r.Dir).String(),
 		Kind:        t,
-		Boot:        boot,
+		Stamp:       stamp,
 	}
 	if t.IsDrop() {
 		ev.Reason = metricsmap.Reason(r.Reason).String()
@@ -198,9 +198,9 @@ func NewReader(events *ebpf.Map) (*Reader, error) {
 	return &Reader{rd: rd, dec: NewDecoder()}, nil
 }
 
-// SkipBefore makes Read drop events stamped before boot (CLOCK_BOOTTIME),
+// SkipBefore makes Read drop events stamped before t (CLOCK_MONOTONIC_COARSE),
 // such as those that piled up while nobody read.
-func (r *Reader) SkipBefore(boot time.Duration) { r.skip = boot }
+func (r *Reader) SkipBefore(t time.Duration) { r.skip = t }
 
 // Decoder returns the reader's decoder, e.g. to Resync it.
 func (r *Reader) Decoder() *Decoder { return r.dec }
@@ -220,7 +220,7 @@ func (r *Reader) Read() (Event, error) {
 		if err != nil {
 			return Event{}, err
 		}
-		if ev.Boot < r.skip {
+		if ev.Stamp < r.skip {
 			continue
 		}
 		return ev, nil

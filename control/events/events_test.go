@@ -67,7 +67,7 @@ func expectNone(t *testing.T, r *events.Reader) {
 }
 
 var ignoreTime = cmp.Options{
-	cmpopts.IgnoreFields(events.Event{}, "Time", "Boot", "Iface", "Ifindex"),
+	cmpopts.IgnoreFields(events.Event{}, "Time", "Stamp", "Iface", "Ifindex"),
 	cmpopts.EquateComparable(netip.Addr{}),
 }
 
@@ -235,18 +235,7 @@ func TestRateLimit(t *testing.T) {
 		t.Fatalf("SetRateLimit changed the default verdict: %+v, %v", c, err)
 	}
 
-	runtime.LockOSThread() // one CPU's bucket
-	defer runtime.UnlockOSThread()
-	var set unix.CPUSet
-	set.Set(0)
-	var orig unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &orig); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.SchedSetaffinity(0, &set); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.SchedSetaffinity(0, &orig)
+	onCPU0(t) // one CPU's bucket
 	for i := range 5 {
 		f := dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(5000+i)), netip.AddrPortFrom(addrB, 53), nil)
 		dp.Run(t, dptest.Egress, f)
@@ -267,5 +256,60 @@ func TestRateLimit(t *testing.T) {
 
 	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Burst: 5}); err == nil {
 		t.Error("a burst without a rate was accepted")
+	}
+}
+
+// onCPU0 runs the rest of the test on CPU 0, so that the datapath's per-CPU
+// event bucket under test is one bucket.
+func onCPU0(t *testing.T) {
+	runtime.LockOSThread()
+	var set, orig unix.CPUSet
+	set.Set(0)
+	if err := unix.SchedGetaffinity(0, &orig); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		unix.SchedSetaffinity(0, &orig)
+		runtime.UnlockOSThread()
+	})
+}
+
+// TestRateLimitLowered: a bucket filled under a high limit holds no more
+// than the new burst once the limit is lowered.
+func TestRateLimitLowered(t *testing.T) {
+	dp := dptest.Load(t, nettest.PinPath(t))
+	r := newReader(t, dp)
+	onCPU0(t)
+	flow := func(i int) {
+		dp.Run(t, dptest.Egress, dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(6000+i)), netip.AddrPortFrom(addrB, 53), nil))
+	}
+	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Rate: 10000}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		flow(i)
+		next(t, r)
+	}
+	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Rate: 1, Burst: 1}); err != nil {
+		t.Fatal(err)
+	}
+	before, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		flow(10 + i)
+	}
+	next(t, r)
+	expectNone(t, r)
+	after, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := after.Total(metricsmap.EventsRateLimited).Packets - before.Total(metricsmap.EventsRateLimited).Packets; got != 2 {
+		t.Errorf("after lowering the limit to 1/s, burst 1: %d of 3 events rate-limited, want 2", got)
 	}
 }

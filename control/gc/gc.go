@@ -19,7 +19,7 @@ type Result struct {
 }
 
 // Pass deletes every entry of m that has been idle longer than its state's
-// lifetime at now (CLOCK_BOOTTIME, as ctmap.Now().Boot() reads it): an entry
+// lifetime at now (CLOCK_MONOTONIC_COARSE, as ctmap.Now().Mono() reads it): an entry
 // expires when last_seen + lifetime(proto, state) < now. It loads a small
 // BPF program for the pass; a Runner loads it once.
 //

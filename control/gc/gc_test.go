@@ -20,7 +20,7 @@ import (
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
-// testNow is the CLOCK_BOOTTIME instant the pass tests run at: far enough
+// testNow is the CLOCK_MONOTONIC_COARSE instant the pass tests run at: far enough
 // from boot that every lifetime fits before it.
 const testNow = 100 * time.Hour
 
@@ -458,7 +458,7 @@ func TestRunnerWakes(t *testing.T) {
 	waitFor(t, "the pass at start", runs(1))
 
 	// An expired entry put now is deleted by the woken pass.
-	now := ctmap.Now().Boot()
+	now := ctmap.Now().Mono()
 	k := flowKey(unix.IPPROTO_UDP, 1)
 	e := entry(ctmap.StateNew, now-DefaultLifetimes().UDPNew-time.Second)
 	if err := ct.Put(&k, &e); err != nil {

@@ -128,7 +128,7 @@ func (lt Lifetimes) Of(proto uint8, s ctmap.State) time.Duration {
 }
 
 // Expired reports whether an entry of protocol proto has been idle longer
-// than its state's lifetime at now (CLOCK_BOOTTIME): last_seen + lifetime <
+// than its state's lifetime at now (CLOCK_MONOTONIC_COARSE): last_seen + lifetime <
 // now. An entry stamped after now (refreshed since now was read) is live.
 func (lt Lifetimes) Expired(proto uint8, e *ctmap.Entry, now time.Duration) bool {
 	last := time.Duration(e.LastSeen)

@@ -277,7 +277,7 @@ func (r *Runner) runPass(x *ctmap.Expirer, woken bool) time.Duration {
 		}
 		base = s
 	}
-	res, err := pass(r.m, x, r.cfg.Lifetimes, ctmap.Now().Boot(), nil)
+	res, err := pass(r.m, x, r.cfg.Lifetimes, ctmap.Now().Mono(), nil)
 
 	r.mu.Lock()
 	defer r.mu.Unlock()

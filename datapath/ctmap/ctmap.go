@@ -59,8 +59,8 @@ type Flow struct {
 	BytesOrig     uint64
 	PacketsReply  uint64
 	BytesReply    uint64
-	FirstSeen     time.Duration // CLOCK_BOOTTIME
-	LastSeen      time.Duration // CLOCK_BOOTTIME
+	FirstSeen     time.Duration // CLOCK_MONOTONIC_COARSE
+	LastSeen      time.Duration // CLOCK_MONOTONIC_COARSE
 	SrcIdentity   uint32
 	DstIdentity   uint32
 	Ifindex       uint32
@@ -292,22 +292,24 @@ func (m *Map) PutBatch(keys []Key, entries []Entry) error {
 // MaxEntries is the table's capacity.
 func (m *Map) MaxEntries() uint32 { return m.m.MaxEntries() }
 
-// BootTime converts CLOCK_BOOTTIME durations, as the datapath stamps them,
-// to wall-clock time.
-type BootTime struct {
+// Clock converts the datapath's timestamps to wall-clock time. The datapath
+// stamps with bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC_COARSE, a tick-granular
+// monotonic clock that costs a fraction of a precise read per packet and, like
+// nf_conntrack's jiffies, stands still while the machine is suspended.
+type Clock struct {
 	wall time.Time
-	boot time.Duration
+	mono time.Duration
 }
 
 // Now samples both clocks.
-func Now() BootTime {
+func Now() Clock {
 	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
-	return BootTime{wall: time.Now(), boot: time.Duration(ts.Nano())}
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &ts)
+	return Clock{wall: time.Now(), mono: time.Duration(ts.Nano())}
 }
 
-// Boot returns the CLOCK_BOOTTIME reading.
-func (b BootTime) Boot() time.Duration { return b.boot }
+// Mono returns the datapath clock's reading (CLOCK_MONOTONIC_COARSE).
+func (c Clock) Mono() time.Duration { return c.mono }
 
-// Wall converts a CLOCK_BOOTTIME stamp to wall-clock time.
-func (b BootTime) Wall(d time.Duration) time.Time { return b.wall.Add(d - b.boot) }
+// Wall converts a datapath timestamp to wall-clock time.
+func (c Clock) Wall(d time.Duration) time.Time { return c.wall.Add(d - c.mono) }
