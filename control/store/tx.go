@@ -6,51 +6,26 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strconv"
 
 	"go.etcd.io/bbolt"
+
+	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
-// Direction is a policy direction, numbered as the datapath numbers it.
-type Direction uint8
+// Direction and Verdict are the datapath's own (bpf/common.h), as the
+// policy map names them: the store keeps them with the same numbers.
+type (
+	Direction = policymap.Direction
+	Verdict   = policymap.Verdict
+)
 
 const (
-	Ingress Direction = 0
-	Egress  Direction = 1
+	Ingress      = policymap.Ingress
+	Egress       = policymap.Egress
+	VerdictUnset = policymap.VerdictUnset // never set: the datapath allows
+	Allow        = policymap.Allow
+	Deny         = policymap.Deny
 )
-
-func (d Direction) String() string {
-	switch d {
-	case Ingress:
-		return "ingress"
-	case Egress:
-		return "egress"
-	}
-	return "direction(" + strconv.Itoa(int(d)) + ")"
-}
-
-// Verdict is a policy verdict, numbered as the datapath numbers it.
-type Verdict uint8
-
-const (
-	// VerdictUnset is a default verdict that was never set (the datapath
-	// then allows).
-	VerdictUnset Verdict = 0
-	Allow        Verdict = 1
-	Deny         Verdict = 2
-)
-
-func (v Verdict) String() string {
-	switch v {
-	case VerdictUnset:
-		return "unset"
-	case Allow:
-		return "allow"
-	case Deny:
-		return "deny"
-	}
-	return "verdict(" + strconv.Itoa(int(v)) + ")"
-}
 
 // RuleKey selects a policy rule: direction, remote identity (0 = any),
 // IP protocol (0 = any) and destination port (0 = any).

@@ -92,19 +92,13 @@ func flowOf(class, j int) flow {
 	}
 }
 
-func bootNow() uint64 {
-	var ts unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC_COARSE, &ts)
-	return uint64(ts.Nano())
-}
-
 // FillConntrack writes n established synthetic flows into the conntrack
 // table ct with batch updates: a quarter each of TCP, UDP and ICMP echo over
 // IPv4 and TCP over IPv6, between clients in 198.18.0.0/16 (fd00:bec::/96)
 // and one server, last seen now. Size ct for at least n entries with room
 // to spare: an LRU table near its size evicts while it is filled.
 func FillConntrack(ct *ebpf.Map, n int) error {
-	now := bootNow()
+	now := uint64(ctmap.Now().Mono()) // the datapath's clock
 	const chunk = 1 << 16
 	keys := make([]ctmap.Key, 0, chunk)
 	vals := make([]ctmap.Entry, 0, chunk)
