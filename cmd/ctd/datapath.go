@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -94,28 +93,15 @@ func (a *app) openCT() (*ctmap.Map, func(), error) {
 // use this datapath's conntrack table. tc filters of a ctd with another pin
 // path are left out.
 func (a *app) attachments() ([]attach.Attachment, error) {
-	all, err := attach.List(a.linkDir())
-	if err != nil {
-		return nil, err
-	}
 	ctID, err := pinnedMapID(filepath.Join(a.pinPath, bpf.CtdMapCtV1))
 	if err != nil {
 		return nil, err
 	}
-	var out []attach.Attachment
-	for _, at := range all {
-		if at.Mode == attach.ModeTC {
-			ours, err := usesMap(ctID, at.IngressProgID, at.EgressProgID)
-			if err != nil {
-				return nil, fmt.Errorf("tc filters of %s: %w", at.Iface, err)
-			}
-			if !ours {
-				continue
-			}
-		}
-		out = append(out, at)
+	var ours []ebpf.MapID
+	if ctID != 0 {
+		ours = append(ours, ctID)
 	}
-	return out, nil
+	return attach.ListUsing(a.linkDir(), ours)
 }
 
 // pinnedMapID returns the ID of the map pinned at pin, or 0 if none is.
@@ -137,33 +123,4 @@ func pinnedMapID(pin string) (ebpf.MapID, error) {
 		return 0, fmt.Errorf("pinned map %s: the kernel reports no map ID", pin)
 	}
 	return id, nil
-}
-
-// usesMap reports whether any of the programs uses the map with ID mapID.
-func usesMap(mapID ebpf.MapID, progs ...ebpf.ProgramID) (bool, error) {
-	if mapID == 0 {
-		return false, nil
-	}
-	for _, id := range progs {
-		if id == 0 {
-			continue
-		}
-		p, err := ebpf.NewProgramFromID(id)
-		if errors.Is(err, os.ErrNotExist) {
-			continue // replaced or detached meanwhile
-		}
-		if err != nil {
-			return false, fmt.Errorf("open program %d: %w", id, err)
-		}
-		info, err := p.Info()
-		p.Close()
-		if err != nil {
-			return false, fmt.Errorf("program %d: %w", id, err)
-		}
-		ids, _ := info.MapIDs()
-		if slices.Contains(ids, mapID) {
-			return true, nil
-		}
-	}
-	return false, nil
 }

@@ -394,19 +394,10 @@ func (d *Daemon) repinFromAttached() ([]string, error) {
 
 // repinProgramMaps pins those maps of program id whose names are in want.
 func repinProgramMaps(id ebpf.ProgramID, pinPath string, want []string) ([]string, error) {
-	p, err := ebpf.NewProgramFromID(id)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil // replaced meanwhile
-	}
+	ids, err := attach.ProgramMaps(id)
 	if err != nil {
-		return nil, fmt.Errorf("open program %d: %w", id, err)
+		return nil, err
 	}
-	info, err := p.Info()
-	p.Close()
-	if err != nil {
-		return nil, fmt.Errorf("program %d: %w", id, err)
-	}
-	ids, _ := info.MapIDs()
 	var done []string
 	for _, mid := range ids {
 		m, err := ebpf.NewMapFromID(mid)

@@ -82,7 +82,7 @@ func status(t *testing.T, h *nettest.Host, linkDir string, ifaces ...string) []a
 
 func progUsesMap(t *testing.T, progID ebpf.ProgramID, mapID ebpf.MapID) bool {
 	t.Helper()
-	ids, err := progMaps(progID)
+	ids, err := attach.ProgramMaps(progID)
 	if err != nil {
 		t.Fatal(err)
 	}

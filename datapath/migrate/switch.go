@@ -117,7 +117,7 @@ func mapID(m *ebpf.Map) (ebpf.MapID, error) {
 func usedBy(id ebpf.MapID, atts []attach.Attachment) (bool, error) {
 	for _, at := range atts {
 		for _, pid := range []ebpf.ProgramID{at.IngressProgID, at.EgressProgID} {
-			ids, err := progMaps(pid)
+			ids, err := attach.ProgramMaps(pid)
 			if err != nil {
 				return false, fmt.Errorf("program attached to %s: %w", at.Iface, err)
 			}
@@ -129,27 +129,6 @@ func usedBy(id ebpf.MapID, atts []attach.Attachment) (bool, error) {
 	return false, nil
 }
 
-// progMaps returns the IDs of the maps program id uses; none if it is gone.
-func progMaps(id ebpf.ProgramID) ([]ebpf.MapID, error) {
-	if id == 0 {
-		return nil, nil
-	}
-	p, err := ebpf.NewProgramFromID(id)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("open program %d: %w", id, err)
-	}
-	defer p.Close()
-	info, err := p.Info()
-	if err != nil {
-		return nil, fmt.Errorf("program %d: %w", id, err)
-	}
-	ids, _ := info.MapIDs()
-	return ids, nil
-}
-
 // defaultAttached lists what the datapath at pinPath has attached in the
 // calling thread's network namespace: every interface with a pinned TCX
 // link below linkDir, and every ctd tc filter whose programs use
@@ -157,32 +136,11 @@ func progMaps(id ebpf.ProgramID) ([]ebpf.MapID, error) {
 // path are left out).
 func defaultAttached(pinPath, linkDir string) func() ([]attach.Attachment, error) {
 	return func() ([]attach.Attachment, error) {
-		all, err := attach.List(linkDir)
-		if err != nil {
-			return nil, err
-		}
 		ours, err := pinnedMapIDs(pinPath)
 		if err != nil {
 			return nil, err
 		}
-		var out []attach.Attachment
-		for _, at := range all {
-			if at.Mode == attach.ModeTC {
-				used := false
-				for _, id := range ours {
-					u, err := usedBy(id, []attach.Attachment{at})
-					if err != nil {
-						return nil, err
-					}
-					used = used || u
-				}
-				if !used {
-					continue
-				}
-			}
-			out = append(out, at)
-		}
-		return out, nil
+		return attach.ListUsing(linkDir, ours)
 	}
 }
 
