@@ -25,9 +25,9 @@ func TestResize(t *testing.T) {
 		wantMigrated     []string
 		wantUnchangedMap []string
 	}{
-		{"ct grows", [2]uint32{1024, 4096}, [2]uint32{1024, 1024}, 1000, 100,
+		{"ct grows", [2]uint32{1024, 4096}, [2]uint32{1024, 1024}, 600, 100,
 			[]string{bpf.CtdMapCtV1}, []string{bpf.CtdMapIpcache4V1, bpf.CtdMapPolicyV1, bpf.CtdMapMetricsV1}},
-		{"ct shrinks", [2]uint32{4096, 2048}, [2]uint32{1024, 1024}, 1500, 100,
+		{"ct shrinks", [2]uint32{4096, 2048}, [2]uint32{1024, 1024}, 1000, 100,
 			[]string{bpf.CtdMapCtV1}, []string{bpf.CtdMapIpcache4V1, bpf.CtdMapConfigV1}},
 		{"ipcache grows", [2]uint32{1024, 1024}, [2]uint32{1024, 4096}, 500, 1000,
 			[]string{bpf.CtdMapIpcache4V1, bpf.CtdMapIpcache6V1}, []string{bpf.CtdMapCtV1, bpf.CtdMapEvlimitV1}},
@@ -137,7 +137,7 @@ func TestRefuseTooSmall(t *testing.T) {
 
 func TestUpgradeV1ToV2(t *testing.T) {
 	o := setup(t, loader.Options{CTMax: 1024, IPCacheMax: 1024})
-	want := fillCT(t, o.PinPath, 700)
+	want := fillCT(t, o.PinPath, 500)
 	wantIP := fillIPCache(t, o.PinPath, 50)
 	before := pinnedIDs(t, o.PinPath)
 
@@ -150,7 +150,7 @@ func TestUpgradeV1ToV2(t *testing.T) {
 		t.Fatalf("LoadSpec(v2): %v", err)
 	}
 	defer coll.Close()
-	wantRep := []MapReport{{Map: v2test.CtdMapCtV2, From: bpf.CtdMapCtV1, Action: Upgrade, OldMaxEntries: 1024, MaxEntries: 1024, Copied: 700}}
+	wantRep := []MapReport{{Map: v2test.CtdMapCtV2, From: bpf.CtdMapCtV1, Action: Upgrade, OldMaxEntries: 1024, MaxEntries: 1024, Copied: 500}}
 	if !slices.Equal(rep.Maps, wantRep) {
 		t.Errorf("report %+v, want %+v", rep.Maps, wantRep)
 	}
