@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # ctd demo: builds ctd (unless $CTD_BIN names a binary), creates two network
 # namespaces joined by a veth, attaches ctd to one end, sends TCP, UDP and
-# ICMP traffic in both address families, prints the conntrack table and the
-# status, and removes everything it created, also when a step fails.
+# ICMP traffic in both address families, prints the conntrack table, shows
+# identity-aware policy at work (ipcache, default deny, an allow rule), the
+# live event stream, the maps and the counters, and removes everything it
+# created, also when a step fails.
 #
 #   A (ctd0: 198.51.100.1/24, fd00:c7d::1/64)  <-- veth -->  B (ctd1: 198.51.100.2/24, fd00:c7d::2/64)
 #   ctd attached to ctd0, ingress and egress
@@ -64,7 +66,7 @@ else
 	go build -o "$TMP/ctd" ./cmd/ctd
 	CTD=$TMP/ctd
 fi
-ctd() { in_a "$CTD" --pin-path "$PIN" "$@"; }
+ctd() { in_a "$CTD" --pin-path "$PIN" --state-dir "$TMP/state" "$@"; }
 
 step "creating namespaces $NS_A and $NS_B joined by a veth"
 ip netns add "$NS_A"
@@ -82,6 +84,19 @@ ip -n "$NS_B" link set ctd1 up
 
 step "ctd attach --iface ctd0 (pin path $PIN)"
 ctd attach --iface ctd0
+
+step "ctd ipcache add: B is identity 42"
+ctd ipcache add 198.51.100.2/32 id=42
+ctd ipcache add fd00:c7d::2/128 id=42
+
+step "ctd monitor -o json, in the background"
+ctd monitor -o json >"$TMP/monitor.json" 2>"$TMP/monitor.err" &
+PIDS+=($!)
+for i in $(seq 50); do
+	grep -q streaming "$TMP/monitor.err" 2>/dev/null && break
+	[ "$i" -eq 50 ] && { echo "demo.sh: ctd monitor did not start: $(cat "$TMP/monitor.err")" >&2; exit 1; }
+	sleep 0.1
+done
 
 step "starting TCP and UDP echo servers (socat) in both namespaces"
 for ns in "$NS_A" "$NS_B"; do
@@ -135,8 +150,38 @@ ctd ct list
 step "ctd ct list -o json --proto udp"
 ctd ct list -o json --proto udp
 
+# try_tcp SRC_NS DST: a new TCP connection that may be dropped.
+try_tcp() {
+	if nsenter --net="/var/run/netns/$1" -- timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/8080"' "$2" 2>/dev/null; then
+		echo "  tcp  -> $2:8080 connected"
+	else
+		echo "  tcp  -> $2:8080 dropped (no answer within 2 s)"
+	fi
+}
+
+step "ctd policy default ingress deny: A is protected"
+ctd policy default ingress deny
+tcp_echo "$NS_A" 198.51.100.2
+try_tcp "$NS_B" 198.51.100.1
+
+step "ctd policy add ingress id=42 tcp/8080 allow"
+ctd policy add ingress id=42 tcp/8080 allow
+try_tcp "$NS_B" 198.51.100.1
+ctd policy list
+
+step "ctd monitor -o json: the first events it streamed, and the policy drop"
+sleep 0.3
+head -n 4 "$TMP/monitor.json"
+grep -m 1 '"type":"drop"' "$TMP/monitor.json"
+
 step "ctd status"
 ctd status
+
+step "ctd maps"
+ctd maps
+
+step "ctd metrics"
+ctd metrics
 
 step "ctd teardown"
 ctd teardown

@@ -106,7 +106,7 @@ func pinnedMapStatus(pinPath, name string) (mapStatus, error) {
 	}
 	defer m.Close()
 
-	s := mapStatus{Name: name, Pinned: true, Type: m.Type().String(), MaxEntries: m.MaxEntries()}
+	s := mapStatus{Name: name, Pinned: true, Type: mapinfo.TypeName(m.Type()), MaxEntries: m.MaxEntries()}
 	if m.Type() == ebpf.RingBuf {
 		return s, nil
 	}
