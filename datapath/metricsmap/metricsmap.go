@@ -9,28 +9,17 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
-// Direction is the hook a packet was counted at (DIR_* in bpf/common.h).
-type Direction uint8
+// Direction is the hook a packet was counted at: the datapath's direction,
+// as the policy map names it (DIR_* in bpf/common.h).
+type Direction = policymap.Direction
 
 const (
-	Ingress Direction = 0
-	Egress  Direction = 1
+	Ingress = policymap.Ingress
+	Egress  = policymap.Egress
 )
-
-// Directions lists both directions in index order.
-var Directions = []Direction{Ingress, Egress}
-
-func (d Direction) String() string {
-	switch d {
-	case Ingress:
-		return "ingress"
-	case Egress:
-		return "egress"
-	}
-	return "dir" + strconv.Itoa(int(d))
-}
 
 // Reason is what a counter counts (enum metric_reason in bpf/common.h).
 type Reason uint8
@@ -152,8 +141,8 @@ type Sample struct {
 
 // Samples lists every known counter, ingress first, in index order.
 func (s *Snapshot) Samples() []Sample {
-	out := make([]Sample, 0, len(Directions)*len(Reasons))
-	for _, d := range Directions {
+	out := make([]Sample, 0, 2*len(Reasons))
+	for _, d := range []Direction{Ingress, Egress} {
 		for _, r := range Reasons {
 			out = append(out, Sample{Dir: d, Reason: r, Value: s.Get(d, r)})
 		}
