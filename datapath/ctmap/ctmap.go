@@ -210,24 +210,64 @@ const BatchSize = 4096
 // Iterate calls fn for every entry, reading the table in batches. Entries
 // that appear or vanish while it runs may or may not be seen. fn returning
 // false stops the walk.
+//
+// The next batch is read in the kernel while fn works through the current
+// one: on a million entries the syscalls and the caller's work (decoding,
+// printing) take about as long as each other, and overlap on two CPUs.
 func (m *Map) Iterate(fn func(k *Key, e *Entry) bool) error {
-	keys := make([]Key, BatchSize)
-	vals := make([]Entry, BatchSize)
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := m.m.BatchLookup(&cursor, keys, vals, nil)
-		for i := range n {
-			if !fn(&keys[i], &vals[i]) {
+	type batch struct {
+		keys []Key
+		vals []Entry
+		n    int
+	}
+	const inFlight = 2
+	free := make(chan *batch, inFlight)
+	full := make(chan *batch, inFlight) // never blocks: at most inFlight batches exist
+	for range inFlight {
+		free <- &batch{keys: make([]Key, BatchSize), vals: make([]Entry, BatchSize)}
+	}
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		defer close(full)
+		var cursor ebpf.MapBatchCursor
+		for {
+			var b *batch
+			select {
+			case b = <-free:
+			case <-stop:
+				done <- nil
+				return
+			}
+			n, err := m.m.BatchLookup(&cursor, b.keys, b.vals, nil)
+			if b.n = n; n > 0 {
+				full <- b
+			} else {
+				free <- b
+			}
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				done <- nil
+				return
+			}
+			if err != nil {
+				done <- fmt.Errorf("read conntrack table: %w", err)
+				return
+			}
+		}
+	}()
+	for b := range full {
+		for i := range b.n {
+			if !fn(&b.keys[i], &b.vals[i]) {
+				close(stop)
+				for range full {
+				}
+				<-done
 				return nil
 			}
 		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("read conntrack table: %w", err)
-		}
+		free <- b
 	}
+	return <-done
 }
 
 // Count returns the number of live entries.
