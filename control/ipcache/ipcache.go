@@ -202,20 +202,28 @@ type Options struct {
 
 // Table is the ipcache as operators change it: the datapath's tries and,
 // when Store is set, the desired-state store, which the daemon restores
-// and reconciles the tries from. Each change is made to both inside one
-// store transaction, which also keeps other ctd processes from
-// interleaving: if either part fails, neither keeps the change.
+// and reconciles the tries from. Each change goes through Store.Change:
+// recorded in the store with an intent mark, then applied to the tries, so
+// that a change killed midway is finished by the next ctd process; if the
+// tries refuse it, neither keeps it.
 type Table struct {
 	Map   *ipcachemap.Map
 	Store *store.Store // nil: the tries only
+	// Finish makes the maps equal to the store: it finishes a change
+	// another ctd process left unfinished (see store.Change).
+	Finish store.Finisher
 }
 
-// update runs fn in a store transaction, or with a nil Tx without a store.
-func (t Table) update(fn func(tx *store.Tx) error) error {
+// change records a change with record (run with a nil Tx without a store)
+// and applies it with apply.
+func (t Table) change(what string, record func(tx *store.Tx) error, apply func() error) error {
 	if t.Store == nil {
-		return fn(nil)
+		if err := record(nil); err != nil {
+			return err
+		}
+		return apply()
 	}
-	return t.Store.Update(fn)
+	return t.Store.Change(store.Change{What: what, Record: record, Apply: apply}, t.Finish)
 }
 
 // Load parses a whole ipcache file from r and applies it; nothing is
@@ -243,17 +251,15 @@ func (t Table) Load(r io.Reader, o Options) (Result, error) {
 // kernel still fails midway, Apply restores the table as it read it and
 // reports both. Apply is meant to be the table's only writer while it runs.
 func (t Table) Apply(entries []Entry, o Options) (Result, error) {
+	what := "ipcache load"
+	if o.Replace {
+		what += " --replace"
+	}
 	var res Result
-	err := t.update(func(tx *store.Tx) error {
-		var (
-			undo func() error
-			err  error
-		)
-		res, undo, err = apply(t.Map, entries, o)
-		if err != nil || tx == nil {
-			return err
+	record := func(tx *store.Tx) error {
+		if tx == nil {
+			return nil
 		}
-		tx.OnAbort(undo)
 		if o.Replace {
 			if err := tx.ClearIPCache(); err != nil {
 				return err
@@ -265,8 +271,12 @@ func (t Table) Apply(entries []Entry, o Options) (Result, error) {
 			}
 		}
 		return nil
-	})
-	if err != nil {
+	}
+	apply := func() (err error) {
+		res, err = apply(t.Map, entries, o)
+		return err
+	}
+	if err := t.change(what, record, apply); err != nil {
 		return Result{}, err
 	}
 	return res, nil
@@ -294,17 +304,17 @@ func storeOrder(entries []Entry) []Entry {
 	return out
 }
 
-// apply changes the tries and returns what undoes the change.
-func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error, error) {
+// apply changes the tries; when it fails it leaves them as they were.
+func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, error) {
 	var res Result
 	for _, e := range entries {
 		if !e.Prefix.IsValid() || e.Prefix.Masked() != e.Prefix || e.Identity == 0 {
-			return res, nil, fmt.Errorf("invalid entry %v id=%d", e.Prefix, e.Identity)
+			return res, fmt.Errorf("invalid entry %v id=%d", e.Prefix, e.Identity)
 		}
 	}
 	before, err := m.List()
 	if err != nil {
-		return res, nil, err
+		return res, err
 	}
 	old := make(map[netip.Prefix]uint32, len(before))
 	for _, e := range before {
@@ -314,7 +324,7 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error,
 	var upserts []Entry
 	for _, e := range entries {
 		if _, dup := want[e.Prefix]; dup {
-			return res, nil, fmt.Errorf("%v is given twice", e.Prefix)
+			return res, fmt.Errorf("%v is given twice", e.Prefix)
 		}
 		want[e.Prefix] = e.Identity
 		switch id, ok := old[e.Prefix]; {
@@ -363,7 +373,7 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error,
 		}
 		name := map[bool]string{true: "IPv4", false: "IPv6"}[is4]
 		if end := nOld + nAdded - nStale; end > int(limit) {
-			return Result{}, nil, fmt.Errorf("the %s ipcache holds at most %d prefixes (--ipcache-max) but would need %d: nothing was changed", name, limit, end)
+			return Result{}, fmt.Errorf("the %s ipcache holds at most %d prefixes (--ipcache-max) but would need %d: nothing was changed", name, limit, end)
 		}
 		staleFirst[fam] = nOld+nAdded > int(limit)
 	}
@@ -391,11 +401,11 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error,
 	}
 	if err != nil {
 		if rerr := restore(m, old, upserts, stale); rerr != nil {
-			return Result{}, nil, fmt.Errorf("apply ipcache changes: %w; restoring the previous table failed too: %v", err, rerr)
+			return Result{}, fmt.Errorf("apply ipcache changes: %w; restoring the previous table failed too: %v", err, rerr)
 		}
-		return Result{}, nil, fmt.Errorf("apply ipcache changes: %w (the previous table was restored)", err)
+		return Result{}, fmt.Errorf("apply ipcache changes: %w (the previous table was restored)", err)
 	}
-	return res, func() error { return restore(m, old, upserts, stale) }, nil
+	return res, nil
 }
 
 // restore undoes a partial Apply: prefixes it wrote or deleted get their
@@ -424,62 +434,57 @@ func (t Table) Add(e Entry) (previous uint32, err error) {
 	if e.Identity == 0 {
 		return 0, fmt.Errorf("invalid identity 0 for %v", e.Prefix)
 	}
-	err = t.update(func(tx *store.Tx) error {
-		prev, existed, err := t.Map.Get(e.Prefix)
-		if err != nil {
-			return err
-		}
-		if err := t.Map.Put(e.Prefix, e.Identity); err != nil {
-			return err
-		}
-		previous = prev
+	record := func(tx *store.Tx) error {
 		if tx == nil {
 			return nil
 		}
-		tx.OnAbort(func() error {
-			if existed {
-				return t.Map.Put(e.Prefix, prev)
-			}
-			return t.Map.Delete(e.Prefix)
-		})
 		return tx.PutIPCache(e.Prefix, e.Identity)
-	})
-	return previous, err
+	}
+	apply := func() error {
+		prev, _, err := t.Map.Get(e.Prefix)
+		if err != nil {
+			return err
+		}
+		previous = prev
+		return t.Map.Put(e.Prefix, e.Identity)
+	}
+	return previous, t.change("ipcache add", record, apply)
 }
 
 // Delete removes exactly p (not the prefixes it covers) and returns the
 // identity it had. It fails when p is neither in the tries nor in the store.
 func (t Table) Delete(p netip.Prefix) (identity uint32, err error) {
-	err = t.update(func(tx *store.Tx) error {
-		id, inMap, err := t.Map.Get(p)
-		if err != nil {
+	var inMap bool
+	check := func(tx *store.Tx) error {
+		var err error
+		if identity, inMap, err = t.Map.Get(p); err != nil {
 			return err
 		}
 		inStore := false
 		if tx != nil {
 			var sid uint32
 			if sid, inStore = tx.LookupIPCache(p); !inMap {
-				id = sid
+				identity = sid
 			}
 		}
 		if !inMap && !inStore {
 			return fmt.Errorf("%v is not in the ipcache (del removes exactly the prefix given; see 'ctd ipcache list')", p)
 		}
-		if inMap {
-			if err := t.Map.Delete(p); errors.Is(err, ipcachemap.ErrNotFound) {
-				return fmt.Errorf("%v is not in the ipcache (deleted meanwhile)", p)
-			} else if err != nil {
-				return err
-			}
-		}
-		identity = id
 		if tx == nil {
 			return nil
 		}
-		if inMap {
-			tx.OnAbort(func() error { return t.Map.Put(p, id) })
-		}
 		return tx.DeleteIPCache(p)
-	})
-	return identity, err
+	}
+	apply := func() error {
+		if !inMap {
+			return nil
+		}
+		if err := t.Map.Delete(p); errors.Is(err, ipcachemap.ErrNotFound) {
+			return fmt.Errorf("%v is not in the ipcache (deleted meanwhile)", p)
+		} else if err != nil {
+			return err
+		}
+		return nil
+	}
+	return identity, t.change("ipcache del", check, apply)
 }
