@@ -82,6 +82,14 @@ type Config struct {
 	// Spec returns the datapath to load; nil means the one built into
 	// package bpf. Test builds use it to run another build of the programs.
 	Spec func() (*ebpf.CollectionSpec, error)
+
+	// Defaults are the default verdicts by direction to record in the
+	// store where it holds none (VerdictUnset: none given), before the
+	// maps are restored: a new install can start closed.
+	Defaults [2]store.Verdict
+
+	// Store tunes the state store (timeouts); nil uses its defaults.
+	Store *store.Options
 }
 
 // Component is a loop the daemon runs once it is ready, such as conntrack
@@ -110,6 +118,8 @@ type Ready struct {
 	Total     time.Duration
 
 	Restored   bool           // the maps were created empty and filled from the store
+	Finished   *store.Intent  // a change a killed writer left unfinished, finished now
+	Compacted  [2]int64       // store size before and after compaction; zero when not compacted
 	Migration  migrate.Report // maps resized or upgraded to this build's layout
 	Repinned   []string       // maps whose pins were missing, re-pinned from the attached programs
 	Adopted    bool           // the store was empty and took over the maps' ipcache and policy
@@ -125,6 +135,7 @@ type Daemon struct {
 	log     *slog.Logger
 	store   *store.Store
 	lock    *os.File // LockFile, held until Close
+	pinLock *os.File // the pin path directory, flocked by Start until Close
 	dp      *loader.Datapath
 
 	mu     sync.Mutex // guards gen and ifaces against concurrent syncs
@@ -132,8 +143,10 @@ type Daemon struct {
 	ifaces map[string]attach.Mode // attached interfaces and their modes
 }
 
-// New checks cfg, opens the store and takes the state directory's lock
-// (one daemon per state); Close releases it.
+// New checks cfg, takes the state directory's lock (one daemon per state),
+// and opens and checks the store: a corrupted store (an empty file
+// included) is refused, as is a store that belongs to another pin path.
+// Close releases the lock.
 func New(cfg Config) (*Daemon, error) {
 	if cfg.Mode == "" {
 		cfg.Mode = attach.ModeAuto
@@ -160,12 +173,21 @@ func New(cfg Config) (*Daemon, error) {
 		}
 		seen[iface] = true
 	}
-	s, err := store.Open(cfg.StateDir, nil)
+	so := store.Options{}
+	if cfg.Store != nil {
+		so = *cfg.Store
+	}
+	so.PinPath = cfg.PinPath
+	s, err := store.Open(cfg.StateDir, &so)
 	if err != nil {
 		return nil, err
 	}
 	lock, err := lockStateDir(cfg.StateDir)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.Check(); err != nil {
+		lock.Close()
 		return nil, err
 	}
 	return &Daemon{
@@ -210,10 +232,19 @@ func lockStateDir(dir string) (*os.File, error) {
 // attaches the programs and records the interfaces, in that order. When it
 // fails, whatever ran before keeps running: it never detaches.
 func (d *Daemon) Start() (Ready, error) {
-	var r Ready
+	var (
+		r   Ready
+		err error
+	)
 	t0 := time.Now()
 
 	if err := bpffs.Ensure(d.cfg.PinPath); err != nil {
+		return r, err
+	}
+	if d.pinLock, err = lockPinPath(d.cfg.PinPath); err != nil {
+		return r, err
+	}
+	if r.Compacted, err = d.store.CompactIfBloated(); err != nil {
 		return r, err
 	}
 	opts, err := d.options()
@@ -234,6 +265,9 @@ func (d *Daemon) Start() (Ready, error) {
 	r.Load = time.Since(t0)
 
 	t1 := time.Now()
+	if r.Finished, err = d.store.Finish(d.finish); err != nil {
+		return r, err
+	}
 	gen, err := d.store.Generation()
 	if err != nil {
 		return r, err
@@ -242,6 +276,9 @@ func (d *Daemon) Start() (Ready, error) {
 		if r.Adopted, err = adopt(d.store, &dp.CtdMaps); err != nil {
 			return r, err
 		}
+	}
+	if err := d.recordDefaults(); err != nil {
+		return r, err
 	}
 	var st *store.State
 	err = d.store.View(func(tx *store.Tx) error {
@@ -273,6 +310,36 @@ func (d *Daemon) Start() (Ready, error) {
 	r.Generation = gen
 	r.Total = time.Since(t0)
 	return r, nil
+}
+
+// finish makes the maps equal to the desired state: it finishes a change
+// whose writer was killed (see store.Change).
+func (d *Daemon) finish(st *store.State) error {
+	_, err := Sync(st, &d.dp.CtdMaps)
+	return err
+}
+
+// recordDefaults records the configured default verdicts in the store for
+// the directions where it holds none.
+func (d *Daemon) recordDefaults() error {
+	if d.cfg.Defaults == [2]store.Verdict{} {
+		return nil
+	}
+	err := d.store.Update(func(tx *store.Tx) error {
+		have := tx.Defaults()
+		for dir, v := range d.cfg.Defaults {
+			if v != store.VerdictUnset && have[dir] == store.VerdictUnset {
+				if err := tx.SetDefault(store.Direction(dir), v); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("record the default verdicts in the state store: %w", err)
+	}
+	return nil
 }
 
 // options resolves the map sizes: what was asked, else what is pinned,
@@ -548,8 +615,11 @@ func (d *Daemon) attached() []string {
 }
 
 // reconcileLoop polls the store's generation and reconciles the maps when it
-// changed, and every ResyncInterval regardless. A failed poll or reconcile
-// is logged and retried at the next tick; the datapath keeps running.
+// changed, and every ResyncInterval regardless; at every poll it first
+// finishes a change whose writer was killed. A failed poll or reconcile is
+// logged and retried at the next tick; the datapath keeps running. A store
+// operation stuck past its deadline stops the daemon: it may hold the
+// store's lock, which no other ctd process could then take.
 func (d *Daemon) reconcileLoop(ctx context.Context) error {
 	poll := time.NewTicker(d.cfg.PollInterval)
 	defer poll.Stop()
@@ -560,7 +630,21 @@ func (d *Daemon) reconcileLoop(ctx context.Context) error {
 			return nil
 		case <-poll.C:
 		}
+		in, err := d.store.Finish(d.finish)
+		if errors.Is(err, store.ErrStuck) {
+			return err
+		}
+		if err != nil {
+			d.log.Warn("finish an unfinished change", "err", err)
+			continue
+		}
+		if in != nil {
+			d.log.Warn("finished a change its writer left unfinished", "change", in.What, "pid", in.PID, "started", in.Started)
+		}
 		gen, err := d.store.Generation()
+		if errors.Is(err, store.ErrStuck) {
+			return err
+		}
 		if err != nil {
 			d.log.Warn("read store generation", "err", err)
 			continue
@@ -572,7 +656,9 @@ func (d *Daemon) reconcileLoop(ctx context.Context) error {
 			continue
 		}
 		lastSync = time.Now()
-		if _, err := d.Reconcile(); err != nil {
+		if _, err := d.Reconcile(); errors.Is(err, store.ErrStuck) {
+			return err
+		} else if err != nil {
 			d.log.Warn("reconcile", "err", err)
 		}
 	}
@@ -632,6 +718,10 @@ func (d *Daemon) Close() error {
 		errs = append(errs, d.lock.Close()) // releases the flock
 		d.lock = nil
 	}
+	if d.pinLock != nil {
+		errs = append(errs, d.pinLock.Close())
+		d.pinLock = nil
+	}
 	return errors.Join(errs...)
 }
 
@@ -647,12 +737,22 @@ func LogReady(log *slog.Logger, r Ready) {
 		"reconcile", r.Reconcile.Round(time.Microsecond),
 		"attach", r.Attach.Round(time.Microsecond),
 		"restored", r.Restored,
+		"finished", finished(r.Finished),
+		"compacted", r.Compacted[0] != 0,
 		"adopted", r.Adopted,
 		"repinned", r.Repinned,
 		"migrated", migrated(r.Migration),
 		"generation", r.Generation,
 		"changes", r.Sync,
 		"ifaces", ifaces)
+}
+
+// finished names the change Start finished, or "".
+func finished(in *store.Intent) string {
+	if in == nil {
+		return ""
+	}
+	return fmt.Sprintf("%s (pid %d, %s)", in.What, in.PID, in.Started.Format(time.RFC3339))
 }
 
 // migrated summarises a migration report for the log.
