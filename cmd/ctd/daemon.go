@@ -20,11 +20,13 @@ import (
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/control/metrics"
+	"github.com/ctd-dev/ctd/control/policy"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
 func newDaemonCmd(a *app) *cobra.Command {
@@ -33,6 +35,7 @@ func newDaemonCmd(a *app) *cobra.Command {
 		mode        string
 		metricsAddr string
 		logFormat   string
+		defaults    [2]string
 		cfg         daemon.Config
 		lifetimes   = gc.DefaultLifetimes()
 	)
@@ -54,7 +57,8 @@ or SIGKILL the next start recovers the same way. It never detaches.
 
 Map sizes default to the size of the pinned map (or the built-in default
 when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
-		Args: cobra.NoArgs,
+		Args:        cobra.NoArgs,
+		Annotations: map[string]string{annotationNoFinish: "yes"},
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := requireRoot(); err != nil {
 				return err
@@ -80,6 +84,16 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 			if err := lifetimes.Validate(); err != nil {
 				return err
 			}
+			for d, v := range defaults {
+				if v == "" {
+					continue
+				}
+				verdict, err := policy.ParseVerdict(v)
+				if err != nil {
+					return fmt.Errorf("invalid --default-%s %q: valid are allow, deny", policymap.Direction(d), v)
+				}
+				cfg.Defaults[d] = verdict
+			}
 			if cfg.PollInterval <= 0 {
 				return fmt.Errorf("invalid --poll-interval %v: must be a positive duration, e.g. 1s", cfg.PollInterval)
 			}
@@ -104,7 +118,7 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 			cfg.Logger = log
 			cfg.Spec = datapathSpec
 			if len(ifaces) == 0 {
-				if err := requireStoredIfaces(a.stateDir); err != nil {
+				if err := a.requireStoredIfaces(); err != nil {
 					return err
 				}
 			}
@@ -129,6 +143,8 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 (off unless set)")
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
+	c.Flags().StringVar(&defaults[policymap.Ingress], "default-ingress", "", "default verdict for new ingress flows, allow or deny, recorded where the state store holds none (a new install): bootstrap closed with deny")
+	c.Flags().StringVar(&defaults[policymap.Egress], "default-egress", "", "default verdict for new egress flows, allow or deny, recorded where the state store holds none")
 	lifetimes.AddFlags(c.Flags())
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
@@ -139,12 +155,12 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 
 // requireStoredIfaces fails when no --iface is given and the store records
 // no interface either: the daemon would protect nothing.
-func requireStoredIfaces(stateDir string) error {
-	path := filepath.Join(stateDir, store.FileName)
+func (a *app) requireStoredIfaces() error {
+	path := filepath.Join(a.stateDir, store.FileName)
 	if _, err := os.Stat(path); err != nil {
 		return fmt.Errorf("missing --iface: there is no state store at %s to take the interfaces from; name one, e.g. --iface eth0", path)
 	}
-	s, err := store.Open(stateDir, nil)
+	s, err := a.openStore()
 	if err != nil {
 		return err
 	}
@@ -167,7 +183,7 @@ func (a *app) detachAndForget(iface string) error {
 	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
 		return attach.Detach(iface, a.linkDir())
 	}
-	s, err := store.Open(a.stateDir, nil)
+	s, err := a.openStore()
 	if err != nil {
 		return err
 	}

@@ -15,7 +15,8 @@ func newDetachCmd(a *app) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "detach --iface NAME",
 		Short: "Remove ctd's programs from one interface; the maps and other interfaces stay",
-		Args:  cobra.NoArgs,
+		Args:        cobra.NoArgs,
+		Annotations: map[string]string{annotationStore: "yes"},
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := requireRoot(); err != nil {
 				return err

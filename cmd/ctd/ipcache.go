@@ -10,7 +10,6 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/ipcache"
-	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -31,31 +30,26 @@ CIDRs are written as 10.0.0.0/8 or fd00::/8; a bare address means /32 or
 Changes go to the pinned maps and to the desired-state store (--state-dir),
 which 'ctd daemon' restores after a restart. The maps are created (and
 pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
+		Annotations: map[string]string{annotationStore: "yes"},
 	}
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
-	open := func(c *cobra.Command) (*ipcachemap.Map, func(), error) {
-		maps, err := a.openMaps(c, ipcacheMax)
-		if err != nil {
-			return nil, nil, err
-		}
-		return ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), func() { maps.Close() }, nil
-	}
 	table := func(c *cobra.Command) (ipcache.Table, func(), error) {
 		if err := requireRoot(); err != nil {
 			return ipcache.Table{}, nil, err
 		}
 		// The store first: a command that cannot record its change must
 		// not create maps either.
-		st, err := store.Open(a.stateDir, nil)
+		st, err := a.openStore()
 		if err != nil {
 			return ipcache.Table{}, nil, err
 		}
-		m, done, err := open(c)
+		maps, err := a.openMaps(c, ipcacheMax)
 		if err != nil {
 			return ipcache.Table{}, nil, err
 		}
-		return ipcache.Table{Map: m, Store: st}, done, nil
+		t := ipcache.Table{Map: ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), Store: st, Finish: finisher(maps)}
+		return t, func() { maps.Close() }, nil
 	}
 
 	c.AddCommand(&cobra.Command{

@@ -7,7 +7,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/policy"
-	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
@@ -35,6 +34,7 @@ applies, allow unless set otherwise.
 
 Changes go to the pinned maps and to the desired-state store (--state-dir),
 which 'ctd daemon' restores after a restart.`,
+		Annotations: map[string]string{annotationStore: "yes"},
 	}
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
@@ -44,7 +44,7 @@ which 'ctd daemon' restores after a restart.`,
 		}
 		// The store first: a command that cannot record its change must
 		// not create maps either.
-		st, err := store.Open(a.stateDir, nil)
+		st, err := a.openStore()
 		if err != nil {
 			return policy.Policy{}, nil, err
 		}
@@ -52,7 +52,8 @@ which 'ctd daemon' restores after a restart.`,
 		if err != nil {
 			return policy.Policy{}, nil, err
 		}
-		return policy.Policy{Map: policymap.New(maps.PolicyV1, maps.ConfigV1), Store: st}, func() { maps.Close() }, nil
+		p := policy.Policy{Map: policymap.New(maps.PolicyV1, maps.ConfigV1), Store: st, Finish: finisher(maps)}
+		return p, func() { maps.Close() }, nil
 	}
 
 	c.AddCommand(&cobra.Command{

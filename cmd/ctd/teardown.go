@@ -17,6 +17,7 @@ import (
 
 func newTeardownCmd(a *app) *cobra.Command {
 	return &cobra.Command{
+		Annotations: map[string]string{annotationNoFinish: "yes"},
 		Use:   "teardown",
 		Short: "Detach ctd everywhere and remove every pin under the pin path",
 		Long: `Detach ctd from every interface it is attached to: the TCX links pinned
