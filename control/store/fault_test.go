@@ -293,3 +293,63 @@ func TestCompact(t *testing.T) {
 		t.Errorf("after compaction: %d prefixes, generation %d", len(st.IPCache), st.Generation)
 	}
 }
+
+// TestChangeBulk stages an ipcache load in several transactions: merged or
+// replacing, committed or reverted, and after a writer died while staging.
+func TestChangeBulk(t *testing.T) {
+	s := openTemp(t, nil)
+	fill(t, s, 10) // prefixes 0-9, identity i+1
+	load := func(from, n int, id uint32, replace bool) *IPCacheLoad {
+		return &IPCacheLoad{Len: n, Replace: replace, At: func(i int) (netip.Prefix, uint32) { return prefixN(from + i), id }}
+	}
+	ok := func() error { return nil }
+
+	// Merge 5-(5+2.5 chunks): 0-4 keep their identities.
+	n := stageChunk*5/2 + 1
+	if err := s.Change(Change{What: "merge", IPCache: load(5, n, 7, false), Apply: ok}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st := snapshot(t, s)
+	if len(st.IPCache) != 5+n || st.IPCache[prefixN(4)] != 5 || st.IPCache[prefixN(5)] != 7 || st.IPCache[prefixN(5+n-1)] != 7 {
+		t.Fatalf("after a merging load: %d prefixes", len(st.IPCache))
+	}
+
+	// A replace whose Apply fails leaves the store as it was.
+	boom := errors.New("boom")
+	if err := s.Change(Change{What: "replace", IPCache: load(1, 3, 9, true), Apply: func() error { return boom }}, nil); !errors.Is(err, boom) {
+		t.Fatalf("failing replace: %v", err)
+	}
+	if after := snapshot(t, s); len(after.IPCache) != len(st.IPCache) || after.IPCache[prefixN(4)] != 5 {
+		t.Fatalf("after a reverted replace: %d prefixes, want %d", len(after.IPCache), len(st.IPCache))
+	}
+
+	// A writer killed while staging: its staging bucket is no part of the
+	// desired state, and the next load drops it.
+	ss, done, err := s.open(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ss.tx(true, newStaging); err != nil {
+		t.Fatal(err)
+	}
+	if err := ss.tx(true, func(tx *Tx) error { return tx.tx.Bucket(bucketStaging).Bucket(bucketIPCache).Put([]byte("junk"), []byte{1}) }); err != nil {
+		t.Fatal(err)
+	}
+	done()
+	if err := s.Change(Change{What: "replace", IPCache: load(1, 3, 9, true), Apply: ok}, nil); err != nil {
+		t.Fatal(err)
+	}
+	st = snapshot(t, s)
+	if len(st.IPCache) != 3 || st.IPCache[prefixN(1)] != 9 {
+		t.Fatalf("after a replace: %v", st.IPCache)
+	}
+	err = s.View(func(tx *Tx) error {
+		if tx.tx.Bucket(bucketStaging) != nil || tx.tx.Bucket(bucketUndo) != nil {
+			t.Error("staging or undo bucket left after the change")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}

@@ -39,8 +39,12 @@ type Finisher func(st *State) error
 type Change struct {
 	// What names the change in the intent mark.
 	What string
-	// Record writes the new desired state. It may read the maps, not
-	// write them; an error leaves everything as it was.
+	// IPCache, when set, is a bulk change of the ipcache, staged before
+	// Record runs and swapped in with it.
+	IPCache *IPCacheLoad
+	// Record writes the new desired state (nil: nothing beyond IPCache).
+	// It may read the maps, not write them; an error leaves everything as
+	// it was.
 	Record func(tx *Tx) error
 	// Apply changes the maps to follow. When it fails it must leave the
 	// maps as they were: the store is then reverted too.
@@ -59,11 +63,23 @@ func (s *Store) Change(c Change, finish Finisher) error {
 	if _, err := ss.finish(finish); err != nil {
 		return err
 	}
+	if c.IPCache != nil {
+		if err := ss.stage(c.IPCache); err != nil {
+			return err
+		}
+	}
 	var undo []undoOp
 	err = ss.tx(true, func(tx *Tx) error {
+		if c.IPCache != nil {
+			if err := tx.swap(); err != nil {
+				return err
+			}
+		}
 		tx.undo = &undo
-		if err := c.Record(tx); err != nil {
-			return err
+		if c.Record != nil {
+			if err := c.Record(tx); err != nil {
+				return err
+			}
 		}
 		tx.undo = nil
 		return tx.setIntent(c.What)
@@ -75,6 +91,11 @@ func (s *Store) Change(c Change, finish Finisher) error {
 		rerr := ss.tx(true, func(tx *Tx) error {
 			if err := tx.revert(undo); err != nil {
 				return err
+			}
+			if c.IPCache != nil {
+				if err := tx.unswap(); err != nil {
+					return err
+				}
 			}
 			return tx.clearIntent()
 		})
@@ -107,7 +128,7 @@ func (s *Store) Finish(finish Finisher) (*Intent, error) {
 func (s *Store) Pending() (*Intent, error) {
 	var in *Intent
 	err := s.View(func(tx *Tx) (err error) {
-		in, err = tx.intent()
+		in, err = tx.Intent()
 		return err
 	})
 	return in, err
@@ -119,7 +140,7 @@ func (ss *session) finish(finish Finisher) (*Intent, error) {
 	var in *Intent
 	err := ss.tx(true, func(tx *Tx) error {
 		var err error
-		if in, err = tx.intent(); in == nil || err != nil {
+		if in, err = tx.Intent(); in == nil || err != nil {
 			return err
 		}
 		st, err := tx.State()
@@ -140,7 +161,8 @@ func (ss *session) finish(finish Finisher) (*Intent, error) {
 	return in, nil
 }
 
-func (t *Tx) intent() (*Intent, error) {
+// Intent returns the intent mark the store holds, or nil.
+func (t *Tx) Intent() (*Intent, error) {
 	v := t.tx.Bucket(bucketMeta).Get(keyIntent)
 	if v == nil {
 		return nil, nil
@@ -163,6 +185,10 @@ func (t *Tx) setIntent(what string) error {
 	return t.tx.Bucket(bucketMeta).Put(keyIntent, v)
 }
 
+// clearIntent clears the mark and drops what the change kept aside.
 func (t *Tx) clearIntent() error {
+	if err := t.dropAside(); err != nil {
+		return err
+	}
 	return t.tx.Bucket(bucketMeta).Delete(keyIntent)
 }
