@@ -16,6 +16,7 @@ PACKAGES=(
 	linux-perf
 	linux-libc-dev
 	gcc-multilib
+	time
 )
 
 missing=()

@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 
 	"github.com/spf13/cobra"
 
@@ -164,6 +165,11 @@ prefixes are written first, then the prefixes the file does not have are
 deleted, so a prefix in both the old table and the file is never missing.`,
 		Args: exactArgs(1, "ctd ipcache load FILE|- [--replace]"),
 		RunE: func(c *cobra.Command, args []string) error {
+			if os.Getenv("GOMEMLIMIT") == "" {
+				// A big load is mostly short-lived garbage (lines,
+				// batches): collect it before the heap doubles.
+				debug.SetMemoryLimit(loadMemoryLimit)
+			}
 			name, r := args[0], io.Reader(c.InOrStdin())
 			if name == "-" {
 				name = "stdin"
@@ -197,6 +203,10 @@ deleted, so a prefix in both the old table and the file is never missing.`,
 	c.AddCommand(load)
 	return c
 }
+
+// loadMemoryLimit is the Go GC's soft memory limit for 'ipcache load'
+// (unless GOMEMLIMIT sets one): 500k lines need about 60 MiB live.
+const loadMemoryLimit = 80 << 20
 
 // exactArgs is cobra.ExactArgs with a usage line in its one-line error.
 func exactArgs(n int, usage string) cobra.PositionalArgs {
