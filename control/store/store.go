@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.etcd.io/bbolt"
@@ -93,6 +94,7 @@ func (e *CorruptError) Is(target error) bool { return target == ErrCorrupt }
 // corrupt returns the CorruptError of this store, quoting at most 80
 // characters of why.
 func (s *Store) corrupt(why string) error {
+	why = strings.Join(strings.Fields(why), " ")
 	if len(why) > 80 {
 		why = why[:77] + "..."
 	}
