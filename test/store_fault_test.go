@@ -2,7 +2,6 @@ package test
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -14,45 +13,9 @@ import (
 	"time"
 
 	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/control/store/storetest"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
-
-// damageRootPage overwrites the page of state.db that holds its top-level
-// buckets, which every transaction reads, with garbage.
-func damageRootPage(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	// bbolt's two meta pages: the one with the higher txid is current; its
-	// root page id is at offset 32, the txid at 64, the page size at 24.
-	var root, txid, pageSize uint64
-	for i := range int64(2) {
-		buf := make([]byte, 80)
-		off := i * int64(pageSize)
-		if i == 1 && pageSize == 0 {
-			t.Fatal("no page size in the first meta page")
-		}
-		if _, err := f.ReadAt(buf, off); err != nil {
-			t.Fatal(err)
-		}
-		if i == 0 {
-			pageSize = uint64(binary.LittleEndian.Uint32(buf[24:]))
-		}
-		if id := binary.LittleEndian.Uint64(buf[64:]); id >= txid {
-			txid, root = id, binary.LittleEndian.Uint64(buf[32:])
-		}
-	}
-	garbage := make([]byte, pageSize)
-	for i := range garbage {
-		garbage[i] = byte(i*7 + 3)
-	}
-	if _, err := f.WriteAt(garbage, int64(root*pageSize)); err != nil {
-		t.Fatal(err)
-	}
-}
 
 // oneLineFailure runs ctd (in h's network namespace when h is set), killed
 // after 20 s, and requires a non-zero exit with one line on stderr that
@@ -98,7 +61,9 @@ func TestDamagedStore(t *testing.T) {
 	e.must("policy", "default", "ingress", "deny")
 	before := e.ipcache()
 	db := filepath.Join(e.state, store.FileName)
-	damageRootPage(t, db)
+	if err := storetest.DamageRootPage(db); err != nil {
+		t.Fatal(err)
+	}
 
 	for range 2 { // the second one finds the lock free
 		e.oneLineFailure(nil, []string{"ipcache", "add", "198.51.100.0/24", "id=7"}, db, "corrupted", "ctd state rebuild --from-pins")

@@ -13,8 +13,8 @@ import (
 func newDetachCmd(a *app) *cobra.Command {
 	var iface string
 	c := &cobra.Command{
-		Use:   "detach --iface NAME",
-		Short: "Remove ctd's programs from one interface; the maps and other interfaces stay",
+		Use:         "detach --iface NAME",
+		Short:       "Remove ctd's programs from one interface; the maps and other interfaces stay",
 		Args:        cobra.NoArgs,
 		Annotations: map[string]string{annotationStore: "yes"},
 		RunE: func(c *cobra.Command, _ []string) error {

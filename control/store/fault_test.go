@@ -1,7 +1,6 @@
 package store
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -10,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ctd-dev/ctd/control/store/storetest"
 )
 
 func prefixN(i int) netip.Prefix {
@@ -31,51 +32,13 @@ func fill(t *testing.T, s *Store, n int) {
 	}
 }
 
-// DamageRootPage overwrites the page that holds the store's top-level
-// buckets, which every transaction reads, with garbage: what one bad page
-// of state.db does to ctd. Tests of other packages use it too.
-func DamageRootPage(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	// The two meta pages: the one with the higher txid is current; its
-	// root bucket's page id is at offset 32, the txid at 64 (bbolt's
-	// page header, then magic, version, page size, flags, root).
-	var root, txid uint64
-	pageSize := int64(0)
-	for i := range int64(2) {
-		buf := make([]byte, 80)
-		off := i * 4096
-		if pageSize != 0 {
-			off = i * pageSize
-		}
-		if _, err := f.ReadAt(buf, off); err != nil {
-			return err
-		}
-		if pageSize == 0 {
-			pageSize = int64(binary.LittleEndian.Uint32(buf[24:]))
-		}
-		if t := binary.LittleEndian.Uint64(buf[64:]); t >= txid {
-			txid, root = t, binary.LittleEndian.Uint64(buf[32:])
-		}
-	}
-	garbage := make([]byte, pageSize)
-	for i := range garbage {
-		garbage[i] = byte(i*7 + 3)
-	}
-	_, err = f.WriteAt(garbage, int64(root)*pageSize)
-	return err
-}
-
 // TestDamagedPage: a damaged page makes every operation fail with one line
 // that names the file and the way out; none panics, none hangs, and the
 // lock is free again afterwards.
 func TestDamagedPage(t *testing.T) {
 	s := openTemp(t, &Options{Deadline: 10 * time.Second})
 	fill(t, s, 2000)
-	if err := DamageRootPage(s.Path()); err != nil {
+	if err := storetest.DamageRootPage(s.Path()); err != nil {
 		t.Fatal(err)
 	}
 	ops := map[string]func() error{
@@ -332,7 +295,9 @@ func TestChangeBulk(t *testing.T) {
 	if err := ss.tx(true, newStaging); err != nil {
 		t.Fatal(err)
 	}
-	if err := ss.tx(true, func(tx *Tx) error { return tx.tx.Bucket(bucketStaging).Bucket(bucketIPCache).Put([]byte("junk"), []byte{1}) }); err != nil {
+	if err := ss.tx(true, func(tx *Tx) error {
+		return tx.tx.Bucket(bucketStaging).Bucket(bucketIPCache).Put([]byte("junk"), []byte{1})
+	}); err != nil {
 		t.Fatal(err)
 	}
 	done()
