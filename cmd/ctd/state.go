@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,7 +15,6 @@ import (
 	"github.com/ctd-dev/ctd/control/daemon"
 	"github.com/ctd-dev/ctd/control/policy"
 	"github.com/ctd-dev/ctd/control/store"
-	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
@@ -142,12 +140,7 @@ func newStateCheckCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			maps, err := loader.OpenPinned(a.pinPath)
-			if err != nil {
-				return err
-			}
-			defer maps.Close()
-			have, err := mapsState(maps)
+			have, err := a.pinnedState()
 			if err != nil {
 				return err
 			}
@@ -169,33 +162,15 @@ func newStateCheckCmd(a *app) *cobra.Command {
 	}
 }
 
-// mapsState reads the desired-state part of the maps: ipcache, rules and
-// default verdicts.
-func mapsState(maps *bpf.CtdMaps) (*store.State, error) {
-	entries, err := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1).List()
+// pinnedState reads the desired-state part of the datapath pinned at the
+// pin path: ipcache, policy rules and default verdicts.
+func (a *app) pinnedState() (*store.State, error) {
+	maps, err := loader.OpenPinned(a.pinPath)
 	if err != nil {
 		return nil, err
 	}
-	pm := policymap.New(maps.PolicyV1, maps.ConfigV1)
-	rules, err := pm.List()
-	if err != nil {
-		return nil, err
-	}
-	defaults, err := pm.Defaults()
-	if err != nil {
-		return nil, err
-	}
-	st := &store.State{IPCache: make(map[netip.Prefix]uint32, len(entries)), Policy: make(map[store.RuleKey]store.Verdict, len(rules))}
-	for _, e := range entries {
-		st.IPCache[e.Prefix] = e.Identity
-	}
-	for _, r := range rules {
-		st.Policy[store.RuleKey{Dir: r.Dir, Identity: r.Identity, Proto: r.Proto, Port: r.Port}] = r.Verdict
-	}
-	for d, v := range defaults {
-		st.Defaults[d] = v
-	}
-	return st, nil
+	defer maps.Close()
+	return daemon.MapsState(maps)
 }
 
 // stateDiff lists how the maps' state differs from the store's, one line per
@@ -268,12 +243,7 @@ store is corrupted (ctd refuses it and says so) or lost.`,
 			if err := checkPinPath(a.pinPath); err != nil {
 				return err
 			}
-			maps, err := loader.OpenPinned(a.pinPath)
-			if err != nil {
-				return err
-			}
-			defer maps.Close()
-			have, err := mapsState(maps)
+			have, err := a.pinnedState()
 			if err != nil {
 				return err
 			}
