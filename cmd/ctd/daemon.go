@@ -176,9 +176,10 @@ func (a *app) requireStoredIfaces() error {
 
 // detachAndForget detaches ctd from iface and removes iface from the
 // interfaces recorded in the state store (which 'ctd daemon' attaches at
-// every start), in one store transaction: if the detach fails, the store
-// keeps the interface. Without a store file only the detach is done; none is
-// created.
+// every start), as one change (store.Change): if the detach fails, the
+// store keeps the interface. Without a store file only the detach is done;
+// none is created. The detach runs in the calling goroutine, whose network
+// namespace is the command's.
 func (a *app) detachAndForget(iface string) error {
 	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
 		return attach.Detach(iface, a.linkDir())
@@ -187,12 +188,11 @@ func (a *app) detachAndForget(iface string) error {
 	if err != nil {
 		return err
 	}
-	return s.Update(func(tx *store.Tx) error {
-		if err := tx.DeleteInterface(iface); err != nil {
-			return err
-		}
-		return attach.Detach(iface, a.linkDir())
-	})
+	return s.Change(store.Change{
+		What:   "detach " + iface,
+		Record: func(tx *store.Tx) error { return tx.DeleteInterface(iface) },
+		Apply:  func() error { return attach.Detach(iface, a.linkDir()) },
+	}, nil)
 }
 
 // daemonComponents returns the loops the daemon runs beside reconcile:
