@@ -87,9 +87,6 @@ type Config struct {
 	// store where it holds none (VerdictUnset: none given), before the
 	// maps are restored: a new install can start closed.
 	Defaults [2]store.Verdict
-
-	// Store tunes the state store (timeouts); nil uses its defaults.
-	Store *store.Options
 }
 
 // Component is a loop the daemon runs once it is ready, such as conntrack
@@ -173,12 +170,7 @@ func New(cfg Config) (*Daemon, error) {
 		}
 		seen[iface] = true
 	}
-	so := store.Options{}
-	if cfg.Store != nil {
-		so = *cfg.Store
-	}
-	so.PinPath = cfg.PinPath
-	s, err := store.Open(cfg.StateDir, &so)
+	s, err := store.Open(cfg.StateDir, &store.Options{PinPath: cfg.PinPath})
 	if err != nil {
 		return nil, err
 	}
@@ -615,20 +607,23 @@ func (d *Daemon) attached() []string {
 }
 
 // reconcileLoop polls the store's generation and reconciles the maps when it
-// changed, and every ResyncInterval regardless; at every poll it first
-// finishes a change whose writer was killed. A failed poll or reconcile is
+// changed, and every ResyncInterval regardless; four times per poll it
+// finishes a change whose writer was killed, if there is one. A failed poll or reconcile is
 // logged and retried at the next tick; the datapath keeps running. A store
 // operation stuck past its deadline stops the daemon: it may hold the
 // store's lock, which no other ctd process could then take.
 func (d *Daemon) reconcileLoop(ctx context.Context) error {
-	poll := time.NewTicker(d.cfg.PollInterval)
-	defer poll.Stop()
-	lastSync := time.Now()
+	// A killed writer's mark is looked for intentPolls times per poll: a
+	// change it left half-applied is finished well within PollInterval.
+	const intentPolls = 4
+	tick := time.NewTicker(max(d.cfg.PollInterval/intentPolls, time.Millisecond))
+	defer tick.Stop()
+	lastSync, lastPoll := time.Now(), time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-poll.C:
+		case <-tick.C:
 		}
 		in, err := d.store.Finish(d.finish)
 		if errors.Is(err, store.ErrStuck) {
@@ -641,6 +636,10 @@ func (d *Daemon) reconcileLoop(ctx context.Context) error {
 		if in != nil {
 			d.log.Warn("finished a change its writer left unfinished", "change", in.What, "pid", in.PID, "started", in.Started)
 		}
+		if time.Since(lastPoll) < d.cfg.PollInterval*(intentPolls-1)/intentPolls {
+			continue
+		}
+		lastPoll = time.Now()
 		gen, err := d.store.Generation()
 		if errors.Is(err, store.ErrStuck) {
 			return err

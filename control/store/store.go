@@ -151,7 +151,9 @@ func newStore(dir string, o *Options) *Store {
 		if o.Deadline > 0 {
 			s.deadline = o.Deadline
 		}
-		s.pinPath = o.PinPath
+		if o.PinPath != "" {
+			s.pinPath = filepath.Clean(o.PinPath)
+		}
 	}
 	return s
 }

@@ -97,10 +97,6 @@ func (t *Tx) checkPinPath(pinPath string) error {
 	return nil
 }
 
-// PinPath is the pin path of the datapath the store belongs to ("" while
-// no write has bound it).
-func (t *Tx) PinPath() string { return string(t.tx.Bucket(bucketMeta).Get(keyPinPath)) }
-
 // logUndo records the current value of bucket/key, when undo is collected.
 func (t *Tx) logUndo(bucket, key []byte) {
 	if t.undo == nil {
