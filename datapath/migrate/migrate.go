@@ -9,8 +9,8 @@
 //     LRU hash and LPM trie maps are copied into a map of the new size; a
 //     size below the number of live entries is refused. Arrays may grow.
 //   - upgrade: an older layout of the table is pinned (ct_v1 while this build
-//     uses ct_v2). Entries are copied through the Converter registered for
-//     that pair (see converters).
+//     uses ct_v2). Entries are copied through the loader.Converter for that
+//     pair, which the build of the new layout provides (LoadSpec).
 //   - recreate: the events ring buffer changes size. A ring buffer cannot be
 //     copied: a new one replaces it and the events not yet read from the old
 //     one, or written to it until the switch, are lost. Readers (ctd monitor)
@@ -197,10 +197,12 @@ func Load(opts loader.Options, ifs Interfaces) (*loader.Datapath, Report, error)
 }
 
 // LoadSpec is Load for any build of the datapath: spec names the maps and
-// layouts wanted and is sized by opts (spec itself is not modified). The
-// collection holds the programs and every map by name.
-func LoadSpec(opts loader.Options, spec *ebpf.CollectionSpec, ifs Interfaces) (*ebpf.Collection, Report, error) {
-	return run(config{opts: opts, spec: spec, ifs: ifs})
+// layouts wanted and is sized by opts (spec itself is not modified), and
+// convs convert older layouts of its tables into its own (ctd's own build
+// has none: its layouts are the first). The collection holds the programs
+// and every map by name.
+func LoadSpec(opts loader.Options, spec *ebpf.CollectionSpec, ifs Interfaces, convs ...loader.Converter) (*ebpf.Collection, Report, error) {
+	return run(config{opts: opts, spec: spec, ifs: ifs, converters: convs})
 }
 
 // config is one run of Load, with the test hooks.
@@ -208,7 +210,7 @@ type config struct {
 	opts       loader.Options
 	spec       *ebpf.CollectionSpec
 	ifs        Interfaces
-	converters []Converter // nil: the built-in ones
+	converters []loader.Converter
 	hooks      hooks
 }
 
@@ -228,9 +230,6 @@ func run(c config) (*ebpf.Collection, Report, error) {
 	c.opts = c.opts.WithDefaults()
 	if err := c.opts.Validate(); err != nil {
 		return nil, rep, err
-	}
-	if c.converters == nil {
-		c.converters = converters()
 	}
 	spec := c.spec.Copy()
 	c.opts.SizeSpec(spec)

@@ -182,10 +182,11 @@ func TestMigrateUnderTraffic(t *testing.T) {
 		name    string
 		ctMax   uint32
 		newSpec func() (*ebpf.CollectionSpec, error)
+		convs   []loader.Converter
 		wantMap string
 	}{
-		{"resize", 4096, bpf.LoadCtd, bpf.CtdMapCtV1},
-		{"upgrade", 1024, v2test.LoadCtd, v2test.CtdMapCtV2},
+		{"resize", 4096, bpf.LoadCtd, nil, bpf.CtdMapCtV1},
+		{"upgrade", 1024, v2test.LoadCtd, v2test.Converters(), v2test.CtdMapCtV2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			pair := nettest.NewPair(t)
@@ -254,7 +255,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			var coll *ebpf.Collection
 			start := time.Now()
 			err = a.Do(func() (err error) {
-				coll, rep, err = run(config{opts: o, spec: spec, hooks: hooks{afterCopy: afterCopy}})
+				coll, rep, err = run(config{opts: o, spec: spec, converters: tc.convs, hooks: hooks{afterCopy: afterCopy}})
 				return err
 			})
 			if late != nil {

@@ -36,7 +36,7 @@ type mapPlan struct {
 	action  action
 	oldName string     // pinned name replaced (resize, upgrade, recreate)
 	old     *ebpf.Map  // the pinned map (keep: the map used)
-	conv    *Converter // upgrade only
+	conv    *loader.Converter // upgrade only
 
 	new    *ebpf.Map         // the map replacing old, or created
 	snap   map[string]string // pass 1: old key -> old value
@@ -249,7 +249,7 @@ func layoutDiff(m *ebpf.Map, spec *ebpf.MapSpec) string {
 	return strings.Join(d, ", ")
 }
 
-func converterList(cs []Converter) string {
+func converterList(cs []loader.Converter) string {
 	if len(cs) == 0 {
 		return "nothing"
 	}
