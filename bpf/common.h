@@ -39,6 +39,22 @@
 #define TCPF_PSH 0x08
 #define TCPF_ACK 0x10
 
+/* The maps, one name each. The version in a name is its layout's: a layout
+ * change renames the map here (and in datapath/loader, its only Go owner),
+ * and the code that uses the map keeps using the macro. */
+#ifndef CT_LAYOUT_V2
+#define CT_MAP       ct_v1
+#else
+#define CT_MAP       ct_v2 /* the test-only layout below gets its own name */
+#endif
+#define IPCACHE4_MAP ipcache4_v1
+#define IPCACHE6_MAP ipcache6_v1
+#define POLICY_MAP   policy_v1
+#define CONFIG_MAP   config_v1
+#define METRICS_MAP  metrics_v1
+#define EVENTS_MAP   events_v1
+#define EVLIMIT_MAP  evlimit_v1
+
 /* An address of either family; IPv4 uses the first 4 bytes, the rest is zero. */
 union addr {
 	__u8  b[16];
