@@ -93,8 +93,8 @@ func TestObservabilityCLI(t *testing.T) {
 	bin := nettest.BuildCtd(t)
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
-	ct := ctmap.New(dp.Maps.CtV1)
-	ctMax := int(dp.Maps.CtV1.MaxEntries())
+	ct := ctmap.New(dp.Maps.CT())
+	ctMax := int(dp.Maps.CT().MaxEntries())
 
 	// ctd maps: exactly N after N inserts, at every step.
 	for _, n := range []int{0, 1, 1000, 3000} {

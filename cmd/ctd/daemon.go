@@ -186,9 +186,9 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	cs := []daemon.Component{{
 		Name: "conntrack GC",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			r, err := gc.NewRunner(ctmap.New(env.Datapath.CtV1), gc.RunnerConfig{
+			r, err := gc.NewRunner(ctmap.New(env.Datapath.CT()), gc.RunnerConfig{
 				Lifetimes: lt,
-				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.MetricsV1)),
+				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.Metrics())),
 				Logger:    env.Logger,
 			})
 			if err != nil {
@@ -204,12 +204,12 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	return append(cs, daemon.Component{
 		Name: "metrics server",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			maps, err := mapinfo.Of(&env.Datapath.CtdMaps, env.PinPath)
+			maps, err := mapinfo.Of(&env.Datapath.Maps, env.PinPath)
 			if err != nil {
 				return err
 			}
 			col := metrics.NewCollector(metrics.Sources{
-				Metrics: metricsmap.New(env.Datapath.MetricsV1),
+				Metrics: metricsmap.New(env.Datapath.Metrics()),
 				Maps:    maps,
 				GC: func() gc.Stats {
 					if r := runner.Load(); r != nil {

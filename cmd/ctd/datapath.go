@@ -13,7 +13,6 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
@@ -76,10 +75,10 @@ func (a *app) openCT() (*ctmap.Map, func(), error) {
 	if err := checkPinPath(a.pinPath); err != nil {
 		return nil, nil, err
 	}
-	pin := filepath.Join(a.pinPath, bpf.CtdMapCtV1)
+	pin := filepath.Join(a.pinPath, loader.CTMap)
 	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{})
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil, fmt.Errorf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", a.pinPath, bpf.CtdMapCtV1)
+		return nil, nil, fmt.Errorf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", a.pinPath, loader.CTMap)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("open pinned map %s: %w", pin, err)
@@ -93,7 +92,7 @@ func (a *app) openCT() (*ctmap.Map, func(), error) {
 // use this datapath's conntrack table. tc filters of a ctd with another pin
 // path are left out.
 func (a *app) attachments() ([]attach.Attachment, error) {
-	ctID, err := pinnedMapID(filepath.Join(a.pinPath, bpf.CtdMapCtV1))
+	ctID, err := pinnedMapID(filepath.Join(a.pinPath, loader.CTMap))
 	if err != nil {
 		return nil, err
 	}

@@ -53,11 +53,11 @@ Suppressed events are counted (events-ratelimited in 'ctd metrics').
 			}
 			defer maps.Close()
 			if len(args) == 1 {
-				if err := events.SetRateLimit(maps.ConfigV1, lim); err != nil {
+				if err := events.SetRateLimit(maps.Config(), lim); err != nil {
 					return err
 				}
 			}
-			cur, err := events.GetRateLimit(maps.ConfigV1)
+			cur, err := events.GetRateLimit(maps.Config())
 			if err != nil {
 				return err
 			}

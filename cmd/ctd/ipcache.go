@@ -8,7 +8,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/ipcache"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
@@ -39,7 +38,7 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 		if err != nil {
 			return nil, nil, err
 		}
-		return ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), func() { maps.Close() }, nil
+		return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), func() { maps.Close() }, nil
 	}
 	table := func(c *cobra.Command) (ipcache.Table, func(), error) {
 		if err := requireRoot(); err != nil {
@@ -285,7 +284,7 @@ func ipcacheList(w io.Writer, m *ipcachemap.Map, output string) error {
 // whatever their size (a differing explicit --ipcache-max is an error);
 // otherwise the missing maps are created and pinned, the ipcache tries
 // with --ipcache-max prefixes per family.
-func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*bpf.CtdMaps, error) {
+func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*loader.Maps, error) {
 	if err := requireRoot(); err != nil {
 		return nil, err
 	}
@@ -304,7 +303,7 @@ func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*bpf.CtdMaps, error
 		return nil, err
 	}
 	if f := c.Flag("ipcache-max"); f != nil && f.Changed {
-		if have := maps.Ipcache4V1.MaxEntries(); have != ipcacheMax {
+		if have := maps.IPCache4().MaxEntries(); have != ipcacheMax {
 			maps.Close()
 			return nil, fmt.Errorf("invalid --ipcache-max %d: the pinned ipcache at %s holds %d prefixes per family (drop the flag, or resize with 'ctd daemon --ipcache-max')", ipcacheMax, a.pinPath, have)
 		}
@@ -335,5 +334,5 @@ func (a *app) openPinnedIPCache() (*ipcachemap.Map, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), func() { maps.Close() }, nil
+	return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), func() { maps.Close() }, nil
 }

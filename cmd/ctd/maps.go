@@ -8,7 +8,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -62,7 +61,7 @@ output is an array with one object per map (fill in percent).`,
 }
 
 // openPinnedMaps opens every map pinned at the pin path.
-func (a *app) openPinnedMaps() (*bpf.CtdMaps, error) {
+func (a *app) openPinnedMaps() (*loader.Maps, error) {
 	if err := checkPinPath(a.pinPath); err != nil {
 		return nil, err
 	}

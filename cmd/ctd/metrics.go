@@ -48,7 +48,7 @@ restarts and re-attachments.`,
 				return err
 			}
 			defer maps.Close()
-			snap, err := metricsmap.New(maps.MetricsV1).Read()
+			snap, err := metricsmap.New(maps.Metrics()).Read()
 			if err != nil {
 				return err
 			}

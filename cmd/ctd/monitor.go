@@ -75,20 +75,20 @@ Interface names are those of monitor's own network namespace.`,
 				return err
 			}
 			defer maps.Close()
-			rd, err := events.NewReader(maps.EventsV1)
+			rd, err := events.NewReader(maps.Events())
 			if err != nil {
 				return err
 			}
 			defer rd.Close()
 			rd.SkipBefore(ctmap.Now().Mono())
-			lim, err := events.GetRateLimit(maps.ConfigV1)
+			lim, err := events.GetRateLimit(maps.Config())
 			if err != nil {
 				return err
 			}
 
 			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			lost := &lostReporter{m: metricsmap.New(maps.MetricsV1), w: c.ErrOrStderr()}
+			lost := &lostReporter{m: metricsmap.New(maps.Metrics()), w: c.ErrOrStderr()}
 			if err := lost.start(); err != nil {
 				return err
 			}

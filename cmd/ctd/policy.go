@@ -52,7 +52,7 @@ which 'ctd daemon' restores after a restart.`,
 		if err != nil {
 			return policy.Policy{}, nil, err
 		}
-		return policy.Policy{Map: policymap.New(maps.PolicyV1, maps.ConfigV1), Store: st}, func() { maps.Close() }, nil
+		return policy.Policy{Map: policymap.New(maps.Policy(), maps.Config()), Store: st}, func() { maps.Close() }, nil
 	}
 
 	c.AddCommand(&cobra.Command{
@@ -156,7 +156,7 @@ which 'ctd daemon' restores after a restart.`,
 				return err
 			}
 			defer maps.Close()
-			s, err := policy.Show(policymap.New(maps.PolicyV1, maps.ConfigV1))
+			s, err := policy.Show(policymap.New(maps.Policy(), maps.Config()))
 			if err != nil {
 				return err
 			}

@@ -12,7 +12,6 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -174,7 +173,7 @@ func newTable(t *testing.T) *ctmap.Map {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -239,7 +239,7 @@ func (d *Daemon) Start() (Ready, error) {
 		return r, err
 	}
 	if gen == 0 && existed {
-		if r.Adopted, err = adopt(d.store, &dp.CtdMaps); err != nil {
+		if r.Adopted, err = adopt(d.store, &dp.Maps); err != nil {
 			return r, err
 		}
 	}
@@ -249,7 +249,7 @@ func (d *Daemon) Start() (Ready, error) {
 		if st, err = tx.State(); err != nil {
 			return err
 		}
-		r.Sync, err = Sync(st, &dp.CtdMaps)
+		r.Sync, err = Sync(st, &dp.Maps)
 		return err
 	})
 	if err != nil {
@@ -288,9 +288,9 @@ func (d *Daemon) options() (loader.Options, error) {
 		size *uint32
 		name string
 	}{
-		{&o.CTMax, bpf.CtdMapCtV1},
-		{&o.IPCacheMax, bpf.CtdMapIpcache4V1},
-		{&o.RingBufSize, bpf.CtdMapEventsV1},
+		{&o.CTMax, loader.CTMap},
+		{&o.IPCacheMax, loader.IPCache4Map},
+		{&o.RingBufSize, loader.EventsMap},
 	} {
 		if *f.size != 0 {
 			continue
@@ -340,13 +340,9 @@ func (d *Daemon) load(o loader.Options) (*loader.Datapath, migrate.Report, error
 		return nil, rep, fmt.Errorf("load datapath: %w", err)
 	}
 	defer coll.Close()
-	dp := &loader.Datapath{}
-	if err := coll.Assign(&dp.CtdMaps); err != nil {
-		return nil, rep, fmt.Errorf("load datapath: assign maps: %w", err)
-	}
-	if err := coll.Assign(&dp.CtdPrograms); err != nil {
-		dp.CtdMaps.Close()
-		return nil, rep, fmt.Errorf("load datapath: assign programs: %w", err)
+	dp, err := loader.FromCollection(coll)
+	if err != nil {
+		return nil, rep, fmt.Errorf("load datapath: %w", err)
 	}
 	return dp, rep, nil
 }
@@ -591,7 +587,7 @@ func (d *Daemon) Reconcile() (SyncStats, error) {
 		if st, err = tx.State(); err != nil {
 			return err
 		}
-		stats, err = Sync(st, &d.dp.CtdMaps)
+		stats, err = Sync(st, &d.dp.Maps)
 		return err
 	})
 	if err != nil {

@@ -7,9 +7,9 @@ import (
 	"net/netip"
 	"slices"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
@@ -42,12 +42,12 @@ func (s SyncStats) LogValue() slog.Value {
 // update is atomic for the datapath), and only then deletes what st does
 // not have. Call it holding the store's lock (inside Store.View) so that no
 // CLI write interleaves.
-func Sync(st *store.State, maps *bpf.CtdMaps) (SyncStats, error) {
+func Sync(st *store.State, maps *loader.Maps) (SyncStats, error) {
 	var s SyncStats
-	if err := syncIPCache(st, ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), &s); err != nil {
+	if err := syncIPCache(st, ipcachemap.New(maps.IPCache4(), maps.IPCache6()), &s); err != nil {
 		return s, err
 	}
-	if err := syncPolicy(st, policymap.New(maps.PolicyV1, maps.ConfigV1), &s); err != nil {
+	if err := syncPolicy(st, policymap.New(maps.Policy(), maps.Config()), &s); err != nil {
 		return s, err
 	}
 	return s, nil
@@ -171,12 +171,12 @@ func syncPolicy(st *store.State, m *policymap.Map, s *SyncStats) error {
 // default verdicts: when a datapath that ran without a store (an older ctd,
 // or a lost state directory) meets the daemon, its state is taken over
 // rather than deleted. It reports whether anything was adopted.
-func adopt(s *store.Store, maps *bpf.CtdMaps) (bool, error) {
-	entries, err := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1).List()
+func adopt(s *store.Store, maps *loader.Maps) (bool, error) {
+	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
 	if err != nil {
 		return false, err
 	}
-	pm := policymap.New(maps.PolicyV1, maps.ConfigV1)
+	pm := policymap.New(maps.Policy(), maps.Config())
 	rules, err := pm.List()
 	if err != nil {
 		return false, err

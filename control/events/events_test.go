@@ -31,14 +31,14 @@ var (
 func setIdentity(t *testing.T, dp *dptest.Datapath, a netip.Addr, id uint32) {
 	t.Helper()
 	k := bpf.CtdIpcache4Key{Prefixlen: 32, Addr: a.As4()}
-	if err := dp.Maps.Ipcache4V1.Put(&k, &bpf.CtdIpcacheValue{Identity: id}); err != nil {
+	if err := dp.Maps.IPCache4().Put(&k, &bpf.CtdIpcacheValue{Identity: id}); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func newReader(t *testing.T, dp *dptest.Datapath) *events.Reader {
 	t.Helper()
-	r, err := events.NewReader(dp.Maps.EventsV1)
+	r, err := events.NewReader(dp.Maps.Events())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,14 +224,14 @@ func TestRateLimit(t *testing.T) {
 	dp.SetDefault(t, dptest.Ingress, 2)
 	r := newReader(t, dp)
 	lim := events.RateLimit{Rate: 1, Burst: 2}
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, lim); err != nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), lim); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := events.GetRateLimit(dp.Maps.ConfigV1); err != nil || got != lim {
+	if got, err := events.GetRateLimit(dp.Maps.Config()); err != nil || got != lim {
 		t.Fatalf("GetRateLimit = %+v, %v; want %+v", got, err, lim)
 	}
 	var c bpf.CtdConfig
-	if err := dp.Maps.ConfigV1.Lookup(uint32(0), &c); err != nil || c.DefaultVerdict[0] != 2 {
+	if err := dp.Maps.Config().Lookup(uint32(0), &c); err != nil || c.DefaultVerdict[0] != 2 {
 		t.Fatalf("SetRateLimit changed the default verdict: %+v, %v", c, err)
 	}
 
@@ -246,7 +246,7 @@ func TestRateLimit(t *testing.T) {
 		}
 	}
 	expectNone(t, r)
-	snap, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	snap, err := metricsmap.New(dp.Maps.Metrics()).Read()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +254,7 @@ func TestRateLimit(t *testing.T) {
 		t.Errorf("rate-limited events = %d, want 3", got)
 	}
 
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Burst: 5}); err == nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), events.RateLimit{Burst: 5}); err == nil {
 		t.Error("a burst without a rate was accepted")
 	}
 }
@@ -286,17 +286,17 @@ func TestRateLimitLowered(t *testing.T) {
 	flow := func(i int) {
 		dp.Run(t, dptest.Egress, dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(6000+i)), netip.AddrPortFrom(addrB, 53), nil))
 	}
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Rate: 10000}); err != nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), events.RateLimit{Rate: 10000}); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 3 {
 		flow(i)
 		next(t, r)
 	}
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Rate: 1, Burst: 1}); err != nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), events.RateLimit{Rate: 1, Burst: 1}); err != nil {
 		t.Fatal(err)
 	}
-	before, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	before, err := metricsmap.New(dp.Maps.Metrics()).Read()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,7 +305,7 @@ func TestRateLimitLowered(t *testing.T) {
 	}
 	next(t, r)
 	expectNone(t, r)
-	after, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	after, err := metricsmap.New(dp.Maps.Metrics()).Read()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,6 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -39,7 +38,7 @@ func newCTMap(tb testing.TB, maxEntries uint32) *ebpf.Map {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
 	if err != nil {
 		tb.Fatalf("create conntrack map: %v", err)
 	}

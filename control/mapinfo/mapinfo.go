@@ -13,7 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
@@ -30,14 +29,8 @@ type Map struct {
 
 // Of lists the maps of a datapath pinned at pinPath, in loader.MapNames
 // order. The maps stay owned by maps.
-func Of(maps *bpf.CtdMaps, pinPath string) ([]Map, error) {
-	byName := make(map[string]*ebpf.Map)
-	v := reflect.ValueOf(maps).Elem()
-	for i := range v.NumField() {
-		if name := v.Type().Field(i).Tag.Get("ebpf"); name != "" {
-			byName[name], _ = v.Field(i).Interface().(*ebpf.Map)
-		}
-	}
+func Of(maps *loader.Maps, pinPath string) ([]Map, error) {
+	byName := maps.ByName()
 	out := make([]Map, 0, len(loader.MapNames))
 	for _, name := range loader.MapNames {
 		m := byName[name]

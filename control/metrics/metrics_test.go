@@ -90,7 +90,7 @@ func TestScrape(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := metrics.NewCollector(metrics.Sources{
-		Metrics: metricsmap.New(dp.Maps.MetricsV1),
+		Metrics: metricsmap.New(dp.Maps.Metrics()),
 		Maps:    maps,
 		GC: func() gc.Stats {
 			return gc.Stats{Runs: 3, Errors: 1, Wakes: 2, Scanned: 30, Deleted: 7, Refreshed: 1,
@@ -105,7 +105,7 @@ func TestScrape(t *testing.T) {
 	defer srv.Close()
 	got := scrape(t, srv.URL+"/metrics")
 
-	ctMax := float64(dp.Maps.CtV1.MaxEntries())
+	ctMax := float64(dp.Maps.CT().MaxEntries())
 	for series, want := range map[string]float64{
 		`ctd_forwarded_packets_total{direction="egress",reason="new"}`:            1,
 		`ctd_forwarded_bytes_total{direction="egress",reason="new"}`:              float64(len(syn)),

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
@@ -95,7 +96,7 @@ func newTestMap(t *testing.T) *policymap.Map {
 		t.Fatal(err)
 	}
 	var maps []*ebpf.Map
-	for _, name := range []string{bpf.CtdMapPolicyV1, bpf.CtdMapConfigV1} {
+	for _, name := range []string{loader.PolicyMap, loader.ConfigMap} {
 		m, err := ebpf.NewMap(spec.Maps[name])
 		if err != nil {
 			t.Fatalf("create %s: %v", name, err)

@@ -110,18 +110,6 @@ func SplitName(name string) (table string, version int, ok bool) {
 	return name[:i], v, true
 }
 
-// MapNames lists every map ctd pins, in a stable order.
-var MapNames = []string{
-	bpf.CtdMapCtV1,
-	bpf.CtdMapIpcache4V1,
-	bpf.CtdMapIpcache6V1,
-	bpf.CtdMapPolicyV1,
-	bpf.CtdMapConfigV1,
-	bpf.CtdMapMetricsV1,
-	bpf.CtdMapEventsV1,
-	bpf.CtdMapEvlimitV1,
-}
-
 // IncompatibleError says that a pinned map differs from what this build wants.
 type IncompatibleError struct {
 	Map  string
@@ -137,13 +125,27 @@ func (e *IncompatibleError) Unwrap() error { return ebpf.ErrMapIncompatible }
 
 // Datapath is the loaded programs and the pinned maps they use.
 type Datapath struct {
-	bpf.CtdMaps
+	Maps
 	bpf.CtdPrograms
 }
 
 // Close releases the file descriptors; pinned objects stay in the kernel.
 func (d *Datapath) Close() error {
-	return errors.Join(d.CtdPrograms.Close(), d.CtdMaps.Close())
+	return errors.Join(d.CtdPrograms.Close(), d.Maps.Close())
+}
+
+// FromCollection takes the programs and maps of a loaded collection of the
+// datapath; coll keeps what it does not hand over and must still be closed.
+func FromCollection(coll *ebpf.Collection) (*Datapath, error) {
+	dp := &Datapath{}
+	if err := coll.Assign(&dp.objs); err != nil {
+		return nil, fmt.Errorf("assign maps: %w", err)
+	}
+	if err := coll.Assign(&dp.CtdPrograms); err != nil {
+		dp.Maps.Close()
+		return nil, fmt.Errorf("assign programs: %w", err)
+	}
+	return dp, nil
 }
 
 // Load opens the pinned maps (creating and pinning any that are missing) and
@@ -163,7 +165,7 @@ func Load(o Options) (*Datapath, error) {
 		closeAll(maps)
 		return nil, fmt.Errorf("load datapath programs: %w", err)
 	}
-	if err := assignMaps(&dp.CtdMaps, maps); err != nil {
+	if err := assignMaps(&dp.Maps, maps); err != nil {
 		dp.Close()
 		return nil, err
 	}
@@ -177,7 +179,7 @@ func Load(o Options) (*Datapath, error) {
 // OpenMaps opens the pinned maps, creating and pinning any that are missing,
 // without loading programs: for commands that fill the maps before or without
 // an attached datapath.
-func OpenMaps(o Options) (*bpf.CtdMaps, error) {
+func OpenMaps(o Options) (*Maps, error) {
 	o = o.WithDefaults()
 	spec, err := o.Spec()
 	if err != nil {
@@ -187,7 +189,7 @@ func OpenMaps(o Options) (*bpf.CtdMaps, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out bpf.CtdMaps
+	var out Maps
 	if err := assignMaps(&out, maps); err != nil {
 		closeAll(maps)
 		return nil, err
@@ -201,7 +203,7 @@ func OpenMaps(o Options) (*bpf.CtdMaps, error) {
 
 // OpenPinned opens the maps that are pinned at pinPath, whatever their size,
 // and fails if the datapath was never set up there.
-func OpenPinned(pinPath string) (*bpf.CtdMaps, error) {
+func OpenPinned(pinPath string) (*Maps, error) {
 	if pinPath == "" {
 		pinPath = DefaultPinPath
 	}
@@ -218,7 +220,7 @@ func OpenPinned(pinPath string) (*bpf.CtdMaps, error) {
 		}
 		maps[name] = m
 	}
-	var out bpf.CtdMaps
+	var out Maps
 	if err := assignMaps(&out, maps); err != nil {
 		closeAll(maps)
 		return nil, err
@@ -291,7 +293,7 @@ const DefaultEventsRate = 10000
 // event rate limit on; every other map starts empty (or zeroed).
 func newMap(ms *ebpf.MapSpec) (*ebpf.Map, error) {
 	m, err := ebpf.NewMap(ms)
-	if err != nil || ms.Name != bpf.CtdMapConfigV1 {
+	if err != nil || ms.Name != ConfigMap {
 		return m, err
 	}
 	cfg := bpf.CtdConfig{EventsRate: DefaultEventsRate, EventsBurst: DefaultEventsRate}
@@ -321,10 +323,10 @@ func pinCreated(pinPath string, maps map[string]*ebpf.Map, created map[string]bo
 	return nil
 }
 
-func assignMaps(out *bpf.CtdMaps, maps map[string]*ebpf.Map) error {
+func assignMaps(out *Maps, maps map[string]*ebpf.Map) error {
 	// Assign takes ownership by deleting what it assigns: give it a copy.
 	coll := &ebpf.Collection{Maps: stdmaps.Clone(maps)}
-	if err := coll.Assign(out); err != nil {
+	if err := coll.Assign(&out.objs); err != nil {
 		return fmt.Errorf("assign maps: %w", err)
 	}
 	return nil

@@ -40,7 +40,7 @@ func onCPU(t *testing.T, cpu int, fn func()) {
 // packets and bytes sent, and zero elsewhere.
 func TestReadSumsWhatWasSent(t *testing.T) {
 	dp := dptest.Load(t, nettest.PinPath(t))
-	m := metricsmap.New(dp.Maps.MetricsV1)
+	m := metricsmap.New(dp.Maps.Metrics())
 	dp.SetDefault(t, dptest.Ingress, 2) // ingress default deny
 
 	a := netip.MustParseAddr("198.51.100.1")

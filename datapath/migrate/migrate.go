@@ -185,15 +185,8 @@ func Load(opts loader.Options, ifs Interfaces) (*loader.Datapath, Report, error)
 		return nil, rep, err
 	}
 	defer coll.Close()
-	dp := &loader.Datapath{}
-	if err := coll.Assign(&dp.CtdMaps); err != nil {
-		return nil, rep, fmt.Errorf("assign maps: %w", err)
-	}
-	if err := coll.Assign(&dp.CtdPrograms); err != nil {
-		dp.CtdMaps.Close()
-		return nil, rep, fmt.Errorf("assign programs: %w", err)
-	}
-	return dp, rep, nil
+	dp, err := loader.FromCollection(coll)
+	return dp, rep, err
 }
 
 // LoadSpec is Load for any build of the datapath: spec names the maps and

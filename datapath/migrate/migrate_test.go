@@ -59,10 +59,10 @@ func TestResize(t *testing.T) {
 				t.Errorf("switched %v with nothing attached", rep.Switched)
 			}
 
-			if got := dp.CtV1.MaxEntries(); got != tc.ct[1] {
+			if got := dp.CT().MaxEntries(); got != tc.ct[1] {
 				t.Errorf("ct_v1 has max_entries %d, want %d", got, tc.ct[1])
 			}
-			if got := dp.Ipcache4V1.MaxEntries(); got != tc.ip[1] {
+			if got := dp.IPCache4().MaxEntries(); got != tc.ip[1] {
 				t.Errorf("ipcache4_v1 has max_entries %d, want %d", got, tc.ip[1])
 			}
 			checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), wantCT)

@@ -193,7 +193,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			a, b := pair.A, pair.B
 			o, dp := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
 			cfg := bpf.CtdConfig{DefaultVerdict: [2]uint8{2, 0}} // ingress: deny
-			if err := dp.ConfigV1.Put(uint32(0), cfg); err != nil {
+			if err := dp.Config().Put(uint32(0), cfg); err != nil {
 				t.Fatal(err)
 			}
 			checkIngressDenied(t, a, b)
@@ -228,7 +228,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			before, ok := readRaw(t, dp.CtV1, oldSpec.Maps[bpf.CtdMapCtV1], key)
+			before, ok := readRaw(t, dp.CT(), oldSpec.Maps[bpf.CtdMapCtV1], key)
 			if !ok || before.packetsOrig == 0 {
 				t.Fatalf("no conntrack entry for the UDP stream before the migration")
 			}
@@ -301,7 +301,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 				t.Errorf("counters after the migration: %d orig, %d reply packets; the stream sent %d and got %d",
 					after.packetsOrig, after.packetsReply, res.sent, res.received)
 			}
-			if drops := ingressDrops(t, dp.MetricsV1); drops != 1 {
+			if drops := ingressDrops(t, dp.Metrics()); drops != 1 {
 				t.Errorf("%d packets dropped at ingress, want only the 1 probe of checkIngressDenied", drops)
 			}
 		})

@@ -34,8 +34,8 @@ type mapPlan struct {
 	table   string // name without its version, e.g. "ct"
 	spec    *ebpf.MapSpec
 	action  action
-	oldName string     // pinned name replaced (resize, upgrade, recreate)
-	old     *ebpf.Map  // the pinned map (keep: the map used)
+	oldName string            // pinned name replaced (resize, upgrade, recreate)
+	old     *ebpf.Map         // the pinned map (keep: the map used)
 	conv    *loader.Converter // upgrade only
 
 	new    *ebpf.Map         // the map replacing old, or created

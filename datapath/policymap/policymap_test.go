@@ -8,6 +8,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 func newTestMap(t *testing.T) *Map {
@@ -17,7 +18,7 @@ func newTestMap(t *testing.T) *Map {
 		t.Fatal(err)
 	}
 	var maps []*ebpf.Map
-	for _, name := range []string{bpf.CtdMapPolicyV1, bpf.CtdMapConfigV1} {
+	for _, name := range []string{loader.PolicyMap, loader.ConfigMap} {
 		m, err := ebpf.NewMap(spec.Maps[name])
 		if err != nil {
 			t.Fatalf("create %s: %v", name, err)

@@ -30,7 +30,7 @@ const (
 
 // Datapath is a loaded datapath: its programs and maps.
 type Datapath struct {
-	Maps  *bpf.CtdMaps
+	Maps  *loader.Maps
 	Progs *bpf.CtdPrograms
 }
 
@@ -47,7 +47,7 @@ func Load(tb testing.TB, pinPath string) *Datapath {
 		tb.Fatalf("dptest: load datapath at %s: %v", pinPath, err)
 	}
 	tb.Cleanup(func() { dp.Close() })
-	return &Datapath{Maps: &dp.CtdMaps, Progs: &dp.CtdPrograms}
+	return &Datapath{Maps: &dp.Maps, Progs: &dp.CtdPrograms}
 }
 
 // Run runs one frame through the direction's program and returns the verdict.
@@ -69,11 +69,11 @@ func (d *Datapath) Run(tb testing.TB, dir Direction, frame []byte) uint32 {
 func (d *Datapath) SetDefault(tb testing.TB, dir Direction, verdict uint8) {
 	tb.Helper()
 	var c bpf.CtdConfig
-	if err := d.Maps.ConfigV1.Lookup(uint32(0), &c); err != nil {
+	if err := d.Maps.Config().Lookup(uint32(0), &c); err != nil {
 		tb.Fatal(err)
 	}
 	c.DefaultVerdict[dir] = verdict
-	if err := d.Maps.ConfigV1.Put(uint32(0), &c); err != nil {
+	if err := d.Maps.Config().Put(uint32(0), &c); err != nil {
 		tb.Fatal(err)
 	}
 }
