@@ -22,7 +22,7 @@ from its next packet, as if picked up mid-stream.`,
 			if err != nil {
 				return err
 			}
-			if err := requireRoot(); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			m, closeCT, err := a.openCT()

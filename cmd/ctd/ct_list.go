@@ -27,14 +27,11 @@ sees them (Ethernet header included), packets count GSO segments.
 With -o json the output is one JSON array, written as the table is read.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			f, err := ff.parse()
 			if err != nil {
 				return err
 			}
-			if err := requireRoot(); err != nil {
+			if err := a.preamble(&out); err != nil {
 				return err
 			}
 			m, closeCT, err := a.openCT()

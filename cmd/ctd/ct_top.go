@@ -35,9 +35,6 @@ the protocol alone for flows without ports. The flow filters (--proto,
 With -o json the output is an array of {"value", "flows", "share"}.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			dim, err := conntrack.ParseBy(by)
 			if err != nil {
 				return err
@@ -49,7 +46,7 @@ With -o json the output is an array of {"value", "flows", "share"}.`,
 			if err != nil {
 				return err
 			}
-			if err := requireRoot(); err != nil {
+			if err := a.preamble(&out); err != nil {
 				return err
 			}
 			m, closeCT, err := a.openCT()

@@ -56,10 +56,7 @@ Map sizes default to the size of the pinned map (or the built-in default
 when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			m, err := attach.ParseMode(mode)
@@ -165,7 +162,7 @@ func requireStoredIfaces(stateDir string) error {
 // created.
 func (a *app) detachAndForget(iface string) error {
 	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
-		return attach.Detach(iface, a.linkDir())
+		return a.pins().Detach(iface)
 	}
 	s, err := store.Open(a.stateDir, nil)
 	if err != nil {
@@ -175,7 +172,7 @@ func (a *app) detachAndForget(iface string) error {
 		if err := tx.DeleteInterface(iface); err != nil {
 			return err
 		}
-		return attach.Detach(iface, a.linkDir())
+		return a.pins().Detach(iface)
 	})
 }
 
@@ -220,7 +217,7 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 				Attachments: func() ([]attach.Attachment, error) {
 					var out []attach.Attachment
 					for _, iface := range env.Interfaces {
-						at, err := attach.Status(iface, env.LinkDir)
+						at, err := env.Pins.Status(iface)
 						if errors.Is(err, attach.ErrInterfaceNotFound) {
 							at = attach.Attachment{Iface: iface}
 						} else if err != nil {

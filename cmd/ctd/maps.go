@@ -30,13 +30,7 @@ A warning goes to stderr for each map more than 80% full. With -o json the
 output is an array with one object per map (fill in percent).`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(&out); err != nil {
 				return err
 			}
 			infos, err := a.inspectMaps()
@@ -60,13 +54,9 @@ output is an array with one object per map (fill in percent).`,
 	return c
 }
 
-// openPinnedMaps opens every map pinned at the pin path.
-func (a *app) openPinnedMaps() (*loader.Maps, error) {
-	if err := checkPinPath(a.pinPath); err != nil {
-		return nil, err
-	}
-	return loader.OpenPinned(a.pinPath)
-}
+// openPinnedMaps opens every map pinned at the pin path; it never creates
+// anything.
+func (a *app) openPinnedMaps() (*loader.Maps, error) { return loader.OpenPinned(a.pinPath) }
 
 func (a *app) inspectMaps() ([]mapinfo.Info, error) {
 	maps, err := a.openPinnedMaps()

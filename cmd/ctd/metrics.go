@@ -37,10 +37,7 @@ The counters count from the moment the maps were created; they survive
 restarts and re-attachments.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
-			if err := requireRoot(); err != nil {
+			if err := a.preamble(&out); err != nil {
 				return err
 			}
 			maps, err := a.openPinnedMaps()

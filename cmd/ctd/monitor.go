@@ -46,9 +46,6 @@ suppressed by the per-CPU rate limit (see 'ctd events rate').
 Interface names are those of monitor's own network namespace.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			match := func(events.Type) bool { return true }
 			switch typ {
 			case "":
@@ -67,7 +64,7 @@ Interface names are those of monitor's own network namespace.`,
 				}
 				ifindex = uint32(ifi.Index)
 			}
-			if err := requireRoot(); err != nil {
+			if err := a.preamble(&out); err != nil {
 				return err
 			}
 			maps, err := a.openPinnedMaps()

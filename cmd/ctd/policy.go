@@ -39,7 +39,7 @@ which 'ctd daemon' restores after a restart.`,
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
 	open := func(c *cobra.Command) (policy.Policy, func(), error) {
-		if err := requireRoot(); err != nil {
+		if err := a.preamble(nil); err != nil {
 			return policy.Policy{}, nil, err
 		}
 		// The store first: a command that cannot record its change must
@@ -142,13 +142,7 @@ which 'ctd daemon' restores after a restart.`,
 		Short: "Show the default verdicts and every rule",
 		Args:  exactArgs(0, "ctd policy list [-o json]"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(listOut); err != nil {
-				return err
-			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(&listOut); err != nil {
 				return err
 			}
 			maps, err := loader.OpenPinned(a.pinPath)

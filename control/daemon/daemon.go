@@ -42,6 +42,7 @@ import (
 	"github.com/ctd-dev/ctd/datapath/bpffs"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/migrate"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // Defaults of Config.
@@ -57,8 +58,7 @@ type Config struct {
 	Interfaces []string
 	Mode       attach.Mode
 
-	// PinPath holds the pinned maps, and the pinned TCX links below
-	// migrate.LinkDir(PinPath).
+	// PinPath holds the pinned maps and links (see package pins).
 	PinPath string
 	// StateDir holds the desired-state store.
 	StateDir string
@@ -96,7 +96,7 @@ type Component struct {
 type Env struct {
 	Datapath   *loader.Datapath
 	PinPath    string
-	LinkDir    string
+	Pins       pins.Dir
 	Interfaces []string // the interfaces the daemon attached to
 	Store      *store.Store
 	Logger     *slog.Logger
@@ -120,12 +120,12 @@ type Ready struct {
 
 // Daemon is one run of the agent.
 type Daemon struct {
-	cfg     Config
-	linkDir string
-	log     *slog.Logger
-	store   *store.Store
-	lock    *os.File // LockFile, held until Close
-	dp      *loader.Datapath
+	cfg   Config
+	pins  pins.Dir
+	log   *slog.Logger
+	store *store.Store
+	lock  *os.File // LockFile, held until Close
+	dp    *loader.Datapath
 
 	mu     sync.Mutex // guards gen and ifaces against concurrent syncs
 	gen    uint64
@@ -169,12 +169,12 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, err
 	}
 	return &Daemon{
-		cfg:     cfg,
-		linkDir: migrate.LinkDir(cfg.PinPath),
-		log:     cfg.Logger,
-		store:   s,
-		lock:    lock,
-		ifaces:  make(map[string]attach.Mode),
+		cfg:    cfg,
+		pins:   pins.New(cfg.PinPath),
+		log:    cfg.Logger,
+		store:  s,
+		lock:   lock,
+		ifaces: make(map[string]attach.Mode),
 	}, nil
 }
 
@@ -223,7 +223,7 @@ func (d *Daemon) Start() (Ready, error) {
 	if r.Repinned, err = d.repinFromAttached(); err != nil {
 		return r, err
 	}
-	existed := slices.ContainsFunc(loader.MapNames, func(n string) bool { return pinned(d.cfg.PinPath, n) })
+	existed := slices.ContainsFunc(loader.MapNames, d.pins.Pinned)
 	dp, rep, err := d.load(opts)
 	r.Migration = rep
 	if err != nil {
@@ -295,7 +295,7 @@ func (d *Daemon) options() (loader.Options, error) {
 		if *f.size != 0 {
 			continue
 		}
-		n, err := pinnedMaxEntries(filepath.Join(d.cfg.PinPath, f.name))
+		n, err := d.pins.MaxEntries(f.name)
 		if err != nil {
 			return o, err
 		}
@@ -303,23 +303,6 @@ func (d *Daemon) options() (loader.Options, error) {
 	}
 	o = o.WithDefaults()
 	return o, o.Validate()
-}
-
-func pinnedMaxEntries(pin string) (uint32, error) {
-	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
-	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("open pinned map %s: %w", pin, err)
-	}
-	defer m.Close()
-	return m.MaxEntries(), nil
-}
-
-func pinned(pinPath, name string) bool {
-	_, err := os.Lstat(filepath.Join(pinPath, name))
-	return err == nil
 }
 
 // load opens the pinned maps, migrates those whose layout or size differs
@@ -335,7 +318,7 @@ func (d *Daemon) load(o loader.Options) (*loader.Datapath, migrate.Report, error
 	if err != nil {
 		return nil, migrate.Report{}, fmt.Errorf("load datapath spec: %w", err)
 	}
-	coll, rep, err := migrate.LoadSpec(o, spec, migrate.Interfaces{LinkDir: d.linkDir})
+	coll, rep, err := migrate.LoadSpec(o, spec, migrate.Interfaces{})
 	if err != nil {
 		return nil, rep, fmt.Errorf("load datapath: %w", err)
 	}
@@ -348,69 +331,13 @@ func (d *Daemon) load(o loader.Options) (*loader.Datapath, migrate.Report, error
 }
 
 // repinFromAttached re-pins maps whose pins are missing while ctd's programs
-// still run on one of the daemon's interfaces (e.g. a pin removed by hand, or
-// tc filters that outlived the pin directory), so that Start adopts the live
-// state instead of creating empty maps under running traffic.
+// still run on one of the daemon's interfaces (see pins.Dir.Repin).
 func (d *Daemon) repinFromAttached() ([]string, error) {
-	var missing []string
-	for _, name := range loader.MapNames {
-		if !pinned(d.cfg.PinPath, name) {
-			missing = append(missing, name)
-		}
-	}
-	if len(missing) == 0 {
-		return nil, nil
-	}
-	var repinned []string
-	for _, iface := range d.cfg.Interfaces {
-		at, err := attach.Status(iface, d.linkDir)
-		if errors.Is(err, attach.ErrInterfaceNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		for _, id := range []ebpf.ProgramID{at.IngressProgID, at.EgressProgID} {
-			if id == 0 {
-				continue
-			}
-			names, err := repinProgramMaps(id, d.cfg.PinPath, missing)
-			if err != nil {
-				return nil, fmt.Errorf("adopt the maps of the program attached to %s: %w", iface, err)
-			}
-			repinned = append(repinned, names...)
-			missing = slices.DeleteFunc(missing, func(n string) bool { return slices.Contains(names, n) })
-		}
-	}
+	repinned, err := d.pins.Repin(d.cfg.Interfaces)
 	for _, n := range repinned {
-		d.log.Warn("map pin was missing; re-pinned the map the attached program uses", "map", n, "pin", filepath.Join(d.cfg.PinPath, n))
+		d.log.Warn("map pin was missing; re-pinned the map the attached program uses", "map", n, "pin", d.pins.Map(n))
 	}
-	return repinned, nil
-}
-
-// repinProgramMaps pins those maps of program id whose names are in want.
-func repinProgramMaps(id ebpf.ProgramID, pinPath string, want []string) ([]string, error) {
-	ids, err := attach.ProgramMaps(id)
-	if err != nil {
-		return nil, err
-	}
-	var done []string
-	for _, mid := range ids {
-		m, err := ebpf.NewMapFromID(mid)
-		if err != nil {
-			continue // freed meanwhile
-		}
-		mi, err := m.Info()
-		if err == nil && slices.Contains(want, mi.Name) && !slices.Contains(done, mi.Name) {
-			if err := m.Pin(filepath.Join(pinPath, mi.Name)); err != nil {
-				m.Close()
-				return done, fmt.Errorf("pin map %s: %w", mi.Name, err)
-			}
-			done = append(done, mi.Name)
-		}
-		m.Close()
-	}
-	return done, nil
+	return repinned, err
 }
 
 // attachAll attaches the programs to the configured interfaces and to those
@@ -439,7 +366,7 @@ func (d *Daemon) attachAll(stored map[string]string, strict bool) ([]attach.Atta
 	})
 	var out []attach.Attachment
 	for _, name := range names {
-		at, err := attach.Attach(name, want[name], progs, d.linkDir)
+		at, err := d.pins.Attach(name, want[name], progs)
 		if err != nil {
 			if strict && slices.Contains(d.cfg.Interfaces, name) {
 				return out, err
@@ -505,7 +432,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	env := &Env{
 		Datapath:   d.dp,
 		PinPath:    d.cfg.PinPath,
-		LinkDir:    d.linkDir,
+		Pins:       d.pins,
 		Interfaces: d.attached(),
 		Store:      d.store,
 		Logger:     d.log,

@@ -226,7 +226,7 @@ func List(linkDir string) ([]Attachment, error) {
 	}
 	defer s.close()
 
-	names, err := pinnedIfaces(linkDir)
+	names, err := PinnedIfaces(linkDir)
 	if err != nil {
 		return nil, fmt.Errorf("list attachments: %w", err)
 	}

@@ -153,8 +153,9 @@ func discard(l link.Link) error {
 	return l.Unpin()
 }
 
-// pinnedIfaces returns the interface names that have a pin directory in linkDir.
-func pinnedIfaces(linkDir string) ([]string, error) {
+// PinnedIfaces returns the interface names that have a pin directory in
+// linkDir: attached, or stale pins of an interface that is gone.
+func PinnedIfaces(linkDir string) ([]string, error) {
 	if linkDir == "" {
 		return nil, nil
 	}

@@ -110,6 +110,18 @@ func SplitName(name string) (table string, version int, ok bool) {
 	return name[:i], v, true
 }
 
+// NotPinnedError says that a map the caller needs is not pinned: there is
+// no datapath here (yet). It matches os.ErrNotExist.
+type NotPinnedError struct {
+	Dir, Map string
+}
+
+func (e *NotPinnedError) Error() string {
+	return fmt.Sprintf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", e.Dir, e.Map)
+}
+
+func (e *NotPinnedError) Is(target error) bool { return target == os.ErrNotExist }
+
 // IncompatibleError says that a pinned map differs from what this build wants.
 type IncompatibleError struct {
 	Map  string
@@ -214,7 +226,7 @@ func OpenPinned(pinPath string) (*Maps, error) {
 		if err != nil {
 			closeAll(maps)
 			if errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", pinPath, name)
+				return nil, &NotPinnedError{Dir: pinPath, Map: name}
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
 		}

@@ -97,23 +97,18 @@ package migrate
 
 import (
 	"fmt"
-	"path/filepath"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
-
-// LinkDir is the directory below a pin path that holds ctd's pinned TCX links.
-func LinkDir(pinPath string) string { return filepath.Join(pinPath, "links") }
 
 // Interfaces says where the datapath's programs are attached, so that a
 // migration can switch them.
 type Interfaces struct {
-	// LinkDir is where the TCX links are pinned; "" means LinkDir(PinPath).
-	LinkDir string
 	// Attached lists the interfaces where this datapath's programs are
 	// attached, in the network namespace of the calling thread. Nil means
 	// every interface with a pinned TCX link below LinkDir, and every ctd
@@ -226,14 +221,12 @@ func run(c config) (*ebpf.Collection, Report, error) {
 	}
 	spec := c.spec.Copy()
 	c.opts.SizeSpec(spec)
-	if c.ifs.LinkDir == "" {
-		c.ifs.LinkDir = LinkDir(c.opts.PinPath)
-	}
+	dir := pins.New(c.opts.PinPath)
 	if c.ifs.Attached == nil {
-		c.ifs.Attached = defaultAttached(c.opts.PinPath, c.ifs.LinkDir)
+		c.ifs.Attached = dir.Attachments
 	}
 
-	m := &migration{cfg: c, spec: spec, pinPath: c.opts.PinPath, rep: &rep}
+	m := &migration{cfg: c, spec: spec, pins: dir, rep: &rep}
 	coll, err := m.run()
 	if err != nil {
 		return nil, rep, err

@@ -22,6 +22,7 @@ import (
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
@@ -48,10 +49,10 @@ func attachedDatapath(t *testing.T, h *nettest.Host, o loader.Options) (loader.O
 		if err := netlink.LinkSetUp(v); err != nil {
 			return err
 		}
-		if _, err := attach.Attach(h.Iface, attach.ModeTCX, progs, LinkDir(o.PinPath)); err != nil {
+		if _, err := attach.Attach(h.Iface, attach.ModeTCX, progs, pins.New(o.PinPath).Links()); err != nil {
 			return err
 		}
-		_, err := attach.Attach(secondIface, attach.ModeTC, progs, LinkDir(o.PinPath))
+		_, err := attach.Attach(secondIface, attach.ModeTC, progs, pins.New(o.PinPath).Links())
 		return err
 	})
 	if err != nil {
@@ -98,7 +99,7 @@ func TestRollbackWhenSwitchFails(t *testing.T) {
 	o, _ := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
 	want := fillCT(t, o.PinPath, 300)
 	ifaces := []string{a.Iface, secondIface}
-	linkDir := LinkDir(o.PinPath)
+	linkDir := pins.New(o.PinPath).Links()
 	old := status(t, a, linkDir, ifaces...)
 	if old[0].Mode != attach.ModeTCX || old[1].Mode != attach.ModeTC {
 		t.Fatalf("attached %+v, want tcx on %s and tc on %s", old, a.Iface, secondIface)
@@ -459,7 +460,7 @@ func TestRecoverInterrupted(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer orphan.Close()
-		if err := orphan.Pin(filepath.Join(o.PinPath, bpf.CtdMapCtV1+tempSuffix)); err != nil {
+		if err := orphan.Pin(filepath.Join(o.PinPath, bpf.CtdMapCtV1+pins.TempSuffix)); err != nil {
 			t.Fatal(err)
 		}
 
@@ -505,7 +506,7 @@ func TestRecoverInterrupted(t *testing.T) {
 		if !errors.Is(err, crash) {
 			t.Fatalf("got %v, want the injected failure", err)
 		}
-		temp := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1+tempSuffix]
+		temp := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1+pins.TempSuffix]
 		if temp == 0 {
 			t.Fatal("no temporary pin left after a failure past the switch")
 		}
@@ -535,7 +536,7 @@ func TestRecoverInterrupted(t *testing.T) {
 			t.Errorf("ct_v1 has max_entries %d, want 4096", ct.MaxEntries())
 		}
 		checkCT(t, ct, want)
-		for _, st := range status(t, a, LinkDir(o.PinPath), a.Iface, secondIface) {
+		for _, st := range status(t, a, pins.New(o.PinPath).Links(), a.Iface, secondIface) {
 			if !progUsesMap(t, st.IngressProgID, temp) {
 				t.Errorf("%s runs program %d, which does not use ct_v1", st.Iface, st.IngressProgID)
 			}
