@@ -17,6 +17,19 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* Anchors the enums userspace shares in BTF, so that bpf2go -type generates
+ * their Go constants (bpf/gen.go); never used. */
+struct shared_enums {
+	enum direction dir;
+	enum reserved_identity identity;
+	enum ct_state state;
+	enum ct_flag flag;
+	enum verdict verdict;
+	enum metric_reason reason;
+	enum event_type type;
+};
+const struct shared_enums *unused_enums __attribute__((unused));
+
 static __always_inline struct config *config_get(void)
 {
 	__u32 zero = 0;

@@ -13,6 +13,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
 )
 
 // An originator and a responder. The pairs cover both canonical key orders
@@ -36,8 +37,8 @@ var pairs = []pair{
 // outside, the other way round.
 type opener struct {
 	name    string
-	origDir direction
-	respDir direction
+	origDir bpf.Direction
+	respDir bpf.Direction
 	ctFlags uint8
 }
 
@@ -271,7 +272,7 @@ func TestTCPInvalidFlags(t *testing.T) {
 				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, tcpFlagString(flags)), func(t *testing.T) {
 					d := newDatapath(t)
 					// Without an entry: dropped, nothing created.
-					d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, flags, 0), verdictDrop, one(metricKey{o.origDir, dropInvalid}))
+					d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, flags, 0), verdictDrop, one(metricKey{o.origDir, metricsmap.DropInvalid}))
 					d.noFlows(t)
 
 					// On an established flow: dropped, the entry untouched.
@@ -280,8 +281,8 @@ func TestTCPInvalidFlags(t *testing.T) {
 						{fromResp, tcpSYN | tcpACK, 0, ctmap.StateSynRecv},
 						{fromOrig, tcpACK, 0, ctmap.StateEstablished},
 					})
-					d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, flags, 0), verdictDrop, one(metricKey{o.origDir, dropInvalid}))
-					d.expect(t, o.respDir, tcpFrame(t, p.resp, p.orig, flags, 0), verdictDrop, one(metricKey{o.respDir, dropInvalid}))
+					d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, flags, 0), verdictDrop, one(metricKey{o.origDir, metricsmap.DropInvalid}))
+					d.expect(t, o.respDir, tcpFrame(t, p.resp, p.orig, flags, 0), verdictDrop, one(metricKey{o.respDir, metricsmap.DropInvalid}))
 					d.onlyFlow(t, m.want)
 				})
 			}
@@ -295,7 +296,7 @@ func TestTCPResetWithoutEntry(t *testing.T) {
 			t.Run(o.name+"/"+p.name, func(t *testing.T) {
 				d := newDatapath(t)
 				// An RST for a connection ctd never saw needs no entry.
-				d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, tcpRST|tcpACK, 0), verdictPass, one(metricKey{o.origDir, fwdNew}))
+				d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, tcpRST|tcpACK, 0), verdictPass, one(metricKey{o.origDir, metricsmap.FwdNew}))
 				d.noFlows(t)
 			})
 		}
@@ -432,12 +433,12 @@ func TestICMPv6NeighbourDiscoveryUntracked(t *testing.T) {
 		TargetAddress: target.AsSlice(),
 		Options:       layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: macA}},
 	})
-	for _, dir := range []direction{ingress, egress} {
+	for _, dir := range []bpf.Direction{ingress, egress} {
 		t.Run(dir.String(), func(t *testing.T) {
 			d := newDatapath(t)
 			// Even under default deny: IPv6 cannot work without it.
 			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: [2]uint8{verdictDeny, verdictDeny}})
-			d.expect(t, dir, ns, verdictPass, one(metricKey{dir, fwdUntracked}))
+			d.expect(t, dir, ns, verdictPass, one(metricKey{dir, metricsmap.FwdUntracked}))
 			d.noFlows(t)
 		})
 	}
@@ -480,13 +481,13 @@ func TestICMPErrorRelated(t *testing.T) {
 					// A router on the way to the responder answers the
 					// originator's packet: it arrives where replies do.
 					errFrame := icmpErrorFrame(t, routerFor(p.orig.Addr()), p.orig.Addr(), origPkt)
-					d.expect(t, o.respDir, errFrame, verdictPass, one(metricKey{o.respDir, fwdRelated}))
+					d.expect(t, o.respDir, errFrame, verdictPass, one(metricKey{o.respDir, metricsmap.FwdRelated}))
 					d.onlyFlow(t, m.want)
 
 					// The originator's host answers a reply: it leaves where
 					// the originator's packets do.
 					errFrame = icmpErrorFrame(t, p.orig.Addr(), p.resp.Addr(), respPkt)
-					d.expect(t, o.origDir, errFrame, verdictPass, one(metricKey{o.origDir, fwdRelated}))
+					d.expect(t, o.origDir, errFrame, verdictPass, one(metricKey{o.origDir, metricsmap.FwdRelated}))
 					d.onlyFlow(t, m.want)
 				})
 			}
@@ -503,7 +504,7 @@ func TestICMPErrorQuotingEcho(t *testing.T) {
 			d := newDatapath(t)
 			req := echoFrame(t, e.orig, e.resp, 77, false)
 			d.expect(t, egress, req, verdictPass, newFlow(egress))
-			d.expect(t, ingress, icmpErrorFrame(t, e.router, e.orig, req), verdictPass, one(metricKey{ingress, fwdRelated}))
+			d.expect(t, ingress, icmpErrorFrame(t, e.router, e.orig, req), verdictPass, one(metricKey{ingress, metricsmap.FwdRelated}))
 			if f := d.flows(t); len(f) != 1 || f[0].Flags&ctmap.FlagRelated == 0 {
 				t.Fatalf("want the echo flow marked related, got %+v", f)
 			}
@@ -521,7 +522,7 @@ func TestICMPErrorUnrelated(t *testing.T) {
 			}
 			// Quoting a flow ctd does not track: judged as new (default allow), no entry.
 			errFrame := icmpErrorFrame(t, router, p.orig.Addr(), tcpFrame(t, p.orig, p.resp, tcpSYN, 0))
-			d.expect(t, ingress, errFrame, verdictPass, one(metricKey{ingress, fwdNew}))
+			d.expect(t, ingress, errFrame, verdictPass, one(metricKey{ingress, metricsmap.FwdNew}))
 			d.noFlows(t)
 		})
 	}
@@ -613,7 +614,7 @@ func TestIPv6ExtensionHeaders(t *testing.T) {
 	t.Run("too many", func(t *testing.T) {
 		d := newDatapath(t)
 		frame := ipv6WithExts(t, orig, resp, []layers.IPProtocol{hbh, dst, rt, frag, ah, dst, dst}, tcpSYN)
-		d.expect(t, egress, frame, verdictPass, one(metricKey{egress, fwdUnparseable}))
+		d.expect(t, egress, frame, verdictPass, one(metricKey{egress, metricsmap.FwdUnparseable}))
 		d.noFlows(t)
 	})
 }
@@ -643,8 +644,8 @@ func TestIPv6Fragments(t *testing.T) {
 	// never parsed as ports, no entry, counted as a fragment.
 	d.resetCT(t)
 	fake := rawLayer{0x11, 0x11, 0x22, 0x22, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8}
-	for _, dir := range []direction{egress, ingress} {
-		d.expect(t, dir, fragFrame(t, 151, false, fake), verdictPass, one(metricKey{dir, fragments}, metricKey{dir, fwdUntracked}))
+	for _, dir := range []bpf.Direction{egress, ingress} {
+		d.expect(t, dir, fragFrame(t, 151, false, fake), verdictPass, one(metricKey{dir, metricsmap.Fragments}, metricKey{dir, metricsmap.FwdUntracked}))
 		d.noFlows(t)
 	}
 }
@@ -710,8 +711,8 @@ func TestIPv4OptionsAndFragments(t *testing.T) {
 		// Its data is a TCP SYN to another port, as an attacker would craft it.
 		fake := tcpFrame(t, netip.AddrPortFrom(orig.Addr(), 1111), netip.AddrPortFrom(resp.Addr(), 22), tcpSYN, 0)[14+20:]
 		for _, more := range []bool{true, false} {
-			for _, dir := range []direction{egress, ingress} {
-				d.expect(t, dir, fragment(t, 185, more, rawLayer(fake)), verdictPass, one(metricKey{dir, fragments}, metricKey{dir, fwdUntracked}))
+			for _, dir := range []bpf.Direction{egress, ingress} {
+				d.expect(t, dir, fragment(t, 185, more, rawLayer(fake)), verdictPass, one(metricKey{dir, metricsmap.Fragments}, metricKey{dir, metricsmap.FwdUntracked}))
 				d.noFlows(t)
 			}
 		}
@@ -748,7 +749,7 @@ func TestVLAN(t *testing.T) {
 			outer := &layers.Dot1Q{VLANIdentifier: 200, Type: layers.EthernetTypeDot1Q}
 			eth.EthernetType = layers.EthernetTypeQinQ
 			qinq := mustSerialize(t, eth, outer, tag, ip, tcp)
-			d.expect(t, egress, qinq, verdictPass, one(metricKey{egress, fwdUntracked}))
+			d.expect(t, egress, qinq, verdictPass, one(metricKey{egress, metricsmap.FwdUntracked}))
 			d.noFlows(t)
 		})
 	}
@@ -827,13 +828,13 @@ func ipPacketEnd(tb testing.TB, frame []byte) int {
 func TestTruncatedFrames(t *testing.T) {
 	for name, full := range validFrames(t) {
 		t.Run(name, func(t *testing.T) {
-			for _, deny := range []direction{ingress, egress} {
+			for _, deny := range []bpf.Direction{ingress, egress} {
 				d := newDatapath(t)
 				// The full frame parses: the truncations below fail for
 				// their length alone. Cuts into the Ethernet trailer gopacket
 				// pads short frames with leave the IP packet whole.
 				before := d.metrics(t)
-				if v := d.run(t, egress, full); v != verdictPass || delta(before, d.metrics(t))[metricKey{egress, fwdUnparseable}] != 0 {
+				if v := d.run(t, egress, full); v != verdictPass || delta(before, d.metrics(t))[metricKey{egress, metricsmap.FwdUnparseable}] != 0 {
 					t.Fatalf("full frame: %s, metrics %v", verdictName(v), delta(before, d.metrics(t)))
 				}
 				d.resetCT(t)
@@ -846,12 +847,12 @@ func TestTruncatedFrames(t *testing.T) {
 						continue
 					}
 					d.setConfig(t, bpf.CtdConfig{})
-					for _, dir := range []direction{ingress, egress} {
-						d.expect(t, dir, frame, verdictPass, one(metricKey{dir, fwdUnparseable}))
+					for _, dir := range []bpf.Direction{ingress, egress} {
+						d.expect(t, dir, frame, verdictPass, one(metricKey{dir, metricsmap.FwdUnparseable}))
 					}
 					d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(deny)})
-					d.expect(t, deny, frame, verdictDrop, one(metricKey{deny, dropParse}))
-					d.expect(t, deny.reverse(), frame, verdictPass, one(metricKey{deny.reverse(), fwdUnparseable}))
+					d.expect(t, deny, frame, verdictDrop, one(metricKey{deny, metricsmap.DropParse}))
+					d.expect(t, reverse(deny), frame, verdictPass, one(metricKey{reverse(deny), metricsmap.FwdUnparseable}))
 					d.noFlows(t)
 					if t.Failed() {
 						t.Fatalf("truncated to %d of %d bytes: % x", n, len(full), frame)
@@ -900,11 +901,11 @@ func TestGarbageFrames(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := newDatapath(t)
-			for _, dir := range []direction{ingress, egress} {
-				d.expect(t, dir, tc.frame, verdictPass, one(metricKey{dir, fwdUnparseable}))
+			for _, dir := range []bpf.Direction{ingress, egress} {
+				d.expect(t, dir, tc.frame, verdictPass, one(metricKey{dir, metricsmap.FwdUnparseable}))
 			}
 			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(ingress)})
-			d.expect(t, ingress, tc.frame, verdictDrop, one(metricKey{ingress, dropParse}))
+			d.expect(t, ingress, tc.frame, verdictDrop, one(metricKey{ingress, metricsmap.DropParse}))
 			d.noFlows(t)
 		})
 	}
@@ -914,7 +915,7 @@ func TestGarbageFrames(t *testing.T) {
 		t.Run(fmt.Sprintf("ethertype %#04x", typ), func(t *testing.T) {
 			d := newDatapath(t)
 			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(ingress)})
-			d.expect(t, ingress, eth(typ, make([]byte, 46)...), verdictPass, one(metricKey{ingress, fwdUntracked}))
+			d.expect(t, ingress, eth(typ, make([]byte, 46)...), verdictPass, one(metricKey{ingress, metricsmap.FwdUntracked}))
 			d.noFlows(t)
 		})
 	}
@@ -934,7 +935,7 @@ func TestLengthZero(t *testing.T) {
 			frame[lenField], frame[lenField+1] = 0, 0
 
 			d := newDatapath(t)
-			d.expect(t, egress, frame, verdictPass, one(metricKey{egress, fwdUnparseable}))
+			d.expect(t, egress, frame, verdictPass, one(metricKey{egress, metricsmap.FwdUnparseable}))
 			d.noFlows(t)
 
 			before := d.metrics(t)
@@ -942,7 +943,7 @@ func TestLengthZero(t *testing.T) {
 			if err != nil || v != verdictPass {
 				t.Fatalf("BIG TCP packet: verdict %s, err %v", verdictName(v), err)
 			}
-			if diff := delta(before, d.metrics(t)); len(diff) != 2 || diff[metricKey{egress, fwdNew}] != 1 {
+			if diff := delta(before, d.metrics(t)); len(diff) != 2 || diff[metricKey{egress, metricsmap.FwdNew}] != 1 {
 				t.Fatalf("BIG TCP packet counted as %v, want a new flow", diff)
 			}
 			m := newModel(t, unix.IPPROTO_TCP, p, openers[0])

@@ -16,7 +16,9 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
 )
 
 // The largest frame the fuzz target hands to the test run, which takes at
@@ -39,15 +41,15 @@ func FuzzDatapath(f *testing.F) {
 			return
 		}
 		want, tracked := expectedKey(frame)
-		for _, dir := range []direction{ingress, egress} {
+		for _, dir := range []bpf.Direction{ingress, egress} {
 			before := d.metrics(t)
 			v := d.run(t, dir, frame)
 			if v != verdictPass && v != verdictDrop {
 				t.Fatalf("%s: verdict %s, want pass or drop", dir, verdictName(v))
 			}
-			var verdicts []reason
+			var verdicts []metricsmap.Reason
 			for k, n := range delta(before, d.metrics(t)) {
-				if !k.reason.isVerdict() {
+				if !isVerdict(k.reason) {
 					continue
 				}
 				if k.dir != dir || n != 1 {
@@ -55,7 +57,7 @@ func FuzzDatapath(f *testing.F) {
 				}
 				verdicts = append(verdicts, k.reason)
 			}
-			if len(verdicts) != 1 || (verdicts[0] < dropPolicy) != (v == verdictPass) {
+			if len(verdicts) != 1 || (verdicts[0] < metricsmap.DropPolicy) != (v == verdictPass) {
 				t.Fatalf("%s: verdict %s counted as %v, want exactly one reason of that verdict", dir, verdictName(v), verdicts)
 			}
 			for _, k := range d.keys(t) {

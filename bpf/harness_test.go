@@ -18,6 +18,7 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
 )
 
 // Verdicts as Program.Run reports them.
@@ -36,65 +37,31 @@ func verdictName(v uint32) string {
 	return fmt.Sprintf("verdict %d", int32(v))
 }
 
-// direction is DIR_INGRESS or DIR_EGRESS in bpf/common.h.
-type direction uint32
-
+// The directions, as the tests write them.
 const (
-	ingress direction = 0
-	egress  direction = 1
+	ingress = bpf.Ingress
+	egress  = bpf.Egress
 )
 
-func (d direction) String() string {
-	if d == ingress {
-		return "ingress"
-	}
-	return "egress"
-}
+func reverse(d bpf.Direction) bpf.Direction { return 1 - d }
 
-func (d direction) reverse() direction { return 1 - d }
-
-// reason mirrors enum metric_reason in bpf/common.h.
-type reason uint32
-
-const (
-	fwdEstablished reason = 0
-	fwdNew         reason = 1
-	fwdRelated     reason = 2
-	fwdUntracked   reason = 3
-	fwdUnparseable reason = 4
-	dropPolicy     reason = 16
-	dropInvalid    reason = 17
-	dropCTInsert   reason = 18
-	dropParse      reason = 19
-	ctCreated      reason = 32
-	ctUpdateFailed reason = 33
-	fragments      reason = 36
-	metricMax             = 64
-)
-
-var reasonNames = map[reason]string{
-	fwdEstablished: "fwd_established", fwdNew: "fwd_new", fwdRelated: "fwd_related",
-	fwdUntracked: "fwd_untracked", fwdUnparseable: "fwd_unparseable",
-	dropPolicy: "drop_policy", dropInvalid: "drop_invalid", dropCTInsert: "drop_ct_insert",
-	dropParse: "drop_parse", ctCreated: "ct_created", ctUpdateFailed: "ct_update_failed",
-	fragments: "fragments",
-}
-
-func (r reason) String() string {
-	if n, ok := reasonNames[r]; ok {
-		return n
-	}
-	return fmt.Sprintf("reason_%d", uint32(r))
+// testedReasons are the counters the tests read: every reason but the
+// events counters (lost, rate limited), since nothing reads the ring buffer
+// in these tests.
+var testedReasons = []metricsmap.Reason{
+	metricsmap.FwdEstablished, metricsmap.FwdNew, metricsmap.FwdRelated, metricsmap.FwdUntracked, metricsmap.FwdUnparseable,
+	metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse,
+	metricsmap.CTCreated, metricsmap.CTUpdateFailed, metricsmap.Fragments,
 }
 
 // isVerdict reports whether r is one of the per-packet verdict reasons, of
 // which every packet counts exactly one.
-func (r reason) isVerdict() bool { return r < 32 }
+func isVerdict(r metricsmap.Reason) bool { return r.Kind() != metricsmap.Counter }
 
 // metricKey names one counter of metrics_v1.
 type metricKey struct {
-	dir    direction
-	reason reason
+	dir    bpf.Direction
+	reason metricsmap.Reason
 }
 
 func (k metricKey) String() string { return k.dir.String() + "/" + k.reason.String() }
@@ -152,7 +119,7 @@ type skbContext struct {
 
 // runCtx runs frame through the program for dir with an optional context
 // and returns the verdict.
-func (d *testDatapath) runCtx(tb testing.TB, dir direction, frame []byte, ctx *skbContext) (uint32, error) {
+func (d *testDatapath) runCtx(tb testing.TB, dir bpf.Direction, frame []byte, ctx *skbContext) (uint32, error) {
 	tb.Helper()
 	prog := d.CtdIngress
 	if dir == egress {
@@ -165,7 +132,7 @@ func (d *testDatapath) runCtx(tb testing.TB, dir direction, frame []byte, ctx *s
 	return prog.Run(opts)
 }
 
-func (d *testDatapath) run(tb testing.TB, dir direction, frame []byte) uint32 {
+func (d *testDatapath) run(tb testing.TB, dir bpf.Direction, frame []byte) uint32 {
 	tb.Helper()
 	v, err := d.runCtx(tb, dir, frame, nil)
 	if err != nil {
@@ -178,10 +145,10 @@ func (d *testDatapath) run(tb testing.TB, dir direction, frame []byte) uint32 {
 func (d *testDatapath) metrics(tb testing.TB) counts {
 	tb.Helper()
 	c := counts{}
-	for _, dir := range []direction{ingress, egress} {
-		for r := range reasonNames {
+	for _, dir := range []bpf.Direction{ingress, egress} {
+		for _, r := range testedReasons {
 			var per []bpf.CtdMetricValue
-			if err := d.MetricsV1.Lookup(uint32(dir)*metricMax+uint32(r), &per); err != nil {
+			if err := d.MetricsV1.Lookup(uint32(dir)*uint32(metricsmap.ReasonsPerDirection)+uint32(r), &per); err != nil {
 				tb.Fatalf("read metric %s: %v", metricKey{dir, r}, err)
 			}
 			var n uint64
@@ -197,10 +164,10 @@ func (d *testDatapath) metrics(tb testing.TB) counts {
 }
 
 // metricBytes is the byte count of one counter, summed over the CPUs.
-func (d *testDatapath) metricBytes(tb testing.TB, dir direction, r reason) uint64 {
+func (d *testDatapath) metricBytes(tb testing.TB, dir bpf.Direction, r metricsmap.Reason) uint64 {
 	tb.Helper()
 	var per []bpf.CtdMetricValue
-	if err := d.MetricsV1.Lookup(uint32(dir)*metricMax+uint32(r), &per); err != nil {
+	if err := d.MetricsV1.Lookup(uint32(dir)*uint32(metricsmap.ReasonsPerDirection)+uint32(r), &per); err != nil {
 		tb.Fatalf("read metric %s: %v", metricKey{dir, r}, err)
 	}
 	var n uint64
@@ -223,7 +190,7 @@ func delta(before, after counts) counts {
 
 // expect runs frame through dir and checks the verdict and that exactly the
 // counters in want moved, by the packets given.
-func (d *testDatapath) expect(tb testing.TB, dir direction, frame []byte, verdict uint32, want counts) {
+func (d *testDatapath) expect(tb testing.TB, dir bpf.Direction, frame []byte, verdict uint32, want counts) {
 	tb.Helper()
 	before := d.metrics(tb)
 	got := d.run(tb, dir, frame)
@@ -245,12 +212,12 @@ func one(keys ...metricKey) counts {
 }
 
 // newFlow is what a packet that opens a flow counts.
-func newFlow(dir direction) counts {
-	return one(metricKey{dir, fwdNew}, metricKey{dir, ctCreated})
+func newFlow(dir bpf.Direction) counts {
+	return one(metricKey{dir, metricsmap.FwdNew}, metricKey{dir, metricsmap.CTCreated})
 }
 
 // hit is what a packet of a tracked flow counts.
-func hit(dir direction) counts { return one(metricKey{dir, fwdEstablished}) }
+func hit(dir bpf.Direction) counts { return one(metricKey{dir, metricsmap.FwdEstablished}) }
 
 // flows reads the whole conntrack table.
 func (d *testDatapath) flows(tb testing.TB) []ctmap.Flow {
@@ -502,12 +469,12 @@ func (r rawLayer) LayerType() gopacket.LayerType { return gopacket.LayerTypePayl
 
 // Policy verdicts (VERDICT_* in bpf/common.h).
 const (
-	verdictAllow uint8 = 1
-	verdictDeny  uint8 = 2
+	verdictAllow = uint8(bpf.CtdVerdictVERDICT_ALLOW)
+	verdictDeny  = uint8(bpf.CtdVerdictVERDICT_DENY)
 )
 
 // denyIn is a config default verdict denying dir and allowing the other.
-func denyIn(dir direction) [2]uint8 {
+func denyIn(dir bpf.Direction) [2]uint8 {
 	var v [2]uint8
 	v[dir] = verdictDeny
 	return v

@@ -9,6 +9,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
 )
 
 const identityWorld = 2
@@ -114,7 +115,7 @@ func TestIdentitiesResolvedAtCreation(t *testing.T) {
 
 // rule is one policy_v1 entry.
 type rule struct {
-	dir     direction
+	dir     bpf.Direction
 	id      uint32 // 0 = any
 	proto   uint8  // 0 = any
 	port    uint16 // 0 = any
@@ -238,7 +239,7 @@ func TestPolicyPrecedence(t *testing.T) {
 
 // checkNewFlow sends the first packet of a flow and checks the verdict: an
 // allowed flow gets an entry, a denied one is dropped for policy and leaves none.
-func checkNewFlow(t *testing.T, d *testDatapath, dir direction, frame []byte, want uint8) {
+func checkNewFlow(t *testing.T, d *testDatapath, dir bpf.Direction, frame []byte, want uint8) {
 	t.Helper()
 	if want == verdictAllow {
 		d.expect(t, dir, frame, verdictPass, newFlow(dir))
@@ -247,7 +248,7 @@ func checkNewFlow(t *testing.T, d *testDatapath, dir direction, frame []byte, wa
 		}
 		return
 	}
-	d.expect(t, dir, frame, verdictDrop, one(metricKey{dir, dropPolicy}))
+	d.expect(t, dir, frame, verdictDrop, one(metricKey{dir, metricsmap.DropPolicy}))
 	d.noFlows(t)
 }
 
@@ -257,7 +258,7 @@ func TestPolicyMatches(t *testing.T) {
 		name     string
 		defaults [2]uint8
 		rules    []rule
-		dir      direction
+		dir      bpf.Direction
 		frame    func(t *testing.T) []byte
 		want     uint8
 	}{
@@ -411,8 +412,8 @@ func TestPolicyStateful(t *testing.T) {
 			}
 
 			d.resetCT(t)
-			d.expect(t, ingress, tcpFrame(t, client, server, tcpPSH|tcpACK, 100), verdictDrop, one(metricKey{ingress, dropPolicy}))
-			d.expect(t, egress, tcpFrame(t, server, client, tcpPSH|tcpACK, 1000), verdictDrop, one(metricKey{egress, dropPolicy}))
+			d.expect(t, ingress, tcpFrame(t, client, server, tcpPSH|tcpACK, 100), verdictDrop, one(metricKey{ingress, metricsmap.DropPolicy}))
+			d.expect(t, egress, tcpFrame(t, server, client, tcpPSH|tcpACK, 1000), verdictDrop, one(metricKey{egress, metricsmap.DropPolicy}))
 			d.noFlows(t)
 		})
 	}
@@ -432,14 +433,14 @@ func TestPolicyICMPErrors(t *testing.T) {
 			syn := tcpFrame(t, client, server, tcpSYN, 0)
 			checkNewFlow(t, d, egress, syn, verdictAllow)
 			d.expect(t, ingress, tcpFrame(t, server, client, tcpSYN|tcpACK, 0), verdictPass, hit(ingress))
-			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, syn), verdictPass, one(metricKey{ingress, fwdRelated}))
+			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, syn), verdictPass, one(metricKey{ingress, metricsmap.FwdRelated}))
 			if f := d.flows(t); len(f) != 1 || f[0].Flags&ctmap.FlagRelated == 0 {
 				t.Fatalf("want the flow marked related: %+v", f)
 			}
 
 			// Quoting a packet of no tracked flow: judged, denied.
 			stray := tcpFrame(t, netip.AddrPortFrom(fam.local, 40001), server, tcpSYN, 0)
-			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, stray), verdictDrop, one(metricKey{ingress, dropPolicy}))
+			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, stray), verdictDrop, one(metricKey{ingress, metricsmap.DropPolicy}))
 			if n := len(d.flows(t)); n != 1 {
 				t.Fatalf("%d entries after a denied ICMP error, want 1", n)
 			}
@@ -462,5 +463,5 @@ func TestPolicyOtherProtocol(t *testing.T) {
 	}
 	other := tcpFrame(t, netip.AddrPortFrom(peerOther, 1), netip.AddrPortFrom(local, 2), tcpSYN, 0)
 	other[14+9] = gre
-	d.expect(t, ingress, other, verdictDrop, one(metricKey{ingress, dropPolicy}))
+	d.expect(t, ingress, other, verdictDrop, one(metricKey{ingress, metricsmap.DropPolicy}))
 }

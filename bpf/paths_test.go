@@ -5,6 +5,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/bpf/upgradetest"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
@@ -32,7 +33,7 @@ func TestParsersAgree(t *testing.T) {
 	runs := 0
 	for name, frame := range seedFrames(t) {
 		for n := len(frame); n >= 0; n-- {
-			for _, dir := range []direction{ingress, egress} {
+			for _, dir := range []bpf.Direction{ingress, egress} {
 				mDirect, mSkb := direct.metrics(t), skbLoad.metrics(t)
 				v1, err1 := direct.runCtx(t, dir, frame[:n], nil)
 				v2, err2 := skbLoad.runCtx(t, dir, frame[:n], nil)

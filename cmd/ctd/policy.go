@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/policy"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -190,7 +191,7 @@ func policyList(w io.Writer, s policy.State, output string) error {
 	if output == "json" {
 		out := policyJSON{Defaults: map[string]string{}, Rules: []policyRuleJSON{}}
 		for d, v := range s.Defaults {
-			out.Defaults[policymap.Direction(d).String()] = v.Effective().String()
+			out.Defaults[bpf.Direction(d).String()] = v.Effective().String()
 		}
 		for _, r := range s.Rules {
 			out.Rules = append(out.Rules, policyRuleJSON{
@@ -205,7 +206,7 @@ func policyList(w io.Writer, s policy.State, output string) error {
 		return writeJSON(w, out)
 	}
 	for d, v := range s.Defaults {
-		if _, err := fmt.Fprintf(w, "default %v %s\n", policymap.Direction(d), defaultString(v)); err != nil {
+		if _, err := fmt.Fprintf(w, "default %v %s\n", bpf.Direction(d), defaultString(v)); err != nil {
 			return err
 		}
 	}

@@ -323,7 +323,7 @@ func (d *Daemon) load(o loader.Options) (*loader.Datapath, migrate.Report, error
 		return nil, rep, fmt.Errorf("load datapath: %w", err)
 	}
 	defer coll.Close()
-	dp, err := loader.FromCollection(coll)
+	dp, err := loader.FromCollection(coll, o.PinPath)
 	if err != nil {
 		return nil, rep, fmt.Errorf("load datapath: %w", err)
 	}

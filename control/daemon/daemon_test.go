@@ -17,6 +17,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/bpf/upgradetest"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/attach"
@@ -231,8 +232,8 @@ func TestRestartKeepsState(t *testing.T) {
 		ipc.Put(netip.MustParsePrefix("203.0.113.0/24"), 7), // stale
 		ipc.Delete(p6a),   // missing
 		ipc.Put(p4a, 101), // changed
-		pm.Put(policymap.Rule{Dir: policymap.Ingress, Identity: 9, Verdict: policymap.Allow}), // stale
-		pm.SetDefault(policymap.Ingress, policymap.Allow),                                     // changed
+		pm.Put(policymap.Rule{Dir: bpf.Ingress, Identity: 9, Verdict: policymap.Allow}), // stale
+		pm.SetDefault(bpf.Ingress, policymap.Allow),                                     // changed
 	); err != nil {
 		t.Fatal(err)
 	}
@@ -349,8 +350,8 @@ func TestAdoptIntoEmptyStore(t *testing.T) {
 	pm := policymap.New(maps.Policy(), maps.Config())
 	if err := errors.Join(
 		ipc.Put(p4b, 42),
-		pm.Put(policymap.Rule{Dir: policymap.Ingress, Identity: 42, Proto: 6, Port: 443, Verdict: policymap.Allow}),
-		pm.SetDefault(policymap.Ingress, policymap.Deny),
+		pm.Put(policymap.Rule{Dir: bpf.Ingress, Identity: 42, Proto: 6, Port: 443, Verdict: policymap.Allow}),
+		pm.SetDefault(bpf.Ingress, policymap.Deny),
 	); err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -95,7 +96,7 @@ func syncIPCache(st *store.State, m *ipcachemap.Map, s *SyncStats) error {
 }
 
 func ruleOf(k store.RuleKey, v store.Verdict) policymap.Rule {
-	return policymap.Rule{Dir: policymap.Direction(k.Dir), Identity: k.Identity, Proto: k.Proto, Port: k.Port, Verdict: policymap.Verdict(v)}
+	return policymap.Rule{Dir: bpf.Direction(k.Dir), Identity: k.Identity, Proto: k.Proto, Port: k.Port, Verdict: policymap.Verdict(v)}
 }
 
 func keyOf(r policymap.Rule) store.RuleKey {
@@ -138,7 +139,7 @@ func syncPolicy(st *store.State, m *policymap.Map, s *SyncStats) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range []policymap.Direction{policymap.Ingress, policymap.Egress} {
+	for _, d := range []bpf.Direction{bpf.Ingress, bpf.Egress} {
 		want := policymap.Verdict(st.Defaults[d]).Effective()
 		if defaults[d].Effective() == want {
 			continue

@@ -24,6 +24,7 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
@@ -33,10 +34,10 @@ import (
 type Type uint8
 
 const (
-	FlowNew        Type = 1
-	FlowClosed     Type = 2
-	Drop           Type = 3
-	CTInsertFailed Type = 4
+	FlowNew        = Type(bpf.CtdEventTypeEV_FLOW_NEW)
+	FlowClosed     = Type(bpf.CtdEventTypeEV_FLOW_CLOSED)
+	Drop           = Type(bpf.CtdEventTypeEV_DROP)
+	CTInsertFailed = Type(bpf.CtdEventTypeEV_CT_INSERT_FAILED)
 )
 
 // recordSize is the size of struct event.
@@ -135,7 +136,7 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 		DstIdentity: r.DstIdentity,
 		Iface:       d.name(r.Ifindex),
 		Ifindex:     r.Ifindex,
-		Dir:         metricsmap.Direction(r.Dir).String(),
+		Dir:         bpf.Direction(r.Dir).String(),
 		Kind:        t,
 		Stamp:       stamp,
 	}
@@ -254,32 +255,19 @@ func (l RateLimit) String() string {
 	return fmt.Sprintf("%d events/s per CPU, burst %d", l.Rate, burst)
 }
 
-// GetRateLimit reads the event rate limit from config_v1.
-func GetRateLimit(config *ebpf.Map) (RateLimit, error) {
-	var c bpf.CtdConfig
-	if err := config.Lookup(uint32(0), &c); err != nil {
-		return RateLimit{}, fmt.Errorf("read config_v1: %w", err)
-	}
-	return RateLimit{Rate: c.EventsRate, Burst: c.EventsBurst}, nil
+// GetRateLimit reads the event rate limit from the configuration.
+func GetRateLimit(cfg *config.Map) (RateLimit, error) {
+	c, err := cfg.Read()
+	return RateLimit{Rate: c.EventsRate, Burst: c.EventsBurst}, err
 }
 
-// SetRateLimit writes the event rate limit to config_v1, keeping its other
-// fields: it reads the config, changes the event fields and writes it back.
-// That is not atomic against another process writing config_v1 at the same
-// moment; ctd's writers are short CLI commands and the daemon.
-func SetRateLimit(config *ebpf.Map, l RateLimit) error {
+// SetRateLimit writes the event rate limit to the configuration, keeping
+// its other fields (config.Map serialises it with other writers).
+func SetRateLimit(cfg *config.Map, l RateLimit) error {
 	if l.Rate == 0 && l.Burst != 0 {
 		return fmt.Errorf("invalid event burst %d: a burst needs a rate (rate 0 means unlimited)", l.Burst)
 	}
-	var c bpf.CtdConfig
-	if err := config.Lookup(uint32(0), &c); err != nil {
-		return fmt.Errorf("read config_v1: %w", err)
-	}
-	c.EventsRate, c.EventsBurst = l.Rate, l.Burst
-	if err := config.Put(uint32(0), &c); err != nil {
-		return fmt.Errorf("write config_v1: %w", err)
-	}
-	return nil
+	return cfg.Update(func(c *config.Values) { c.EventsRate, c.EventsBurst = l.Rate, l.Burst })
 }
 
 // String is a readable one-line rendering of e, e.g.

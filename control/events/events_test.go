@@ -75,14 +75,14 @@ var ignoreTime = cmp.Options{
 // event with reason policy and both identities.
 func TestPolicyDrop(t *testing.T) {
 	dp := dptest.Load(t, nettest.PinPath(t))
-	dp.SetDefault(t, dptest.Ingress, 2)
+	dp.SetDefault(t, bpf.Ingress, 2)
 	setIdentity(t, dp, addrC, 1234)
 	setIdentity(t, dp, addrA, 5678)
 	r := newReader(t, dp)
 
 	before := time.Now()
 	syn := dptest.TCP(t, netip.AddrPortFrom(addrC, 40000), netip.AddrPortFrom(addrA, 22), dptest.SYN, nil)
-	if v := dp.Run(t, dptest.Ingress, syn); v != dptest.Drop {
+	if v := dp.Run(t, bpf.Ingress, syn); v != dptest.Drop {
 		t.Fatalf("verdict %#x, want drop", v)
 	}
 	ev := next(t, r)
@@ -112,20 +112,20 @@ func TestFlowNewAndClosed(t *testing.T) {
 
 	a, b := netip.AddrPortFrom(addrA, 41000), netip.AddrPortFrom(addrB, 80)
 	steps := []struct {
-		dir     dptest.Direction
+		dir     bpf.Direction
 		from    netip.AddrPort
 		flags   int
 		payload int
 	}{
-		{dptest.Egress, a, dptest.SYN, 0},
-		{dptest.Ingress, b, dptest.SYN | dptest.ACK, 0},
-		{dptest.Egress, a, dptest.ACK, 0},
-		{dptest.Egress, a, dptest.ACK | dptest.PSH, 100},
-		{dptest.Ingress, b, dptest.ACK | dptest.PSH, 1400},
-		{dptest.Ingress, b, dptest.ACK | dptest.PSH, 600},
-		{dptest.Egress, a, dptest.FIN | dptest.ACK, 0},
-		{dptest.Ingress, b, dptest.FIN | dptest.ACK, 0}, // both FINs seen: closed
-		{dptest.Egress, a, dptest.ACK, 0},               // after the close: not in the event
+		{bpf.Egress, a, dptest.SYN, 0},
+		{bpf.Ingress, b, dptest.SYN | dptest.ACK, 0},
+		{bpf.Egress, a, dptest.ACK, 0},
+		{bpf.Egress, a, dptest.ACK | dptest.PSH, 100},
+		{bpf.Ingress, b, dptest.ACK | dptest.PSH, 1400},
+		{bpf.Ingress, b, dptest.ACK | dptest.PSH, 600},
+		{bpf.Egress, a, dptest.FIN | dptest.ACK, 0},
+		{bpf.Ingress, b, dptest.FIN | dptest.ACK, 0}, // both FINs seen: closed
+		{bpf.Egress, a, dptest.ACK, 0},               // after the close: not in the event
 	}
 	var want events.Counters
 	for i, s := range steps {
@@ -221,7 +221,7 @@ func TestDecodeRejects(t *testing.T) {
 // config_v1 alone.
 func TestRateLimit(t *testing.T) {
 	dp := dptest.Load(t, nettest.PinPath(t))
-	dp.SetDefault(t, dptest.Ingress, 2)
+	dp.SetDefault(t, bpf.Ingress, 2)
 	r := newReader(t, dp)
 	lim := events.RateLimit{Rate: 1, Burst: 2}
 	if err := events.SetRateLimit(dp.Maps.Config(), lim); err != nil {
@@ -230,15 +230,14 @@ func TestRateLimit(t *testing.T) {
 	if got, err := events.GetRateLimit(dp.Maps.Config()); err != nil || got != lim {
 		t.Fatalf("GetRateLimit = %+v, %v; want %+v", got, err, lim)
 	}
-	var c bpf.CtdConfig
-	if err := dp.Maps.Config().Lookup(uint32(0), &c); err != nil || c.DefaultVerdict[0] != 2 {
+	if c, err := dp.Maps.Config().Read(); err != nil || c.DefaultVerdict[0] != 2 {
 		t.Fatalf("SetRateLimit changed the default verdict: %+v, %v", c, err)
 	}
 
 	onCPU0(t) // one CPU's bucket
 	for i := range 5 {
 		f := dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(5000+i)), netip.AddrPortFrom(addrB, 53), nil)
-		dp.Run(t, dptest.Egress, f)
+		dp.Run(t, bpf.Egress, f)
 	}
 	for range 2 {
 		if ev := next(t, r); ev.Type != "flow-new" {
@@ -284,7 +283,7 @@ func TestRateLimitLowered(t *testing.T) {
 	r := newReader(t, dp)
 	onCPU0(t)
 	flow := func(i int) {
-		dp.Run(t, dptest.Egress, dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(6000+i)), netip.AddrPortFrom(addrB, 53), nil))
+		dp.Run(t, bpf.Egress, dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(6000+i)), netip.AddrPortFrom(addrB, 53), nil))
 	}
 	if err := events.SetRateLimit(dp.Maps.Config(), events.RateLimit{Rate: 10000}); err != nil {
 		t.Fatal(err)

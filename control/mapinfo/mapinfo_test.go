@@ -32,7 +32,7 @@ const (
 func fill(t *testing.T, dp *dptest.Datapath) {
 	t.Helper()
 	f := dptest.UDP(t, netip.MustParseAddrPort("198.51.100.1:5000"), netip.MustParseAddrPort("198.51.100.2:53"), nil)
-	if v := dp.Run(t, dptest.Egress, f); v != dptest.Pass {
+	if v := dp.Run(t, bpf.Egress, f); v != dptest.Pass {
 		t.Fatalf("verdict %#x", v)
 	}
 	ct := ctmap.New(dp.Maps.CT())

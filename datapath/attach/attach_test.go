@@ -168,14 +168,14 @@ func observe(t *testing.T) state {
 	for i, d := range directions() {
 		res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: d.tcx})
 		if err != nil {
-			t.Fatalf("query tcx %s: %v", d.name, err)
+			t.Fatalf("query tcx %s: %v", d, err)
 		}
 		for _, p := range res.Programs {
 			s.tcx[i] = append(s.tcx[i], p.ID)
 		}
 		fs, err := netlink.FilterList(l, clsactParent(d))
 		if err != nil {
-			t.Fatalf("list %s filters: %v", d.name, err)
+			t.Fatalf("list %s filters: %v", d, err)
 		}
 		for _, f := range fs {
 			bf, ok := f.(*netlink.BpfFilter)

@@ -120,7 +120,7 @@ func (s *session) removeTC(ifindex int) error {
 	for _, d := range directions() {
 		fs, err := s.filters(ifindex, d)
 		if err != nil {
-			return fmt.Errorf("list %s tc filters: %w", d.name, err)
+			return fmt.Errorf("list %s tc filters: %w", d, err)
 		}
 		for _, f := range fs {
 			err := s.tc.Filter().Delete(&tc.Object{
@@ -134,7 +134,7 @@ func (s *session) removeTC(ifindex int) error {
 				Attribute: tc.Attribute{Kind: "bpf"},
 			})
 			if err != nil && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("delete %s tc filter: %w", d.name, err)
+				return fmt.Errorf("delete %s tc filter: %w", d, err)
 			}
 		}
 	}
@@ -155,7 +155,7 @@ func (s *session) tcIfaces() ([]string, error) {
 		for _, d := range directions() {
 			fs, err := s.filters(int(q.Ifindex), d)
 			if err != nil {
-				return nil, fmt.Errorf("list %s tc filters of ifindex %d: %w", d.name, q.Ifindex, err)
+				return nil, fmt.Errorf("list %s tc filters of ifindex %d: %w", d, q.Ifindex, err)
 			}
 			if len(fs) == 0 {
 				continue

@@ -18,12 +18,12 @@ import (
 type State uint8
 
 const (
-	StateNew         State = 0
-	StateEstablished State = 1
-	StateSynSent     State = 2
-	StateSynRecv     State = 3
-	StateFinWait     State = 4
-	StateClosed      State = 5
+	StateNew         = State(bpf.CtdCtStateCT_NEW)
+	StateEstablished = State(bpf.CtdCtStateCT_ESTABLISHED)
+	StateSynSent     = State(bpf.CtdCtStateCT_SYN_SENT)
+	StateSynRecv     = State(bpf.CtdCtStateCT_SYN_RECV)
+	StateFinWait     = State(bpf.CtdCtStateCT_FIN_WAIT)
+	StateClosed      = State(bpf.CtdCtStateCT_CLOSED)
 )
 
 var stateNames = [...]string{"NEW", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT", "CLOSED"}
@@ -35,11 +35,11 @@ func (s State) String() string {
 	return "STATE_" + strconv.Itoa(int(s))
 }
 
-// Entry flags (CT_F_* in bpf/common.h).
+// Entry flags (enum ct_flag in bpf/common.h).
 const (
-	FlagOpenedIngress = 0x01
-	FlagPickup        = 0x02
-	FlagRelated       = 0x04
+	FlagOpenedIngress = uint8(bpf.CtdCtFlagCT_F_OPENED_INGRESS)
+	FlagPickup        = uint8(bpf.CtdCtFlagCT_F_PICKUP)
+	FlagRelated       = uint8(bpf.CtdCtFlagCT_F_RELATED)
 )
 
 // Key and Entry are the map's raw layout.

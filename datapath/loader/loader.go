@@ -14,6 +14,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/config"
 )
 
 // Defaults for Options.
@@ -147,11 +148,12 @@ func (d *Datapath) Close() error {
 }
 
 // FromCollection takes the programs and maps of a loaded collection of the
-// datapath; coll keeps what it does not hand over and must still be closed.
-func FromCollection(coll *ebpf.Collection) (*Datapath, error) {
+// datapath whose maps are pinned at pinPath; coll keeps what it does not
+// hand over and must still be closed.
+func FromCollection(coll *ebpf.Collection, pinPath string) (*Datapath, error) {
 	dp := &Datapath{}
-	if err := coll.Assign(&dp.objs); err != nil {
-		return nil, fmt.Errorf("assign maps: %w", err)
+	if err := dp.assign(coll, pinPath); err != nil {
+		return nil, err
 	}
 	if err := coll.Assign(&dp.CtdPrograms); err != nil {
 		dp.Maps.Close()
@@ -177,7 +179,7 @@ func Load(o Options) (*Datapath, error) {
 		closeAll(maps)
 		return nil, fmt.Errorf("load datapath programs: %w", err)
 	}
-	if err := assignMaps(&dp.Maps, maps); err != nil {
+	if err := assignMaps(&dp.Maps, maps, o.PinPath); err != nil {
 		dp.Close()
 		return nil, err
 	}
@@ -202,7 +204,7 @@ func OpenMaps(o Options) (*Maps, error) {
 		return nil, err
 	}
 	var out Maps
-	if err := assignMaps(&out, maps); err != nil {
+	if err := assignMaps(&out, maps, o.PinPath); err != nil {
 		closeAll(maps)
 		return nil, err
 	}
@@ -233,7 +235,7 @@ func OpenPinned(pinPath string) (*Maps, error) {
 		maps[name] = m
 	}
 	var out Maps
-	if err := assignMaps(&out, maps); err != nil {
+	if err := assignMaps(&out, maps, pinPath); err != nil {
 		closeAll(maps)
 		return nil, err
 	}
@@ -308,8 +310,11 @@ func newMap(ms *ebpf.MapSpec) (*ebpf.Map, error) {
 	if err != nil || ms.Name != ConfigMap {
 		return m, err
 	}
-	cfg := bpf.CtdConfig{EventsRate: DefaultEventsRate, EventsBurst: DefaultEventsRate}
-	if err := m.Put(uint32(0), cfg); err != nil {
+	// Not pinned yet: no other process can write it.
+	err = config.New(m, "").Update(func(v *config.Values) {
+		v.EventsRate, v.EventsBurst = DefaultEventsRate, DefaultEventsRate
+	})
+	if err != nil {
 		m.Close()
 		return nil, fmt.Errorf("initialise %s: %w", ms.Name, err)
 	}
@@ -335,13 +340,9 @@ func pinCreated(pinPath string, maps map[string]*ebpf.Map, created map[string]bo
 	return nil
 }
 
-func assignMaps(out *Maps, maps map[string]*ebpf.Map) error {
+func assignMaps(out *Maps, maps map[string]*ebpf.Map, pinPath string) error {
 	// Assign takes ownership by deleting what it assigns: give it a copy.
-	coll := &ebpf.Collection{Maps: stdmaps.Clone(maps)}
-	if err := coll.Assign(&out.objs); err != nil {
-		return fmt.Errorf("assign maps: %w", err)
-	}
-	return nil
+	return out.assign(&ebpf.Collection{Maps: stdmaps.Clone(maps)}, pinPath)
 }
 
 func closeAll(maps map[string]*ebpf.Map) {

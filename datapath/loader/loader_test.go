@@ -142,8 +142,8 @@ func TestNewConfigLimitsEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer maps.Close()
-	var cfg bpf.CtdConfig
-	if err := maps.Config().Lookup(uint32(0), &cfg); err != nil {
+	cfg, err := maps.Config().Read()
+	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.EventsRate != DefaultEventsRate || cfg.EventsBurst != DefaultEventsRate {

@@ -1,9 +1,12 @@
 package loader
 
 import (
+	"fmt"
+
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
 )
 
 // The names of the datapath's maps. The version in a name is its layout's
@@ -26,6 +29,17 @@ var MapNames = []string{CTMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, M
 // Maps are the datapath's maps, each by what it holds.
 type Maps struct {
 	objs bpf.CtdMaps
+	cfg  *config.Map
+}
+
+// assign takes the maps of coll (which keeps what it has not handed over)
+// pinned at pinPath ("" for maps not pinned).
+func (m *Maps) assign(coll *ebpf.Collection, pinPath string) error {
+	if err := coll.Assign(&m.objs); err != nil {
+		return fmt.Errorf("assign maps: %w", err)
+	}
+	m.cfg = config.New(m.objs.ConfigV1, pinPath)
+	return nil
 }
 
 // CT is the conntrack table.
@@ -38,9 +52,8 @@ func (m *Maps) IPCache6() *ebpf.Map { return m.objs.Ipcache6V1 }
 // Policy is the policy rules' hash.
 func (m *Maps) Policy() *ebpf.Map { return m.objs.PolicyV1 }
 
-// Config is the datapath's configuration, an array of one; write it
-// through package datapath/config.
-func (m *Maps) Config() *ebpf.Map { return m.objs.ConfigV1 }
+// Config is the datapath's configuration, and its one writer.
+func (m *Maps) Config() *config.Map { return m.cfg }
 
 // Metrics is the per-CPU counters.
 func (m *Maps) Metrics() *ebpf.Map { return m.objs.MetricsV1 }
@@ -55,7 +68,7 @@ func (m *Maps) EventLimit() *ebpf.Map { return m.objs.EvlimitV1 }
 func (m *Maps) ByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
 		CTMap: m.CT(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(), PolicyMap: m.Policy(),
-		ConfigMap: m.Config(), MetricsMap: m.Metrics(), EventsMap: m.Events(), EventLimitMap: m.EventLimit(),
+		ConfigMap: m.objs.ConfigV1, MetricsMap: m.Metrics(), EventsMap: m.Events(), EventLimitMap: m.EventLimit(),
 	}
 }
 

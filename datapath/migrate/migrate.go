@@ -180,7 +180,7 @@ func Load(opts loader.Options, ifs Interfaces) (*loader.Datapath, Report, error)
 		return nil, rep, err
 	}
 	defer coll.Close()
-	dp, err := loader.FromCollection(coll)
+	dp, err := loader.FromCollection(coll, opts.PinPath)
 	return dp, rep, err
 }
 

@@ -194,7 +194,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			a, b := pair.A, pair.B
 			o, dp := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
 			cfg := bpf.CtdConfig{DefaultVerdict: [2]uint8{2, 0}} // ingress: deny
-			if err := dp.Config().Put(uint32(0), cfg); err != nil {
+			if err := dp.Config().Update(func(c *bpf.CtdConfig) { *c = cfg }); err != nil {
 				t.Fatal(err)
 			}
 			checkIngressDenied(t, a, b)

@@ -17,18 +17,18 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // Values of bpf/common.h used here.
 const (
-	dirIngress   = 0
-	metricMax    = 64
-	mCTCreated   = 32
-	verdictAllow = 1
-	verdictDeny  = 2
+	dirIngress   = uint8(bpf.Ingress)
+	verdictAllow = uint8(bpf.CtdVerdictVERDICT_ALLOW)
+	verdictDeny  = uint8(bpf.CtdVerdictVERDICT_DENY)
 )
 
 type fixtureKey struct {
@@ -271,13 +271,11 @@ func (f *fixture) setPolicy() error {
 	}
 	// Change only the defaults and the rule count: the rest (the event rate
 	// limit) stays as the loader created it.
-	var cfg bpf.CtdConfig
-	if err := f.dp.Config().Lookup(uint32(0), &cfg); err != nil {
-		return fmt.Errorf("read config: %w", err)
-	}
-	cfg.DefaultVerdict[dirIngress] = verdictDeny
-	cfg.PolicyRules = hostIdentities
-	if err := f.dp.Config().Put(uint32(0), &cfg); err != nil {
+	err := f.dp.Config().Update(func(cfg *config.Values) {
+		cfg.DefaultVerdict[dirIngress] = verdictDeny
+		cfg.PolicyRules = hostIdentities
+	})
+	if err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
 	return nil
@@ -289,7 +287,7 @@ func (f *fixture) created() (uint64, error) {
 	var total uint64
 	for _, dir := range []uint32{0, 1} {
 		var per []bpf.CtdMetricValue
-		if err := f.dp.Metrics().Lookup(dir*metricMax+mCTCreated, &per); err != nil {
+		if err := f.dp.Metrics().Lookup(dir*uint32(metricsmap.ReasonsPerDirection)+uint32(metricsmap.CTCreated), &per); err != nil {
 			return 0, fmt.Errorf("read metrics: %w", err)
 		}
 		for _, v := range per {

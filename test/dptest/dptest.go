@@ -11,6 +11,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
@@ -18,14 +19,6 @@ import (
 const (
 	Pass = ^uint32(0) // TC_ACT_UNSPEC (-1)
 	Drop = uint32(2)  // TC_ACT_SHOT
-)
-
-// Direction selects the program: DIR_INGRESS or DIR_EGRESS.
-type Direction uint8
-
-const (
-	Ingress Direction = 0
-	Egress  Direction = 1
 )
 
 // Datapath is a loaded datapath: its programs and maps.
@@ -51,10 +44,10 @@ func Load(tb testing.TB, pinPath string) *Datapath {
 }
 
 // Run runs one frame through the direction's program and returns the verdict.
-func (d *Datapath) Run(tb testing.TB, dir Direction, frame []byte) uint32 {
+func (d *Datapath) Run(tb testing.TB, dir bpf.Direction, frame []byte) uint32 {
 	tb.Helper()
 	prog := d.Progs.CtdIngress
-	if dir == Egress {
+	if dir == bpf.Egress {
 		prog = d.Progs.CtdEgress
 	}
 	ret, err := prog.Run(&ebpf.RunOptions{Data: frame})
@@ -66,14 +59,9 @@ func (d *Datapath) Run(tb testing.TB, dir Direction, frame []byte) uint32 {
 
 // SetDefault sets the default verdict of a direction in config_v1
 // (VERDICT_ALLOW 1, VERDICT_DENY 2), keeping the other fields.
-func (d *Datapath) SetDefault(tb testing.TB, dir Direction, verdict uint8) {
+func (d *Datapath) SetDefault(tb testing.TB, dir bpf.Direction, verdict uint8) {
 	tb.Helper()
-	var c bpf.CtdConfig
-	if err := d.Maps.Config().Lookup(uint32(0), &c); err != nil {
-		tb.Fatal(err)
-	}
-	c.DefaultVerdict[dir] = verdict
-	if err := d.Maps.Config().Put(uint32(0), &c); err != nil {
+	if err := d.Maps.Config().Update(func(c *config.Values) { c.DefaultVerdict[dir] = verdict }); err != nil {
 		tb.Fatal(err)
 	}
 }
