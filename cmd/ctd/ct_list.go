@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -58,7 +59,7 @@ With -o json the output is one JSON array, written as the table is read.`,
 }
 
 func listText(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
-	enc := conntrack.NewEncoder(ctmap.Now(), conntrack.NewNames())
+	enc := conntrack.NewEncoder(ctmap.Now(), ifnames.New())
 	var buf []byte
 	return conntrack.List(m, f, func(fl ctmap.Flow) error {
 		buf = append(enc.AppendLine(buf[:0], fl), '\n')
@@ -69,7 +70,7 @@ func listText(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
 
 // listJSON streams a JSON array: "[", the objects separated by ",", "]".
 func listJSON(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
-	enc := conntrack.NewEncoder(ctmap.Now(), conntrack.NewNames())
+	enc := conntrack.NewEncoder(ctmap.Now(), ifnames.New())
 	buf := []byte("[")
 	sep := "\n"
 	err := conntrack.List(m, f, func(fl ctmap.Flow) error {

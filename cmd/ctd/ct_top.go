@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
+	"github.com/ctd-dev/ctd/control/ifnames"
 )
 
 func newCTTopCmd(a *app) *cobra.Command {
@@ -55,7 +56,7 @@ With -o json the output is an array of {"value", "flows", "share"}.`,
 			}
 			defer closeCT()
 
-			top, err := conntrack.Top(m, f, dim, n, conntrack.NewNames())
+			top, err := conntrack.Top(m, f, dim, n, ifnames.New())
 			if err != nil {
 				return err
 			}

@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -121,7 +122,7 @@ func TestFlagNames(t *testing.T) {
 func TestRowJSONKeys(t *testing.T) {
 	fl := testFlows[0]
 	fl.FirstSeen, fl.LastSeen = time.Second, 2*time.Second
-	b, err := json.Marshal(RowOf(fl, ctmap.Now(), NewNames()))
+	b, err := json.Marshal(RowOf(fl, ctmap.Now(), ifnames.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,17 +149,6 @@ func TestRowJSONKeys(t *testing.T) {
 	last, _ := time.Parse(time.RFC3339Nano, obj["last_seen"].(string))
 	if d := last.Sub(first); d != time.Second {
 		t.Errorf("last_seen - first_seen = %v, want 1s", d)
-	}
-}
-
-func TestNames(t *testing.T) {
-	n := NewNames()
-	if got := n.Name(1); got != "lo" {
-		t.Errorf("Name(1) = %q, want lo", got)
-	}
-	// No interface has index 2^31-1: the number stands in.
-	if got := n.Name(1<<31 - 1); got != "2147483647" {
-		t.Errorf("Name(2147483647) = %q, want the number", got)
 	}
 }
 
@@ -267,7 +257,7 @@ func TestLine(t *testing.T) {
 	fl.SrcIdentity, fl.DstIdentity, fl.Ifindex = 2, 2, 1
 	fl.Flags = ctmap.FlagOpenedIngress
 	want := "tcp ESTABLISHED src=198.51.100.1 dst=198.51.100.2 sport=40000 dport=8080 packets=5 bytes=400 | packets=4 bytes=300 id=2->2 iface=lo flags=opened_ingress"
-	if got := Line(fl, NewNames()); got != want {
+	if got := Line(fl, ifnames.New()); got != want {
 		t.Errorf("Line =\n%s\nwant\n%s", got, want)
 	}
 }

@@ -13,7 +13,6 @@ package events
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -24,6 +23,8 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/ifnames"
+	"github.com/ctd-dev/ctd/datapath/byteorder"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -96,20 +97,20 @@ type Counters struct {
 // names in the calling thread's network namespace and caches them.
 type Decoder struct {
 	clock ctmap.Clock
-	names map[uint32]string
+	names *ifnames.Cache
 }
 
 // NewDecoder returns a Decoder that converts times with a fresh reading of
 // the clocks.
 func NewDecoder() *Decoder {
-	return &Decoder{clock: ctmap.Now(), names: make(map[uint32]string)}
+	return &Decoder{clock: ctmap.Now(), names: ifnames.New()}
 }
 
 // Resync reads the clocks again (after the wall clock was stepped) and
 // forgets cached interface names.
 func (d *Decoder) Resync() {
 	d.clock = ctmap.Now()
-	clear(d.names)
+	d.names.Forget()
 }
 
 // Decode decodes one record.
@@ -128,13 +129,13 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 		Time:        d.clock.Wall(stamp),
 		Type:        t.String(),
 		Proto:       ctmap.ProtoName(r.Proto),
-		Src:         addrOf(r.Src, r.Family),
-		Sport:       ntohs(r.Sport),
-		Dst:         addrOf(r.Dst, r.Family),
-		Dport:       ntohs(r.Dport),
+		Src:         byteorder.Addr(r.Src, r.Family),
+		Sport:       byteorder.Swap16(r.Sport),
+		Dst:         byteorder.Addr(r.Dst, r.Family),
+		Dport:       byteorder.Swap16(r.Dport),
 		SrcIdentity: r.SrcIdentity,
 		DstIdentity: r.DstIdentity,
-		Iface:       d.name(r.Ifindex),
+		Iface:       d.names.Name(r.Ifindex),
 		Ifindex:     r.Ifindex,
 		Dir:         bpf.Direction(r.Dir).String(),
 		Kind:        t,
@@ -156,27 +157,6 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 	}
 	return ev, nil
 }
-
-func (d *Decoder) name(ifindex uint32) string {
-	if n, ok := d.names[ifindex]; ok {
-		return n
-	}
-	n := strconv.FormatUint(uint64(ifindex), 10)
-	if ifi, err := net.InterfaceByIndex(int(ifindex)); err == nil {
-		n = ifi.Name
-	}
-	d.names[ifindex] = n
-	return n
-}
-
-func addrOf(b [16]byte, family uint8) netip.Addr {
-	if family == 4 {
-		return netip.AddrFrom4([4]byte(b[:4]))
-	}
-	return netip.AddrFrom16(b)
-}
-
-func ntohs(v uint16) uint16 { return v<<8 | v>>8 }
 
 // ErrClosed is returned by Read after Close.
 var ErrClosed = ringbuf.ErrClosed

@@ -8,6 +8,8 @@ import (
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/datapath/byteorder"
 )
 
 // ctd's cls_bpf filters are identified by priority and handle in both clsact
@@ -24,12 +26,10 @@ const (
 // clsactHandle is the handle of a clsact qdisc, ffff:0000.
 const clsactHandle = 0xffff0000
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
 // filterInfo is tcm_info for ctd's filters: priority in the upper 16 bits,
 // protocol (network byte order) in the lower.
 func filterInfo() uint32 {
-	return uint32(TCPriority)<<16 | uint32(htons(unix.ETH_P_ALL))
+	return uint32(TCPriority)<<16 | uint32(byteorder.Swap16(unix.ETH_P_ALL))
 }
 
 func clsactParent(d direction) uint32 { return core.BuildHandle(tc.HandleRoot, d.clsactMin) }

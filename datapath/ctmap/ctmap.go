@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/byteorder"
 )
 
 // State is a flow's connection state (enum ct_state in bpf/common.h).
@@ -103,25 +104,6 @@ func ParseProto(s string) (uint8, error) {
 	return uint8(n), nil
 }
 
-func addrOf(b [16]byte, family uint8) netip.Addr {
-	if family == 4 {
-		return netip.AddrFrom4([4]byte(b[:4]))
-	}
-	return netip.AddrFrom16(b)
-}
-
-func bytesOf(a netip.Addr) [16]byte {
-	if a.Is4() {
-		var b [16]byte
-		v4 := a.As4()
-		copy(b[:], v4[:])
-		return b
-	}
-	return a.As16()
-}
-
-func ntohs(v uint16) uint16 { return v<<8 | v>>8 }
-
 // FlowOf decodes a raw key and entry.
 func FlowOf(k *Key, e *Entry) Flow {
 	f := Flow{
@@ -140,8 +122,8 @@ func FlowOf(k *Key, e *Entry) Flow {
 		TCPFlagsOrig:  e.TcpFlagsOrig,
 		TCPFlagsReply: e.TcpFlagsReply,
 	}
-	a, b := addrOf(k.AddrA, k.Family), addrOf(k.AddrB, k.Family)
-	pa, pb := ntohs(k.PortA), ntohs(k.PortB)
+	a, b := byteorder.Addr(k.AddrA, k.Family), byteorder.Addr(k.AddrB, k.Family)
+	pa, pb := byteorder.Swap16(k.PortA), byteorder.Swap16(k.PortB)
 	if e.OrigIsB != 0 {
 		f.Src, f.Sport, f.Dst, f.Dport = b, pb, a, pa
 	} else {
@@ -157,8 +139,8 @@ func KeyOf(proto uint8, src netip.Addr, sport uint16, dst netip.Addr, dport uint
 	if src.Is4() {
 		k.Family = 4
 	}
-	sb, db := bytesOf(src), bytesOf(dst)
-	sp, dp := ntohs(sport), ntohs(dport)
+	sb, db := byteorder.Bytes(src), byteorder.Bytes(dst)
+	sp, dp := byteorder.Swap16(sport), byteorder.Swap16(dport)
 	// The datapath compares the addresses as two host-order (little-endian)
 	// 64-bit words, then the ports as stored (network order).
 	srcIsB := false
