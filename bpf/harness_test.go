@@ -19,6 +19,7 @@ import (
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // Verdicts as Program.Run reports them.
@@ -96,6 +97,7 @@ func newDatapath(tb testing.TB) *testDatapath {
 // newDatapathFrom is newDatapath for another build of the programs.
 func newDatapathFrom(tb testing.TB, spec *ebpf.CollectionSpec) *testDatapath {
 	tb.Helper()
+	nettest.RequireRoot(tb)
 	loader.Options{CTMax: testCTMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().SizeSpec(spec)
 	d := &testDatapath{}
 	if err := spec.LoadAndAssign(&d.CtdObjects, nil); err != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 func TestParseFilter(t *testing.T) {
@@ -174,9 +175,7 @@ func newTable(t *testing.T) *ctmap.Map {
 // with the datapath's layout.
 func newEmptyTable(t *testing.T, size uint32) *ctmap.Map {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatalf("this test creates BPF maps and needs root (euid %d): run it as root, e.g. sudo make test", os.Geteuid())
-	}
+	nettest.RequireRoot(t)
 	spec, err := loader.Options{CTMax: size, IPCacheMax: 1, RingBufSize: 4096}.Spec()
 	if err != nil {
 		t.Fatal(err)

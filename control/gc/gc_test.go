@@ -17,6 +17,7 @@ import (
 
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // testNow is the CLOCK_MONOTONIC_COARSE instant the pass tests run at: far enough
@@ -31,9 +32,7 @@ func newCT(tb testing.TB, maxEntries uint32) *ctmap.Map {
 
 func newCTMap(tb testing.TB, maxEntries uint32) *ebpf.Map {
 	tb.Helper()
-	if unix.Geteuid() != 0 {
-		tb.Fatalf("creating BPF maps needs root (euid %d): run the tests as root", unix.Geteuid())
-	}
+	nettest.RequireRoot(tb)
 	spec, err := loader.Options{CTMax: maxEntries}.WithDefaults().Spec()
 	if err != nil {
 		tb.Fatal(err)

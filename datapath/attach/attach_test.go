@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 const testIface = "veth0"
@@ -40,9 +41,7 @@ type env struct {
 
 func setup(t *testing.T) env {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	nettest.RequireRoot(t)
 	name := "ctdattach-" + randomSuffix(t)
 
 	runtime.LockOSThread()

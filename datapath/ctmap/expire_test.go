@@ -3,7 +3,6 @@ package ctmap_test
 import (
 	"errors"
 	"net/netip"
-	"os"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -11,13 +10,12 @@ import (
 
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 func newTable(t *testing.T) *ctmap.Map {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatalf("creating BPF maps needs root (euid %d)", os.Geteuid())
-	}
+	nettest.RequireRoot(t)
 	spec, err := loader.Options{CTMax: 1024}.WithDefaults().Spec()
 	if err != nil {
 		t.Fatal(err)

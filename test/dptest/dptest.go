@@ -3,7 +3,6 @@ package dptest
 
 import (
 	"net/netip"
-	"os"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -13,6 +12,7 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // Verdicts as Program.Run reports them.
@@ -32,9 +32,7 @@ type Datapath struct {
 // pinPath's removal (nettest.PinPath does it).
 func Load(tb testing.TB, pinPath string) *Datapath {
 	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Fatalf("dptest: loading BPF programs needs root (euid %d): run the tests as root", os.Geteuid())
-	}
+	nettest.RequireRoot(tb)
 	dp, err := loader.Load(loader.Options{PinPath: pinPath, CTMax: 4096, IPCacheMax: 1024, RingBufSize: 1 << 16})
 	if err != nil {
 		tb.Fatalf("dptest: load datapath at %s: %v", pinPath, err)
