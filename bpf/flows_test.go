@@ -6,6 +6,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 // An originator and a responder. The pairs cover both canonical key orders
@@ -64,7 +65,7 @@ func newModel(tb testing.TB, proto uint8, p pair, o opener) *flowModel {
 		Src:   p.orig.Addr(), Sport: p.orig.Port(),
 		Dst: p.resp.Addr(), Dport: p.resp.Port(),
 		SrcIdentity: 2, DstIdentity: 2, // world: the ipcache is empty
-		Ifindex: loIfindex(tb),
+		Ifindex: dptest.LoIfindex(tb),
 		Flags:   o.ctFlags,
 	}}
 }

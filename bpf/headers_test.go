@@ -11,13 +11,14 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 // ipv6Ext is one IPv6 extension header in wire format with the given next
 // header, body length 8*(units+1) bytes.
 func ipv6Ext(kind, next layers.IPProtocol, units int) []byte {
 	if kind == layers.IPProtocolAH {
-		// AH counts 4-byte units minus 2: 12 bytes header + 4 ICV.
+		// AH dptest.Counts 4-byte units minus 2: 12 bytes header + 4 ICV.
 		b := make([]byte, 16)
 		b[0], b[1] = byte(next), 2
 		return b
@@ -47,8 +48,8 @@ func ipv6WithExts(tb testing.TB, src, dst netip.AddrPort, kinds []layers.IPProto
 	if len(kinds) > 0 {
 		first = kinds[0]
 	}
-	ip, nl := ipHeader(src.Addr(), dst.Addr(), first)
-	var ext rawLayer
+	ip, nl := dptest.IPHeader(src.Addr(), dst.Addr(), first)
+	var ext dptest.RawLayer
 	for i, k := range kinds {
 		next := layers.IPProtocolTCP
 		if i+1 < len(kinds) {
@@ -56,9 +57,9 @@ func ipv6WithExts(tb testing.TB, src, dst netip.AddrPort, kinds []layers.IPProto
 		}
 		ext = append(ext, ipv6Ext(k, next, i%3)...)
 	}
-	tcp := tcpLayer(src, dst, flags)
+	tcp := dptest.TCPLayer(src, dst, flags)
 	tcp.SetNetworkLayerForChecksum(nl)
-	return mustSerialize(tb, ethernet(src.Addr()), ip, ext, tcp, payload(32))
+	return dptest.Serialize(tb, dptest.Ethernet(src.Addr()), ip, ext, tcp, gopacket.Payload(dptest.Payload(32)))
 }
 
 func TestIPv6ExtensionHeaders(t *testing.T) {
@@ -78,60 +79,60 @@ func TestIPv6ExtensionHeaders(t *testing.T) {
 		{"hop-by-hop, destination, routing, fragment, AH, destination", []layers.IPProtocol{hbh, dst, rt, frag, ah, dst}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d := newDatapath(t)
+			d := dptest.New(t)
 			m := newModel(t, unix.IPPROTO_TCP, pair{orig: orig, resp: resp}, openers[0])
-			syn := ipv6WithExts(t, orig, resp, tc.kinds, tcpSYN)
-			d.expect(t, egress, syn, verdictPass, newFlow(egress))
-			m.account(fromOrig, len(syn), tcpSYN)
+			syn := ipv6WithExts(t, orig, resp, tc.kinds, dptest.SYN)
+			d.Expect(t, egress, syn, dptest.Pass, dptest.NewFlow(egress))
+			m.account(fromOrig, len(syn), dptest.SYN)
 			m.want.State = ctmap.StateSynSent
-			d.onlyFlow(t, m.want)
+			d.OnlyFlow(t, m.want)
 
 			// The reply without extension headers finds the same entry.
-			synack := tcpFrame(t, resp, orig, tcpSYN|tcpACK, 0)
-			d.expect(t, ingress, synack, verdictPass, hit(ingress))
-			m.account(fromResp, len(synack), tcpSYN|tcpACK)
+			synack := dptest.TCP(t, resp, orig, dptest.SYN|dptest.ACK, nil)
+			d.Expect(t, ingress, synack, dptest.Pass, dptest.Hit(ingress))
+			m.account(fromResp, len(synack), dptest.SYN|dptest.ACK)
 			m.want.State = ctmap.StateSynRecv
-			d.onlyFlow(t, m.want)
+			d.OnlyFlow(t, m.want)
 		})
 	}
 
 	// More extension headers than the datapath walks: refused, not guessed.
 	t.Run("too many", func(t *testing.T) {
-		d := newDatapath(t)
-		frame := ipv6WithExts(t, orig, resp, []layers.IPProtocol{hbh, dst, rt, frag, ah, dst, dst}, tcpSYN)
-		d.expect(t, egress, frame, verdictPass, one(metricKey{egress, metricsmap.FwdUnparseable}))
-		d.noFlows(t)
+		d := dptest.New(t)
+		frame := ipv6WithExts(t, orig, resp, []layers.IPProtocol{hbh, dst, rt, frag, ah, dst, dst}, dptest.SYN)
+		d.Expect(t, egress, frame, dptest.Pass, dptest.One(dptest.Key{Dir: egress, Reason: metricsmap.FwdUnparseable}))
+		d.NoFlows(t)
 	})
 }
 
 func TestIPv6Fragments(t *testing.T) {
 	orig, resp := netip.MustParseAddrPort("[fd00:c7d::1]:5353"), netip.MustParseAddrPort("[fd00:c7d::2]:53")
 	fragFrame := func(t *testing.T, offset uint16, more bool, body gopacket.SerializableLayer) []byte {
-		ip, nl := ipHeader(orig.Addr(), resp.Addr(), layers.IPProtocolIPv6Fragment)
+		ip, nl := dptest.IPHeader(orig.Addr(), resp.Addr(), layers.IPProtocolIPv6Fragment)
 		frag := &layers.IPv6Fragment{NextHeader: layers.IPProtocolUDP, FragmentOffset: offset, MoreFragments: more, Identification: 0xc7d}
 		if udp, ok := body.(*layers.UDP); ok {
 			udp.SetNetworkLayerForChecksum(nl)
-			return mustSerialize(t, ethernet(orig.Addr()), ip, frag, udp, payload(1200))
+			return dptest.Serialize(t, dptest.Ethernet(orig.Addr()), ip, frag, udp, gopacket.Payload(dptest.Payload(1200)))
 		}
-		return mustSerialize(t, ethernet(orig.Addr()), ip, frag, body)
+		return dptest.Serialize(t, dptest.Ethernet(orig.Addr()), ip, frag, body)
 	}
-	d := newDatapath(t)
+	d := dptest.New(t)
 
 	// The first fragment carries the UDP header: tracked with its ports.
 	first := fragFrame(t, 0, true, &layers.UDP{SrcPort: layers.UDPPort(orig.Port()), DstPort: layers.UDPPort(resp.Port())})
-	d.expect(t, egress, first, verdictPass, newFlow(egress))
+	d.Expect(t, egress, first, dptest.Pass, dptest.NewFlow(egress))
 	m := newModel(t, unix.IPPROTO_UDP, pair{orig: orig, resp: resp}, openers[0])
 	m.account(fromOrig, len(first), 0)
 	m.want.State = ctmap.StateNew
-	d.onlyFlow(t, m.want)
+	d.OnlyFlow(t, m.want)
 
 	// A later fragment whose data looks like a UDP header to other ports:
 	// never parsed as ports, no entry, counted as a fragment.
-	d.resetCT(t)
-	fake := rawLayer{0x11, 0x11, 0x22, 0x22, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8}
+	d.ResetCT(t)
+	fake := dptest.RawLayer{0x11, 0x11, 0x22, 0x22, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8}
 	for _, dir := range []bpf.Direction{egress, ingress} {
-		d.expect(t, dir, fragFrame(t, 151, false, fake), verdictPass, one(metricKey{dir, metricsmap.Fragments}, metricKey{dir, metricsmap.FwdUntracked}))
-		d.noFlows(t)
+		d.Expect(t, dir, fragFrame(t, 151, false, fake), dptest.Pass, dptest.One(dptest.Key{Dir: dir, Reason: metricsmap.Fragments}, dptest.Key{Dir: dir, Reason: metricsmap.FwdUntracked}))
+		d.NoFlows(t)
 	}
 }
 
@@ -148,26 +149,26 @@ func TestIPv4OptionsAndFragments(t *testing.T) {
 			{"timestamp, the largest header", []layers.IPv4Option{{OptionType: 68, OptionLength: 40, OptionData: append([]byte{5, 0}, make([]byte, 36)...)}}},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
-				d := newDatapath(t)
-				ip, nl := ipHeader(orig.Addr(), resp.Addr(), layers.IPProtocolTCP)
+				d := dptest.New(t)
+				ip, nl := dptest.IPHeader(orig.Addr(), resp.Addr(), layers.IPProtocolTCP)
 				ip.(*layers.IPv4).Options = tc.opts
-				tcp := tcpLayer(orig, resp, tcpSYN)
+				tcp := dptest.TCPLayer(orig, resp, dptest.SYN)
 				tcp.SetNetworkLayerForChecksum(nl)
-				syn := mustSerialize(t, ethernet(orig.Addr()), ip, tcp)
-				d.expect(t, egress, syn, verdictPass, newFlow(egress))
+				syn := dptest.Serialize(t, dptest.Ethernet(orig.Addr()), ip, tcp)
+				d.Expect(t, egress, syn, dptest.Pass, dptest.NewFlow(egress))
 				m := newModel(t, unix.IPPROTO_TCP, pair{orig: orig, resp: resp}, openers[0])
-				m.account(fromOrig, len(syn), tcpSYN)
+				m.account(fromOrig, len(syn), dptest.SYN)
 				m.want.State = ctmap.StateSynSent
-				d.onlyFlow(t, m.want)
+				d.OnlyFlow(t, m.want)
 
-				synack := tcpFrame(t, resp, orig, tcpSYN|tcpACK, 0)
-				d.expect(t, ingress, synack, verdictPass, hit(ingress))
+				synack := dptest.TCP(t, resp, orig, dptest.SYN|dptest.ACK, nil)
+				d.Expect(t, ingress, synack, dptest.Pass, dptest.Hit(ingress))
 			})
 		}
 	})
 
 	fragment := func(t *testing.T, offset uint16, more bool, body ...gopacket.SerializableLayer) []byte {
-		ip, nl := ipHeader(orig.Addr(), resp.Addr(), layers.IPProtocolTCP)
+		ip, nl := dptest.IPHeader(orig.Addr(), resp.Addr(), layers.IPProtocolTCP)
 		ip4 := ip.(*layers.IPv4)
 		ip4.Flags, ip4.FragOffset, ip4.Id = 0, offset, 0xc7d
 		if more {
@@ -178,27 +179,27 @@ func TestIPv4OptionsAndFragments(t *testing.T) {
 				tcp.SetNetworkLayerForChecksum(nl)
 			}
 		}
-		return mustSerialize(t, append([]gopacket.SerializableLayer{ethernet(orig.Addr()), ip}, body...)...)
+		return dptest.Serialize(t, append([]gopacket.SerializableLayer{dptest.Ethernet(orig.Addr()), ip}, body...)...)
 	}
 
 	t.Run("first fragment", func(t *testing.T) {
-		d := newDatapath(t)
-		first := fragment(t, 0, true, tcpLayer(orig, resp, tcpSYN), payload(1000))
-		d.expect(t, egress, first, verdictPass, newFlow(egress))
+		d := dptest.New(t)
+		first := fragment(t, 0, true, dptest.TCPLayer(orig, resp, dptest.SYN), gopacket.Payload(dptest.Payload(1000)))
+		d.Expect(t, egress, first, dptest.Pass, dptest.NewFlow(egress))
 		m := newModel(t, unix.IPPROTO_TCP, pair{orig: orig, resp: resp}, openers[0])
-		m.account(fromOrig, len(first), tcpSYN)
+		m.account(fromOrig, len(first), dptest.SYN)
 		m.want.State = ctmap.StateSynSent
-		d.onlyFlow(t, m.want)
+		d.OnlyFlow(t, m.want)
 	})
 
 	t.Run("later fragment", func(t *testing.T) {
-		d := newDatapath(t)
+		d := dptest.New(t)
 		// Its data is a TCP SYN to another port, as an attacker would craft it.
-		fake := tcpFrame(t, netip.AddrPortFrom(orig.Addr(), 1111), netip.AddrPortFrom(resp.Addr(), 22), tcpSYN, 0)[14+20:]
+		fake := dptest.TCP(t, netip.AddrPortFrom(orig.Addr(), 1111), netip.AddrPortFrom(resp.Addr(), 22), dptest.SYN, nil)[14+20:]
 		for _, more := range []bool{true, false} {
 			for _, dir := range []bpf.Direction{egress, ingress} {
-				d.expect(t, dir, fragment(t, 185, more, rawLayer(fake)), verdictPass, one(metricKey{dir, metricsmap.Fragments}, metricKey{dir, metricsmap.FwdUntracked}))
-				d.noFlows(t)
+				d.Expect(t, dir, fragment(t, 185, more, dptest.RawLayer(fake)), dptest.Pass, dptest.One(dptest.Key{Dir: dir, Reason: metricsmap.Fragments}, dptest.Key{Dir: dir, Reason: metricsmap.FwdUntracked}))
+				d.NoFlows(t)
 			}
 		}
 	})
@@ -207,35 +208,35 @@ func TestIPv4OptionsAndFragments(t *testing.T) {
 func TestVLAN(t *testing.T) {
 	for _, p := range pairs {
 		t.Run(p.name, func(t *testing.T) {
-			d := newDatapath(t)
-			ip, nl := ipHeader(p.orig.Addr(), p.resp.Addr(), layers.IPProtocolTCP)
-			eth := ethernet(p.orig.Addr())
+			d := dptest.New(t)
+			ip, nl := dptest.IPHeader(p.orig.Addr(), p.resp.Addr(), layers.IPProtocolTCP)
+			eth := dptest.Ethernet(p.orig.Addr())
 			tag := &layers.Dot1Q{VLANIdentifier: 100, Type: eth.EthernetType}
 			eth.EthernetType = layers.EthernetTypeDot1Q
-			tcp := tcpLayer(p.orig, p.resp, tcpSYN)
+			tcp := dptest.TCPLayer(p.orig, p.resp, dptest.SYN)
 			tcp.SetNetworkLayerForChecksum(nl)
-			syn := mustSerialize(t, eth, tag, ip, tcp)
+			syn := dptest.Serialize(t, eth, tag, ip, tcp)
 
-			d.expect(t, egress, syn, verdictPass, newFlow(egress))
+			d.Expect(t, egress, syn, dptest.Pass, dptest.NewFlow(egress))
 			m := newModel(t, unix.IPPROTO_TCP, p, openers[0])
-			m.account(fromOrig, len(syn), tcpSYN)
+			m.account(fromOrig, len(syn), dptest.SYN)
 			m.want.State = ctmap.StateSynSent
-			d.onlyFlow(t, m.want)
+			d.OnlyFlow(t, m.want)
 
 			// The reply, its tag stripped by the device, finds the same entry.
-			synack := tcpFrame(t, p.resp, p.orig, tcpSYN|tcpACK, 0)
-			d.expect(t, ingress, synack, verdictPass, hit(ingress))
-			m.account(fromResp, len(synack), tcpSYN|tcpACK)
+			synack := dptest.TCP(t, p.resp, p.orig, dptest.SYN|dptest.ACK, nil)
+			d.Expect(t, ingress, synack, dptest.Pass, dptest.Hit(ingress))
+			m.account(fromResp, len(synack), dptest.SYN|dptest.ACK)
 			m.want.State = ctmap.StateSynRecv
-			d.onlyFlow(t, m.want)
+			d.OnlyFlow(t, m.want)
 
 			// Two tags (QinQ) are more than the datapath parses: passed untracked.
-			d.resetCT(t)
+			d.ResetCT(t)
 			outer := &layers.Dot1Q{VLANIdentifier: 200, Type: layers.EthernetTypeDot1Q}
 			eth.EthernetType = layers.EthernetTypeQinQ
-			qinq := mustSerialize(t, eth, outer, tag, ip, tcp)
-			d.expect(t, egress, qinq, verdictPass, one(metricKey{egress, metricsmap.FwdUntracked}))
-			d.noFlows(t)
+			qinq := dptest.Serialize(t, eth, outer, tag, ip, tcp)
+			d.Expect(t, egress, qinq, dptest.Pass, dptest.One(dptest.Key{Dir: egress, Reason: metricsmap.FwdUntracked}))
+			d.NoFlows(t)
 		})
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 // validFrames are full frames whose every strict prefix is malformed.
@@ -22,33 +23,33 @@ func validFrames(tb testing.TB) map[string][]byte {
 	orig4, resp4 := netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("203.0.113.7:80")
 	orig6, resp6 := netip.MustParseAddrPort("[fd00:c7d::1]:40000"), netip.MustParseAddrPort("[fd00:c7d::2]:80")
 
-	ip, nl := ipHeader(orig4.Addr(), resp4.Addr(), layers.IPProtocolTCP)
+	ip, nl := dptest.IPHeader(orig4.Addr(), resp4.Addr(), layers.IPProtocolTCP)
 	ip.(*layers.IPv4).Options = []layers.IPv4Option{{OptionType: 148, OptionLength: 4, OptionData: []byte{0, 0}}}
-	tcp := tcpLayer(orig4, resp4, tcpPSH|tcpACK)
+	tcp := dptest.TCPLayer(orig4, resp4, dptest.PSH|dptest.ACK)
 	tcp.Options = []layers.TCPOption{{OptionType: layers.TCPOptionKindTimestamps, OptionLength: 10, OptionData: make([]byte, 8)}}
 	tcp.SetNetworkLayerForChecksum(nl)
-	eth := ethernet(orig4.Addr())
+	eth := dptest.Ethernet(orig4.Addr())
 	tag := &layers.Dot1Q{VLANIdentifier: 7, Type: eth.EthernetType}
 	tagged := *eth
 	tagged.EthernetType = layers.EthernetTypeDot1Q
 
-	ip6, nl6 := ipHeader(orig6.Addr(), resp6.Addr(), layers.IPProtocolTCP)
-	tcp6 := tcpLayer(orig6, resp6, tcpSYN|tcpACK)
+	ip6, nl6 := dptest.IPHeader(orig6.Addr(), resp6.Addr(), layers.IPProtocolTCP)
+	tcp6 := dptest.TCPLayer(orig6, resp6, dptest.SYN|dptest.ACK)
 	tcp6.SetNetworkLayerForChecksum(nl6)
 	tag6 := &layers.Dot1Q{VLANIdentifier: 7, Type: layers.EthernetTypeIPv6}
 
 	return map[string][]byte{
-		"tcp4 with options and data":  mustSerialize(tb, eth, ip, tcp, payload(40)),
-		"tcp4 syn":                    tcpFrame(tb, orig4, resp4, tcpSYN, 0),
-		"tcp4 in vlan":                mustSerialize(tb, &tagged, tag, ip, tcp, payload(3)),
-		"udp4":                        udpFrame(tb, orig4, resp4, 16),
-		"tcp6 with extension headers": ipv6WithExts(tb, orig6, resp6, []layers.IPProtocol{layers.IPProtocolIPv6HopByHop, layers.IPProtocolIPv6Routing}, tcpSYN),
-		"udp6":                        udpFrame(tb, orig6, resp6, 16),
-		"tcp6 in vlan":                mustSerialize(tb, &tagged, tag6, ip6, tcp6, payload(3)),
-		"icmp echo":                   echoFrame(tb, orig4.Addr(), resp4.Addr(), 9, false),
-		"icmpv6 echo":                 echoFrame(tb, orig6.Addr(), resp6.Addr(), 9, false),
-		"icmp error quoting tcp":      icmpErrorFrame(tb, resp4.Addr(), orig4.Addr(), tcpFrame(tb, orig4, resp4, tcpSYN, 0)),
-		"icmpv6 error quoting tcp":    icmpErrorFrame(tb, resp6.Addr(), orig6.Addr(), tcpFrame(tb, orig6, resp6, tcpSYN, 0)),
+		"tcp4 with options and data":  dptest.Serialize(tb, eth, ip, tcp, gopacket.Payload(dptest.Payload(40))),
+		"tcp4 syn":                    dptest.TCP(tb, orig4, resp4, dptest.SYN, nil),
+		"tcp4 in vlan":                dptest.Serialize(tb, &tagged, tag, ip, tcp, gopacket.Payload(dptest.Payload(3))),
+		"udp4":                        dptest.UDP(tb, orig4, resp4, dptest.Payload(16)),
+		"tcp6 with extension headers": ipv6WithExts(tb, orig6, resp6, []layers.IPProtocol{layers.IPProtocolIPv6HopByHop, layers.IPProtocolIPv6Routing}, dptest.SYN),
+		"udp6":                        dptest.UDP(tb, orig6, resp6, dptest.Payload(16)),
+		"tcp6 in vlan":                dptest.Serialize(tb, &tagged, tag6, ip6, tcp6, gopacket.Payload(dptest.Payload(3))),
+		"icmp echo":                   dptest.Echo(tb, orig4.Addr(), resp4.Addr(), 9, false),
+		"icmpv6 echo":                 dptest.Echo(tb, orig6.Addr(), resp6.Addr(), 9, false),
+		"icmp error quoting tcp":      dptest.ICMPError(tb, resp4.Addr(), orig4.Addr(), dptest.TCP(tb, orig4, resp4, dptest.SYN, nil)),
+		"icmpv6 error quoting tcp":    dptest.ICMPError(tb, resp6.Addr(), orig6.Addr(), dptest.TCP(tb, orig6, resp6, dptest.SYN, nil)),
 	}
 }
 
@@ -90,31 +91,31 @@ func TestTruncatedFrames(t *testing.T) {
 	for name, full := range validFrames(t) {
 		t.Run(name, func(t *testing.T) {
 			for _, deny := range []bpf.Direction{ingress, egress} {
-				d := newDatapath(t)
+				d := dptest.New(t)
 				// The full frame parses: the truncations below fail for
 				// their length alone. Cuts into the Ethernet trailer gopacket
 				// pads short frames with leave the IP packet whole.
-				before := d.metrics(t)
-				if v := d.run(t, egress, full); v != verdictPass || delta(before, d.metrics(t))[metricKey{egress, metricsmap.FwdUnparseable}] != 0 {
-					t.Fatalf("full frame: %s, metrics %v", verdictName(v), delta(before, d.metrics(t)))
+				before := d.Counters(t)
+				if v := d.Run(t, egress, full); v != dptest.Pass || dptest.Delta(before, d.Counters(t))[dptest.Key{Dir: egress, Reason: metricsmap.FwdUnparseable}] != 0 {
+					t.Fatalf("full frame: %s, metrics %v", dptest.VerdictName(v), dptest.Delta(before, d.Counters(t)))
 				}
-				d.resetCT(t)
+				d.ResetCT(t)
 				for n := range ipPacketEnd(t, full) {
 					frame := full[:n]
 					if testRunRefuses(frame) {
-						if _, err := d.runCtx(t, ingress, frame, nil); !errors.Is(err, unix.EINVAL) {
+						if _, err := d.RunCtx(t, ingress, frame, nil); !errors.Is(err, unix.EINVAL) {
 							t.Fatalf("%d bytes: test run error %v, want EINVAL", n, err)
 						}
 						continue
 					}
-					d.setConfig(t, bpf.CtdConfig{})
+					d.SetConfig(t, bpf.CtdConfig{})
 					for _, dir := range []bpf.Direction{ingress, egress} {
-						d.expect(t, dir, frame, verdictPass, one(metricKey{dir, metricsmap.FwdUnparseable}))
+						d.Expect(t, dir, frame, dptest.Pass, dptest.One(dptest.Key{Dir: dir, Reason: metricsmap.FwdUnparseable}))
 					}
-					d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(deny)})
-					d.expect(t, deny, frame, verdictDrop, one(metricKey{deny, metricsmap.DropParse}))
-					d.expect(t, reverse(deny), frame, verdictPass, one(metricKey{reverse(deny), metricsmap.FwdUnparseable}))
-					d.noFlows(t)
+					d.SetConfig(t, bpf.CtdConfig{DefaultVerdict: dptest.DenyIn(deny)})
+					d.Expect(t, deny, frame, dptest.Drop, dptest.One(dptest.Key{Dir: deny, Reason: metricsmap.DropParse}))
+					d.Expect(t, reverse(deny), frame, dptest.Pass, dptest.One(dptest.Key{Dir: reverse(deny), Reason: metricsmap.FwdUnparseable}))
+					d.NoFlows(t)
 					if t.Failed() {
 						t.Fatalf("truncated to %d of %d bytes: % x", n, len(full), frame)
 					}
@@ -126,15 +127,15 @@ func TestTruncatedFrames(t *testing.T) {
 
 func TestGarbageFrames(t *testing.T) {
 	eth := func(typ uint16, rest ...byte) []byte {
-		return append(append(append([]byte{}, macB...), macA...), append([]byte{byte(typ >> 8), byte(typ)}, rest...)...)
+		return append(append(append([]byte{}, dptest.MACB...), dptest.MACA...), append([]byte{byte(typ >> 8), byte(typ)}, rest...)...)
 	}
 	ipv4 := func(first byte, totLen uint16, n int) []byte {
 		h := make([]byte, n)
 		h[0], h[2], h[3], h[9] = first, byte(totLen>>8), byte(totLen), unix.IPPROTO_TCP
 		return h
 	}
-	good := tcpFrame(t, netip.MustParseAddrPort("198.51.100.1:1"), netip.MustParseAddrPort("198.51.100.2:2"), tcpSYN, 0)
-	good6 := tcpFrame(t, netip.MustParseAddrPort("[fd00::1]:1"), netip.MustParseAddrPort("[fd00::2]:2"), tcpSYN, 0)
+	good := dptest.TCP(t, netip.MustParseAddrPort("198.51.100.1:1"), netip.MustParseAddrPort("198.51.100.2:2"), dptest.SYN, nil)
+	good6 := dptest.TCP(t, netip.MustParseAddrPort("[fd00::1]:1"), netip.MustParseAddrPort("[fd00::2]:2"), dptest.SYN, nil)
 	withByte := func(f []byte, i int, b byte) []byte {
 		f = append([]byte{}, f...)
 		f[i] = b
@@ -161,23 +162,23 @@ func TestGarbageFrames(t *testing.T) {
 		{"ipv6 header only, next header tcp", good6[:14+40]},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d := newDatapath(t)
+			d := dptest.New(t)
 			for _, dir := range []bpf.Direction{ingress, egress} {
-				d.expect(t, dir, tc.frame, verdictPass, one(metricKey{dir, metricsmap.FwdUnparseable}))
+				d.Expect(t, dir, tc.frame, dptest.Pass, dptest.One(dptest.Key{Dir: dir, Reason: metricsmap.FwdUnparseable}))
 			}
-			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(ingress)})
-			d.expect(t, ingress, tc.frame, verdictDrop, one(metricKey{ingress, metricsmap.DropParse}))
-			d.noFlows(t)
+			d.SetConfig(t, bpf.CtdConfig{DefaultVerdict: dptest.DenyIn(ingress)})
+			d.Expect(t, ingress, tc.frame, dptest.Drop, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.DropParse}))
+			d.NoFlows(t)
 		})
 	}
 
 	// Not IP at all: passed untracked, never judged, whatever the default.
 	for _, typ := range []uint16{0x0806, 0x88cc, 0xffff, 0x0000} {
 		t.Run(fmt.Sprintf("ethertype %#04x", typ), func(t *testing.T) {
-			d := newDatapath(t)
-			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(ingress)})
-			d.expect(t, ingress, eth(typ, make([]byte, 46)...), verdictPass, one(metricKey{ingress, metricsmap.FwdUntracked}))
-			d.noFlows(t)
+			d := dptest.New(t)
+			d.SetConfig(t, bpf.CtdConfig{DefaultVerdict: dptest.DenyIn(ingress)})
+			d.Expect(t, ingress, eth(typ, make([]byte, 46)...), dptest.Pass, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.FwdUntracked}))
+			d.NoFlows(t)
 		})
 	}
 }
@@ -188,40 +189,40 @@ func TestGarbageFrames(t *testing.T) {
 func TestLengthZero(t *testing.T) {
 	for _, p := range []pair{pairs[0], pairs[3]} {
 		t.Run(p.name, func(t *testing.T) {
-			frame := tcpFrame(t, p.orig, p.resp, tcpPSH|tcpACK, 2000)
+			frame := dptest.TCP(t, p.orig, p.resp, dptest.PSH|dptest.ACK, dptest.Payload(2000))
 			lenField := 14 + 2 // IPv4 total length
 			if !p.orig.Addr().Is4() {
 				lenField = 14 + 4 // IPv6 payload length
 			}
 			frame[lenField], frame[lenField+1] = 0, 0
 
-			d := newDatapath(t)
-			d.expect(t, egress, frame, verdictPass, one(metricKey{egress, metricsmap.FwdUnparseable}))
-			d.noFlows(t)
+			d := dptest.New(t)
+			d.Expect(t, egress, frame, dptest.Pass, dptest.One(dptest.Key{Dir: egress, Reason: metricsmap.FwdUnparseable}))
+			d.NoFlows(t)
 
-			before := d.metrics(t)
-			v, err := d.runCtx(t, egress, frame, &skbContext{GSOSegs: 2, GSOSize: 1000})
-			if err != nil || v != verdictPass {
-				t.Fatalf("BIG TCP packet: verdict %s, err %v", verdictName(v), err)
+			before := d.Counters(t)
+			v, err := d.RunCtx(t, egress, frame, &dptest.SKBContext{GSOSegs: 2, GSOSize: 1000})
+			if err != nil || v != dptest.Pass {
+				t.Fatalf("BIG TCP packet: verdict %s, err %v", dptest.VerdictName(v), err)
 			}
-			if diff := delta(before, d.metrics(t)); len(diff) != 2 || diff[metricKey{egress, metricsmap.FwdNew}] != 1 {
+			if diff := dptest.Delta(before, d.Counters(t)); len(diff) != 2 || diff[dptest.Key{Dir: egress, Reason: metricsmap.FwdNew}] != 1 {
 				t.Fatalf("BIG TCP packet counted as %v, want a new flow", diff)
 			}
 			m := newModel(t, unix.IPPROTO_TCP, p, openers[0])
 			m.want.Flags |= ctmap.FlagPickup
-			m.account(fromOrig, len(frame), tcpPSH|tcpACK)
+			m.account(fromOrig, len(frame), dptest.PSH|dptest.ACK)
 			m.want.PacketsOrig = 2
 			m.want.State = ctmap.StateEstablished
-			d.onlyFlow(t, m.want)
+			d.OnlyFlow(t, m.want)
 		})
 	}
 
 	t.Run("ipv6 empty payload", func(t *testing.T) {
-		d := newDatapath(t)
-		ip, _ := ipHeader(pairs[3].orig.Addr(), pairs[3].resp.Addr(), layers.IPProtocolNoNextHeader)
-		frame := mustSerialize(t, ethernet(pairs[3].orig.Addr()), ip)
-		d.expect(t, egress, frame, verdictPass, newFlow(egress))
-		f := d.flows(t)
+		d := dptest.New(t)
+		ip, _ := dptest.IPHeader(pairs[3].orig.Addr(), pairs[3].resp.Addr(), layers.IPProtocolNoNextHeader)
+		frame := dptest.Serialize(t, dptest.Ethernet(pairs[3].orig.Addr()), ip)
+		d.Expect(t, egress, frame, dptest.Pass, dptest.NewFlow(egress))
+		f := d.Flows(t)
 		if len(f) != 1 || f[0].Proto != uint8(layers.IPProtocolNoNextHeader) || f[0].Src != pairs[3].orig.Addr() {
 			t.Fatalf("want one no-next-header flow from %s: %+v", pairs[3].orig.Addr(), f)
 		}

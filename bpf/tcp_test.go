@@ -8,6 +8,7 @@ import (
 
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 type tcpStep struct {
@@ -18,7 +19,7 @@ type tcpStep struct {
 }
 
 func TestTCPStates(t *testing.T) {
-	S, SA, A, PA, FA, R, RA := tcpSYN, tcpSYN|tcpACK, tcpACK, tcpPSH|tcpACK, tcpFIN|tcpACK, tcpRST, tcpRST|tcpACK
+	S, SA, A, PA, FA, R, RA := dptest.SYN, dptest.SYN|dptest.ACK, dptest.ACK, dptest.PSH|dptest.ACK, dptest.FIN|dptest.ACK, dptest.RST, dptest.RST|dptest.ACK
 	handshake := []tcpStep{
 		{fromOrig, S, 0, ctmap.StateSynSent},
 		{fromResp, SA, 0, ctmap.StateSynRecv},
@@ -66,7 +67,7 @@ func TestTCPStates(t *testing.T) {
 			for _, o := range openers {
 				for _, p := range pairs {
 					t.Run(o.name+"/"+p.name, func(t *testing.T) {
-						runTCP(t, newDatapath(t), p, o, seq.steps)
+						runTCP(t, dptest.New(t), p, o, seq.steps)
 					})
 				}
 			}
@@ -76,7 +77,7 @@ func TestTCPStates(t *testing.T) {
 
 // runTCP plays steps through the datapath and checks the verdict, the
 // counters and the entry after each one.
-func runTCP(t *testing.T, d *testDatapath, p pair, o opener, steps []tcpStep) *flowModel {
+func runTCP(t *testing.T, d *dptest.Datapath, p pair, o opener, steps []tcpStep) *flowModel {
 	t.Helper()
 	m := newModel(t, unix.IPPROTO_TCP, p, o)
 	start := ctmap.Now().Mono()
@@ -86,30 +87,30 @@ func runTCP(t *testing.T, d *testDatapath, p pair, o opener, steps []tcpStep) *f
 		if s.from == fromResp {
 			src, dst, dir = p.resp, p.orig, o.respDir
 		}
-		frame := tcpFrame(t, src, dst, s.flags, s.data)
-		want := hit(dir)
+		frame := dptest.TCP(t, src, dst, s.flags, dptest.Payload(s.data))
+		want := dptest.Hit(dir)
 		if i == 0 {
-			want = newFlow(dir)
+			want = dptest.NewFlow(dir)
 		}
-		d.expect(t, dir, frame, verdictPass, want)
+		d.Expect(t, dir, frame, dptest.Pass, want)
 		m.account(s.from, len(frame), s.flags)
 		m.want.State = s.state
-		got := d.onlyFlow(t, m.want)
-		checkTimes(t, got, start, ctmap.Now().Mono())
+		got := d.OnlyFlow(t, m.want)
+		dptest.CheckTimes(t, got, start, ctmap.Now().Mono())
 		if i == 0 {
 			first = got
 		} else if got.FirstSeen != first.FirstSeen {
-			t.Errorf("step %d (%s %s): first_seen moved from %v to %v", i, s.from, tcpFlagString(s.flags), first.FirstSeen, got.FirstSeen)
+			t.Errorf("step %d (%s %s): first_seen moved from %v to %v", i, s.from, dptest.FlagString(s.flags), first.FirstSeen, got.FirstSeen)
 		}
 		if t.Failed() {
-			t.Fatalf("after step %d: %s %s", i, s.from, tcpFlagString(s.flags))
+			t.Fatalf("after step %d: %s %s", i, s.from, dptest.FlagString(s.flags))
 		}
 	}
 	return m
 }
 
 func TestTCPSynOnClosedOpensNewFlow(t *testing.T) {
-	S, SA, A, FA := tcpSYN, tcpSYN|tcpACK, tcpACK, tcpFIN|tcpACK
+	S, SA, A, FA := dptest.SYN, dptest.SYN|dptest.ACK, dptest.ACK, dptest.FIN|dptest.ACK
 	closed := []tcpStep{
 		{fromOrig, S, 0, ctmap.StateSynSent},
 		{fromResp, SA, 0, ctmap.StateSynRecv},
@@ -121,12 +122,12 @@ func TestTCPSynOnClosedOpensNewFlow(t *testing.T) {
 		for _, p := range pairs {
 			for _, reopener := range []side{fromOrig, fromResp} {
 				t.Run(fmt.Sprintf("%s/%s/reopened by %s", o.name, p.name, reopener), func(t *testing.T) {
-					d := newDatapath(t)
+					d := dptest.New(t)
 					runTCP(t, d, p, o, closed)
 
 					// A SYN-ACK does not open a connection: it is counted on the closed entry.
-					d.expect(t, o.respDir, tcpFrame(t, p.resp, p.orig, SA, 0), verdictPass, hit(o.respDir))
-					if f := d.flows(t); len(f) != 1 || f[0].State != ctmap.StateClosed {
+					d.Expect(t, o.respDir, dptest.TCP(t, p.resp, p.orig, SA, nil), dptest.Pass, dptest.Hit(o.respDir))
+					if f := d.Flows(t); len(f) != 1 || f[0].State != ctmap.StateClosed {
 						t.Fatalf("after a SYN-ACK on the closed flow: %+v, want the closed entry", f)
 					}
 
@@ -152,25 +153,25 @@ func TestTCPSynOnClosedOpensNewFlow(t *testing.T) {
 func TestTCPMidStreamPickup(t *testing.T) {
 	for _, o := range openers {
 		for _, p := range pairs {
-			for _, flags := range []uint8{tcpACK, tcpPSH | tcpACK, tcpFIN | tcpACK} {
-				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, tcpFlagString(flags)), func(t *testing.T) {
-					d := newDatapath(t)
+			for _, flags := range []uint8{dptest.ACK, dptest.PSH | dptest.ACK, dptest.FIN | dptest.ACK} {
+				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, dptest.FlagString(flags)), func(t *testing.T) {
+					d := dptest.New(t)
 					m := newModel(t, unix.IPPROTO_TCP, p, o)
 					m.want.Flags |= ctmap.FlagPickup
 
-					frame := tcpFrame(t, p.orig, p.resp, flags, 200)
-					d.expect(t, o.origDir, frame, verdictPass, newFlow(o.origDir))
+					frame := dptest.TCP(t, p.orig, p.resp, flags, dptest.Payload(200))
+					d.Expect(t, o.origDir, frame, dptest.Pass, dptest.NewFlow(o.origDir))
 					m.account(fromOrig, len(frame), flags)
 					m.want.State = ctmap.StateEstablished
-					if flags&tcpFIN != 0 {
+					if flags&dptest.FIN != 0 {
 						m.want.State = ctmap.StateFinWait
 					}
-					d.onlyFlow(t, m.want)
+					d.OnlyFlow(t, m.want)
 
-					reply := tcpFrame(t, p.resp, p.orig, tcpACK, 0)
-					d.expect(t, o.respDir, reply, verdictPass, hit(o.respDir))
-					m.account(fromResp, len(reply), tcpACK)
-					d.onlyFlow(t, m.want)
+					reply := dptest.TCP(t, p.resp, p.orig, dptest.ACK, nil)
+					d.Expect(t, o.respDir, reply, dptest.Pass, dptest.Hit(o.respDir))
+					m.account(fromResp, len(reply), dptest.ACK)
+					d.OnlyFlow(t, m.want)
 				})
 			}
 		}
@@ -179,32 +180,32 @@ func TestTCPMidStreamPickup(t *testing.T) {
 
 func TestTCPInvalidFlags(t *testing.T) {
 	invalid := []uint8{
-		tcpSYN | tcpFIN,
-		tcpSYN | tcpFIN | tcpACK,
-		tcpSYN | tcpRST,
+		dptest.SYN | dptest.FIN,
+		dptest.SYN | dptest.FIN | dptest.ACK,
+		dptest.SYN | dptest.RST,
 		0,
-		tcpPSH,
-		tcpURG,
-		tcpPSH | tcpURG,
+		dptest.PSH,
+		dptest.URG,
+		dptest.PSH | dptest.URG,
 	}
 	for _, o := range openers {
 		for _, p := range pairs {
 			for _, flags := range invalid {
-				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, tcpFlagString(flags)), func(t *testing.T) {
-					d := newDatapath(t)
+				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, dptest.FlagString(flags)), func(t *testing.T) {
+					d := dptest.New(t)
 					// Without an entry: dropped, nothing created.
-					d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, flags, 0), verdictDrop, one(metricKey{o.origDir, metricsmap.DropInvalid}))
-					d.noFlows(t)
+					d.Expect(t, o.origDir, dptest.TCP(t, p.orig, p.resp, flags, nil), dptest.Drop, dptest.One(dptest.Key{Dir: o.origDir, Reason: metricsmap.DropInvalid}))
+					d.NoFlows(t)
 
 					// On an established flow: dropped, the entry untouched.
 					m := runTCP(t, d, p, o, []tcpStep{
-						{fromOrig, tcpSYN, 0, ctmap.StateSynSent},
-						{fromResp, tcpSYN | tcpACK, 0, ctmap.StateSynRecv},
-						{fromOrig, tcpACK, 0, ctmap.StateEstablished},
+						{fromOrig, dptest.SYN, 0, ctmap.StateSynSent},
+						{fromResp, dptest.SYN | dptest.ACK, 0, ctmap.StateSynRecv},
+						{fromOrig, dptest.ACK, 0, ctmap.StateEstablished},
 					})
-					d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, flags, 0), verdictDrop, one(metricKey{o.origDir, metricsmap.DropInvalid}))
-					d.expect(t, o.respDir, tcpFrame(t, p.resp, p.orig, flags, 0), verdictDrop, one(metricKey{o.respDir, metricsmap.DropInvalid}))
-					d.onlyFlow(t, m.want)
+					d.Expect(t, o.origDir, dptest.TCP(t, p.orig, p.resp, flags, nil), dptest.Drop, dptest.One(dptest.Key{Dir: o.origDir, Reason: metricsmap.DropInvalid}))
+					d.Expect(t, o.respDir, dptest.TCP(t, p.resp, p.orig, flags, nil), dptest.Drop, dptest.One(dptest.Key{Dir: o.respDir, Reason: metricsmap.DropInvalid}))
+					d.OnlyFlow(t, m.want)
 				})
 			}
 		}
@@ -215,26 +216,26 @@ func TestTCPResetWithoutEntry(t *testing.T) {
 	for _, o := range openers {
 		for _, p := range pairs {
 			t.Run(o.name+"/"+p.name, func(t *testing.T) {
-				d := newDatapath(t)
+				d := dptest.New(t)
 				// An RST for a connection ctd never saw needs no entry.
-				d.expect(t, o.origDir, tcpFrame(t, p.orig, p.resp, tcpRST|tcpACK, 0), verdictPass, one(metricKey{o.origDir, metricsmap.FwdNew}))
-				d.noFlows(t)
+				d.Expect(t, o.origDir, dptest.TCP(t, p.orig, p.resp, dptest.RST|dptest.ACK, nil), dptest.Pass, dptest.One(dptest.Key{Dir: o.origDir, Reason: metricsmap.FwdNew}))
+				d.NoFlows(t)
 			})
 		}
 	}
 }
 
 // A GRO'd (or GSO) skb is one packet to the program and gso_segs segments on
-// the wire: the flow counts segments, and bytes as the skb's length.
+// the wire: the flow dptest.Counts segments, and bytes as the skb's length.
 func TestTCPAggregateCountsSegments(t *testing.T) {
 	for _, o := range openers {
 		for _, p := range pairs {
 			t.Run(o.name+"/"+p.name, func(t *testing.T) {
-				d := newDatapath(t)
+				d := dptest.New(t)
 				m := runTCP(t, d, p, o, []tcpStep{
-					{fromOrig, tcpSYN, 0, ctmap.StateSynSent},
-					{fromResp, tcpSYN | tcpACK, 0, ctmap.StateSynRecv},
-					{fromOrig, tcpACK, 0, ctmap.StateEstablished},
+					{fromOrig, dptest.SYN, 0, ctmap.StateSynSent},
+					{fromResp, dptest.SYN | dptest.ACK, 0, ctmap.StateSynRecv},
+					{fromOrig, dptest.ACK, 0, ctmap.StateEstablished},
 				})
 				for _, s := range []side{fromOrig, fromResp} {
 					src, dst, dir := p.orig, p.resp, o.origDir
@@ -243,18 +244,18 @@ func TestTCPAggregateCountsSegments(t *testing.T) {
 					}
 					const segs = 4
 					// 800-byte segments: the test run takes at most a page of data.
-					frame := tcpFrame(t, src, dst, tcpPSH|tcpACK, segs*800)
-					v, err := d.runCtx(t, dir, frame, &skbContext{GSOSegs: segs})
-					if err != nil || v != verdictPass {
-						t.Fatalf("%s aggregate: verdict %s, err %v", s, verdictName(v), err)
+					frame := dptest.TCP(t, src, dst, dptest.PSH|dptest.ACK, dptest.Payload(segs*800))
+					v, err := d.RunCtx(t, dir, frame, &dptest.SKBContext{GSOSegs: segs})
+					if err != nil || v != dptest.Pass {
+						t.Fatalf("%s aggregate: verdict %s, err %v", s, dptest.VerdictName(v), err)
 					}
-					m.account(s, len(frame), tcpPSH|tcpACK)
+					m.account(s, len(frame), dptest.PSH|dptest.ACK)
 					if s == fromOrig {
 						m.want.PacketsOrig += segs - 1
 					} else {
 						m.want.PacketsReply += segs - 1
 					}
-					d.onlyFlow(t, m.want)
+					d.OnlyFlow(t, m.want)
 				}
 			})
 		}

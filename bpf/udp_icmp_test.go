@@ -11,13 +11,14 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 func TestUDP(t *testing.T) {
 	for _, o := range openers {
 		for _, p := range pairs {
 			t.Run(o.name+"/"+p.name, func(t *testing.T) {
-				d := newDatapath(t)
+				d := dptest.New(t)
 				m := newModel(t, unix.IPPROTO_UDP, p, o)
 				for i, s := range []struct {
 					from  side
@@ -34,15 +35,15 @@ func TestUDP(t *testing.T) {
 					if s.from == fromResp {
 						src, dst, dir = p.resp, p.orig, o.respDir
 					}
-					frame := udpFrame(t, src, dst, s.data)
-					want := hit(dir)
+					frame := dptest.UDP(t, src, dst, dptest.Payload(s.data))
+					want := dptest.Hit(dir)
 					if i == 0 {
-						want = newFlow(dir)
+						want = dptest.NewFlow(dir)
 					}
-					d.expect(t, dir, frame, verdictPass, want)
+					d.Expect(t, dir, frame, dptest.Pass, want)
 					m.account(s.from, len(frame), 0)
 					m.want.State = s.state
-					d.onlyFlow(t, m.want)
+					d.OnlyFlow(t, m.want)
 				}
 			})
 		}
@@ -63,31 +64,31 @@ func TestICMPEcho(t *testing.T) {
 			{"v6 reverse", netip.MustParseAddr("fd00:c7d::2"), netip.MustParseAddr("fd00:c7d::1"), unix.IPPROTO_ICMPV6},
 		} {
 			t.Run(o.name+"/"+e.name, func(t *testing.T) {
-				d := newDatapath(t)
+				d := dptest.New(t)
 				const id = 0x1234
 				// The id stands in for the port: the request carries it as
 				// its source, the reply as its destination.
 				m := newModel(t, e.proto, pair{orig: netip.AddrPortFrom(e.orig, id), resp: netip.AddrPortFrom(e.resp, 0)}, o)
 
-				req := echoFrame(t, e.orig, e.resp, id, false)
-				d.expect(t, o.origDir, req, verdictPass, newFlow(o.origDir))
+				req := dptest.Echo(t, e.orig, e.resp, id, false)
+				d.Expect(t, o.origDir, req, dptest.Pass, dptest.NewFlow(o.origDir))
 				m.account(fromOrig, len(req), 0)
 				m.want.State = ctmap.StateNew
-				d.onlyFlow(t, m.want)
+				d.OnlyFlow(t, m.want)
 
-				reply := echoFrame(t, e.resp, e.orig, id, true)
-				d.expect(t, o.respDir, reply, verdictPass, hit(o.respDir))
+				reply := dptest.Echo(t, e.resp, e.orig, id, true)
+				d.Expect(t, o.respDir, reply, dptest.Pass, dptest.Hit(o.respDir))
 				m.account(fromResp, len(reply), 0)
 				m.want.State = ctmap.StateEstablished
-				d.onlyFlow(t, m.want)
+				d.OnlyFlow(t, m.want)
 
-				d.expect(t, o.origDir, req, verdictPass, hit(o.origDir))
+				d.Expect(t, o.origDir, req, dptest.Pass, dptest.Hit(o.origDir))
 				m.account(fromOrig, len(req), 0)
-				d.onlyFlow(t, m.want)
+				d.OnlyFlow(t, m.want)
 
 				// Another id is another flow.
-				d.expect(t, o.origDir, echoFrame(t, e.orig, e.resp, id+1, false), verdictPass, newFlow(o.origDir))
-				if n := len(d.flows(t)); n != 2 {
+				d.Expect(t, o.origDir, dptest.Echo(t, e.orig, e.resp, id+1, false), dptest.Pass, dptest.NewFlow(o.origDir))
+				if n := len(d.Flows(t)); n != 2 {
 					t.Fatalf("after a second echo id: %d entries, want 2", n)
 				}
 			})
@@ -98,21 +99,21 @@ func TestICMPEcho(t *testing.T) {
 func TestICMPv6NeighbourDiscoveryUntracked(t *testing.T) {
 	src, dst := netip.MustParseAddr("fd00:c7d::1"), netip.MustParseAddr("ff02::1:ff00:2")
 	target := netip.MustParseAddr("fd00:c7d::2")
-	ip, nl := ipHeader(src, dst, layers.IPProtocolICMPv6)
+	ip, nl := dptest.IPHeader(src, dst, layers.IPProtocolICMPv6)
 	ip.(*layers.IPv6).HopLimit = 255
 	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborSolicitation, 0)}
 	icmp.SetNetworkLayerForChecksum(nl)
-	ns := mustSerialize(t, ethernet(src), ip, icmp, &layers.ICMPv6NeighborSolicitation{
+	ns := dptest.Serialize(t, dptest.Ethernet(src), ip, icmp, &layers.ICMPv6NeighborSolicitation{
 		TargetAddress: target.AsSlice(),
-		Options:       layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: macA}},
+		Options:       layers.ICMPv6Options{{Type: layers.ICMPv6OptSourceAddress, Data: dptest.MACA}},
 	})
 	for _, dir := range []bpf.Direction{ingress, egress} {
 		t.Run(dir.String(), func(t *testing.T) {
-			d := newDatapath(t)
+			d := dptest.New(t)
 			// Even under default deny: IPv6 cannot work without it.
-			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: [2]uint8{verdictDeny, verdictDeny}})
-			d.expect(t, dir, ns, verdictPass, one(metricKey{dir, metricsmap.FwdUntracked}))
-			d.noFlows(t)
+			d.SetConfig(t, bpf.CtdConfig{DefaultVerdict: [2]uint8{dptest.Deny, dptest.Deny}})
+			d.Expect(t, dir, ns, dptest.Pass, dptest.One(dptest.Key{Dir: dir, Reason: metricsmap.FwdUntracked}))
+			d.NoFlows(t)
 		})
 	}
 }
@@ -129,39 +130,39 @@ func TestICMPErrorRelated(t *testing.T) {
 		for _, p := range pairs {
 			for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
 				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, ctmap.ProtoName(proto)), func(t *testing.T) {
-					d := newDatapath(t)
+					d := dptest.New(t)
 					var m *flowModel
 					var origPkt, respPkt []byte
 					if proto == unix.IPPROTO_TCP {
 						m = runTCP(t, d, p, o, []tcpStep{
-							{fromOrig, tcpSYN, 0, ctmap.StateSynSent},
-							{fromResp, tcpSYN | tcpACK, 0, ctmap.StateSynRecv},
-							{fromOrig, tcpACK, 0, ctmap.StateEstablished},
+							{fromOrig, dptest.SYN, 0, ctmap.StateSynSent},
+							{fromResp, dptest.SYN | dptest.ACK, 0, ctmap.StateSynRecv},
+							{fromOrig, dptest.ACK, 0, ctmap.StateEstablished},
 						})
-						origPkt = tcpFrame(t, p.orig, p.resp, tcpPSH|tcpACK, 1400)
-						respPkt = tcpFrame(t, p.resp, p.orig, tcpPSH|tcpACK, 1400)
+						origPkt = dptest.TCP(t, p.orig, p.resp, dptest.PSH|dptest.ACK, dptest.Payload(1400))
+						respPkt = dptest.TCP(t, p.resp, p.orig, dptest.PSH|dptest.ACK, dptest.Payload(1400))
 					} else {
 						m = newModel(t, proto, p, o)
-						req := udpFrame(t, p.orig, p.resp, 30)
-						d.expect(t, o.origDir, req, verdictPass, newFlow(o.origDir))
+						req := dptest.UDP(t, p.orig, p.resp, dptest.Payload(30))
+						d.Expect(t, o.origDir, req, dptest.Pass, dptest.NewFlow(o.origDir))
 						m.account(fromOrig, len(req), 0)
 						m.want.State = ctmap.StateNew
-						origPkt = udpFrame(t, p.orig, p.resp, 1400)
-						respPkt = udpFrame(t, p.resp, p.orig, 1400)
+						origPkt = dptest.UDP(t, p.orig, p.resp, dptest.Payload(1400))
+						respPkt = dptest.UDP(t, p.resp, p.orig, dptest.Payload(1400))
 					}
 					m.want.Flags |= ctmap.FlagRelated
 
 					// A router on the way to the responder answers the
 					// originator's packet: it arrives where replies do.
-					errFrame := icmpErrorFrame(t, routerFor(p.orig.Addr()), p.orig.Addr(), origPkt)
-					d.expect(t, o.respDir, errFrame, verdictPass, one(metricKey{o.respDir, metricsmap.FwdRelated}))
-					d.onlyFlow(t, m.want)
+					errFrame := dptest.ICMPError(t, routerFor(p.orig.Addr()), p.orig.Addr(), origPkt)
+					d.Expect(t, o.respDir, errFrame, dptest.Pass, dptest.One(dptest.Key{Dir: o.respDir, Reason: metricsmap.FwdRelated}))
+					d.OnlyFlow(t, m.want)
 
 					// The originator's host answers a reply: it leaves where
 					// the originator's packets do.
-					errFrame = icmpErrorFrame(t, p.orig.Addr(), p.resp.Addr(), respPkt)
-					d.expect(t, o.origDir, errFrame, verdictPass, one(metricKey{o.origDir, metricsmap.FwdRelated}))
-					d.onlyFlow(t, m.want)
+					errFrame = dptest.ICMPError(t, p.orig.Addr(), p.resp.Addr(), respPkt)
+					d.Expect(t, o.origDir, errFrame, dptest.Pass, dptest.One(dptest.Key{Dir: o.origDir, Reason: metricsmap.FwdRelated}))
+					d.OnlyFlow(t, m.want)
 				})
 			}
 		}
@@ -174,11 +175,11 @@ func TestICMPErrorQuotingEcho(t *testing.T) {
 		{netip.MustParseAddr("fd00:c7d::1"), netip.MustParseAddr("fd00:c7d::2"), netip.MustParseAddr("fd00:c7d::fe")},
 	} {
 		t.Run(e.orig.String(), func(t *testing.T) {
-			d := newDatapath(t)
-			req := echoFrame(t, e.orig, e.resp, 77, false)
-			d.expect(t, egress, req, verdictPass, newFlow(egress))
-			d.expect(t, ingress, icmpErrorFrame(t, e.router, e.orig, req), verdictPass, one(metricKey{ingress, metricsmap.FwdRelated}))
-			if f := d.flows(t); len(f) != 1 || f[0].Flags&ctmap.FlagRelated == 0 {
+			d := dptest.New(t)
+			req := dptest.Echo(t, e.orig, e.resp, 77, false)
+			d.Expect(t, egress, req, dptest.Pass, dptest.NewFlow(egress))
+			d.Expect(t, ingress, dptest.ICMPError(t, e.router, e.orig, req), dptest.Pass, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.FwdRelated}))
+			if f := d.Flows(t); len(f) != 1 || f[0].Flags&ctmap.FlagRelated == 0 {
 				t.Fatalf("want the echo flow marked related, got %+v", f)
 			}
 		})
@@ -188,15 +189,15 @@ func TestICMPErrorQuotingEcho(t *testing.T) {
 func TestICMPErrorUnrelated(t *testing.T) {
 	for _, p := range pairs {
 		t.Run(p.name, func(t *testing.T) {
-			d := newDatapath(t)
+			d := dptest.New(t)
 			router := netip.MustParseAddr("198.51.100.254")
 			if !p.orig.Addr().Is4() {
 				router = netip.MustParseAddr("fd00:c7d::fe")
 			}
 			// Quoting a flow ctd does not track: judged as new (default allow), no entry.
-			errFrame := icmpErrorFrame(t, router, p.orig.Addr(), tcpFrame(t, p.orig, p.resp, tcpSYN, 0))
-			d.expect(t, ingress, errFrame, verdictPass, one(metricKey{ingress, metricsmap.FwdNew}))
-			d.noFlows(t)
+			errFrame := dptest.ICMPError(t, router, p.orig.Addr(), dptest.TCP(t, p.orig, p.resp, dptest.SYN, nil))
+			d.Expect(t, ingress, errFrame, dptest.Pass, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.FwdNew}))
+			d.NoFlows(t)
 		})
 	}
 }

@@ -32,10 +32,7 @@ With -o json the output is one JSON array, written as the table is read.`,
 			if err != nil {
 				return err
 			}
-			if err := a.preamble(&out); err != nil {
-				return err
-			}
-			m, closeCT, err := a.openCT()
+			m, closeCT, err := a.openCT(&out)
 			if err != nil {
 				return err
 			}

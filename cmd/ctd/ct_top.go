@@ -47,10 +47,7 @@ With -o json the output is an array of {"value", "flows", "share"}.`,
 			if err != nil {
 				return err
 			}
-			if err := a.preamble(&out); err != nil {
-				return err
-			}
-			m, closeCT, err := a.openCT()
+			m, closeCT, err := a.openCT(&out)
 			if err != nil {
 				return err
 			}

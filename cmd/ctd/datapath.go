@@ -63,8 +63,12 @@ func completeIfaces(*cobra.Command, []string, string) ([]cobra.Completion, cobra
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
-// openCT opens the pinned conntrack table; it never creates anything.
-func (a *app) openCT() (*ctmap.Map, func(), error) {
+// openCT runs the preamble (out: the output format, nil for none) and
+// opens the pinned conntrack table; it never creates anything.
+func (a *app) openCT(out *string) (*ctmap.Map, func(), error) {
+	if err := a.preamble(out); err != nil {
+		return nil, nil, err
+	}
 	m, err := a.pins().OpenMap(loader.CTMap, &ebpf.LoadPinOptions{})
 	if err != nil {
 		return nil, nil, err

@@ -39,10 +39,7 @@ UDP without reply 30s, with reply 60s; ICMP 30s; other protocols 60s.`,
 			if err := lt.Validate(); err != nil {
 				return err
 			}
-			if err := a.preamble(&out); err != nil {
-				return err
-			}
-			m, closeCT, err := a.openCT()
+			m, closeCT, err := a.openCT(&out)
 			if err != nil {
 				return err
 			}

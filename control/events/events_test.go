@@ -114,7 +114,7 @@ func TestFlowNewAndClosed(t *testing.T) {
 	steps := []struct {
 		dir     bpf.Direction
 		from    netip.AddrPort
-		flags   int
+		flags   uint8
 		payload int
 	}{
 		{bpf.Egress, a, dptest.SYN, 0},

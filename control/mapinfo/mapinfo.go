@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"reflect"
 	"sync/atomic"
 	"unsafe"
@@ -14,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // WarnFill is the fill, in percent, above which a map that can run full
@@ -37,7 +37,7 @@ func Of(maps *loader.Maps, pinPath string) ([]Map, error) {
 		if m == nil {
 			return nil, fmt.Errorf("map %s is not open", name)
 		}
-		out = append(out, Map{Name: name, Pin: filepath.Join(pinPath, name), Map: m})
+		out = append(out, Map{Name: name, Pin: pins.New(pinPath).Map(name), Map: m})
 	}
 	return out, nil
 }

@@ -70,7 +70,7 @@ func fill(t *testing.T, dp *dptest.Datapath) {
 
 func inspect(t *testing.T, dp *dptest.Datapath, pin string) map[string]mapinfo.Info {
 	t.Helper()
-	ms, err := mapinfo.Of(dp.Maps, pin)
+	ms, err := mapinfo.Of(&dp.Maps, pin)
 	if err != nil {
 		t.Fatal(err)
 	}

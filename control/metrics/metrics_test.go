@@ -86,7 +86,7 @@ func TestScrape(t *testing.T) {
 	dp.Run(t, bpf.Ingress, denied)
 	dp.Run(t, bpf.Ingress, denied)
 
-	maps, err := mapinfo.Of(dp.Maps, pin)
+	maps, err := mapinfo.Of(&dp.Maps, pin)
 	if err != nil {
 		t.Fatal(err)
 	}

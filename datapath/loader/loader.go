@@ -164,7 +164,21 @@ func FromCollection(coll *ebpf.Collection, pinPath string) (*Datapath, error) {
 
 // Load opens the pinned maps (creating and pinning any that are missing) and
 // loads the programs against them. Nothing is pinned unless everything loaded.
-func Load(o Options) (*Datapath, error) {
+func Load(o Options) (*Datapath, error) { return open(o, true) }
+
+// OpenMaps opens the pinned maps, creating and pinning any that are missing,
+// without loading programs: for commands that fill the maps before or without
+// an attached datapath.
+func OpenMaps(o Options) (*Maps, error) {
+	dp, err := open(o, false)
+	if err != nil {
+		return nil, err
+	}
+	return &dp.Maps, nil
+}
+
+// open is Load, or OpenMaps without programs.
+func open(o Options, withPrograms bool) (*Datapath, error) {
 	o = o.WithDefaults()
 	spec, err := o.Spec()
 	if err != nil {
@@ -175,12 +189,15 @@ func Load(o Options) (*Datapath, error) {
 		return nil, err
 	}
 	dp := &Datapath{}
-	if err := spec.LoadAndAssign(&dp.CtdPrograms, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
-		closeAll(maps)
-		return nil, fmt.Errorf("load datapath programs: %w", err)
+	if withPrograms {
+		if err := spec.LoadAndAssign(&dp.CtdPrograms, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+			closeAll(maps)
+			return nil, fmt.Errorf("load datapath programs: %w", err)
+		}
 	}
 	if err := assignMaps(&dp.Maps, maps, o.PinPath); err != nil {
-		dp.Close()
+		dp.CtdPrograms.Close()
+		closeAll(maps)
 		return nil, err
 	}
 	if err := pinCreated(o.PinPath, maps, created); err != nil {
@@ -188,31 +205,6 @@ func Load(o Options) (*Datapath, error) {
 		return nil, err
 	}
 	return dp, nil
-}
-
-// OpenMaps opens the pinned maps, creating and pinning any that are missing,
-// without loading programs: for commands that fill the maps before or without
-// an attached datapath.
-func OpenMaps(o Options) (*Maps, error) {
-	o = o.WithDefaults()
-	spec, err := o.Spec()
-	if err != nil {
-		return nil, err
-	}
-	maps, created, err := openOrCreate(o.PinPath, spec)
-	if err != nil {
-		return nil, err
-	}
-	var out Maps
-	if err := assignMaps(&out, maps, o.PinPath); err != nil {
-		closeAll(maps)
-		return nil, err
-	}
-	if err := pinCreated(o.PinPath, maps, created); err != nil {
-		out.Close()
-		return nil, err
-	}
-	return &out, nil
 }
 
 // OpenPinned opens the maps that are pinned at pinPath, whatever their size,

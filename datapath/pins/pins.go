@@ -89,28 +89,26 @@ func (d Dir) MaxEntries(name string) (uint32, error) {
 // MapNames lists the maps pinned in the directory: versioned names only,
 // so neither the links directory nor temporary pins.
 func (d Dir) MapNames() ([]string, error) {
-	entries, err := os.ReadDir(d.path)
-	if err != nil {
-		return nil, fmt.Errorf("read pin directory: %w", err)
-	}
-	var out []string
-	for _, e := range entries {
-		if _, _, ok := loader.SplitName(e.Name()); ok && !e.IsDir() {
-			out = append(out, e.Name())
-		}
-	}
-	return out, nil
+	return d.scan(func(name string) (string, bool) {
+		_, _, ok := loader.SplitName(name)
+		return name, ok
+	})
 }
 
 // TempNames lists the maps pinned under temporary names, by map name.
 func (d Dir) TempNames() ([]string, error) {
+	return d.scan(func(name string) (string, bool) { return strings.CutSuffix(name, TempSuffix) })
+}
+
+// scan lists the pins (not directories) that keep accepts, as it names them.
+func (d Dir) scan(keep func(name string) (string, bool)) ([]string, error) {
 	entries, err := os.ReadDir(d.path)
 	if err != nil {
 		return nil, fmt.Errorf("read pin directory: %w", err)
 	}
 	var out []string
 	for _, e := range entries {
-		if name, ok := strings.CutSuffix(e.Name(), TempSuffix); ok && !e.IsDir() {
+		if name, ok := keep(e.Name()); ok && !e.IsDir() {
 			out = append(out, name)
 		}
 	}
