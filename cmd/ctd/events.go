@@ -44,10 +44,7 @@ Suppressed events are counted (events-ratelimited in 'ctd metrics').
 			} else if c.Flags().Changed("burst") {
 				return fmt.Errorf("--burst needs a rate: ctd events rate EVENTS_PER_SECOND --burst %d", burst)
 			}
-			if err := a.preamble(nil); err != nil {
-				return err
-			}
-			maps, err := a.openPinnedMaps()
+			maps, err := a.openPinnedMaps(nil)
 			if err != nil {
 				return err
 			}

@@ -37,10 +37,7 @@ The counters count from the moment the maps were created; they survive
 restarts and re-attachments.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := a.preamble(&out); err != nil {
-				return err
-			}
-			maps, err := a.openPinnedMaps()
+			maps, err := a.openPinnedMaps(&out)
 			if err != nil {
 				return err
 			}

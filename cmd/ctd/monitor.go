@@ -64,10 +64,7 @@ Interface names are those of monitor's own network namespace.`,
 				}
 				ifindex = uint32(ifi.Index)
 			}
-			if err := a.preamble(&out); err != nil {
-				return err
-			}
-			maps, err := a.openPinnedMaps()
+			maps, err := a.openPinnedMaps(&out)
 			if err != nil {
 				return err
 			}

@@ -75,15 +75,26 @@ func (d Dir) OpenMap(name string, opts *ebpf.LoadPinOptions) (*ebpf.Map, error) 
 // MaxEntries returns the max_entries of the map pinned as name, or 0 if
 // none is.
 func (d Dir) MaxEntries(name string) (uint32, error) {
+	var n uint32
+	err := d.inspect(name, func(m *ebpf.Map) error {
+		n = m.MaxEntries()
+		return nil
+	})
+	return n, err
+}
+
+// inspect runs fn on the map pinned as name, opened read-only; nothing if
+// none is pinned.
+func (d Dir) inspect(name string, fn func(*ebpf.Map) error) error {
 	m, err := d.OpenMap(name, &ebpf.LoadPinOptions{ReadOnly: true})
 	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
+		return nil
 	}
 	if err != nil {
-		return 0, err
+		return err
 	}
 	defer m.Close()
-	return m.MaxEntries(), nil
+	return fn(m)
 }
 
 // MapNames lists the maps pinned in the directory: versioned names only,
@@ -118,19 +129,14 @@ func (d Dir) scan(keep func(name string) (string, bool)) ([]string, error) {
 // MapID returns the ID of the map pinned as name (a pin name), or 0 if
 // none is.
 func (d Dir) MapID(name string) (ebpf.MapID, error) {
-	m, err := d.OpenMap(name, &ebpf.LoadPinOptions{ReadOnly: true})
-	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	defer m.Close()
-	id, err := MapID(m)
-	if err != nil {
-		return 0, fmt.Errorf("pinned map %s: %w", d.Map(name), err)
-	}
-	return id, nil
+	var id ebpf.MapID
+	err := d.inspect(name, func(m *ebpf.Map) (err error) {
+		if id, err = MapID(m); err != nil {
+			return fmt.Errorf("pinned map %s: %w", d.Map(name), err)
+		}
+		return nil
+	})
+	return id, err
 }
 
 // MapID returns the kernel's ID of m.
