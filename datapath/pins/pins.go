@@ -5,7 +5,9 @@
 //	<dir>/links/<iface>/ingress     TCX links (attach pins them there)
 //	<dir>/links/<iface>/egress
 //
-// Everything that needs a path below the directory asks a Dir for it.
+// Everything outside package loader that needs a path below the directory
+// asks a Dir for it; loader, which opens and creates the maps (and which
+// this package builds on), pins them by name the same way.
 package pins
 
 import (
