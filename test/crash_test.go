@@ -64,7 +64,7 @@ func (e *crashEnv) ipcache() map[netip.Prefix]uint32 {
 		e.t.Fatal(err)
 	}
 	defer maps.Close()
-	entries, err := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1).List()
+	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
 	if err != nil {
 		e.t.Fatal(err)
 	}

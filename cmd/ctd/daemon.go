@@ -16,6 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/daemon"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
@@ -26,7 +27,6 @@ import (
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
-	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
 func newDaemonCmd(a *app) *cobra.Command {
@@ -60,10 +60,7 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 		Args:        cobra.NoArgs,
 		Annotations: map[string]string{annotationNoFinish: "yes"},
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			m, err := attach.ParseMode(mode)
@@ -90,7 +87,7 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 				}
 				verdict, err := policy.ParseVerdict(v)
 				if err != nil {
-					return fmt.Errorf("invalid --default-%s %q: valid are allow, deny", policymap.Direction(d), v)
+					return fmt.Errorf("invalid --default-%s %q: valid are allow, deny", bpf.Direction(d), v)
 				}
 				cfg.Defaults[d] = verdict
 			}
@@ -143,8 +140,8 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 (off unless set)")
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
-	c.Flags().StringVar(&defaults[policymap.Ingress], "default-ingress", "", "default verdict for new ingress flows, allow or deny, recorded where the state store holds none (a new install): bootstrap closed with deny")
-	c.Flags().StringVar(&defaults[policymap.Egress], "default-egress", "", "default verdict for new egress flows, allow or deny, recorded where the state store holds none")
+	c.Flags().StringVar(&defaults[bpf.Ingress], "default-ingress", "", "default verdict for new ingress flows, allow or deny, recorded where the state store holds none (a new install): bootstrap closed with deny")
+	c.Flags().StringVar(&defaults[bpf.Egress], "default-egress", "", "default verdict for new egress flows, allow or deny, recorded where the state store holds none")
 	lifetimes.AddFlags(c.Flags())
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
@@ -182,7 +179,7 @@ func (a *app) requireStoredIfaces() error {
 // namespace is the command's.
 func (a *app) detachAndForget(iface string) error {
 	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
-		return attach.Detach(iface, a.linkDir())
+		return a.pins().Detach(iface)
 	}
 	s, err := a.openStore()
 	if err != nil {
@@ -191,7 +188,7 @@ func (a *app) detachAndForget(iface string) error {
 	return s.Change(store.Change{
 		What:   "detach " + iface,
 		Record: func(tx *store.Tx) error { return tx.DeleteInterface(iface) },
-		Apply:  func() error { return attach.Detach(iface, a.linkDir()) },
+		Apply:  func() error { return a.pins().Detach(iface) },
 	}, nil)
 }
 
@@ -202,9 +199,9 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	cs := []daemon.Component{{
 		Name: "conntrack GC",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			r, err := gc.NewRunner(ctmap.New(env.Datapath.CtV1), gc.RunnerConfig{
+			r, err := gc.NewRunner(ctmap.New(env.Datapath.CT()), gc.RunnerConfig{
 				Lifetimes: lt,
-				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.MetricsV1)),
+				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.Metrics())),
 				Logger:    env.Logger,
 			})
 			if err != nil {
@@ -220,12 +217,12 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	return append(cs, daemon.Component{
 		Name: "metrics server",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			maps, err := mapinfo.Of(&env.Datapath.CtdMaps, env.PinPath)
+			maps, err := mapinfo.Of(&env.Datapath.Maps, env.PinPath)
 			if err != nil {
 				return err
 			}
 			col := metrics.NewCollector(metrics.Sources{
-				Metrics: metricsmap.New(env.Datapath.MetricsV1),
+				Metrics: metricsmap.New(env.Datapath.Metrics()),
 				Maps:    maps,
 				GC: func() gc.Stats {
 					if r := runner.Load(); r != nil {
@@ -236,7 +233,7 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 				Attachments: func() ([]attach.Attachment, error) {
 					var out []attach.Attachment
 					for _, iface := range env.Interfaces {
-						at, err := attach.Status(iface, env.LinkDir)
+						at, err := env.Pins.Status(iface)
 						if errors.Is(err, attach.ErrInterfaceNotFound) {
 							at = attach.Attachment{Iface: iface}
 						} else if err != nil {

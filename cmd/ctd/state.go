@@ -59,7 +59,7 @@ func (a *app) openStore() (*store.Store, error) {
 
 // finisher makes maps equal to a desired state: how a change that a killed
 // writer left unfinished is finished (see store.Change).
-func finisher(maps *bpf.CtdMaps) store.Finisher {
+func finisher(maps *loader.Maps) store.Finisher {
 	return func(st *store.State) error {
 		_, err := daemon.Sync(st, maps)
 		return err
@@ -78,7 +78,7 @@ func (a *app) finishPending(c *cobra.Command) error {
 	if err == nil {
 		var in *store.Intent
 		if in, err = s.Pending(); err == nil && in != nil && checkPinPath(a.pinPath) == nil && a.fullyPinned() {
-			var maps *bpf.CtdMaps
+			var maps *loader.Maps
 			if maps, err = loader.OpenPinned(a.pinPath); err == nil {
 				in, err = s.Finish(finisher(maps))
 				maps.Close()
@@ -120,10 +120,7 @@ func newStateCheckCmd(a *app) *cobra.Command {
 		Short: "Compare the store with the pinned maps: exit 0 when they agree, else print the differences and exit 1",
 		Args:  exactArgs(0, "ctd state check"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			if !store.Exists(a.stateDir) {
@@ -204,8 +201,8 @@ func stateDiff(want, have *store.State) []string {
 	}
 	for d := range want.Defaults {
 		if w, h := want.Defaults[d].Effective(), have.Defaults[d].Effective(); w != h {
-			add("-", fmt.Sprintf("default %v %v", policymap.Direction(d), w))
-			add("+", fmt.Sprintf("default %v %v", policymap.Direction(d), h))
+			add("-", fmt.Sprintf("default %v %v", bpf.Direction(d), w))
+			add("+", fmt.Sprintf("default %v %v", bpf.Direction(d), h))
 		}
 	}
 	slices.SortFunc(lines, func(a, b line) int {
@@ -237,17 +234,14 @@ store is corrupted (ctd refuses it and says so) or lost.`,
 			if !fromPins {
 				return errors.New("ctd state rebuild: missing --from-pins: the pinned datapath is the only source ctd rebuilds the store from")
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			have, err := a.pinnedState()
 			if err != nil {
 				return err
 			}
-			ats, err := a.attachments()
+			ats, err := a.pins().Attachments()
 			if err != nil {
 				return err
 			}

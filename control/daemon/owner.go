@@ -1,63 +1,58 @@
 package daemon
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 )
 
+// RunDir holds the lock files by which daemons own pin paths.
+const RunDir = "/run/ctd"
+
 // lockPinPath makes sure that one daemon at a time owns a datapath, whatever
-// its state directory: it holds an exclusive flock on the pin path
-// directory itself until the daemon exits (the kernel drops it when the
-// process dies). A daemon that finds the lock taken names the owner's pid,
-// read from /proc/locks: bpffs holds no regular file to write it to.
+// its state directory: it holds a lock file named after the pin path in
+// RunDir until the daemon exits. (Not a lock on the pin directory itself:
+// config_v1's writers lock that one for each write.)
 func lockPinPath(pinPath string) (*os.File, error) {
-	f, err := os.OpenFile(pinPath, os.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
+	if err := os.MkdirAll(RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("lock pin path %s: %w", pinPath, err)
 	}
-	err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-	if err == nil {
-		return f, nil
+	name := "pin-" + url.PathEscape(filepath.Clean(pinPath)) + ".lock"
+	f, owner, err := lockPID(filepath.Join(RunDir, name))
+	if owner != "" {
+		return nil, fmt.Errorf("another ctd daemon (pid %s) owns the datapath at %s: stop it first, one daemon acts on a datapath at a time", owner, pinPath)
 	}
-	defer f.Close()
-	if !errors.Is(err, unix.EWOULDBLOCK) {
-		return nil, fmt.Errorf("lock pin path %s: %w", pinPath, err)
-	}
-	owner := "unknown pid"
-	if pid, ok := flockOwner(f); ok {
-		owner = "pid " + strconv.Itoa(pid)
-	}
-	return nil, fmt.Errorf("another ctd daemon (%s) owns the datapath at %s: stop it first, one daemon acts on a datapath at a time", owner, pinPath)
+	return f, err
 }
 
-// flockOwner finds the pid holding a flock on f's inode in /proc/locks.
-func flockOwner(f *os.File) (int, bool) {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return 0, false
-	}
-	want := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
-	locks, err := os.Open("/proc/locks")
+// lockPID takes an exclusive flock on path, created where missing, and writes
+// the process's pid into it. When another process holds the lock, it returns
+// that process's pid as owner. The kernel drops the lock when the process
+// dies, so a SIGKILL leaves no stale lock behind.
+func lockPID(path string) (f *os.File, owner string, err error) {
+	f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return 0, false
+		return nil, "", fmt.Errorf("daemon lock %s: %w", path, err)
 	}
-	defer locks.Close()
-	sc := bufio.NewScanner(locks)
-	for sc.Scan() {
-		// 1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF
-		fs := strings.Fields(sc.Text())
-		if len(fs) < 6 || fs[1] != "FLOCK" || fs[5] != want {
-			continue
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		defer f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			pid, _ := os.ReadFile(path)
+			if owner = strings.TrimSpace(string(pid)); owner == "" {
+				owner = "unknown"
+			}
+			return nil, owner, nil
 		}
-		if pid, err := strconv.Atoi(fs[4]); err == nil {
-			return pid, true
-		}
+		return nil, "", fmt.Errorf("daemon lock %s: %w", path, err)
 	}
-	return 0, false
+	if err := f.Truncate(0); err == nil {
+		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return f, "", nil
 }
