@@ -176,7 +176,7 @@ func (d *Daemon) Close() error {
 		d.lock = nil
 	}
 	if d.pinLock != nil {
-		errs = append(errs, d.pinLock.Close())
+		errs = append(errs, unlockPinPath(d.pinLock))
 		d.pinLock = nil
 	}
 	return errors.Join(errs...)
