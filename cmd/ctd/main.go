@@ -5,11 +5,13 @@ package main
 import (
 	"fmt"
 	"os"
+
+	"github.com/ctd-dev/ctd/control/quote"
 )
 
 func main() {
 	if err := newRootCmd().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "ctd: "+err.Error())
+		fmt.Fprintln(os.Stderr, "ctd: "+quote.Message(err.Error()))
 		os.Exit(1)
 	}
 }
