@@ -375,6 +375,46 @@ func TestUDP(t *testing.T) {
 	}
 }
 
+// SCTP flows are keyed by their ports, like UDP: NEW until the first reply.
+func TestSCTP(t *testing.T) {
+	for _, o := range openers {
+		for _, p := range pairs {
+			t.Run(o.name+"/"+p.name, func(t *testing.T) {
+				d := newDatapath(t)
+				m := newModel(t, unix.IPPROTO_SCTP, p, o)
+				for i, s := range []struct {
+					from  side
+					state ctmap.State
+				}{
+					{fromOrig, ctmap.StateNew},
+					{fromResp, ctmap.StateEstablished},
+					{fromOrig, ctmap.StateEstablished},
+				} {
+					src, dst, dir := p.orig, p.resp, o.origDir
+					if s.from == fromResp {
+						src, dst, dir = p.resp, p.orig, o.respDir
+					}
+					frame := sctpFrame(t, src, dst, 100)
+					want := hit(dir)
+					if i == 0 {
+						want = newFlow(dir)
+					}
+					d.expect(t, dir, frame, verdictPass, want)
+					m.account(s.from, len(frame), 0)
+					m.want.State = s.state
+					d.onlyFlow(t, m.want)
+				}
+				// Another association between the same hosts is another flow.
+				other := netip.AddrPortFrom(p.orig.Addr(), p.orig.Port()+1)
+				d.expect(t, o.origDir, sctpFrame(t, other, p.resp, 0), verdictPass, newFlow(o.origDir))
+				if n := len(d.flows(t)); n != 2 {
+					t.Fatalf("%d flows after a second association, want 2", n)
+				}
+			})
+		}
+	}
+}
+
 func TestICMPEcho(t *testing.T) {
 	type endpoints struct {
 		name       string
@@ -787,6 +827,9 @@ func validFrames(tb testing.TB) map[string][]byte {
 		"icmpv6 echo":                 echoFrame(tb, orig6.Addr(), resp6.Addr(), 9, false),
 		"icmp error quoting tcp":      icmpErrorFrame(tb, resp4.Addr(), orig4.Addr(), tcpFrame(tb, orig4, resp4, tcpSYN, 0)),
 		"icmpv6 error quoting tcp":    icmpErrorFrame(tb, resp6.Addr(), orig6.Addr(), tcpFrame(tb, orig6, resp6, tcpSYN, 0)),
+		"sctp4":                       sctpFrame(tb, orig4, resp4, 8),
+		"sctp6":                       sctpFrame(tb, orig6, resp6, 8),
+		"icmp error quoting sctp":     icmpErrorFrame(tb, resp4.Addr(), orig4.Addr(), sctpFrame(tb, orig4, resp4, 0)),
 	}
 }
 

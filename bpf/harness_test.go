@@ -2,6 +2,7 @@ package bpf_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -440,6 +441,20 @@ func udpFrame(tb testing.TB, src, dst netip.AddrPort, n int) []byte {
 	udp := &layers.UDP{SrcPort: layers.UDPPort(src.Port()), DstPort: layers.UDPPort(dst.Port())}
 	udp.SetNetworkLayerForChecksum(nl)
 	return mustSerialize(tb, ethernet(src.Addr()), ip, udp, payload(n))
+}
+
+// sctpFrame is an Ethernet/IP/SCTP frame: the 12-byte common header
+// (ports, verification tag, checksum; not computed: the datapath does not
+// check it) and one DATA chunk header with n bytes of payload.
+func sctpFrame(tb testing.TB, src, dst netip.AddrPort, n int) []byte {
+	tb.Helper()
+	ip, _ := ipHeader(src.Addr(), dst.Addr(), layers.IPProtocolSCTP)
+	hdr := make([]byte, 12+16)
+	binary.BigEndian.PutUint16(hdr[0:], src.Port())
+	binary.BigEndian.PutUint16(hdr[2:], dst.Port())
+	binary.BigEndian.PutUint32(hdr[4:], 0xc7dc7d)
+	binary.BigEndian.PutUint16(hdr[12+2:], uint16(16+n)) // DATA chunk (type 0) length
+	return mustSerialize(tb, ethernet(src.Addr()), ip, rawLayer(hdr), payload(n))
 }
 
 // echoFrame is an ICMP (v4) or ICMPv6 echo request or reply with id.

@@ -464,3 +464,27 @@ func TestPolicyOtherProtocol(t *testing.T) {
 	other[14+9] = gre
 	d.expect(t, ingress, other, verdictDrop, one(metricKey{ingress, dropPolicy}))
 }
+
+// SCTP rules match the destination port, as TCP and UDP rules do.
+func TestPolicySCTPPort(t *testing.T) {
+	const sctp = unix.IPPROTO_SCTP
+	for _, tc := range []struct {
+		name  string
+		rules []rule
+		port  uint16
+		want  uint8
+	}{
+		{"sctp/3868 allows its port", []rule{{ingress, peerID, sctp, 3868, verdictAllow}}, 3868, verdictAllow},
+		{"sctp/3868 leaves other ports to the default", []rule{{ingress, peerID, sctp, 3868, verdictAllow}}, 3869, verdictDeny},
+		{"any/3868 matches sctp", []rule{{ingress, peerID, 0, 3868, verdictAllow}}, 3868, verdictAllow},
+		{"sctp/3868 deny beats sctp allow", []rule{{ingress, peerID, sctp, 0, verdictAllow}, {ingress, peerID, sctp, 3868, verdictDeny}}, 3868, verdictDeny},
+		{"tcp/3868 does not match sctp", []rule{{ingress, peerID, unix.IPPROTO_TCP, 3868, verdictAllow}}, 3868, verdictDeny},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := policyDatapath(t)
+			d.setPolicy(t, denyIn(ingress), tc.rules...)
+			frame := sctpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, tc.port), 0)
+			checkNewFlow(t, d, ingress, frame, tc.want)
+		})
+	}
+}

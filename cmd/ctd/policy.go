@@ -27,7 +27,11 @@ on egress; see 'ctd ipcache'), the protocol and the destination port:
 
   ` + policy.Syntax + `
 
-id=any (or any), protocol any and no port are wildcards. The most specific
+PROTO is any IP protocol: a name from /etc/protocols (tcp, udp, icmp,
+icmpv6, sctp, gre, esp, ...; ctd knows netbase's names when the file is
+missing) or a number 1-255. A port goes only with the protocols that have
+ports (tcp, udp, sctp) or any. id=any (or any), protocol any and no port
+are wildcards. The most specific
 rule wins: a specific identity beats any identity; within one, protocol and
 port beat the protocol alone, which beats any protocol with the port, which
 beats any protocol. Without a matching rule the direction's default verdict
@@ -114,7 +118,7 @@ which 'ctd daemon' restores after a restart.`,
 	})
 
 	c.AddCommand(&cobra.Command{
-		Use:   "del ingress|egress id=N|any [tcp|udp|icmp|icmpv6|any[/PORT]] [allow|deny]",
+		Use:   "del ingress|egress id=N|any [PROTO[/PORT]|any[/PORT]] [allow|deny]",
 		Short: "Delete the rule with this selector (with a verdict: only if the rule has it)",
 		Args:  cobra.ArbitraryArgs,
 		RunE: func(c *cobra.Command, args []string) error {
