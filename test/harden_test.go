@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,8 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ctd-dev/ctd/test/nettest"
 )
+
+const bpffsRoot = nettest.BPFFSRoot
 
 // hardenCLI runs the ctd binary in the test's own network namespace against
 // one pin path and state directory.
@@ -66,4 +71,170 @@ func TestLongInputQuotedShort(t *testing.T) {
 			}
 		})
 	}
+}
+
+// mountedAt reports whether a filesystem is mounted on path.
+func mountedAt(t *testing.T, path string) bool {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
+			return true
+		}
+	}
+	return false
+}
+
+// outsidePinPath returns a pin path below a fresh directory outside
+// /sys/fs/bpf (so ctd mounts a bpffs of its own), unmounted and removed when
+// the test ends.
+func (c *hardenCLI) outsidePinPath(name string) string {
+	dir := c.t.TempDir()
+	pin := filepath.Join(dir, name)
+	c.t.Cleanup(func() {
+		for range 4 {
+			if unix.Unmount(pin, unix.MNT_DETACH) != nil {
+				break
+			}
+		}
+	})
+	c.pin = pin
+	return pin
+}
+
+// TestPinPathOwnership: ctd never mounts a bpffs over a directory that holds
+// files, never removes a directory it did not create, and a command that
+// fails takes back the mount, directory and pins it made.
+func TestPinPathOwnership(t *testing.T) {
+	ctd := newHardenCLI(t)
+	add := []string{"ipcache", "add", "198.51.100.0/24", "id=7"}
+
+	t.Run("non-empty directory is refused", func(t *testing.T) {
+		pin := ctd.outsidePinPath("full")
+		if err := os.MkdirAll(pin, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		keep := filepath.Join(pin, "operator-file")
+		if err := os.WriteFile(keep, []byte("mine"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		checkOneLineError(t, ctd.run(add...), "ctd mounts one only on an empty directory: "+pin+" holds operator-file")
+		if mountedAt(t, pin) {
+			t.Errorf("a filesystem is mounted on %s after the refusal", pin)
+		}
+		if data, err := os.ReadFile(keep); err != nil || string(data) != "mine" {
+			t.Errorf("%s after the refusal: %q, %v", keep, data, err)
+		}
+	})
+
+	t.Run("existing empty directory is kept by teardown", func(t *testing.T) {
+		pin := ctd.outsidePinPath("empty")
+		if err := os.Mkdir(pin, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if r := ctd.run(add...); r.exitCode != 0 {
+			t.Fatalf("ipcache add: exit %d: %s", r.exitCode, r.stderr)
+		}
+		if !mountedAt(t, pin) {
+			t.Fatalf("no bpffs mounted on %s", pin)
+		}
+		r := ctd.run("teardown")
+		if r.exitCode != 0 || !strings.Contains(r.stdout, "kept "+pin+": ctd did not create it") {
+			t.Fatalf("teardown: exit %d, stdout %q, stderr %q; want it to keep %s", r.exitCode, r.stdout, r.stderr, pin)
+		}
+		if mountedAt(t, pin) {
+			t.Errorf("teardown left the bpffs ctd mounted on %s", pin)
+		}
+		if entries, err := os.ReadDir(pin); err != nil || len(entries) != 0 {
+			t.Errorf("after teardown %s holds %v (%v), want the empty directory it was", pin, entries, err)
+		}
+	})
+
+	t.Run("directory ctd created is removed by teardown", func(t *testing.T) {
+		pin := ctd.outsidePinPath("new")
+		if r := ctd.run(add...); r.exitCode != 0 {
+			t.Fatalf("ipcache add: exit %d: %s", r.exitCode, r.stderr)
+		}
+		if r := ctd.run("teardown"); r.exitCode != 0 || r.stdout != "removed "+pin+"\n" {
+			t.Fatalf("teardown: exit %d, stdout %q, stderr %q", r.exitCode, r.stdout, r.stderr)
+		}
+		if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("after teardown %s exists (%v)", pin, err)
+		}
+	})
+
+	// ipcache load checks that the file fits the tries after it created
+	// them: a file of 3 prefixes into tries of 2 fails there.
+	file := filepath.Join(t.TempDir(), "prefixes")
+	if err := os.WriteFile(file, []byte("198.51.100.0/26 id=7\n198.51.100.64/26 id=7\n198.51.100.128/26 id=7\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	load := []string{"ipcache", "load", file, "--ipcache-max", "2"}
+	for _, tc := range []struct {
+		name string
+		pin  func() string
+	}{
+		{"failed command outside /sys/fs/bpf leaves nothing", func() string { return ctd.outsidePinPath("failed") }},
+		{"failed command below /sys/fs/bpf leaves nothing", func() string { ctd.pin = nettest.PinPath(t); return ctd.pin }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pin := tc.pin()
+			checkOneLineError(t, ctd.run(load...), "holds at most 2 prefixes")
+			if mountedAt(t, pin) {
+				t.Errorf("the failed command left a bpffs mounted on %s", pin)
+			}
+			if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
+				entries, _ := os.ReadDir(pin)
+				t.Errorf("the failed command left %s (%v), holding %v", pin, err, entries)
+			}
+		})
+	}
+
+	t.Run("failed command on a set-up pin path keeps it", func(t *testing.T) {
+		ctd.pin = nettest.PinPath(t)
+		if r := ctd.run("ipcache", "add", "198.51.100.0/26", "id=7", "--ipcache-max", "2"); r.exitCode != 0 {
+			t.Fatalf("ipcache add: exit %d: %s", r.exitCode, r.stderr)
+		}
+		checkOneLineError(t, ctd.run("ipcache", "load", file), "holds at most 2 prefixes")
+		if out := ctd.run("ipcache", "list"); out.stdout != "198.51.100.0/26 id=7\n" {
+			t.Errorf("ipcache list after the failed load: %q, %q; want the prefix added before", out.stdout, out.stderr)
+		}
+	})
+}
+
+// TestStatusWithoutDatapath: status on a pin path that holds no ctd
+// datapath (missing, empty, another tool's) exits 3 with one line.
+func TestStatusWithoutDatapath(t *testing.T) {
+	ctd := newHardenCLI(t)
+	empty := nettest.PinPath(t)
+	if err := os.Mkdir(empty, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, pin, want string }{
+		{"missing", filepath.Join(bpffsRoot, "ctdtest-no-such-dir"), "the directory does not exist"},
+		{"empty", empty, "no map of ctd's is pinned there"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctd.pin = tc.pin
+			r := ctd.run("status")
+			checkOneLineError(t, r, "no ctd datapath at "+tc.pin+": "+tc.want)
+			if r.exitCode != 3 {
+				t.Errorf("exit %d, want 3", r.exitCode)
+			}
+		})
+	}
+
+	t.Run("set up", func(t *testing.T) {
+		ctd.pin = nettest.PinPath(t)
+		if r := ctd.run("ipcache", "add", "198.51.100.0/24", "id=7"); r.exitCode != 0 {
+			t.Fatalf("ipcache add: exit %d: %s", r.exitCode, r.stderr)
+		}
+		if r := ctd.run("status"); r.exitCode != 0 || !strings.Contains(r.stdout, "none attached") {
+			t.Errorf("status of a datapath attached nowhere: exit %d, stdout %q, stderr %q", r.exitCode, r.stdout, r.stderr)
+		}
+		ctd.run("teardown")
+	})
 }

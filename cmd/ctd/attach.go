@@ -3,8 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -73,19 +71,18 @@ size is refused (run 'ctd teardown' to start empty).`,
 	return c
 }
 
-// attach loads and attaches the datapath. If it fails, what this call
-// created is removed again: map pins and directories that did not exist
-// before, and the attachment of an interface that had none.
+// attach loads and attaches the datapath. If it fails, the attachment of an
+// interface that had none is removed again, and main takes back the pins and
+// the pin path set-up this command made (see app.noteSetup).
 func (a *app) attach(iface string, mode attach.Mode, opts loader.Options) (attach.Attachment, error) {
 	before, err := attach.Status(iface, a.linkDir())
 	if err != nil {
 		return attach.Attachment{}, err
 	}
-	undo := a.undoCreatedPins()
+	a.noteSetup()
 
 	dp, err := loader.Load(opts)
 	if err != nil {
-		undo()
 		return attach.Attachment{}, err
 	}
 	defer dp.Close()
@@ -96,36 +93,8 @@ func (a *app) attach(iface string, mode attach.Mode, opts loader.Options) (attac
 			if derr := attach.Detach(iface, a.linkDir()); derr != nil {
 				err = errors.Join(err, derr)
 			}
-			undo()
 		}
 		return attach.Attachment{}, err
 	}
 	return at, nil
-}
-
-// undoCreatedPins notes which of ctd's pins exist now and returns a function
-// that removes those that did not: map pins, the link directory and the pin
-// directory (the directories only when empty).
-func (a *app) undoCreatedPins() func() {
-	exists := func(p string) bool {
-		_, err := os.Lstat(p)
-		return err == nil
-	}
-	var created []string // removed in reverse order
-	if !exists(a.pinPath) {
-		created = append(created, a.pinPath)
-	}
-	if !exists(a.linkDir()) {
-		created = append(created, a.linkDir())
-	}
-	for _, name := range loader.MapNames {
-		if p := filepath.Join(a.pinPath, name); !exists(p) {
-			created = append(created, p)
-		}
-	}
-	return func() {
-		for i := len(created) - 1; i >= 0; i-- {
-			os.Remove(created[i])
-		}
-	}
 }

@@ -297,6 +297,7 @@ func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*bpf.CtdMaps, error
 		if err := o.Validate(); err != nil {
 			return nil, err
 		}
+		a.noteSetup()
 		return loader.OpenMaps(o)
 	}
 	maps, err := loader.OpenPinned(a.pinPath)

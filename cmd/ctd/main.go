@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -10,8 +11,14 @@ import (
 )
 
 func main() {
-	if err := newRootCmd().Execute(); err != nil {
+	a := &app{}
+	if err := newRootCmd(a).Execute(); err != nil {
+		err = a.undoFailed(err)
 		fmt.Fprintln(os.Stderr, "ctd: "+quote.Message(err.Error()))
-		os.Exit(1)
+		code := 1
+		if ee := (*exitError)(nil); errors.As(err, &ee) {
+			code = ee.code
+		}
+		os.Exit(code)
 	}
 }

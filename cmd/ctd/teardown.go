@@ -7,12 +7,13 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 func newTeardownCmd(a *app) *cobra.Command {
@@ -21,9 +22,11 @@ func newTeardownCmd(a *app) *cobra.Command {
 		Short: "Detach ctd everywhere and remove every pin under the pin path",
 		Long: `Detach ctd from every interface it is attached to: the TCX links pinned
 below <pin-path>/links and, in the current network namespace, the tc filters
-whose programs use this pin path's maps. Then remove every pin below the pin
-path and the directory itself. The conntrack table and all other state are
-gone afterwards. Running it again, or where nothing is set up, does nothing.
+whose programs use this pin path's maps. Then remove every pin of ctd's below
+the pin path, and the directory itself (unmounting the bpffs ctd mounted
+there) if ctd created it and nothing else is in it. The conntrack table and
+all other state are gone afterwards. Running it again, or where nothing is
+set up, does nothing.
 
 tc filters in other network namespaces cannot be seen from here: run teardown
 in each namespace where ctd was attached in tc mode (e.g. via nsenter --net).`,
@@ -66,8 +69,16 @@ func (a *app) teardown(w io.Writer) error {
 		fmt.Fprintf(w, "detached ctd from %s\n", iface)
 	}
 
-	if err := removePinDir(a.pinPath); err != nil {
+	if err := removePins(a.pinPath); err != nil {
 		return fmt.Errorf("teardown: %w", err)
+	}
+	kept, err := bpffs.Release(a.pinPath)
+	if err != nil {
+		return fmt.Errorf("teardown: %w", err)
+	}
+	if kept != "" {
+		fmt.Fprintf(w, "removed ctd's pins; kept %s: %s\n", a.pinPath, kept)
+		return nil
 	}
 	fmt.Fprintf(w, "removed %s\n", a.pinPath)
 	return nil
@@ -98,50 +109,22 @@ func (a *app) attachedIfaces() ([]string, error) {
 	return slices.Compact(names), nil
 }
 
-// removePinDir removes everything below dir, unmounts dir if a bpffs is
-// mounted on it (as bpffs.Ensure does for pin paths outside /sys/fs/bpf),
-// and removes dir.
-func removePinDir(dir string) error {
-	mounted, err := isMountPoint(dir)
-	if err != nil {
-		return err
-	}
+// removePins removes ctd's pins from dir: every map pin of any layout
+// version (migrations' temporary pins included) and the link directory.
+// Entries ctd does not name so are left.
+func removePins(dir string) error {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return fmt.Errorf("read pin path: %w", err)
 	}
 	for _, e := range entries {
-		if mounted && isPreloaded(e.Name()) {
-			continue // goes with the unmount
+		name, _, _ := strings.Cut(e.Name(), "~") // "ct_v1~migrating"
+		if _, _, ok := loader.SplitName(name); !ok && e.Name() != linksDir {
+			continue
 		}
 		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
 			return fmt.Errorf("remove pin: %w", err)
 		}
 	}
-	if mounted {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
-			return fmt.Errorf("unmount bpffs at %s: %w", dir, err)
-		}
-	}
-	if err := os.Remove(dir); err != nil {
-		return fmt.Errorf("remove pin path: %w", err)
-	}
 	return nil
-}
-
-// isPreloaded reports whether name is one of the iterators the kernel places
-// at the root of every bpffs mount (bpf_preload); they cannot be unlinked.
-func isPreloaded(name string) bool { return name == "maps.debug" || name == "progs.debug" }
-
-// isMountPoint reports whether dir is on another filesystem than its parent.
-func isMountPoint(dir string) (bool, error) {
-	var st, pst unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		return false, fmt.Errorf("stat %s: %w", dir, err)
-	}
-	parent := filepath.Dir(filepath.Clean(dir))
-	if err := unix.Stat(parent, &pst); err != nil {
-		return false, fmt.Errorf("stat %s: %w", parent, err)
-	}
-	return st.Dev != pst.Dev, nil
 }

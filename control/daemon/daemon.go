@@ -213,7 +213,7 @@ func (d *Daemon) Start() (Ready, error) {
 	var r Ready
 	t0 := time.Now()
 
-	if err := bpffs.Ensure(d.cfg.PinPath); err != nil {
+	if err := bpffs.Prepare(d.cfg.PinPath); err != nil {
 		return r, err
 	}
 	opts, err := d.options()

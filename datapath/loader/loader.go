@@ -229,7 +229,7 @@ func OpenPinned(pinPath string) (*bpf.CtdMaps, error) {
 // openOrCreate returns every map of spec: the pinned one where it exists and is
 // compatible, else a new unpinned one (listed in created).
 func openOrCreate(pinPath string, spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, map[string]bool, error) {
-	if err := bpffs.Ensure(pinPath); err != nil {
+	if err := bpffs.Prepare(pinPath); err != nil {
 		return nil, nil, err
 	}
 	maps := make(map[string]*ebpf.Map, len(MapNames))

@@ -25,7 +25,7 @@ type migration struct {
 }
 
 func (m *migration) run() (*ebpf.Collection, error) {
-	if err := bpffs.Ensure(m.pinPath); err != nil {
+	if err := bpffs.Prepare(m.pinPath); err != nil {
 		return nil, err
 	}
 	atts, err := m.cfg.ifs.Attached()
