@@ -6,10 +6,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/test/nettest"
@@ -237,4 +240,147 @@ func TestStatusWithoutDatapath(t *testing.T) {
 		}
 		ctd.run("teardown")
 	})
+}
+
+// TestDemoLeavesNothingRunning: `make demo` (scripts/demo.sh) ends with no
+// process of its own left, ctd monitor included. The demo runs in a process
+// group of its own, which its background processes keep.
+func TestDemoLeavesNothingRunning(t *testing.T) {
+	nettest.RequireRoot(t)
+	for _, tool := range []string{"socat", "ss", "ping", "nsenter"} {
+		nettest.RequireTool(t, tool, tool)
+	}
+	bin := nettest.BuildCtd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", "../scripts/demo.sh")
+	cmd.Env = append(os.Environ(), "CTD_BIN="+bin)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("demo: %v\n%s", err, out)
+	}
+	pgid := cmd.Process.Pid
+	left := processesInGroup(t, pgid)
+	t.Cleanup(func() {
+		for _, p := range left {
+			syscall.Kill(p.pid, syscall.SIGKILL)
+		}
+	})
+	for _, p := range left {
+		t.Errorf("the demo left pid %d running: %s", p.pid, p.cmdline)
+	}
+	if !strings.Contains(string(out), "ctd: monitor: the datapath at ") || !strings.Contains(string(out), "was torn down") {
+		t.Errorf("the demo does not show monitor exiting after the teardown:\n%s", out)
+	}
+}
+
+type process struct {
+	pid     int
+	cmdline string
+}
+
+// processesInGroup lists the live processes of process group pgid.
+func processesInGroup(t *testing.T, pgid int) []process {
+	t.Helper()
+	dirs, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []process
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", d.Name(), "stat"))
+		if err != nil {
+			continue // gone meanwhile
+		}
+		// pid (comm) state ppid pgrp ...: comm may hold spaces, so split after ')'.
+		i := strings.LastIndexByte(string(stat), ')')
+		f := strings.Fields(string(stat[i+1:]))
+		if len(f) < 3 || f[0] == "Z" {
+			continue
+		}
+		if g, _ := strconv.Atoi(f[2]); g != pgid {
+			continue
+		}
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		out = append(out, process{pid: pid, cmdline: strings.ReplaceAll(string(cmdline), "\x00", " ")})
+	}
+	return out
+}
+
+// TestMonitorExitsWithItsDatapath: ctd monitor exits with one line, within
+// seconds, when its datapath is torn down or replaced under it.
+func TestMonitorExitsWithItsDatapath(t *testing.T) {
+	ctd := newHardenCLI(t)
+	for _, tc := range []struct {
+		name   string
+		change func(t *testing.T)
+		want   string
+	}{
+		{"torn down", func(t *testing.T) {
+			if r := ctd.run("teardown"); r.exitCode != 0 {
+				t.Fatalf("teardown: %s", r.stderr)
+			}
+		}, "was torn down (events_v1 is no longer pinned)"},
+		{"replaced", func(t *testing.T) {
+			// What a resize of the ring buffer does: another map at the pin.
+			pin := filepath.Join(ctd.pin, "events_v1")
+			m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.RingBuf, MaxEntries: 4096})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			if err := os.Remove(pin); err != nil {
+				t.Fatal(err)
+			}
+			if err := m.Pin(pin); err != nil {
+				t.Fatal(err)
+			}
+		}, "was replaced (events_v1 is now another map"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctd.pin = nettest.PinPath(t)
+			if r := ctd.run("ipcache", "add", "198.51.100.0/24", "id=7"); r.exitCode != 0 {
+				t.Fatalf("ipcache add: exit %d: %s", r.exitCode, r.stderr)
+			}
+			t.Cleanup(func() { ctd.run("teardown") })
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, ctd.bin, "--pin-path", ctd.pin, "monitor")
+			var stderr syncBuffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan error, 1)
+			go func() { exited <- cmd.Wait() }()
+			for !strings.Contains(stderr.String(), "streaming the events") {
+				select {
+				case err := <-exited:
+					t.Fatalf("monitor exited at start (%v): %s", err, stderr.String())
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+			tc.change(t)
+			select {
+			case err := <-exited:
+				var ee *exec.ExitError
+				if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+					t.Errorf("monitor exited with %v, want exit status 1", err)
+				}
+			case <-time.After(5 * time.Second):
+				cmd.Process.Kill()
+				<-exited
+				t.Fatalf("monitor still runs 5s after its datapath was %s; stderr:\n%s", tc.name, stderr.String())
+			}
+			lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+			if last := lines[len(lines)-1]; !strings.HasPrefix(last, "ctd: monitor: the datapath at "+ctd.pin+" ") || !strings.Contains(last, tc.want) {
+				t.Errorf("monitor's last line %q, want one naming %s that %s", last, ctd.pin, tc.want)
+			}
+		})
+	}
 }

@@ -9,11 +9,15 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/events"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
@@ -22,6 +26,43 @@ import (
 // lostReportInterval is how often monitor reports events the datapath
 // could not deliver.
 const lostReportInterval = 5 * time.Second
+
+// watchInterval is how often monitor checks that its datapath is still the
+// one pinned at the pin path.
+const watchInterval = time.Second
+
+// pinWatch tells whether a pin still holds the map a process opened.
+type pinWatch struct {
+	pin string
+	id  ebpf.MapID
+}
+
+func watchPin(pin string, m *ebpf.Map) (*pinWatch, error) {
+	info, err := m.Info()
+	if err != nil {
+		return nil, fmt.Errorf("inspect %s: %w", pin, err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return nil, fmt.Errorf("inspect %s: the kernel reports no map ID", pin)
+	}
+	return &pinWatch{pin: pin, id: id}, nil
+}
+
+// check fails, in one line, when the pin is gone (the datapath at pinPath
+// was torn down) or holds another map (it was replaced).
+func (w *pinWatch) check(pinPath string) error {
+	id, err := pinnedMapID(w.pin)
+	switch {
+	case err != nil:
+		return fmt.Errorf("monitor: cannot check the datapath at %s any more: %w", pinPath, err)
+	case id == 0:
+		return fmt.Errorf("monitor: the datapath at %s was torn down (%s is no longer pinned)", pinPath, filepath.Base(w.pin))
+	case id != w.id:
+		return fmt.Errorf("monitor: the datapath at %s was replaced (%s is now another map, e.g. after a resize): run 'ctd monitor' again", pinPath, filepath.Base(w.pin))
+	}
+	return nil
+}
 
 func newMonitorCmd(a *app) *cobra.Command {
 	var out, typ, iface string
@@ -39,7 +80,9 @@ bytes_reply (flow-closed).
 
 The ring buffer has one reader: run one monitor at a time, or they split
 the events between them. The daemon never reads it. Events written before
-monitor started are skipped. Every 5 seconds monitor reports on stderr the
+monitor started are skipped. When the datapath is torn down or replaced
+(its ring buffer unpinned, or pinned anew, e.g. by a resize), monitor exits
+with one line saying so, within a second. Every 5 seconds monitor reports on stderr the
 events the datapath could not deliver: lost because the ring was full, or
 suppressed by the per-CPU rate limit (see 'ctd events rate').
 
@@ -92,11 +135,17 @@ Interface names are those of monitor's own network namespace.`,
 			if err := lost.start(); err != nil {
 				return err
 			}
+			watch, err := watchPin(filepath.Join(a.pinPath, bpf.CtdMapEventsV1), maps.EventsV1)
+			if err != nil {
+				return err
+			}
 			done := make(chan struct{})
 			defer close(done)
+			var gone atomic.Pointer[error] // why the datapath went away
 			go func() {
-				t := time.NewTicker(lostReportInterval)
+				t := time.NewTicker(watchInterval)
 				defer t.Stop()
+				lastReport := time.Now()
 				for {
 					select {
 					case <-ctx.Done():
@@ -105,7 +154,15 @@ Interface names are those of monitor's own network namespace.`,
 					case <-done:
 						return
 					case <-t.C:
-						lost.report()
+						if err := watch.check(a.pinPath); err != nil {
+							gone.Store(&err)
+							rd.Close()
+							return
+						}
+						if time.Since(lastReport) >= lostReportInterval {
+							lost.report()
+							lastReport = time.Now()
+						}
 					}
 				}
 			}()
@@ -115,8 +172,13 @@ Interface names are those of monitor's own network namespace.`,
 			err = stream(rd, w, out == "json", func(ev events.Event) bool {
 				return match(ev.Kind) && (ifindex == 0 || ev.Ifindex == ifindex)
 			})
-			if errors.Is(err, events.ErrClosed) && ctx.Err() != nil {
-				err = nil
+			if errors.Is(err, events.ErrClosed) {
+				if why := gone.Load(); why != nil {
+					return *why
+				}
+				if ctx.Err() != nil {
+					err = nil
+				}
 			}
 			lost.report()
 			return err
