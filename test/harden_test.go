@@ -384,3 +384,48 @@ func TestMonitorExitsWithItsDatapath(t *testing.T) {
 		})
 	}
 }
+
+// TestMetricsAddrWarning: the daemon warns when its metrics listen on an
+// address other hosts can reach, and not on loopback.
+func TestMetricsAddrWarning(t *testing.T) {
+	pair := nettest.NewPair(t)
+	bin := nettest.BuildCtd(t)
+	for _, tc := range []struct {
+		addr string
+		warn bool
+	}{
+		{":0", true},
+		{"127.0.0.1:0", false},
+	} {
+		t.Run(tc.addr, func(t *testing.T) {
+			pin := nettest.PinPath(t)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			cmd := pair.A.CommandContext(ctx, bin, "--pin-path", pin, "--state-dir", filepath.Join(t.TempDir(), "state"),
+				"daemon", "--iface", pair.A.Iface, "--metrics-addr", tc.addr)
+			var stderr syncBuffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			defer func() {
+				cmd.Process.Signal(syscall.SIGTERM)
+				<-done
+				pair.A.Command(bin, "--pin-path", pin, "teardown").Run()
+			}()
+			for !strings.Contains(stderr.String(), "msg=ready") {
+				select {
+				case err := <-done:
+					t.Fatalf("daemon exited (%v):\n%s", err, stderr.String())
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+			const warning = "level=WARN msg=\"metrics served on every address of the host"
+			if got := strings.Contains(stderr.String(), warning); got != tc.warn {
+				t.Errorf("--metrics-addr %s: warning logged %v, want %v; log:\n%s", tc.addr, got, tc.warn, stderr.String())
+			}
+		})
+	}
+}

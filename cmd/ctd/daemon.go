@@ -116,6 +116,9 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 					return fmt.Errorf("invalid --metrics-addr %q: %w", metricsAddr, err)
 				}
 				defer metricsLn.Close()
+				if w := exposedWarning(metricsLn.Addr()); w != "" {
+					log.Warn(w, "addr", metricsLn.Addr().String())
+				}
 			}
 			cfg.Components = daemonComponents(lifetimes, metricsLn)
 			return runDaemon(c, cfg, log)
@@ -126,7 +129,7 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 	c.Flags().Uint32Var(&cfg.CTMax, "ct-max", 0, fmt.Sprintf("conntrack table size (entries); default: the pinned table's size, else %d", loader.DefaultCTMax))
 	c.Flags().Uint32Var(&cfg.IPCacheMax, "ipcache-max", 0, fmt.Sprintf("ipcache size per family (prefixes); default: the pinned size, else %d", loader.DefaultIPCacheMax))
 	c.Flags().Uint32Var(&cfg.RingBufSize, "ringbuf-size", 0, fmt.Sprintf("event ring buffer size in bytes, a power of two; default: the pinned size, else %d", loader.DefaultRingBufSize))
-	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 (off unless set)")
+	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9478 (off unless set; a non-loopback address logs a warning)")
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
 	lifetimes.AddFlags(c.Flags())
@@ -208,15 +211,17 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 			if err != nil {
 				return err
 			}
+			gcStats := func() gc.Stats {
+				if r := runner.Load(); r != nil {
+					return r.Stats()
+				}
+				return gc.Stats{}
+			}
 			col := metrics.NewCollector(metrics.Sources{
 				Metrics: metricsmap.New(env.Datapath.MetricsV1),
 				Maps:    maps,
-				GC: func() gc.Stats {
-					if r := runner.Load(); r != nil {
-						return r.Stats()
-					}
-					return gc.Stats{}
-				},
+				Entries: metrics.DatapathEntries(ctx, maps, env.Datapath.CtV1, gcStats),
+				GC:      gcStats,
 				Attachments: func() ([]attach.Attachment, error) {
 					var out []attach.Attachment
 					for _, iface := range env.Interfaces {
@@ -235,6 +240,20 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 			return serveMetrics(ctx, metricsLn, col.Handler(), env.Logger)
 		},
 	})
+}
+
+// exposedWarning returns a warning when the metrics listen on an address
+// other hosts can reach (any address, or one that is not loopback), else "".
+func exposedWarning(addr net.Addr) string {
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok || ta.IP.IsLoopback() {
+		return ""
+	}
+	where := "on " + ta.IP.String()
+	if ta.IP.IsUnspecified() {
+		where = "on every address of the host"
+	}
+	return "metrics served " + where + ": anyone who reaches it reads ctd's counters, maps and interfaces; use --metrics-addr 127.0.0.1:PORT unless a scraper on another host needs it"
 }
 
 // serveMetrics serves h at /metrics on ln until ctx is done.

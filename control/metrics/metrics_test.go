@@ -89,13 +89,15 @@ func TestScrape(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	gcStats := func() gc.Stats {
+		return gc.Stats{Runs: 3, Errors: 1, Wakes: 2, Scanned: 30, Deleted: 7, Refreshed: 1,
+			Duration: 1500 * time.Millisecond, Interval: 20 * time.Second, Entries: 1}
+	}
 	c := metrics.NewCollector(metrics.Sources{
 		Metrics: metricsmap.New(dp.Maps.MetricsV1),
 		Maps:    maps,
-		GC: func() gc.Stats {
-			return gc.Stats{Runs: 3, Errors: 1, Wakes: 2, Scanned: 30, Deleted: 7, Refreshed: 1,
-				Duration: 1500 * time.Millisecond, Interval: 20 * time.Second}
-		},
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.Maps.CtV1, gcStats),
+		GC:      gcStats,
 		Attachments: func() ([]attach.Attachment, error) {
 			return []attach.Attachment{{Iface: "ctd0", Mode: attach.ModeTCX}, {Iface: "ctd1"}}, nil
 		},
@@ -103,7 +105,7 @@ func TestScrape(t *testing.T) {
 	})
 	srv := httptest.NewServer(c.Handler())
 	defer srv.Close()
-	got := scrape(t, srv.URL+"/metrics")
+	got := scrapeUntil(t, srv.URL+"/metrics", `ctd_map_entries{map="policy_v1",type="hash"}`)
 
 	ctMax := float64(dp.Maps.CtV1.MaxEntries())
 	for series, want := range map[string]float64{
@@ -156,6 +158,53 @@ func TestScrape(t *testing.T) {
 	}
 	if _, ok := got["go_goroutines"]; !ok {
 		t.Error("Go runtime metrics missing")
+	}
+}
+
+// scrapeUntil scrapes url until series is in the scrape (the entry counts
+// of maps other than the conntrack table come a moment after the first
+// scrape asked for them), at most 10s.
+func scrapeUntil(t *testing.T, url, series string) map[string]float64 {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		got := scrape(t, url)
+		if _, ok := got[series]; ok || time.Now().After(deadline) {
+			return got
+		}
+	}
+}
+
+// TestScrapeNeverWalksMaps: a scrape takes the conntrack table's entries
+// from GC's last pass (none before it) and every other hash map's and LPM
+// trie's from counts at most metrics.CountAge old, never counting them
+// itself.
+func TestScrapeNeverWalksMaps(t *testing.T) {
+	pin := nettest.PinPath(t)
+	dp := dptest.Load(t, pin)
+	dp.Run(t, dptest.Egress, dptest.TCP(t, netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80"), dptest.SYN, nil))
+	maps, err := mapinfo.Of(dp.Maps, pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stats gc.Stats // no pass yet
+	c := metrics.NewCollector(metrics.Sources{
+		Maps:    maps,
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.Maps.CtV1, func() gc.Stats { return stats }),
+	})
+	srv := httptest.NewServer(c.Handler())
+	defer srv.Close()
+	const ct, policy = `ctd_map_entries{map="ct_v1",type="lru_hash"}`, `ctd_map_entries{map="policy_v1",type="hash"}`
+
+	got := scrapeUntil(t, srv.URL, policy)
+	if v, ok := got[ct]; ok {
+		t.Errorf("before any GC pass %s = %v: the scrape counted the table itself", ct, v)
+	}
+	if _, ok := got[`ctd_map_max_entries{map="ct_v1",type="lru_hash"}`]; !ok {
+		t.Error("ct_v1's max entries missing")
+	}
+	stats = gc.Stats{Runs: 1, Entries: 5, LastEnd: time.Now()} // what the pass left, not what the map holds (1)
+	if got := scrape(t, srv.URL); got[ct] != 5 {
+		t.Errorf("after a GC pass that left 5 entries, %s = %v, want 5", ct, got[ct])
 	}
 }
 

@@ -134,4 +134,6 @@ var ControlCases = []ControlCase{
 	{Name: "gc-pass", Title: "GC pass, 1M entries, half expired", Unit: "s", Goal: time.Second},
 	{Name: "daemon-ready", Title: "daemon start → ready, 100k ct + 100k ipcache entries", Unit: "s", Goal: time.Second},
 	{Name: "ct-memlock", Title: "memlock per conntrack entry (1M-entry table)", Unit: "B/entry"},
+	{Name: "metrics-scrape", Title: "CPU per metrics scrape, 20 concurrent, 1M conntrack entries", Unit: "s", Goal: 50 * time.Millisecond},
+	{Name: "metrics-scrape-counted", Title: "CPU per metrics scrape, 20 concurrent, 1M entries, counting every map (before)", Unit: "s"},
 }

@@ -288,6 +288,10 @@ var sources = map[string]source{
 		how: "`control/ipcache` BenchmarkLoad100k/maps+store: as above with 100k prefixes per family (200k in all), the benchmark issue 3 asks for"},
 	"gc-pass": {pkg: "./control/gc", bench: "BenchmarkPass", metric: "ns/op", scale: 1e-9,
 		how: "`control/gc` BenchmarkPass: one pass with batch lookups and deletes over 1M TCP and UDP entries, every other one expired"},
+	"metrics-scrape": {pkg: "./test/bench", bench: "BenchmarkScrape", sub: "daemon", metric: "cpu-ms/scrape", scale: 1e-3,
+		how: "`test/bench` BenchmarkScrape/daemon: process CPU (user + system) of 20 concurrent scrapes of the daemon's collector over 1M conntrack entries, per scrape; the table's entries come from GC's last pass, the other maps' from counts kept in the background at most 5 s old"},
+	"metrics-scrape-counted": {pkg: "./test/bench", bench: "BenchmarkScrape", sub: "count-per-scrape", metric: "cpu-ms/scrape", scale: 1e-3,
+		how: "`test/bench` BenchmarkScrape/count-per-scrape: the same with every map counted on every scrape, as ctd did before"},
 	"daemon-ready": {pkg: "./control/daemon", bench: "BenchmarkStartReady", sub: "restart", metric: "ready-ms", scale: 1e-3,
 		how: "`control/daemon` BenchmarkStartReady/restart: the daemon's own start → ready time over a live datapath with 100k conntrack entries and 100k ipcache prefixes pinned and in the store"},
 }
