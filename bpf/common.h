@@ -227,3 +227,13 @@ struct ratelimit {
 	__u64 tokens;
 	__u64 last; /* ns */
 };
+
+/* ---- event consumer: evlisten_v1 (array of one) ---- */
+
+/* The consumer of events_v1 ('ctd monitor') registers here and refreshes
+ * until every second; the datapath writes events only while now <= until. */
+struct evlisten {
+	__u64 until; /* CLOCK_MONOTONIC_COARSE ns; 0: nobody reads events */
+	__u32 pid;   /* the consumer's process id, for messages */
+	__u32 pad;
+};

@@ -69,6 +69,8 @@ const (
 	dropParse      reason = 19
 	ctCreated      reason = 32
 	ctUpdateFailed reason = 33
+	eventsLost     reason = 34
+	eventsLimited  reason = 35
 	fragments      reason = 36
 	metricMax             = 64
 )
@@ -78,6 +80,7 @@ var reasonNames = map[reason]string{
 	fwdUntracked: "fwd_untracked", fwdUnparseable: "fwd_unparseable",
 	dropPolicy: "drop_policy", dropInvalid: "drop_invalid", dropCTInsert: "drop_ct_insert",
 	dropParse: "drop_parse", ctCreated: "ct_created", ctUpdateFailed: "ct_update_failed",
+	eventsLost: "events_lost", eventsLimited: "events_ratelimited",
 	fragments: "fragments",
 }
 
@@ -100,8 +103,9 @@ type metricKey struct {
 
 func (k metricKey) String() string { return k.dir.String() + "/" + k.reason.String() }
 
-// counts are packets per counter; the events counters (lost, rate limited)
-// are left out since nothing reads the ring buffer in these tests.
+// counts are packets per counter. The events counters (lost, rate limited)
+// move only while an event consumer is registered, which these tests do not
+// do unless they say so: every expect checks that they stay.
 type counts map[metricKey]uint64
 
 // testDatapath is a freshly loaded, unpinned datapath.

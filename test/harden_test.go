@@ -2,7 +2,9 @@ package test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -428,4 +430,57 @@ func TestMetricsAddrWarning(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestNoEventsWithoutMonitor: with no ctd monitor running, new flows over a
+// real interface write nothing to the event ring and count no event as
+// lost, however many there are; with a monitor they are streamed.
+func TestNoEventsWithoutMonitor(t *testing.T) {
+	pair := nettest.NewPair(t)
+	bin := nettest.BuildCtd(t)
+	pin := nettest.PinPath(t)
+	cli := &coreCLI{t: t, bin: bin, pin: pin, host: pair.B}
+	// 4 KiB holds 36 events of 112 bytes: 100 new flows would overflow it.
+	cli.must("attach", "--iface", pair.B.Iface, "--ringbuf-size", "4096")
+	t.Cleanup(func() { cli.run("teardown") })
+	newFlows := func(first int) {
+		t.Helper()
+		for port := first; port < first+100; port++ {
+			c, err := pair.A.Dial("udp", netip.AddrPortFrom(pair.B.IPv4, uint16(port)).String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Write([]byte("x"))
+			c.Close()
+		}
+	}
+	lostAndPending := func() (lost uint64, pending float64) {
+		t.Helper()
+		var rows []struct {
+			Reason  string
+			Packets uint64
+		}
+		if err := json.Unmarshal([]byte(cli.must("metrics", "-o", "json")), &rows); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rows {
+			if r.Reason == "events-lost" {
+				lost += r.Packets
+			}
+		}
+		maps, _ := mapsJSON(t, bin, pin)
+		return lost, maps["events_v1"]["entries"].(float64)
+	}
+
+	newFlows(20000)
+	if lost, pending := lostAndPending(); lost != 0 || pending != 0 {
+		t.Errorf("no monitor, 100 new flows: %d events lost, %v bytes in the ring; want none written and none lost", lost, pending)
+	}
+
+	mon := startMonitor(t, bin, pin, pair.B)
+	newFlows(21000)
+	mon.waitFor("a flow-new event of the second batch", func(ev monitorEvent) bool {
+		return ev.Type == "flow-new" && ev.Dport >= 21000 && ev.Dport < 21100
+	})
+	mon.stop(syscall.SIGINT)
 }

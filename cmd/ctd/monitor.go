@@ -78,8 +78,11 @@ originator; drops: the packet), src_identity, dst_identity, iface, ifindex,
 dir, state (flow events) and packets_orig, bytes_orig, packets_reply,
 bytes_reply (flow-closed).
 
-The ring buffer has one reader: run one monitor at a time, or they split
-the events between them. The daemon never reads it. Events written before
+The datapath writes events only while a monitor runs: monitor registers
+itself in evlisten_v1 and refreshes that every second, and the registration
+lapses 3 seconds after its last refresh, however monitor ended. The ring
+buffer has one reader: run one monitor at a time, or they split the events
+between them. The daemon never reads it. Events written before
 monitor started are skipped. When the datapath is torn down or replaced
 (its ring buffer unpinned, or pinned anew, e.g. by a resize), monitor exits
 with one line saying so, within a second. Every 5 seconds monitor reports on stderr the
@@ -123,6 +126,12 @@ Interface names are those of monitor's own network namespace.`,
 				return err
 			}
 			defer rd.Close()
+			// The datapath writes events only while a consumer is
+			// registered: from here on, refreshed every second.
+			if err := events.Listen(maps.EvlistenV1, os.Getpid()); err != nil {
+				return err
+			}
+			defer events.Unlisten(maps.EvlistenV1, os.Getpid())
 			rd.SkipBefore(ctmap.Now().Mono())
 			lim, err := events.GetRateLimit(maps.ConfigV1)
 			if err != nil {
@@ -154,7 +163,11 @@ Interface names are those of monitor's own network namespace.`,
 					case <-done:
 						return
 					case <-t.C:
-						if err := watch.check(a.pinPath); err != nil {
+						err := watch.check(a.pinPath)
+						if err == nil {
+							err = events.Listen(maps.EvlistenV1, os.Getpid())
+						}
+						if err != nil {
 							gone.Store(&err)
 							rd.Close()
 							return

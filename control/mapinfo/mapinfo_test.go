@@ -95,6 +95,7 @@ func inspect(t *testing.T, dp *dptest.Datapath, pin string) map[string]mapinfo.I
 func TestEntriesExact(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
+	dp.Listen(t) // so that the flow-new event is written
 	fill(t, dp)
 	infos := inspect(t, dp, pin)
 	for name, want := range map[string]uint64{
@@ -105,6 +106,7 @@ func TestEntriesExact(t *testing.T) {
 		bpf.CtdMapConfigV1:   1, // arrays: every slot
 		bpf.CtdMapMetricsV1:  128,
 		bpf.CtdMapEvlimitV1:  1,
+		bpf.CtdMapEvlistenV1: 1,
 		bpf.CtdMapEventsV1:   evSize, // one flow-new event pending
 	} {
 		info := infos[name]

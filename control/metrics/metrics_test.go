@@ -72,6 +72,7 @@ func scrape(t *testing.T, url string) map[string]float64 {
 func TestScrape(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
+	dp.Listen(t) // so that the events are written: they fill events_v1
 	dp.SetDefault(t, dptest.Ingress, 2)
 
 	a, b := netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80")

@@ -120,6 +120,7 @@ var MapNames = []string{
 	bpf.CtdMapMetricsV1,
 	bpf.CtdMapEventsV1,
 	bpf.CtdMapEvlimitV1,
+	bpf.CtdMapEvlistenV1,
 }
 
 // IncompatibleError says that a pinned map differs from what this build wants.

@@ -50,6 +50,16 @@ func Load(tb testing.TB, pinPath string) *Datapath {
 	return &Datapath{Maps: &dp.CtdMaps, Progs: &dp.CtdPrograms}
 }
 
+// Listen registers the test as the consumer of events for as long as the
+// datapath is loaded: the datapath writes events only while one is
+// registered (as ctd monitor does, refreshing it every second).
+func (d *Datapath) Listen(tb testing.TB) {
+	tb.Helper()
+	if err := d.Maps.EvlistenV1.Put(uint32(0), bpf.CtdEvlisten{Until: ^uint64(0), Pid: uint32(os.Getpid())}); err != nil {
+		tb.Fatalf("dptest: register as the event consumer: %v", err)
+	}
+}
+
 // Run runs one frame through the direction's program and returns the verdict.
 func (d *Datapath) Run(tb testing.TB, dir Direction, frame []byte) uint32 {
 	tb.Helper()
