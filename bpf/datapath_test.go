@@ -339,78 +339,54 @@ func TestTCPAggregateCountsSegments(t *testing.T) {
 	}
 }
 
-func TestUDP(t *testing.T) {
-	for _, o := range openers {
-		for _, p := range pairs {
-			t.Run(o.name+"/"+p.name, func(t *testing.T) {
-				d := newDatapath(t)
-				m := newModel(t, unix.IPPROTO_UDP, p, o)
-				for i, s := range []struct {
-					from  side
-					data  int
-					state ctmap.State
-				}{
-					{fromOrig, 40, ctmap.StateNew},
-					{fromOrig, 60, ctmap.StateNew},
-					{fromResp, 500, ctmap.StateEstablished},
-					{fromOrig, 0, ctmap.StateEstablished},
-					{fromResp, 1, ctmap.StateEstablished},
-				} {
-					src, dst, dir := p.orig, p.resp, o.origDir
-					if s.from == fromResp {
-						src, dst, dir = p.resp, p.orig, o.respDir
+// UDP and SCTP flows are keyed by their ports: NEW until the first reply,
+// then ESTABLISHED; another source port is another flow.
+func TestPortProtocols(t *testing.T) {
+	for _, proto := range []struct {
+		name  string
+		num   uint8
+		frame func(tb testing.TB, src, dst netip.AddrPort, n int) []byte
+	}{
+		{"udp", unix.IPPROTO_UDP, udpFrame},
+		{"sctp", unix.IPPROTO_SCTP, sctpFrame},
+	} {
+		for _, o := range openers {
+			for _, p := range pairs {
+				t.Run(proto.name+"/"+o.name+"/"+p.name, func(t *testing.T) {
+					d := newDatapath(t)
+					m := newModel(t, proto.num, p, o)
+					for i, s := range []struct {
+						from  side
+						data  int
+						state ctmap.State
+					}{
+						{fromOrig, 40, ctmap.StateNew},
+						{fromOrig, 60, ctmap.StateNew},
+						{fromResp, 500, ctmap.StateEstablished},
+						{fromOrig, 0, ctmap.StateEstablished},
+						{fromResp, 1, ctmap.StateEstablished},
+					} {
+						src, dst, dir := p.orig, p.resp, o.origDir
+						if s.from == fromResp {
+							src, dst, dir = p.resp, p.orig, o.respDir
+						}
+						frame := proto.frame(t, src, dst, s.data)
+						want := hit(dir)
+						if i == 0 {
+							want = newFlow(dir)
+						}
+						d.expect(t, dir, frame, verdictPass, want)
+						m.account(s.from, len(frame), 0)
+						m.want.State = s.state
+						d.onlyFlow(t, m.want)
 					}
-					frame := udpFrame(t, src, dst, s.data)
-					want := hit(dir)
-					if i == 0 {
-						want = newFlow(dir)
+					other := netip.AddrPortFrom(p.orig.Addr(), p.orig.Port()+1)
+					d.expect(t, o.origDir, proto.frame(t, other, p.resp, 0), verdictPass, newFlow(o.origDir))
+					if n := len(d.flows(t)); n != 2 {
+						t.Fatalf("%d flows after another source port, want 2", n)
 					}
-					d.expect(t, dir, frame, verdictPass, want)
-					m.account(s.from, len(frame), 0)
-					m.want.State = s.state
-					d.onlyFlow(t, m.want)
-				}
-			})
-		}
-	}
-}
-
-// SCTP flows are keyed by their ports, like UDP: NEW until the first reply.
-func TestSCTP(t *testing.T) {
-	for _, o := range openers {
-		for _, p := range pairs {
-			t.Run(o.name+"/"+p.name, func(t *testing.T) {
-				d := newDatapath(t)
-				m := newModel(t, unix.IPPROTO_SCTP, p, o)
-				for i, s := range []struct {
-					from  side
-					state ctmap.State
-				}{
-					{fromOrig, ctmap.StateNew},
-					{fromResp, ctmap.StateEstablished},
-					{fromOrig, ctmap.StateEstablished},
-				} {
-					src, dst, dir := p.orig, p.resp, o.origDir
-					if s.from == fromResp {
-						src, dst, dir = p.resp, p.orig, o.respDir
-					}
-					frame := sctpFrame(t, src, dst, 100)
-					want := hit(dir)
-					if i == 0 {
-						want = newFlow(dir)
-					}
-					d.expect(t, dir, frame, verdictPass, want)
-					m.account(s.from, len(frame), 0)
-					m.want.State = s.state
-					d.onlyFlow(t, m.want)
-				}
-				// Another association between the same hosts is another flow.
-				other := netip.AddrPortFrom(p.orig.Addr(), p.orig.Port()+1)
-				d.expect(t, o.origDir, sctpFrame(t, other, p.resp, 0), verdictPass, newFlow(o.origDir))
-				if n := len(d.flows(t)); n != 2 {
-					t.Fatalf("%d flows after a second association, want 2", n)
-				}
-			})
+				})
+			}
 		}
 	}
 }

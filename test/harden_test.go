@@ -43,6 +43,21 @@ func (c *hardenCLI) run(args ...string) cliResult {
 	return runCmd(c.t, exec.CommandContext(ctx, c.bin, full...))
 }
 
+// startLogged starts cmd with its stderr in a buffer; the channel gets
+// cmd.Wait's result. A cmd still running when the test ends is killed.
+func startLogged(t *testing.T, cmd *exec.Cmd) (*syncBuffer, <-chan error) {
+	t.Helper()
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() }) // ErrProcessDone once it exited
+	return stderr, done
+}
+
 // TestLongInputQuotedShort: an error quotes at most 80 characters of the
 // offending input, however long the input (a 200 KB line, argument or flag).
 func TestLongInputQuotedShort(t *testing.T) {
@@ -76,21 +91,6 @@ func TestLongInputQuotedShort(t *testing.T) {
 			}
 		})
 	}
-}
-
-// mountedAt reports whether a filesystem is mounted on path.
-func mountedAt(t *testing.T, path string) bool {
-	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for line := range strings.SplitSeq(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
-			return true
-		}
-	}
-	return false
 }
 
 // outsidePinPath returns a pin path below a fresh directory outside
@@ -127,7 +127,7 @@ func TestPinPathOwnership(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkOneLineError(t, ctd.run(add...), "ctd mounts one only on an empty directory: "+pin+" holds operator-file")
-		if mountedAt(t, pin) {
+		if nettest.MountedAt(t, pin) {
 			t.Errorf("a filesystem is mounted on %s after the refusal", pin)
 		}
 		if data, err := os.ReadFile(keep); err != nil || string(data) != "mine" {
@@ -143,14 +143,14 @@ func TestPinPathOwnership(t *testing.T) {
 		if r := ctd.run(add...); r.exitCode != 0 {
 			t.Fatalf("ipcache add: exit %d: %s", r.exitCode, r.stderr)
 		}
-		if !mountedAt(t, pin) {
+		if !nettest.MountedAt(t, pin) {
 			t.Fatalf("no bpffs mounted on %s", pin)
 		}
 		r := ctd.run("teardown")
 		if r.exitCode != 0 || !strings.Contains(r.stdout, "kept "+pin+": ctd did not create it") {
 			t.Fatalf("teardown: exit %d, stdout %q, stderr %q; want it to keep %s", r.exitCode, r.stdout, r.stderr, pin)
 		}
-		if mountedAt(t, pin) {
+		if nettest.MountedAt(t, pin) {
 			t.Errorf("teardown left the bpffs ctd mounted on %s", pin)
 		}
 		if entries, err := os.ReadDir(pin); err != nil || len(entries) != 0 {
@@ -188,7 +188,7 @@ func TestPinPathOwnership(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			pin := tc.pin()
 			checkOneLineError(t, ctd.run(load...), "holds at most 2 prefixes")
-			if mountedAt(t, pin) {
+			if nettest.MountedAt(t, pin) {
 				t.Errorf("the failed command left a bpffs mounted on %s", pin)
 			}
 			if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
@@ -353,13 +353,7 @@ func TestMonitorExitsWithItsDatapath(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			cmd := exec.CommandContext(ctx, ctd.bin, "--pin-path", ctd.pin, "monitor")
-			var stderr syncBuffer
-			cmd.Stderr = &stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			exited := make(chan error, 1)
-			go func() { exited <- cmd.Wait() }()
+			stderr, exited := startLogged(t, cmd)
 			for !strings.Contains(stderr.String(), "streaming the events") {
 				select {
 				case err := <-exited:
@@ -405,13 +399,7 @@ func TestMetricsAddrWarning(t *testing.T) {
 			defer cancel()
 			cmd := pair.A.CommandContext(ctx, bin, "--pin-path", pin, "--state-dir", filepath.Join(t.TempDir(), "state"),
 				"daemon", "--iface", pair.A.Iface, "--metrics-addr", tc.addr)
-			var stderr syncBuffer
-			cmd.Stderr = &stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			done := make(chan error, 1)
-			go func() { done <- cmd.Wait() }()
+			stderr, done := startLogged(t, cmd)
 			defer func() {
 				cmd.Process.Signal(syscall.SIGTERM)
 				<-done

@@ -56,14 +56,15 @@ func ReadBuildInfo() BuildInfo {
 type Sources struct {
 	Metrics     *metricsmap.Map                     // the datapath's counters
 	Maps        []mapinfo.Map                       // maps to report entries, size and pressure of
-	// Entries gives the entry count of a map that would have to be walked
-	// to count (mapinfo.Walks); without an answer (nil, or ok false) the
-	// map's entries and pressure are left out. Other maps are counted on
-	// the scrape, which costs nothing.
-	Entries func(mapinfo.Map) (n uint64, ok bool)
 	GC          func() gc.Stats                     // e.g. (*gc.Runner).Stats
 	Attachments func() ([]attach.Attachment, error) // the interfaces ctd manages; Mode "" = not attached
 	Build       BuildInfo
+
+	// Entries gives the entry count of a map that would have to be walked
+	// to count (mapinfo.Walks), e.g. DatapathEntries; without an answer
+	// (nil, or ok false) the map's entries and pressure are left out. Other
+	// maps are counted on the scrape, which costs nothing.
+	Entries func(mapinfo.Map) (n uint64, ok bool)
 }
 
 // Collector is a prometheus.Collector of ctd's metrics.

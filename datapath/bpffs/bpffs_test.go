@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 func requireRoot(t *testing.T) {
@@ -47,20 +49,6 @@ func tmpfsDir(t *testing.T) string {
 	dir := t.TempDir()
 	mount(t, "tmpfs", dir)
 	return dir
-}
-
-func isMountPoint(t *testing.T, path string) bool {
-	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for line := range strings.SplitSeq(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
-			return true
-		}
-	}
-	return false
 }
 
 func randomName(t *testing.T) string {
@@ -208,7 +196,7 @@ func TestEnsure(t *testing.T) {
 				if strings.Contains(err.Error(), "\n") {
 					t.Errorf("error is not one line: %q", err)
 				}
-				if pin != "" && isMountPoint(t, pin) {
+				if pin != "" && nettest.MountedAt(t, pin) {
 					t.Errorf("a failed Ensure(%q) left a mount", pin)
 				}
 				return
@@ -228,7 +216,7 @@ func TestEnsure(t *testing.T) {
 			if !fi.IsDir() || fi.Mode().Perm() != 0o700 {
 				t.Errorf("%s: mode %v, want a directory with 0700", pin, fi.Mode())
 			}
-			if tt.wantMount != nil && !isMountPoint(t, tt.wantMount(pin)) {
+			if tt.wantMount != nil && !nettest.MountedAt(t, tt.wantMount(pin)) {
 				t.Errorf("expected a bpffs mounted on %s", tt.wantMount(pin))
 			}
 
@@ -325,7 +313,7 @@ func TestPrepareRelease(t *testing.T) {
 			if exists := err == nil; exists != tc.wantDir {
 				t.Errorf("after Release %s exists: %v, want %v", pin, exists, tc.wantDir)
 			}
-			if !tc.extraFile && isMountPoint(t, pin) {
+			if !tc.extraFile && nettest.MountedAt(t, pin) {
 				t.Errorf("after Release a filesystem is still mounted on %s", pin)
 			}
 		})
