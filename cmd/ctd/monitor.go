@@ -82,12 +82,13 @@ The datapath writes events only while a monitor runs: monitor registers
 itself in evlisten_v1 and refreshes that every second, and the registration
 lapses 3 seconds after its last refresh, however monitor ended. The ring
 buffer has one reader: run one monitor at a time, or they split the events
-between them. The daemon never reads it. Events written before
-monitor started are skipped. When the datapath is torn down or replaced
-(its ring buffer unpinned, or pinned anew, e.g. by a resize), monitor exits
-with one line saying so, within a second. Every 5 seconds monitor reports on stderr the
-events the datapath could not deliver: lost because the ring was full, or
-suppressed by the per-CPU rate limit (see 'ctd events rate').
+between them. The daemon never reads it. Events written before monitor
+started are skipped. Every 5 seconds monitor reports on stderr the events
+the datapath could not deliver: lost because the ring was full, or
+suppressed by the per-CPU rate limit (see 'ctd events rate'). When the
+datapath is torn down or replaced (its ring buffer unpinned, or pinned
+anew, e.g. by a resize), monitor exits with one line saying so, within a
+second.
 
 Interface names are those of monitor's own network namespace.`,
 		Args: cobra.NoArgs,
