@@ -211,8 +211,12 @@ func OpenPinned(pinPath string) (*bpf.CtdMaps, error) {
 		pin := filepath.Join(pinPath, name)
 		m, err := ebpf.LoadPinnedMap(pin, nil)
 		if err != nil {
+			partial := len(maps) > 0 // an older ctd's datapath
 			closeAll(maps)
-			if errors.Is(err, os.ErrNotExist) {
+			switch {
+			case errors.Is(err, os.ErrNotExist) && partial:
+				return nil, fmt.Errorf("the datapath at %s lacks map %s, which this version of ctd adds: restart 'ctd daemon' (or run 'ctd attach') to add it", pinPath, name)
+			case errors.Is(err, os.ErrNotExist):
 				return nil, fmt.Errorf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", pinPath, name)
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
