@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -471,4 +472,33 @@ func TestNoEventsWithoutMonitor(t *testing.T) {
 		return ev.Type == "flow-new" && ev.Dport >= 21000 && ev.Dport < 21100
 	})
 	mon.stop(syscall.SIGINT)
+}
+
+// TestSecondMonitorWarns: a monitor started while another one reads the
+// events says that the two split them.
+func TestSecondMonitorWarns(t *testing.T) {
+	ctd := newHardenCLI(t)
+	if r := ctd.run("ipcache", "add", "198.51.100.0/24", "id=7"); r.exitCode != 0 {
+		t.Fatalf("ipcache add: exit %d: %s", r.exitCode, r.stderr)
+	}
+	t.Cleanup(func() { ctd.run("teardown") })
+	start := func() (*exec.Cmd, *syncBuffer) {
+		cmd := exec.Command(ctd.bin, "--pin-path", ctd.pin, "monitor")
+		stderr, _ := startLogged(t, cmd)
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(stderr.String(), "streaming the events"); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("monitor did not start: %s", stderr.String())
+			}
+		}
+		return cmd, stderr
+	}
+	first, firstErr := start()
+	_, second := start()
+	if strings.Contains(firstErr.String(), "warning") {
+		t.Errorf("the first monitor warned: %s", firstErr.String())
+	}
+	want := fmt.Sprintf("warning: another ctd monitor (pid %d) reads the events of %s", first.Process.Pid, ctd.pin)
+	if !strings.Contains(second.String(), want) {
+		t.Errorf("the second monitor's stderr %q lacks %q", second.String(), want)
+	}
 }

@@ -129,6 +129,11 @@ Interface names are those of monitor's own network namespace.`,
 			defer rd.Close()
 			// The datapath writes events only while a consumer is
 			// registered: from here on, refreshed every second.
+			if l, err := events.GetListener(maps.EvlistenV1); err != nil {
+				return err
+			} else if l.Active(ctmap.Now().Mono()) && l.PID != uint32(os.Getpid()) {
+				fmt.Fprintf(c.ErrOrStderr(), "ctd monitor: warning: another ctd monitor (pid %d) reads the events of %s: each gets a share of them; stop one\n", l.PID, a.pinPath)
+			}
 			if err := events.Listen(maps.EvlistenV1, os.Getpid()); err != nil {
 				return err
 			}
