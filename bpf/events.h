@@ -11,21 +11,21 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20); /* set by the loader from --ringbuf-size */
-} events_v1 SEC(".maps");
+} EVENTS_MAP SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct ratelimit);
-} evlimit_v1 SEC(".maps");
+} EVLIMIT_MAP SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct evlisten);
-} evlisten_v1 SEC(".maps");
+} EVLISTEN_MAP SEC(".maps");
 
 /* listening reports whether a consumer reads events now. An array lookup
  * (inlined by the verifier) and a compare: with nobody listening, emit
@@ -33,7 +33,7 @@ struct {
 static __always_inline int listening(__u64 now)
 {
 	__u32 zero = 0;
-	struct evlisten *l = bpf_map_lookup_elem(&evlisten_v1, &zero);
+	struct evlisten *l = bpf_map_lookup_elem(&EVLISTEN_MAP, &zero);
 
 	return l && now <= l->until;
 }
@@ -50,7 +50,7 @@ static __always_inline int event_allowed(const struct config *cfg, __u64 now)
 
 	if (!cfg || !cfg->events_rate)
 		return 1;
-	rl = bpf_map_lookup_elem(&evlimit_v1, &zero);
+	rl = bpf_map_lookup_elem(&EVLIMIT_MAP, &zero);
 	if (!rl)
 		return 0;
 	rate = cfg->events_rate;
@@ -84,7 +84,7 @@ static __always_inline void emit(const struct config *cfg, __u64 now, __u8 type,
 		count(dir, M_EVENTS_RATELIMITED, 0);
 		return;
 	}
-	ev = bpf_ringbuf_reserve(&events_v1, sizeof(*ev), 0);
+	ev = bpf_ringbuf_reserve(&EVENTS_MAP, sizeof(*ev), 0);
 	if (!ev) {
 		count(dir, M_EVENTS_LOST, 0);
 		return;

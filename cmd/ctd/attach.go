@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -33,9 +32,6 @@ The map sizes take effect when the maps are created; a pinned map of another
 size is refused (run 'ctd teardown' to start empty).`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
 			m, err := attach.ParseMode(mode)
 			if err != nil {
 				return err
@@ -43,14 +39,13 @@ size is refused (run 'ctd teardown' to start empty).`,
 			if err := opts.Validate(); err != nil {
 				return err
 			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			if _, err := lookupIface(iface); err != nil {
 				return err
 			}
-			opts.PinPath = a.pinPath
-			at, err := a.attach(iface, m, opts)
+			at, err := a.pins().LoadAndAttach(iface, m, opts)
 			if err != nil {
 				return err
 			}
@@ -69,32 +64,4 @@ size is refused (run 'ctd teardown' to start empty).`,
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
 		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))
 	return c
-}
-
-// attach loads and attaches the datapath. If it fails, the attachment of an
-// interface that had none is removed again, and main takes back the pins and
-// the pin path set-up this command made (see app.noteSetup).
-func (a *app) attach(iface string, mode attach.Mode, opts loader.Options) (attach.Attachment, error) {
-	before, err := attach.Status(iface, a.linkDir())
-	if err != nil {
-		return attach.Attachment{}, err
-	}
-	a.noteSetup()
-
-	dp, err := loader.Load(opts)
-	if err != nil {
-		return attach.Attachment{}, err
-	}
-	defer dp.Close()
-
-	at, err := attach.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress}, a.linkDir())
-	if err != nil {
-		if before.Mode == "" {
-			if derr := attach.Detach(iface, a.linkDir()); derr != nil {
-				err = errors.Join(err, derr)
-			}
-		}
-		return attach.Attachment{}, err
-	}
-	return at, nil
 }

@@ -56,10 +56,7 @@ Map sizes default to the size of the pinned map (or the built-in default
 when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			m, err := attach.ParseMode(mode)
@@ -168,7 +165,7 @@ func requireStoredIfaces(stateDir string) error {
 // created.
 func (a *app) detachAndForget(iface string) error {
 	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
-		return attach.Detach(iface, a.linkDir())
+		return a.pins().Detach(iface)
 	}
 	s, err := store.Open(a.stateDir, nil)
 	if err != nil {
@@ -178,7 +175,7 @@ func (a *app) detachAndForget(iface string) error {
 		if err := tx.DeleteInterface(iface); err != nil {
 			return err
 		}
-		return attach.Detach(iface, a.linkDir())
+		return a.pins().Detach(iface)
 	})
 }
 
@@ -189,9 +186,9 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	cs := []daemon.Component{{
 		Name: "conntrack GC",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			r, err := gc.NewRunner(ctmap.New(env.Datapath.CtV1), gc.RunnerConfig{
+			r, err := gc.NewRunner(ctmap.New(env.Datapath.CT()), gc.RunnerConfig{
 				Lifetimes: lt,
-				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.MetricsV1)),
+				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.Metrics())),
 				Logger:    env.Logger,
 			})
 			if err != nil {
@@ -207,7 +204,7 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	return append(cs, daemon.Component{
 		Name: "metrics server",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			maps, err := mapinfo.Of(&env.Datapath.CtdMaps, env.PinPath)
+			maps, err := mapinfo.Of(&env.Datapath.Maps, env.PinPath)
 			if err != nil {
 				return err
 			}
@@ -218,14 +215,14 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 				return gc.Stats{}
 			}
 			col := metrics.NewCollector(metrics.Sources{
-				Metrics: metricsmap.New(env.Datapath.MetricsV1),
+				Metrics: metricsmap.New(env.Datapath.Metrics()),
 				Maps:    maps,
-				Entries: metrics.DatapathEntries(ctx, maps, env.Datapath.CtV1, gcStats),
+				Entries: metrics.DatapathEntries(ctx, maps, env.Datapath.CT(), gcStats),
 				GC:      gcStats,
 				Attachments: func() ([]attach.Attachment, error) {
 					var out []attach.Attachment
 					for _, iface := range env.Interfaces {
-						at, err := attach.Status(iface, env.LinkDir)
+						at, err := env.Pins.Status(iface)
 						if errors.Is(err, attach.ErrInterfaceNotFound) {
 							at = attach.Attachment{Iface: iface}
 						} else if err != nil {

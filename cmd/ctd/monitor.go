@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -17,10 +16,11 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/spf13/cobra"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/events"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // lostReportInterval is how often monitor reports events the datapath
@@ -31,35 +31,33 @@ const lostReportInterval = 5 * time.Second
 // one pinned at the pin path.
 const watchInterval = time.Second
 
-// pinWatch tells whether a pin still holds the map a process opened.
+// pinWatch tells whether a pin directory still holds, under a name, the
+// map a process opened.
 type pinWatch struct {
-	pin string
-	id  ebpf.MapID
+	dir  pins.Dir
+	name string
+	id   ebpf.MapID
 }
 
-func watchPin(pin string, m *ebpf.Map) (*pinWatch, error) {
-	info, err := m.Info()
+func watchPin(dir pins.Dir, name string, m *ebpf.Map) (*pinWatch, error) {
+	id, err := pins.MapID(m)
 	if err != nil {
-		return nil, fmt.Errorf("inspect %s: %w", pin, err)
+		return nil, fmt.Errorf("inspect %s: %w", dir.Map(name), err)
 	}
-	id, ok := info.ID()
-	if !ok {
-		return nil, fmt.Errorf("inspect %s: the kernel reports no map ID", pin)
-	}
-	return &pinWatch{pin: pin, id: id}, nil
+	return &pinWatch{dir: dir, name: name, id: id}, nil
 }
 
-// check fails, in one line, when the pin is gone (the datapath at pinPath
-// was torn down) or holds another map (it was replaced).
-func (w *pinWatch) check(pinPath string) error {
-	id, err := pinnedMapID(w.pin)
+// check fails, in one line, when the pin is gone (the datapath was torn
+// down) or holds another map (it was replaced).
+func (w *pinWatch) check() error {
+	id, err := w.dir.MapID(w.name)
 	switch {
 	case err != nil:
-		return fmt.Errorf("monitor: cannot check the datapath at %s any more: %w", pinPath, err)
+		return fmt.Errorf("monitor: cannot check the datapath at %s any more: %w", w.dir.Path(), err)
 	case id == 0:
-		return fmt.Errorf("monitor: the datapath at %s was torn down (%s is no longer pinned)", pinPath, filepath.Base(w.pin))
+		return fmt.Errorf("monitor: the datapath at %s was torn down (%s is no longer pinned)", w.dir.Path(), w.name)
 	case id != w.id:
-		return fmt.Errorf("monitor: the datapath at %s was replaced (%s is now another map, e.g. after a resize): run 'ctd monitor' again", pinPath, filepath.Base(w.pin))
+		return fmt.Errorf("monitor: the datapath at %s was replaced (%s is now another map, e.g. after a resize): run 'ctd monitor' again", w.dir.Path(), w.name)
 	}
 	return nil
 }
@@ -93,9 +91,6 @@ second.
 Interface names are those of monitor's own network namespace.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			match := func(events.Type) bool { return true }
 			switch typ {
 			case "":
@@ -114,43 +109,40 @@ Interface names are those of monitor's own network namespace.`,
 				}
 				ifindex = uint32(ifi.Index)
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			maps, err := a.openPinnedMaps()
+			maps, err := a.openPinnedMaps(&out)
 			if err != nil {
 				return err
 			}
 			defer maps.Close()
-			rd, err := events.NewReader(maps.EventsV1)
+			rd, err := events.NewReader(maps.Events())
 			if err != nil {
 				return err
 			}
 			defer rd.Close()
 			// The datapath writes events only while a consumer is
 			// registered: from here on, refreshed every second.
-			if l, err := events.GetListener(maps.EvlistenV1); err != nil {
+			if l, err := events.GetListener(maps.Listener()); err != nil {
 				return err
 			} else if l.Active(ctmap.Now().Mono()) && l.PID != uint32(os.Getpid()) {
 				fmt.Fprintf(c.ErrOrStderr(), "ctd monitor: warning: another ctd monitor (pid %d) reads the events of %s: each gets a share of them; stop one\n", l.PID, a.pinPath)
 			}
-			if err := events.Listen(maps.EvlistenV1, os.Getpid()); err != nil {
+			if err := events.Listen(maps.Listener(), os.Getpid()); err != nil {
 				return err
 			}
-			defer events.Unlisten(maps.EvlistenV1, os.Getpid())
+			defer events.Unlisten(maps.Listener(), os.Getpid())
 			rd.SkipBefore(ctmap.Now().Mono())
-			lim, err := events.GetRateLimit(maps.ConfigV1)
+			lim, err := events.GetRateLimit(maps.Config())
 			if err != nil {
 				return err
 			}
 
 			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			lost := &lostReporter{m: metricsmap.New(maps.MetricsV1), w: c.ErrOrStderr()}
+			lost := &lostReporter{m: metricsmap.New(maps.Metrics()), w: c.ErrOrStderr()}
 			if err := lost.start(); err != nil {
 				return err
 			}
-			watch, err := watchPin(filepath.Join(a.pinPath, bpf.CtdMapEventsV1), maps.EventsV1)
+			watch, err := watchPin(a.pins(), loader.EventsMap, maps.Events())
 			if err != nil {
 				return err
 			}
@@ -169,9 +161,9 @@ Interface names are those of monitor's own network namespace.`,
 					case <-done:
 						return
 					case <-t.C:
-						err := watch.check(a.pinPath)
+						err := watch.check()
 						if err == nil {
-							err = events.Listen(maps.EvlistenV1, os.Getpid())
+							err = events.Listen(maps.Listener(), os.Getpid())
 						}
 						if err != nil {
 							gone.Store(&err)

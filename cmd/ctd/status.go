@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"text/tabwriter"
 
 	"github.com/cilium/ebpf"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 type statusReport struct {
@@ -47,13 +47,7 @@ func newStatusCmd(a *app) *cobra.Command {
 		Short: "Show the interfaces ctd is attached to and how full its maps are",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(&out); err != nil {
 				return err
 			}
 			if err := a.checkDatapath(); err != nil {
@@ -90,7 +84,7 @@ func (a *app) checkDatapath() error {
 		return fmt.Errorf("no ctd datapath at %s: not a directory (check --pin-path or CTD_PIN_PATH)", a.pinPath)
 	}
 	for _, name := range loader.MapNames {
-		if _, err := os.Lstat(filepath.Join(a.pinPath, name)); err == nil {
+		if a.pins().Pinned(name) {
 			return nil
 		}
 	}
@@ -99,7 +93,7 @@ func (a *app) checkDatapath() error {
 
 func (a *app) status() (*statusReport, error) {
 	r := &statusReport{PinPath: a.pinPath, Interfaces: []ifaceStatus{}, Maps: []mapStatus{}}
-	ats, err := a.attachments()
+	ats, err := a.pins().Attachments()
 	if err != nil {
 		return nil, err
 	}
@@ -113,7 +107,7 @@ func (a *app) status() (*statusReport, error) {
 		})
 	}
 	for _, name := range loader.MapNames {
-		s, err := pinnedMapStatus(a.pinPath, name)
+		s, err := pinnedMapStatus(a.pins(), name)
 		if err != nil {
 			return nil, err
 		}
@@ -122,14 +116,13 @@ func (a *app) status() (*statusReport, error) {
 	return r, nil
 }
 
-func pinnedMapStatus(pinPath, name string) (mapStatus, error) {
-	pin := filepath.Join(pinPath, name)
-	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
+func pinnedMapStatus(dir pins.Dir, name string) (mapStatus, error) {
+	m, err := dir.OpenMap(name, &ebpf.LoadPinOptions{ReadOnly: true})
 	if errors.Is(err, os.ErrNotExist) {
 		return mapStatus{Name: name}, nil
 	}
 	if err != nil {
-		return mapStatus{}, fmt.Errorf("open pinned map %s: %w", pin, err)
+		return mapStatus{}, err
 	}
 	defer m.Close()
 
@@ -139,7 +132,7 @@ func pinnedMapStatus(pinPath, name string) (mapStatus, error) {
 	}
 	c, err := mapinfo.Count(m)
 	if err != nil {
-		return mapStatus{}, fmt.Errorf("count entries of %s: %w", pin, err)
+		return mapStatus{}, fmt.Errorf("count entries of %s: %w", dir.Map(name), err)
 	}
 	n := int(c)
 	s.Entries = &n

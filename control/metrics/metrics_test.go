@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/control/metrics"
@@ -73,20 +74,20 @@ func TestScrape(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
 	dp.Listen(t) // so that the events are written: they fill events_v1
-	dp.SetDefault(t, dptest.Ingress, 2)
+	dp.SetDefault(t, bpf.Ingress, 2)
 
 	a, b := netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80")
 	syn := dptest.TCP(t, a, b, dptest.SYN, nil)
 	synack := dptest.TCP(t, b, a, dptest.SYN|dptest.ACK, nil)
 	data := dptest.TCP(t, a, b, dptest.ACK|dptest.PSH, make([]byte, 500))
 	denied := dptest.TCP(t, netip.MustParseAddrPort("203.0.113.5:1234"), netip.MustParseAddrPort("198.51.100.1:22"), dptest.SYN, nil)
-	dp.Run(t, dptest.Egress, syn)
-	dp.Run(t, dptest.Ingress, synack)
-	dp.Run(t, dptest.Egress, data)
-	dp.Run(t, dptest.Ingress, denied)
-	dp.Run(t, dptest.Ingress, denied)
+	dp.Run(t, bpf.Egress, syn)
+	dp.Run(t, bpf.Ingress, synack)
+	dp.Run(t, bpf.Egress, data)
+	dp.Run(t, bpf.Ingress, denied)
+	dp.Run(t, bpf.Ingress, denied)
 
-	maps, err := mapinfo.Of(dp.Maps, pin)
+	maps, err := mapinfo.Of(&dp.Maps, pin)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,9 +96,9 @@ func TestScrape(t *testing.T) {
 			Duration: 1500 * time.Millisecond, Interval: 20 * time.Second, Entries: 1}
 	}
 	c := metrics.NewCollector(metrics.Sources{
-		Metrics: metricsmap.New(dp.Maps.MetricsV1),
+		Metrics: metricsmap.New(dp.Maps.Metrics()),
 		Maps:    maps,
-		Entries: metrics.DatapathEntries(t.Context(), maps, dp.Maps.CtV1, gcStats),
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT(), gcStats),
 		GC:      gcStats,
 		Attachments: func() ([]attach.Attachment, error) {
 			return []attach.Attachment{{Iface: "ctd0", Mode: attach.ModeTCX}, {Iface: "ctd1"}}, nil
@@ -108,7 +109,7 @@ func TestScrape(t *testing.T) {
 	defer srv.Close()
 	got := scrapeUntil(t, srv.URL+"/metrics", `ctd_map_entries{map="policy_v1",type="hash"}`)
 
-	ctMax := float64(dp.Maps.CtV1.MaxEntries())
+	ctMax := float64(dp.Maps.CT().MaxEntries())
 	for series, want := range map[string]float64{
 		`ctd_forwarded_packets_total{direction="egress",reason="new"}`:            1,
 		`ctd_forwarded_bytes_total{direction="egress",reason="new"}`:              float64(len(syn)),
@@ -182,15 +183,15 @@ func scrapeUntil(t *testing.T, url, series string) map[string]float64 {
 func TestScrapeNeverWalksMaps(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
-	dp.Run(t, dptest.Egress, dptest.TCP(t, netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80"), dptest.SYN, nil))
-	maps, err := mapinfo.Of(dp.Maps, pin)
+	dp.Run(t, bpf.Egress, dptest.TCP(t, netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80"), dptest.SYN, nil))
+	maps, err := mapinfo.Of(&dp.Maps, pin)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var stats gc.Stats // no pass yet
 	c := metrics.NewCollector(metrics.Sources{
 		Maps:    maps,
-		Entries: metrics.DatapathEntries(t.Context(), maps, dp.Maps.CtV1, func() gc.Stats { return stats }),
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT(), func() gc.Stats { return stats }),
 	})
 	srv := httptest.NewServer(c.Handler())
 	defer srv.Close()

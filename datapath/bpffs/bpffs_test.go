@@ -16,9 +16,7 @@ import (
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount filesystems")
-	}
+	nettest.RequireRoot(t)
 }
 
 // mount mounts fstype on dir and unmounts it when the test ends.

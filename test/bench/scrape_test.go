@@ -47,7 +47,7 @@ func BenchmarkScrape(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	maps, err := mapinfo.Of(&f.dp.CtdMaps, f.pin)
+	maps, err := mapinfo.Of(&f.dp.Maps, f.pin)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -59,7 +59,7 @@ func BenchmarkScrape(b *testing.B) {
 		entries func(ctx context.Context) func(mapinfo.Map) (uint64, bool)
 	}{
 		{"daemon", func(ctx context.Context) func(mapinfo.Map) (uint64, bool) {
-			return metrics.DatapathEntries(ctx, maps, f.dp.CtV1, gcStats)
+			return metrics.DatapathEntries(ctx, maps, f.dp.CT(), gcStats)
 		}},
 		{"count-per-scrape", func(context.Context) func(mapinfo.Map) (uint64, bool) {
 			return func(m mapinfo.Map) (uint64, bool) {
@@ -72,7 +72,7 @@ func BenchmarkScrape(b *testing.B) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			col := metrics.NewCollector(metrics.Sources{
-				Metrics: metricsmap.New(f.dp.MetricsV1),
+				Metrics: metricsmap.New(f.dp.Metrics()),
 				Maps:    maps,
 				Entries: tc.entries(ctx),
 				GC:      gcStats,
