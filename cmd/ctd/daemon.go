@@ -16,6 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/daemon"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
@@ -182,13 +183,22 @@ func (a *app) detachAndForget(iface string) error {
 // daemonComponents returns the loops the daemon runs beside reconcile:
 // conntrack GC, and the Prometheus endpoint when metrics is a listener.
 func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Component {
-	var runner atomic.Pointer[gc.Runner] // the metrics read the GC's totals
+	var (
+		runner atomic.Pointer[gc.Runner] // the metrics read the GC's totals
+		census *conntrack.TopCensus      // and what its passes counted
+		counts gc.Census                 // census for the runner: nil without metrics
+	)
+	if metricsLn != nil {
+		census = conntrack.NewTopCensus(conntrack.CensusN, conntrack.CensusBys...)
+		counts = census
+	}
 	cs := []daemon.Component{{
 		Name: "conntrack GC",
 		Run: func(ctx context.Context, env *daemon.Env) error {
 			r, err := gc.NewRunner(ctmap.New(env.Datapath.CT()), gc.RunnerConfig{
 				Lifetimes: lt,
 				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.Metrics())),
+				Census:    counts,
 				Logger:    env.Logger,
 			})
 			if err != nil {
@@ -219,6 +229,7 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 				Maps:    maps,
 				Entries: metrics.DatapathEntries(ctx, maps, env.Datapath.CT(), gcStats),
 				GC:      gcStats,
+				Top:     census.Tables,
 				Attachments: func() ([]attach.Attachment, error) {
 					var out []attach.Attachment
 					for _, iface := range env.Interfaces {

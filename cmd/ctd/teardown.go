@@ -50,4 +50,3 @@ func (a *app) teardown(w io.Writer) error {
 	fmt.Fprintf(w, "removed %s\n", a.pinPath)
 	return nil
 }
-

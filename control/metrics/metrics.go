@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/attach"
@@ -59,6 +60,10 @@ type Sources struct {
 	GC          func() gc.Stats                     // e.g. (*gc.Runner).Stats
 	Attachments func() ([]attach.Attachment, error) // the interfaces ctd manages; Mode "" = not attached
 	Build       BuildInfo
+
+	// Top gives the conntrack table's top values by dimension as the last
+	// GC pass counted them (e.g. (*conntrack.TopCensus).Tables).
+	Top func() []conntrack.TopTable
 
 	// Entries gives the entry count of a map that would have to be walked
 	// to count (mapinfo.Walks), e.g. DatapathEntries; without an answer
@@ -102,6 +107,8 @@ var (
 	gcDuration  = desc("gc_duration_seconds", "Time spent in conntrack GC passes.")
 	gcInterval  = desc("gc_interval_seconds", "The adaptive interval until the next regular GC pass.")
 
+	topFlows = desc("conntrack_top_flows", "Flows in the conntrack table that have this value in this dimension, for the largest values of each dimension, as the last complete GC pass counted them.", "by", "value")
+
 	attached  = desc("interface_attached", "1 when ctd's programs are attached to the interface, else 0.", "iface", "mode")
 	buildInfo = desc("build_info", "Always 1; the labels describe the running binary.", "version", "revision", "goversion")
 )
@@ -116,7 +123,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		forwardedPackets, forwardedBytes, droppedPackets, droppedBytes, ctCreated, ctUpdateFailed,
 		eventsLost, eventsLimited, fragments, mapEntries, mapMax, mapFill, mapMemlock,
 		gcRuns, gcErrors, gcWakes, gcScanned, gcDeleted, gcRefreshed, gcDuration, gcInterval,
-		attached, buildInfo,
+		topFlows, attached, buildInfo,
 	} {
 		ch <- d
 	}
@@ -133,6 +140,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.GC != nil {
 		c.collectGC(ch)
+	}
+	if c.src.Top != nil {
+		for _, t := range c.src.Top() {
+			for _, r := range t.Rows {
+				ch <- gauge(topFlows, float64(r.Flows), string(t.By), r.Value)
+			}
+		}
 	}
 	if c.src.Attachments != nil {
 		c.collectAttachments(ch)

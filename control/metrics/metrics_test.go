@@ -15,10 +15,12 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/control/metrics"
 	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/dptest"
 	"github.com/ctd-dev/ctd/test/nettest"
@@ -95,11 +97,22 @@ func TestScrape(t *testing.T) {
 		return gc.Stats{Runs: 3, Errors: 1, Wakes: 2, Scanned: 30, Deleted: 7, Refreshed: 1,
 			Duration: 1500 * time.Millisecond, Interval: 20 * time.Second, Entries: 1}
 	}
+	// The census as a GC pass fills it: with the table's one flow.
+	census := conntrack.NewTopCensus(conntrack.CensusN, conntrack.CensusBys...)
+	census.Begin()
+	if err := conntrack.List(ctmap.New(dp.CT()), conntrack.Filter{}, func(fl ctmap.Flow) error {
+		census.Add(fl)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	census.End(true)
 	c := metrics.NewCollector(metrics.Sources{
 		Metrics: metricsmap.New(dp.Maps.Metrics()),
 		Maps:    maps,
 		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT(), gcStats),
 		GC:      gcStats,
+		Top:     census.Tables,
 		Attachments: func() ([]attach.Attachment, error) {
 			return []attach.Attachment{{Iface: "ctd0", Mode: attach.ModeTCX}, {Iface: "ctd1"}}, nil
 		},
@@ -140,6 +153,10 @@ func TestScrape(t *testing.T) {
 		`ctd_gc_duration_seconds_sum`:                                        1.5,
 		`ctd_gc_duration_seconds_count`:                                      3,
 		`ctd_gc_interval_seconds`:                                            20,
+		`ctd_conntrack_top_flows{by="dport",value="tcp/80"}`:                 1,
+		`ctd_conntrack_top_flows{by="src-identity",value="2"}`:               1,
+		`ctd_conntrack_top_flows{by="state",value="ESTABLISHED"}`:            1,
+		`ctd_conntrack_top_flows{by="proto",value="tcp"}`:                    1,
 		`ctd_interface_attached{iface="ctd0",mode="tcx"}`:                    1,
 		`ctd_interface_attached{iface="ctd1",mode="none"}`:                   0,
 		`ctd_build_info{goversion="go1.26",revision="abc",version="v1.2.3"}`: 1,
