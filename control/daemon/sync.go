@@ -53,6 +53,13 @@ func Sync(st *store.State, maps *bpf.CtdMaps) (SyncStats, error) {
 	return s, nil
 }
 
+// SyncPolicy is Sync for the policy rules and default verdicts alone.
+func SyncPolicy(st *store.State, maps *bpf.CtdMaps) (SyncStats, error) {
+	var s SyncStats
+	err := syncPolicy(st, policymap.New(maps.PolicyV1, maps.ConfigV1), &s)
+	return s, err
+}
+
 func syncIPCache(st *store.State, m *ipcachemap.Map, s *SyncStats) error {
 	have, err := m.List()
 	if err != nil {
