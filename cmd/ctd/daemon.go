@@ -35,6 +35,7 @@ func newDaemonCmd(a *app) *cobra.Command {
 		logFormat   string
 		cfg         daemon.Config
 		lifetimes   = gc.DefaultLifetimes()
+		node        clusterNode
 	)
 	c := &cobra.Command{
 		Use:   "daemon --iface NAME [--iface NAME...] [--mode auto|tcx|tc] [--ct-max N] [--metrics-addr ADDR]",
@@ -118,6 +119,14 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 				defer metricsLn.Close()
 			}
 			cfg.Components = daemonComponents(lifetimes, metricsLn)
+			if a.clusterMode() {
+				agent, closeKV, err := a.clusterAgent(node, log)
+				if err != nil {
+					return err
+				}
+				defer closeKV()
+				cfg.Components = append(cfg.Components, agent.Component())
+			}
 			return runDaemon(c, cfg, log)
 		},
 	}
@@ -130,6 +139,7 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
 	lifetimes.AddFlags(c.Flags())
+	node.add(c.Flags())
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
 		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))

@@ -67,6 +67,9 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterIPCacheAdd(c, e)
+			}
 			t, done, err := table(c)
 			if err != nil {
 				return err
@@ -98,6 +101,9 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterIPCacheDel(c, p)
+			}
 			t, done, err := table(c)
 			if err != nil {
 				return err
@@ -113,6 +119,7 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 	})
 
 	var getOut string
+	var getCluster bool
 	get := &cobra.Command{
 		Use:   "get IP [-o json]",
 		Short: "Resolve an address as the datapath does: the matching prefix and its identity, or world",
@@ -125,6 +132,9 @@ empty (JSON "cidr": "").`,
 			if err := checkOutput(getOut); err != nil {
 				return err
 			}
+			if getCluster {
+				return a.clusterIPCacheGet(c, args[0], getOut)
+			}
 			m, done, err := a.openPinnedIPCache()
 			if err != nil {
 				return err
@@ -133,10 +143,12 @@ empty (JSON "cidr": "").`,
 			return ipcacheGet(c.OutOrStdout(), m, args[0], getOut)
 		},
 	}
+	get.Flags().BoolVar(&getCluster, "cluster", false, "resolve in the cluster's ipcache in etcd instead of this node's maps")
 	outputFlag(get, &getOut)
 	c.AddCommand(get)
 
 	var listOut string
+	var listCluster bool
 	list := &cobra.Command{
 		Use:   "list [-o json]",
 		Short: "List every prefix and its identity (the text form is a file 'ipcache load' reads)",
@@ -144,6 +156,13 @@ empty (JSON "cidr": "").`,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := checkOutput(listOut); err != nil {
 				return err
+			}
+			if listCluster {
+				snap, err := a.clusterSnapshot(c)
+				if err != nil {
+					return err
+				}
+				return writeIPCache(c.OutOrStdout(), sortedEntries(snap.Desired.IPCache), listOut)
 			}
 			m, done, err := a.openPinnedIPCache()
 			if err != nil {
@@ -153,6 +172,7 @@ empty (JSON "cidr": "").`,
 			return ipcacheList(c.OutOrStdout(), m, listOut)
 		},
 	}
+	list.Flags().BoolVar(&listCluster, "cluster", false, "list the cluster's ipcache in etcd (endpoints included) instead of this node's maps")
 	outputFlag(list, &listOut)
 	c.AddCommand(list)
 
@@ -184,6 +204,9 @@ deleted, so a prefix in both the old table and the file is never missing.`,
 			entries, err := ipcache.Parse(r)
 			if err != nil {
 				return fmt.Errorf("ipcache load %s: %w (nothing was changed)", name, err)
+			}
+			if a.clusterMode() {
+				return a.clusterIPCacheLoad(c, name, entries, replace)
 			}
 			t, done, err := table(c)
 			if err != nil {
@@ -265,6 +288,10 @@ func ipcacheList(w io.Writer, m *ipcachemap.Map, output string) error {
 	if err != nil {
 		return err
 	}
+	return writeIPCache(w, entries, output)
+}
+
+func writeIPCache(w io.Writer, entries []ipcache.Entry, output string) error {
 	if output == "json" {
 		out := make([]ipcacheListEntry, 0, len(entries))
 		for _, e := range entries {

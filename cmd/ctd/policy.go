@@ -68,6 +68,9 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterPolicyDefault(c, d, v)
+			}
 			p, done, err := open(c)
 			if err != nil {
 				return err
@@ -90,6 +93,9 @@ which 'ctd daemon' restores after a restart.`,
 			r, err := policy.ParseRule(args)
 			if err != nil {
 				return err
+			}
+			if a.clusterMode() {
+				return a.clusterPolicyAdd(c, r)
 			}
 			p, done, err := open(c)
 			if err != nil {
@@ -122,6 +128,9 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterPolicyDel(c, r)
+			}
 			p, done, err := open(c)
 			if err != nil {
 				return err
@@ -137,6 +146,7 @@ which 'ctd daemon' restores after a restart.`,
 	})
 
 	var listOut string
+	var listCluster bool
 	list := &cobra.Command{
 		Use:   "list [-o json]",
 		Short: "Show the default verdicts and every rule",
@@ -144,6 +154,9 @@ which 'ctd daemon' restores after a restart.`,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := checkOutput(listOut); err != nil {
 				return err
+			}
+			if listCluster {
+				return a.clusterPolicyList(c, listOut)
 			}
 			if err := requireRoot(); err != nil {
 				return err
@@ -163,6 +176,7 @@ which 'ctd daemon' restores after a restart.`,
 			return policyList(c.OutOrStdout(), s, listOut)
 		},
 	}
+	list.Flags().BoolVar(&listCluster, "cluster", false, "show the cluster's policy in etcd instead of this node's maps")
 	outputFlag(list, &listOut)
 	c.AddCommand(list)
 	return c
