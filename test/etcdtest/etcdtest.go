@@ -87,7 +87,7 @@ func (c *Cluster) start(m *member, initial string) error {
 	if m.bootstrapd {
 		cfg.ClusterState = embed.ClusterStateFlagExisting
 	}
-	cfg.LogLevel = "error"
+	cfg.LogLevel = "fatal" // a stopped member logs its closed listeners as errors
 	cfg.Logger = "zap"
 	cfg.UnsafeNoFsync = true // tests: the data dirs are thrown away
 	e, err := embed.StartEtcd(cfg)
