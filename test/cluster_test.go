@@ -390,4 +390,3 @@ func (ct *clusterTraffic) stop(when string) {
 	ct.wg.Wait()
 	ct.check(when)
 }
-
