@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -543,6 +544,27 @@ func testCTFlows(t *testing.T, mode string) {
 	ctd.waitFlows(udp6, "--proto", "udp", "--addr", a.IPv6.String())
 	ctd.waitFlows(want[:1], "--proto", "tcp", "--port", strconv.Itoa(int(want[0].sport)))
 
+	// ct top counts what ct list lists.
+	perProto := map[string]int{}
+	for _, r := range ctd.ctList() {
+		perProto[r.Proto]++
+	}
+	var top []struct {
+		Value string  `json:"value"`
+		Flows int     `json:"flows"`
+		Share float64 `json:"share"`
+	}
+	if err := json.Unmarshal([]byte(ctd.must("ct", "top", "--by", "proto", "-o", "json")), &top); err != nil {
+		t.Fatalf("ct top -o json: %v", err)
+	}
+	gotTop := map[string]int{}
+	for _, r := range top {
+		gotTop[r.Value] = r.Flows
+	}
+	if !maps.Equal(gotTop, perProto) {
+		t.Errorf("ct top --by proto counted %v, ct list lists %v", gotTop, perProto)
+	}
+
 	status := ctd.must("status", "-o", "json")
 	var st struct {
 		Interfaces []struct {
@@ -627,6 +649,7 @@ func TestCoreCLIErrors(t *testing.T) {
 		{"bad port", []string{"ct", "list", "--port", "70000"}, `invalid --port "70000"`},
 		{"bad proto", []string{"ct", "flush", "--proto", "tcpp"}, `invalid --proto "tcpp"`},
 		{"bad addr", []string{"ct", "list", "--addr", "198.51.100"}, `invalid --addr "198.51.100"`},
+		{"bad top dimension", []string{"ct", "top", "--by", "owner"}, `invalid --by "owner"`},
 		{"bad output", []string{"status", "-o", "yaml"}, `invalid --output "yaml"`},
 		{"nothing attached yet", []string{"ct", "list"}, "no ctd datapath at " + pin},
 		{"detach missing interface", []string{"detach", "--iface", "ctdmissing0"}, `interface "ctdmissing0" not found`},

@@ -12,7 +12,7 @@ func newCTCmd(a *app) *cobra.Command {
 		Short: "List and flush the conntrack table",
 		Args:  cobra.NoArgs,
 	}
-	c.AddCommand(newCTListCmd(a), newCTFlushCmd(a), newCTGCCmd(a))
+	c.AddCommand(newCTListCmd(a), newCTTopCmd(a), newCTFlushCmd(a), newCTGCCmd(a))
 	return c
 }
 

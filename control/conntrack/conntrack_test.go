@@ -167,19 +167,7 @@ func TestNames(t *testing.T) {
 // and fills it with testFlows.
 func newTable(t *testing.T) *ctmap.Map {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatalf("this test creates BPF maps and needs root (euid %d): run it as root, e.g. sudo make test", os.Geteuid())
-	}
-	spec, err := loader.Options{CTMax: 64, IPCacheMax: 1, RingBufSize: 4096}.Spec()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	ct := ctmap.New(m)
+	ct := newEmptyTable(t, 64)
 	for i, fl := range testFlows {
 		k, origIsB := ctmap.KeyOf(fl.Proto, fl.Src, fl.Sport, fl.Dst, fl.Dport)
 		e := ctmap.Entry{PacketsOrig: uint64(i + 1), State: uint8(ctmap.StateEstablished)}
@@ -191,6 +179,25 @@ func newTable(t *testing.T) *ctmap.Map {
 		}
 	}
 	return ct
+}
+
+// newEmptyTable creates an unpinned, empty conntrack table of size entries
+// with the datapath's layout.
+func newEmptyTable(t *testing.T, size uint32) *ctmap.Map {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatalf("this test creates BPF maps and needs root (euid %d): run it as root, e.g. sudo make test", os.Geteuid())
+	}
+	spec, err := loader.Options{CTMax: size, IPCacheMax: 1, RingBufSize: 4096}.Spec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return ctmap.New(m)
 }
 
 func flowIndexes(t *testing.T, m *ctmap.Map, f Filter) []int {

@@ -130,6 +130,7 @@ var ControlCases = []ControlCase{
 	{Name: "ipcache-load-per-family", Title: "ipcache load, 100k prefixes per family (200k)", Unit: "s"},
 	{Name: "ct-list", Title: "ct list, 1M entries", Unit: "s", Goal: time.Second},
 	{Name: "ct-list-json", Title: "ct list -o json, 1M entries", Unit: "s", Goal: time.Second},
+	{Name: "ct-top", Title: "ct top, 1M entries", Unit: "s", Goal: time.Second},
 	{Name: "gc-pass", Title: "GC pass, 1M entries, half expired", Unit: "s", Goal: time.Second},
 	{Name: "daemon-ready", Title: "daemon start → ready, 100k ct + 100k ipcache entries", Unit: "s", Goal: time.Second},
 	{Name: "ct-memlock", Title: "memlock per conntrack entry (1M-entry table)", Unit: "B/entry"},

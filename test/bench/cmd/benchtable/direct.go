@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -67,31 +68,81 @@ func (s *scratch) buildCtd(g *goTest) (string, error) {
 }
 
 // countingWriter counts bytes and lines written to it.
-type countingWriter struct{ bytes, lines int }
+// countingWriter counts what is written to it, and keeps it if keep is set.
+type countingWriter struct {
+	bytes, lines int
+	keep         bool
+	kept         []byte
+}
 
 func (w *countingWriter) Write(p []byte) (int, error) {
 	w.bytes += len(p)
 	w.lines += bytes.Count(p, []byte{'\n'})
+	if w.keep {
+		w.kept = append(w.kept, p...)
+	}
 	return len(p), nil
 }
 
-// ctList measures `ctd ct list` and `ctd ct list -o json` with the built
-// binary over a pinned table of a million entries, wall clock from exec to
-// exit with the output read through a pipe.
-func measureCTList(g *goTest, s *scratch, p plan, cases map[string]bench.ControlCase) []controlRow {
-	text := controlRow{Case: cases["ct-list"], How: "the built `ctd ct list` over a pinned table of 1M entries (a quarter each TCP, UDP, ICMP over IPv4 and TCP over IPv6), wall clock from exec to exit, output read through a pipe"}
-	json := controlRow{Case: cases["ct-list-json"], How: "as above, `ctd ct list -o json`"}
+// measureCTCommands measures `ctd ct list`, `ctd ct list -o json` and
+// `ctd ct top` with the built binary over a pinned table of a million
+// entries, wall clock from exec to exit with the output read through a
+// pipe. The rows come back in that order.
+func measureCTCommands(g *goTest, s *scratch, p plan, cases map[string]bench.ControlCase) []controlRow {
+	type command struct {
+		row  controlRow
+		args []string
+		// check says why out is not the output of the whole table, or "".
+		check func(out *countingWriter) string
+	}
+	// Every entry must have been printed: at least a line each in text, at
+	// least ~100 bytes each in JSON.
+	listed := func(minLines int) func(*countingWriter) string {
+		return func(out *countingWriter) string {
+			if out.lines < minLines || out.bytes < 100*ctListEntries {
+				return fmt.Sprintf("printed %d lines, %d bytes for %d entries", out.lines, out.bytes, ctListEntries)
+			}
+			return ""
+		}
+	}
+	cmds := []*command{
+		{controlRow{Case: cases["ct-list"], How: "the built `ctd ct list` over a pinned table of 1M entries (a quarter each TCP, UDP, ICMP over IPv4 and TCP over IPv6), wall clock from exec to exit, output read through a pipe"},
+			[]string{"ct", "list"}, listed(ctListEntries)},
+		{controlRow{Case: cases["ct-list-json"], How: "as above, `ctd ct list -o json`"},
+			[]string{"ct", "list", "-o", "json"}, listed(0)},
+		{controlRow{Case: cases["ct-top"], How: "as above, `ctd ct top --by dport -o json` (every flow counted)"},
+			[]string{"ct", "top", "--by", "dport", "-n", "0", "-o", "json"},
+			func(out *countingWriter) string {
+				var rows []struct{ Flows int }
+				if err := json.Unmarshal(out.kept, &rows); err != nil {
+					return "printed no JSON array: " + err.Error()
+				}
+				n := 0
+				for _, r := range rows {
+					n += r.Flows
+				}
+				if n != ctListEntries {
+					return fmt.Sprintf("counted %d flows of %d", n, ctListEntries)
+				}
+				return ""
+			}},
+	}
+	rows := func() []controlRow {
+		out := make([]controlRow, len(cmds))
+		for i, c := range cmds {
+			out[i] = c.row
+		}
+		return out
+	}
 	fail := func(msg string, failed bool) []controlRow {
-		text.Err, text.Failed = msg, failed
-		json.Err, json.Failed = msg, failed
-		return []controlRow{text, json}
+		for _, c := range cmds {
+			c.row.Err, c.row.Failed = msg, failed
+		}
+		return rows()
 	}
 	bin, err := s.buildCtd(g)
 	if err != nil {
 		return fail("not measured: "+err.Error(), true)
-	}
-	if out, err := exec.Command(bin, "ct", "list", "--help").CombinedOutput(); err != nil {
-		return fail(fmt.Sprintf("not measured: ctd has no 'ct list' command yet (%s)", lastLines(out, 1)), false)
 	}
 	pin := s.pinPath()
 	maps, err := loader.OpenMaps(loader.Options{PinPath: pin, CTMax: 2 * ctListEntries})
@@ -103,38 +154,37 @@ func measureCTList(g *goTest, s *scratch, p plan, cases map[string]bench.Control
 	if err != nil {
 		return fail("not measured: "+err.Error(), true)
 	}
-	for _, row := range []*controlRow{&text, &json} {
-		args := []string{"--pin-path", pin, "ct", "list"}
-		if row == &json {
-			args = append(args, "-o", "json")
+	defer os.RemoveAll(pin)
+	for _, c := range cmds {
+		name := strings.Join(c.args, " ")
+		if out, err := exec.Command(bin, append(c.args[:2:2], "--help")...).CombinedOutput(); err != nil {
+			c.row.Err = fmt.Sprintf("not measured: ctd has no '%s' command yet (%s)", strings.Join(c.args[:2], " "), lastLines(out, 1))
+			continue
 		}
 		var times []float64
 		for range p.ctListRuns {
-			var out countingWriter
+			out := countingWriter{keep: c.row.Case.Name == "ct-top"}
 			var stderr bytes.Buffer
-			cmd := exec.Command(bin, args...)
+			cmd := exec.Command(bin, append([]string{"--pin-path", pin}, c.args...)...)
 			cmd.Stdout, cmd.Stderr = &out, &stderr
 			start := time.Now()
 			err := cmd.Run()
 			d := time.Since(start)
 			if err != nil {
-				row.Err, row.Failed = fmt.Sprintf("not measured: ctd %s: %v: %s", strings.Join(args[2:], " "), err, strings.TrimSpace(stderr.String())), true
+				c.row.Err, c.row.Failed = fmt.Sprintf("not measured: ctd %s: %v: %s", name, err, strings.TrimSpace(stderr.String())), true
 				break
 			}
-			// Every entry must have been printed: at least a line each in
-			// text, at least ~100 bytes each in JSON.
-			if (row == &text && out.lines < ctListEntries) || out.bytes < 100*ctListEntries {
-				row.Err, row.Failed = fmt.Sprintf("not measured: ctd %s printed %d lines, %d bytes for %d entries", strings.Join(args[2:], " "), out.lines, out.bytes, ctListEntries), true
+			if why := c.check(&out); why != "" {
+				c.row.Err, c.row.Failed = fmt.Sprintf("not measured: ctd %s %s", name, why), true
 				break
 			}
 			times = append(times, d.Seconds())
 		}
-		if row.Err == "" {
-			row.Value, row.Runs = bench.Median(times), len(times)
+		if c.row.Err == "" {
+			c.row.Value, c.row.Runs = bench.Median(times), len(times)
 		}
 	}
-	os.RemoveAll(pin)
-	return []controlRow{text, json}
+	return rows()
 }
 
 // memlockPerEntry creates ct_v1 as the loader specifies it with a million

@@ -103,14 +103,11 @@ func run(smoke bool, out, jsonOut string, quiet bool) error {
 	for _, c := range bench.ControlCases {
 		var row controlRow
 		switch c.Name {
-		case "ct-list", "ct-list-json":
+		case "ct-list", "ct-list-json", "ct-top":
 			if ctRows == nil {
-				ctRows = measureCTList(g, s, p, cases)
+				ctRows = measureCTCommands(g, s, p, cases)
 			}
-			row = ctRows[0]
-			if c.Name == "ct-list-json" {
-				row = ctRows[1]
-			}
+			row = ctRows[map[string]int{"ct-list": 0, "ct-list-json": 1, "ct-top": 2}[c.Name]]
 		case "ct-memlock":
 			row = memlockPerEntry(c)
 		default:

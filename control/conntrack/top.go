@@ -1,0 +1,159 @@
+package conntrack
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/ctd-dev/ctd/datapath/ctmap"
+)
+
+// By is a dimension that Top groups flows by.
+type By string
+
+// The dimensions of Top.
+const (
+	// ByIdentity counts a flow once for each distinct identity at its ends,
+	// so the shares of a ByIdentity table can add up to more than 1.
+	ByIdentity    By = "identity"
+	BySrcIdentity By = "src-identity" // the originator's identity
+	ByDstIdentity By = "dst-identity" // the responder's identity
+	ByDport       By = "dport"        // protocol and destination port, e.g. tcp/443
+	ByProto       By = "proto"
+	ByState       By = "state"
+	ByIface       By = "iface" // the interface the flow was first seen on
+)
+
+// Bys lists every dimension, in the order help texts show them.
+var Bys = []By{ByIdentity, BySrcIdentity, ByDstIdentity, ByDport, ByProto, ByState, ByIface}
+
+// ParseBy parses the value of --by.
+func ParseBy(s string) (By, error) {
+	if i := slices.Index(Bys, By(s)); i >= 0 {
+		return Bys[i], nil
+	}
+	names := make([]string, len(Bys))
+	for i, b := range Bys {
+		names[i] = string(b)
+	}
+	return "", fmt.Errorf("invalid --by %q: valid are %s", s, strings.Join(names, ", "))
+}
+
+// TopRow is one value of a dimension and the flows that have it.
+type TopRow struct {
+	Value string  `json:"value"`
+	Flows int     `json:"flows"`
+	Share float64 `json:"share"` // of all flows Top counted
+}
+
+// TopTable is the result of Top: its rows, largest first, and the number
+// of flows the filter selected.
+type TopTable struct {
+	By    By
+	Rows  []TopRow
+	Total int
+}
+
+// Top reads the table once and counts the flows f selects by the value
+// they have in dimension by, largest first (ties by value). n > 0 keeps the
+// n largest rows; n <= 0 keeps them all.
+//
+// Counting runs on integer keys; only the rows kept are turned into
+// strings, so a table of a million flows costs little more than reading it.
+func Top(m *ctmap.Map, f Filter, by By, n int, names *Names) (TopTable, error) {
+	key, err := topKey(by)
+	if err != nil {
+		return TopTable{}, err
+	}
+	counts := make(map[uint32]int)
+	total := 0
+	err = List(m, f, func(fl ctmap.Flow) error {
+		total++
+		k1, k2, two := key(fl)
+		counts[k1]++
+		if two {
+			counts[k2]++
+		}
+		return nil
+	})
+	if err != nil {
+		return TopTable{}, err
+	}
+	return TopTable{By: by, Rows: topRows(counts, total, n, func(k uint32) string { return topValue(by, k, names) }), Total: total}, nil
+}
+
+// topRows sorts counts largest first, keeps the first n (all if n <= 0) and
+// names their keys.
+func topRows(counts map[uint32]int, total, n int, name func(uint32) string) []TopRow {
+	type kc struct {
+		k uint32
+		c int
+	}
+	all := make([]kc, 0, len(counts))
+	for k, c := range counts {
+		all = append(all, kc{k, c})
+	}
+	slices.SortFunc(all, func(a, b kc) int {
+		if c := cmp.Compare(b.c, a.c); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.k, b.k)
+	})
+	if n > 0 && len(all) > n {
+		all = all[:n]
+	}
+	rows := make([]TopRow, len(all))
+	for i, e := range all {
+		rows[i] = TopRow{Value: name(e.k), Flows: e.c, Share: float64(e.c) / float64(total)}
+	}
+	return rows
+}
+
+// topKey returns the function that maps a flow to its key(s) in dimension by.
+func topKey(by By) (func(ctmap.Flow) (uint32, uint32, bool), error) {
+	one := func(f func(ctmap.Flow) uint32) func(ctmap.Flow) (uint32, uint32, bool) {
+		return func(fl ctmap.Flow) (uint32, uint32, bool) { return f(fl), 0, false }
+	}
+	switch by {
+	case ByIdentity:
+		return func(fl ctmap.Flow) (uint32, uint32, bool) {
+			return fl.SrcIdentity, fl.DstIdentity, fl.DstIdentity != fl.SrcIdentity
+		}, nil
+	case BySrcIdentity:
+		return one(func(fl ctmap.Flow) uint32 { return fl.SrcIdentity }), nil
+	case ByDstIdentity:
+		return one(func(fl ctmap.Flow) uint32 { return fl.DstIdentity }), nil
+	case ByDport:
+		return one(func(fl ctmap.Flow) uint32 { return uint32(fl.Proto)<<16 | uint32(fl.Dport) }), nil
+	case ByProto:
+		return one(func(fl ctmap.Flow) uint32 { return uint32(fl.Proto) }), nil
+	case ByState:
+		return one(func(fl ctmap.Flow) uint32 { return uint32(fl.State) }), nil
+	case ByIface:
+		return one(func(fl ctmap.Flow) uint32 { return fl.Ifindex }), nil
+	}
+	_, err := ParseBy(string(by))
+	return nil, err
+}
+
+func topValue(by By, k uint32, names *Names) string {
+	switch by {
+	case ByDport:
+		// Flows without ports (ICMP echo: the identifier is the source
+		// port) have destination port 0 and are shown by protocol alone.
+		proto, port := uint8(k>>16), uint16(k)
+		if port == 0 {
+			return ctmap.ProtoName(proto)
+		}
+		return ctmap.ProtoName(proto) + "/" + strconv.Itoa(int(port))
+	case ByProto:
+		return ctmap.ProtoName(uint8(k))
+	case ByState:
+		return ctmap.State(k).String()
+	case ByIface:
+		return names.Name(k)
+	}
+	return strconv.FormatUint(uint64(k), 10)
+}
