@@ -5,7 +5,9 @@
 //
 //	<prefix>/ipcache/current                 the live ipcache generation G (decimal); absent: 0
 //	<prefix>/ipcache/next                    the next generation number to hand out (decimal)
-//	<prefix>/ipcache/<G>/<CIDR>              identity (decimal) of a prefix in generation G
+//	<prefix>/ipcache/<G>/<B>                 the prefixes of generation G in bucket B (0-1023):
+//	                                         one "CIDR id" line each, sorted; B is the FNV-1a hash
+//	                                         of the prefix (netip.Prefix.MarshalBinary) mod 1024
 //	<prefix>/policy/rules/<dir>/<id>/<proto>/<port>
 //	                                         allow|deny; dir ingress|egress, id 0 = any,
 //	                                         proto the IP protocol number (0 = any), port 0 = any
@@ -18,17 +20,24 @@
 //	<prefix>/events/<node>/<kind>/<subject>  JSON event (e.g. endpoint-conflict), bound to the node's lease
 //
 // Only the prefixes of the current ipcache generation are live. Single
-// changes (add, del) are made inside the current generation, guarded by a
-// compare on <prefix>/ipcache/current; a load writes a whole new
-// generation and then switches current to it in one transaction (written
-// last), so every node applies a load whole or not at all. Generations
-// older than current can never become current again and are deleted.
+// changes (add, del) rewrite one bucket of the current generation, guarded
+// by compares on <prefix>/ipcache/current and on the bucket's revision; a
+// load writes a whole new generation and then switches current to it in
+// one transaction (written last), so every node applies a load whole or
+// not at all. Generations older than current can never become current
+// again and are deleted. Buckets rather than a key per prefix keep a load
+// of 100k prefixes to about a thousand keys, for etcd and for every node
+// that lists or watches them.
 package kvstore
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
+	"hash/fnv"
+	"maps"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -62,8 +71,52 @@ func (l Layout) IPCacheNext() string    { return l.Prefix + "/ipcache/next" }
 func (l Layout) IPCacheGen(gen uint64) string {
 	return l.ipcacheDir() + strconv.FormatUint(gen, 10) + "/"
 }
-func (l Layout) IPCacheKey(gen uint64, p netip.Prefix) string {
-	return l.IPCacheGen(gen) + p.String()
+func (l Layout) IPCacheBucket(gen uint64, b uint32) string {
+	return l.IPCacheGen(gen) + strconv.FormatUint(uint64(b), 10)
+}
+
+// Buckets is the number of ipcache buckets per generation.
+const Buckets = 1024
+
+// BucketOf is the bucket prefix p lives in.
+func BucketOf(p netip.Prefix) uint32 {
+	b, _ := p.MarshalBinary()
+	h := fnv.New32a()
+	h.Write(b)
+	return h.Sum32() % Buckets
+}
+
+// encodeBucket formats a bucket's prefixes, sorted.
+func encodeBucket(m map[netip.Prefix]uint32) string {
+	ps := slices.SortedFunc(maps.Keys(m), func(a, b netip.Prefix) int {
+		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	})
+	var sb strings.Builder
+	for _, p := range ps {
+		sb.WriteString(p.String())
+		sb.WriteByte(' ')
+		sb.WriteString(strconv.FormatUint(uint64(m[p]), 10))
+		sb.WriteByte('\n')
+	}
+	return sb.String()
+}
+
+// decodeBucket parses a bucket; lines that do not parse are skipped.
+func decodeBucket(v []byte) map[netip.Prefix]uint32 {
+	m := make(map[netip.Prefix]uint32)
+	for line := range strings.SplitSeq(string(v), "\n") {
+		c, id, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		p, err := netip.ParsePrefix(c)
+		n, ok := parseUint32(id)
+		if err != nil || !ok || p != p.Masked() {
+			continue
+		}
+		m[p] = n
+	}
+	return m
 }
 
 func (l Layout) RulesDir() string    { return l.Prefix + "/policy/rules/" }
@@ -111,7 +164,7 @@ type keyKind int
 const (
 	kindOther keyKind = iota
 	kindIPCacheCurrent
-	kindIPCacheEntry
+	kindIPCacheBucket
 	kindRule
 	kindDefault
 	kindEndpoint
@@ -121,7 +174,7 @@ const (
 type parsedKey struct {
 	kind   keyKind
 	gen    uint64
-	prefix netip.Prefix
+	bucket uint32
 	rule   store.RuleKey
 	dir    store.Direction
 	node   string
@@ -141,16 +194,13 @@ func (l Layout) parse(key string) parsedKey {
 		if rest == "current" {
 			return parsedKey{kind: kindIPCacheCurrent}
 		}
-		g, cidr, ok := strings.Cut(rest, "/")
+		g, bucket, ok := strings.Cut(rest, "/")
 		gen, err := strconv.ParseUint(g, 10, 64)
-		if !ok || err != nil {
+		b, berr := strconv.ParseUint(bucket, 10, 32)
+		if !ok || err != nil || berr != nil || b >= Buckets {
 			return parsedKey{}
 		}
-		p, err := netip.ParsePrefix(cidr)
-		if err != nil || p != p.Masked() {
-			return parsedKey{}
-		}
-		return parsedKey{kind: kindIPCacheEntry, gen: gen, prefix: p}
+		return parsedKey{kind: kindIPCacheBucket, gen: gen, bucket: uint32(b)}
 	case "policy":
 		sub, rest, _ := strings.Cut(rest, "/")
 		switch sub {

@@ -40,7 +40,7 @@ type Desired struct {
 type mirror struct {
 	l         Layout
 	gen       uint64
-	ipcache   map[uint64]map[netip.Prefix]uint32
+	ipcache   map[uint64]map[uint32]map[netip.Prefix]uint32 // generation -> bucket -> prefixes
 	endpoints map[netip.Addr]map[string]Endpoint
 	rules     map[store.RuleKey]store.Verdict
 	defaults  [2]store.Verdict
@@ -49,7 +49,7 @@ type mirror struct {
 func newMirror(l Layout) *mirror {
 	return &mirror{
 		l:         l,
-		ipcache:   make(map[uint64]map[netip.Prefix]uint32),
+		ipcache:   make(map[uint64]map[uint32]map[netip.Prefix]uint32),
 		endpoints: make(map[netip.Addr]map[string]Endpoint),
 		rules:     make(map[store.RuleKey]store.Verdict),
 	}
@@ -78,27 +78,11 @@ func (m *mirror) put(key string, value []byte, createRev int64, d *dirty) {
 		if err != nil || gen == m.gen {
 			return
 		}
-		for p := range m.ipcache[m.gen] {
-			d.prefix(p)
-		}
+		m.dirtyGen(m.gen, d)
 		m.gen = gen
-		for p := range m.ipcache[m.gen] {
-			d.prefix(p)
-		}
-	case kindIPCacheEntry:
-		id, ok := parseUint32(string(value))
-		if !ok {
-			return
-		}
-		t := m.ipcache[k.gen]
-		if t == nil {
-			t = make(map[netip.Prefix]uint32)
-			m.ipcache[k.gen] = t
-		}
-		t[k.prefix] = id
-		if k.gen == m.gen {
-			d.prefix(k.prefix)
-		}
+		m.dirtyGen(m.gen, d)
+	case kindIPCacheBucket:
+		m.setBucket(k.gen, k.bucket, decodeBucket(value), d)
 	case kindRule:
 		if v, ok := parseVerdict(string(value)); ok {
 			m.rules[k.rule] = v
@@ -130,18 +114,8 @@ func (m *mirror) del(key string, d *dirty) {
 	switch k.kind {
 	case kindIPCacheCurrent:
 		m.put(key, []byte("0"), 0, d)
-	case kindIPCacheEntry:
-		t := m.ipcache[k.gen]
-		if _, ok := t[k.prefix]; !ok {
-			return
-		}
-		delete(t, k.prefix)
-		if len(t) == 0 {
-			delete(m.ipcache, k.gen)
-		}
-		if k.gen == m.gen {
-			d.prefix(k.prefix)
-		}
+	case kindIPCacheBucket:
+		m.setBucket(k.gen, k.bucket, nil, d)
 	case kindRule:
 		delete(m.rules, k.rule)
 		d.policy = true
@@ -159,6 +133,60 @@ func (m *mirror) del(key string, d *dirty) {
 		}
 		d.prefix(netip.PrefixFrom(k.ip, k.ip.BitLen()))
 	}
+}
+
+// dirtyGen marks every prefix of generation gen.
+func (m *mirror) dirtyGen(gen uint64, d *dirty) {
+	for _, b := range m.ipcache[gen] {
+		for p := range b {
+			d.prefix(p)
+		}
+	}
+}
+
+// setBucket replaces a bucket (nil: deleted) and, in the current
+// generation, marks the prefixes whose identity changed.
+func (m *mirror) setBucket(gen uint64, bucket uint32, now map[netip.Prefix]uint32, d *dirty) {
+	g := m.ipcache[gen]
+	old := g[bucket]
+	if gen == m.gen {
+		for p, id := range old {
+			if nid, ok := now[p]; !ok || nid != id {
+				d.prefix(p)
+			}
+		}
+		for p, id := range now {
+			if oid, ok := old[p]; !ok || oid != id {
+				d.prefix(p)
+			}
+		}
+	}
+	switch {
+	case len(now) > 0 && g == nil:
+		m.ipcache[gen] = map[uint32]map[netip.Prefix]uint32{bucket: now}
+	case len(now) > 0:
+		g[bucket] = now
+	default:
+		delete(g, bucket)
+		if len(g) == 0 {
+			delete(m.ipcache, gen)
+		}
+	}
+}
+
+// ipcacheLen is the number of prefixes of the current generation.
+func (m *mirror) ipcacheLen() int {
+	n := 0
+	for _, b := range m.ipcache[m.gen] {
+		n += len(b)
+	}
+	return n
+}
+
+// inIPCache reports whether the current generation has p.
+func (m *mirror) inIPCache(p netip.Prefix) (uint32, bool) {
+	id, ok := m.ipcache[m.gen][BucketOf(p)][p]
+	return id, ok
 }
 
 // winner picks the endpoint that owns an address several nodes publish: the
@@ -179,19 +207,19 @@ func (m *mirror) lookup(p netip.Prefix) (uint32, bool) {
 			return w.Identity, true
 		}
 	}
-	id, ok := m.ipcache[m.gen][p]
-	return id, ok
+	return m.inIPCache(p)
 }
 
 // desired computes the whole desired state.
 func (m *mirror) desired() *Desired {
-	cur := m.ipcache[m.gen]
 	d := &Desired{
-		IPCache:  make(map[netip.Prefix]uint32, len(cur)+len(m.endpoints)),
+		IPCache:  make(map[netip.Prefix]uint32, m.ipcacheLen()+len(m.endpoints)),
 		Policy:   maps.Clone(m.rules),
 		Defaults: m.defaults,
 	}
-	maps.Copy(d.IPCache, cur)
+	for _, b := range m.ipcache[m.gen] {
+		maps.Copy(d.IPCache, b)
+	}
 	for ip, byNode := range m.endpoints {
 		w, _ := winner(byNode)
 		d.IPCache[netip.PrefixFrom(ip, ip.BitLen())] = w.Identity

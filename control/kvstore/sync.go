@@ -176,7 +176,7 @@ func (s *Syncer) listAndWatch(ctx context.Context) error {
 	s.relist = cancel
 	s.status.Synced = true
 	s.mu.Unlock()
-	s.cfg.Logger.Info("kvstore synced", "revision", rev, "ipcache", len(m.ipcache[m.gen]), "endpoints", len(m.endpoints), "rules", len(m.rules))
+	s.cfg.Logger.Info("kvstore synced", "revision", rev, "ipcache", m.ipcacheLen(), "endpoints", len(m.endpoints), "rules", len(m.rules))
 
 	wch := c.cli.Watch(wctx, c.layout.Root(), clientv3.WithPrefix(), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
 	for resp := range wch {
@@ -258,9 +258,9 @@ func (s *Syncer) applyDelta(m *mirror, d *dirty, rev int64) error {
 // setRevision records that the node matches the mirror at rev, and hands
 // changed conflicts on.
 func (s *Syncer) setRevision(m *mirror, rev int64) {
-	n := len(m.ipcache[m.gen])
+	n := m.ipcacheLen()
 	for ip := range m.endpoints {
-		if _, ok := m.ipcache[m.gen][netip.PrefixFrom(ip, ip.BitLen())]; !ok {
+		if _, ok := m.inIPCache(netip.PrefixFrom(ip, ip.BitLen())); !ok {
 			n++
 		}
 	}

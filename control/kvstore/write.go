@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -48,58 +49,72 @@ func (c *Client) current(ctx context.Context) (uint64, clientv3.Cmp, error) {
 	return gen, clientv3.Compare(clientv3.Value(key), "=", string(resp.Kvs[0].Value)), nil
 }
 
-// inCurrent runs op on the current generation's key of p, retrying while
-// a load switches generations under it. It returns the op's response.
-func (c *Client) inCurrent(ctx context.Context, p netip.Prefix, op func(key string) clientv3.Op) (*clientv3.TxnResponse, error) {
+// changeBucket changes the bucket of p in the current generation with fn,
+// in a transaction that holds only while neither the generation nor the
+// bucket changed; it retries when they did.
+func (c *Client) changeBucket(ctx context.Context, p netip.Prefix, fn func(b map[netip.Prefix]uint32) error) error {
 	for range retries {
 		gen, guard, err := c.current(ctx)
 		if err != nil {
-			return nil, err
+			return err
 		}
+		key := c.layout.IPCacheBucket(gen, BucketOf(p))
 		rctx, cancel := c.ctx(ctx)
-		resp, err := c.cli.Txn(rctx).If(guard).Then(op(c.layout.IPCacheKey(gen, p))).Commit()
+		resp, err := c.cli.Get(rctx, key)
 		cancel()
 		if err != nil {
-			return nil, c.wrap(err)
+			return c.wrap(err)
 		}
-		if resp.Succeeded {
-			return resp, nil
+		b, bcmp := map[netip.Prefix]uint32{}, clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+		if len(resp.Kvs) > 0 {
+			b, bcmp = decodeBucket(resp.Kvs[0].Value), clientv3.Compare(clientv3.ModRevision(key), "=", resp.Kvs[0].ModRevision)
+		}
+		if err := fn(b); err != nil {
+			return err
+		}
+		op := clientv3.OpPut(key, encodeBucket(b))
+		if len(b) == 0 {
+			op = clientv3.OpDelete(key)
+		}
+		rctx, cancel = c.ctx(ctx)
+		tr, err := c.cli.Txn(rctx).If(guard, bcmp).Then(op).Commit()
+		cancel()
+		if err != nil {
+			return c.wrap(err)
+		}
+		if tr.Succeeded {
+			return nil
 		}
 	}
-	return nil, ErrConflict
+	return ErrConflict
 }
 
 // IPCacheAdd sets p's identity in the cluster ipcache and returns the one
 // it had (0: none).
 func (c *Client) IPCacheAdd(ctx context.Context, p netip.Prefix, id uint32) (uint32, error) {
-	resp, err := c.inCurrent(ctx, p, func(key string) clientv3.Op {
-		return clientv3.OpPut(key, strconv.FormatUint(uint64(id), 10), clientv3.WithPrevKV())
+	var prev uint32
+	err := c.changeBucket(ctx, p, func(b map[netip.Prefix]uint32) error {
+		prev = b[p]
+		b[p] = id
+		return nil
 	})
-	if err != nil {
-		return 0, err
-	}
-	if prev := resp.Responses[0].GetResponsePut().GetPrevKv(); prev != nil {
-		old, _ := parseUint32(string(prev.Value))
-		return old, nil
-	}
-	return 0, nil
+	return prev, err
 }
 
 // IPCacheDelete removes exactly p from the cluster ipcache and returns its
 // identity.
 func (c *Client) IPCacheDelete(ctx context.Context, p netip.Prefix) (uint32, error) {
-	resp, err := c.inCurrent(ctx, p, func(key string) clientv3.Op {
-		return clientv3.OpDelete(key, clientv3.WithPrevKV())
+	var prev uint32
+	err := c.changeBucket(ctx, p, func(b map[netip.Prefix]uint32) error {
+		id, ok := b[p]
+		if !ok {
+			return fmt.Errorf("%v is not in the cluster ipcache (del removes exactly the prefix given; see 'ctd ipcache list --cluster')", p)
+		}
+		prev = id
+		delete(b, p)
+		return nil
 	})
-	if err != nil {
-		return 0, err
-	}
-	prev := resp.Responses[0].GetResponseDeleteRange().GetPrevKvs()
-	if len(prev) == 0 {
-		return 0, fmt.Errorf("%v is not in the cluster ipcache (del removes exactly the prefix given; see 'ctd ipcache list --cluster')", p)
-	}
-	old, _ := parseUint32(string(prev[0].Value))
-	return old, nil
+	return prev, err
 }
 
 // LoadResult counts what a load changed, as ipcache.Result does locally.
@@ -120,10 +135,8 @@ func (c *Client) IPCacheLoad(ctx context.Context, entries map[netip.Prefix]uint3
 	}
 	old := make(map[netip.Prefix]uint32)
 	_, err = c.get(ctx, c.layout.IPCacheGen(base), func(k, v []byte, _ int64) {
-		if pk := c.layout.parse(string(k)); pk.kind == kindIPCacheEntry {
-			if id, ok := parseUint32(string(v)); ok {
-				old[pk.prefix] = id
-			}
+		if pk := c.layout.parse(string(k)); pk.kind == kindIPCacheBucket {
+			maps.Copy(old, decodeBucket(v))
 		}
 	})
 	if err != nil {
@@ -214,25 +227,39 @@ func (c *Client) nextGeneration(ctx context.Context, base uint64) (uint64, error
 	return 0, errors.New("etcd: could not allocate an ipcache generation: too many concurrent loads; retry")
 }
 
-// writeGeneration writes entries under generation gen, in transactions of
-// at most maxTxnOps puts, several at a time.
+// maxTxnBytes keeps a transaction well below etcd's default request
+// limit (--max-request-bytes, 1.5 MiB).
+const maxTxnBytes = 1 << 20
+
+// writeGeneration writes entries as the buckets of generation gen, in
+// transactions of at most maxTxnOps puts and maxTxnBytes, several at a time.
 func (c *Client) writeGeneration(ctx context.Context, gen uint64, entries map[netip.Prefix]uint32) error {
-	keys := make([]string, 0, len(entries))
-	vals := make(map[string]string, len(entries))
+	buckets := make(map[uint32]map[netip.Prefix]uint32)
 	for p, id := range entries {
-		k := c.layout.IPCacheKey(gen, p)
-		keys = append(keys, k)
-		vals[k] = strconv.FormatUint(uint64(id), 10)
+		b := BucketOf(p)
+		if buckets[b] == nil {
+			buckets[b] = make(map[netip.Prefix]uint32)
+		}
+		buckets[b][p] = id
 	}
-	slices.Sort(keys)
+	var txns [][]clientv3.Op
+	var ops []clientv3.Op
+	size := 0
+	for _, b := range slices.Sorted(maps.Keys(buckets)) {
+		v := encodeBucket(buckets[b])
+		if len(ops) == maxTxnOps || (len(ops) > 0 && size+len(v) > maxTxnBytes) {
+			txns, ops, size = append(txns, ops), nil, 0
+		}
+		ops = append(ops, clientv3.OpPut(c.layout.IPCacheBucket(gen, b), v))
+		size += len(v)
+	}
+	if len(ops) > 0 {
+		txns = append(txns, ops)
+	}
 	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(16)
-	for chunk := range slices.Chunk(keys, maxTxnOps) {
+	g.SetLimit(4)
+	for _, ops := range txns {
 		g.Go(func() error {
-			ops := make([]clientv3.Op, len(chunk))
-			for i, k := range chunk {
-				ops[i] = clientv3.OpPut(k, vals[k])
-			}
 			rctx, cancel := c.ctx(gctx)
 			defer cancel()
 			_, err := c.cli.Txn(rctx).Then(ops...).Commit()

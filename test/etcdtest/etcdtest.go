@@ -17,8 +17,17 @@ import (
 // Cluster is a running etcd cluster of embedded members.
 type Cluster struct {
 	t       testing.TB
-	host    string
+	opts    Options
 	members []*member
+}
+
+// Options configure a cluster.
+type Options struct {
+	Members int
+	Host    string // an IP address of this machine; "" means 127.0.0.1
+	// Fsync makes the members fsync their logs as a real deployment does
+	// (benchmarks); tests skip it, their data dirs are thrown away.
+	Fsync bool
 }
 
 type member struct {
@@ -34,10 +43,17 @@ type member struct {
 // t.TempDir(). They are stopped by t.Cleanup, also when the test fails.
 func Start(t testing.TB, n int, host string) *Cluster {
 	t.Helper()
-	if host == "" {
-		host = "127.0.0.1"
+	return StartWith(t, Options{Members: n, Host: host})
+}
+
+// StartWith starts a cluster as o says.
+func StartWith(t testing.TB, o Options) *Cluster {
+	t.Helper()
+	if o.Host == "" {
+		o.Host = "127.0.0.1"
 	}
-	c := &Cluster{t: t, host: host}
+	n, host := o.Members, o.Host
+	c := &Cluster{t: t, opts: o}
 	dir := t.TempDir()
 	var initial []string
 	for i := range n {
@@ -89,7 +105,7 @@ func (c *Cluster) start(m *member, initial string) error {
 	}
 	cfg.LogLevel = "fatal" // a stopped member logs its closed listeners as errors
 	cfg.Logger = "zap"
-	cfg.UnsafeNoFsync = true // tests: the data dirs are thrown away
+	cfg.UnsafeNoFsync = !c.opts.Fsync
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		return fmt.Errorf("etcdtest: start member %s: %w", m.name, err)

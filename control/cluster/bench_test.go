@@ -1,0 +1,177 @@
+package cluster_test
+
+import (
+	"context"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ctd-dev/ctd/control/cluster"
+	"github.com/ctd-dev/ctd/control/kvstore"
+	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/etcdtest"
+	"github.com/ctd-dev/ctd/test/nettest"
+)
+
+func prefixes(n int) map[netip.Prefix]uint32 {
+	m := make(map[netip.Prefix]uint32, n)
+	for i := range n / 2 {
+		a4 := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+		m[netip.PrefixFrom(a4, 32)] = uint32(1000 + i%5000)
+		var a6 [16]byte
+		a6[0], a6[1], a6[13], a6[14], a6[15] = 0xfd, 0x00, byte(i>>16), byte(i>>8), byte(i)
+		m[netip.PrefixFrom(netip.AddrFrom16(a6), 128)] = uint32(1000 + i%5000)
+	}
+	return m
+}
+
+func benchClient(b *testing.B, ec *etcdtest.Cluster) *kvstore.Client {
+	c, err := kvstore.New(kvstore.Config{Endpoints: ec.Endpoints(), Timeout: 30 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	return c
+}
+
+// benchNode is a node's datapath maps and store, fresh.
+type benchNode struct {
+	store *store.Store
+	apply func(kvstore.Update) error
+}
+
+func newBenchNode(b *testing.B) benchNode {
+	m, err := loader.OpenMaps(loader.Options{PinPath: nettest.PinPath(b)}.WithDefaults())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { m.Close() })
+	s, err := store.Open(filepath.Join(b.TempDir(), "state"), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return benchNode{store: s, apply: func(u kvstore.Update) error { return cluster.Apply(s, m, u) }}
+}
+
+// run runs a syncer for n until the benchmark ends.
+func run(b *testing.B, s *kvstore.Syncer) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Run(ctx) }()
+	b.Cleanup(func() { cancel(); <-done })
+}
+
+// BenchmarkConverge100k measures a new node joining a cluster whose
+// ipcache holds 100k prefixes (50k per family): from the start of its sync
+// to synced, the whole state listed from a three-member etcd and written
+// into its (empty) maps and store. Reports converge-ms.
+func BenchmarkConverge100k(b *testing.B) {
+	ec := etcdtest.StartWith(b, etcdtest.Options{Members: 3, Fsync: true})
+	c := benchClient(b, ec)
+	if _, err := c.IPCacheLoad(context.Background(), prefixes(100000), true); err != nil {
+		b.Fatal(err)
+	}
+	var total time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		n := newBenchNode(b)
+		synced := make(chan struct{})
+		var once sync.Once
+		s := kvstore.NewSyncer(kvstore.SyncConfig{Client: c, Apply: func(u kvstore.Update) error {
+			err := n.apply(u)
+			if u.Full && len(u.IPCache) == 100000 && err == nil {
+				once.Do(func() { close(synced) })
+			}
+			return err
+		}})
+		b.StartTimer()
+		t0 := time.Now()
+		run(b, s)
+		<-synced
+		for !s.Status().Synced {
+			time.Sleep(time.Millisecond)
+		}
+		total += time.Since(t0)
+	}
+	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "converge-ms")
+}
+
+// BenchmarkChange10Nodes measures how long one cluster change (an ipcache
+// add) takes to reach ten nodes, each a syncer applying to its own maps and
+// store in this process, against a three-member etcd with 1k prefixes:
+// from the write's start until the last node applied it. Reports the
+// median and the 99th percentile over 200 changes.
+func BenchmarkChange10Nodes(b *testing.B) {
+	const nodes, changes = 10, 200
+	ec := etcdtest.StartWith(b, etcdtest.Options{Members: 3, Fsync: true})
+	w := benchClient(b, ec)
+	if _, err := w.IPCacheLoad(context.Background(), prefixes(1000), true); err != nil {
+		b.Fatal(err)
+	}
+	type seen struct {
+		mu sync.Mutex
+		at map[netip.Prefix]time.Time
+	}
+	var all []*seen
+	var syncers []*kvstore.Syncer
+	for range nodes {
+		n := newBenchNode(b)
+		sn := &seen{at: make(map[netip.Prefix]time.Time)}
+		all = append(all, sn)
+		s := kvstore.NewSyncer(kvstore.SyncConfig{Client: benchClient(b, ec), Apply: func(u kvstore.Update) error {
+			err := n.apply(u)
+			now := time.Now()
+			sn.mu.Lock()
+			for p := range u.IPCache {
+				sn.at[p] = now
+			}
+			sn.mu.Unlock()
+			return err
+		}})
+		syncers = append(syncers, s)
+		run(b, s)
+	}
+	for _, s := range syncers {
+		for !s.Status().Synced {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	var lat []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for j := range changes {
+			p := netip.PrefixFrom(netip.AddrFrom4([4]byte{203, 0, 113, byte(j)}), 32)
+			t0 := time.Now()
+			if _, err := w.IPCacheAdd(context.Background(), p, uint32(5000+i*changes+j)); err != nil {
+				b.Fatal(err)
+			}
+			var last time.Time
+			for _, sn := range all {
+				for {
+					sn.mu.Lock()
+					at, ok := sn.at[p]
+					if ok && at.After(t0) {
+						delete(sn.at, p)
+					}
+					sn.mu.Unlock()
+					if ok && at.After(t0) {
+						if at.After(last) {
+							last = at
+						}
+						break
+					}
+					time.Sleep(100 * time.Microsecond)
+				}
+			}
+			lat = append(lat, last.Sub(t0))
+		}
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+}
