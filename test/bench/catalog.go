@@ -134,4 +134,7 @@ var ControlCases = []ControlCase{
 	{Name: "gc-pass", Title: "GC pass, 1M entries, half expired", Unit: "s", Goal: time.Second},
 	{Name: "daemon-ready", Title: "daemon start → ready, 100k ct + 100k ipcache entries", Unit: "s", Goal: time.Second},
 	{Name: "ct-memlock", Title: "memlock per conntrack entry (1M-entry table)", Unit: "B/entry"},
+	{Name: "cluster-ipcache-load", Title: "cluster: ipcache load of 100k prefixes into etcd (3 members)", Unit: "s", Goal: 3 * time.Second},
+	{Name: "cluster-converge", Title: "cluster: new node converges on 100k ipcache entries (start → synced)", Unit: "s", Goal: 2 * time.Second},
+	{Name: "cluster-change-p99", Title: "cluster: one change reaches 10 nodes, p99", Unit: "s", Goal: 100 * time.Millisecond},
 }
