@@ -3,10 +3,12 @@
 package etcdtest
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -28,6 +30,12 @@ type Options struct {
 	// Fsync makes the members fsync their logs as a real deployment does
 	// (benchmarks); tests skip it, their data dirs are thrown away.
 	Fsync bool
+	// Dir holds the members' data dirs.
+	Dir string
+	// BasePort, if set, fixes the ports: client BasePort+i, peer
+	// BasePort+100+i for member i (so that a restart finds the same
+	// cluster); else free ports are picked.
+	BasePort int
 }
 
 type member struct {
@@ -46,47 +54,82 @@ func Start(t testing.TB, n int, host string) *Cluster {
 	return StartWith(t, Options{Members: n, Host: host})
 }
 
-// StartWith starts a cluster as o says.
+// StartWith starts a cluster as o says, in t.TempDir() unless o.Dir is
+// set; t.Cleanup stops it.
 func StartWith(t testing.TB, o Options) *Cluster {
 	t.Helper()
-	if o.Host == "" {
-		o.Host = "127.0.0.1"
+	if o.Dir == "" {
+		o.Dir = t.TempDir()
 	}
-	n, host := o.Members, o.Host
-	c := &Cluster{t: t, opts: o}
-	dir := t.TempDir()
-	var initial []string
-	for i := range n {
-		m := &member{
-			name: fmt.Sprintf("m%d", i),
-			dir:  filepath.Join(dir, fmt.Sprintf("m%d", i)),
-			peer: url.URL{Scheme: "http", Host: freeAddr(t, host)},
-			cli:  url.URL{Scheme: "http", Host: freeAddr(t, host)},
-		}
-		c.members = append(c.members, m)
-		initial = append(initial, m.name+"="+m.peer.String())
+	c, err := Run(o)
+	if err != nil {
+		t.Fatal(err)
 	}
+	c.t = t
 	t.Cleanup(c.StopAll)
-	errc := make(chan error, n)
-	for _, m := range c.members {
-		go func() { errc <- c.start(m, strings.Join(initial, ",")) }()
-	}
-	for range n {
-		if err := <-errc; err != nil {
-			t.Fatal(err)
-		}
-	}
 	return c
 }
 
+// Run starts a cluster as o says; the caller stops it with StopAll. A
+// member whose data dir exists restarts from its data.
+func Run(o Options) (*Cluster, error) {
+	if o.Host == "" {
+		o.Host = "127.0.0.1"
+	}
+	if o.Dir == "" {
+		return nil, fmt.Errorf("etcdtest: no data directory")
+	}
+	c := &Cluster{opts: o}
+	var initial []string
+	for i := range o.Members {
+		m := &member{
+			name: fmt.Sprintf("m%d", i),
+			dir:  filepath.Join(o.Dir, fmt.Sprintf("m%d", i)),
+		}
+		peer, cli, err := c.ports(i)
+		if err != nil {
+			return nil, err
+		}
+		m.peer = url.URL{Scheme: "http", Host: peer}
+		m.cli = url.URL{Scheme: "http", Host: cli}
+		c.members = append(c.members, m)
+		initial = append(initial, m.name+"="+m.peer.String())
+	}
+	errc := make(chan error, o.Members)
+	for _, m := range c.members {
+		go func() { errc <- c.start(m, strings.Join(initial, ",")) }()
+	}
+	var errs []error
+	for range o.Members {
+		errs = append(errs, <-errc)
+	}
+	if err := errors.Join(errs...); err != nil {
+		c.StopAll()
+		return nil, err
+	}
+	return c, nil
+}
+
+// ports are member i's peer and client addresses: from BasePort on
+// (client BasePort+i, peer BasePort+100+i), else free ports.
+func (c *Cluster) ports(i int) (peer, cli string, err error) {
+	if p := c.opts.BasePort; p != 0 {
+		return net.JoinHostPort(c.opts.Host, strconv.Itoa(p+100+i)), net.JoinHostPort(c.opts.Host, strconv.Itoa(p+i)), nil
+	}
+	if peer, err = freeAddr(c.opts.Host); err == nil {
+		cli, err = freeAddr(c.opts.Host)
+	}
+	return peer, cli, err
+}
+
 // freeAddr returns host:port with a port that was free a moment ago.
-func freeAddr(t testing.TB, host string) string {
+func freeAddr(host string) (string, error) {
 	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
-		t.Fatalf("etcdtest: find a free port on %s: %v", host, err)
+		return "", fmt.Errorf("etcdtest: find a free port on %s: %w", host, err)
 	}
 	defer ln.Close()
-	return ln.Addr().String()
+	return ln.Addr().String(), nil
 }
 
 func (c *Cluster) start(m *member, initial string) error {
@@ -139,7 +182,6 @@ func (c *Cluster) Stop(i int) {
 
 // Restart starts a stopped member i again with its data.
 func (c *Cluster) Restart(i int) {
-	c.t.Helper()
 	m := c.members[i]
 	if m.etcd != nil {
 		return
