@@ -5,11 +5,16 @@ package etcdtest
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/url"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -32,6 +37,10 @@ type Options struct {
 	Fsync bool
 	// Dir holds the members' data dirs.
 	Dir string
+	// Binary, if set, runs each member as this etcd executable (e.g.
+	// Debian's /usr/bin/etcd, 3.4) instead of embedded in this process;
+	// it always fsyncs. Start takes it from $CTD_ETCD_BINARY.
+	Binary string
 	// BasePort, if set, fixes the ports: client BasePort+i, peer
 	// BasePort+100+i for member i (so that a restart finds the same
 	// cluster); else free ports are picked.
@@ -42,7 +51,7 @@ type member struct {
 	name       string
 	dir        string
 	peer, cli  url.URL
-	etcd       *embed.Etcd
+	stop       func() // nil while stopped
 	bootstrapd bool
 }
 
@@ -51,7 +60,7 @@ type member struct {
 // t.TempDir(). They are stopped by t.Cleanup, also when the test fails.
 func Start(t testing.TB, n int, host string) *Cluster {
 	t.Helper()
-	return StartWith(t, Options{Members: n, Host: host})
+	return StartWith(t, Options{Members: n, Host: host, Binary: os.Getenv("CTD_ETCD_BINARY")})
 }
 
 // StartWith starts a cluster as o says, in t.TempDir() unless o.Dir is
@@ -133,6 +142,9 @@ func freeAddr(host string) (string, error) {
 }
 
 func (c *Cluster) start(m *member, initial string) error {
+	if c.opts.Binary != "" {
+		return c.startBinary(m, initial)
+	}
 	cfg := embed.NewConfig()
 	cfg.Name = m.name
 	cfg.Dir = m.dir
@@ -159,8 +171,60 @@ func (c *Cluster) start(m *member, initial string) error {
 		e.Close()
 		return fmt.Errorf("etcdtest: member %s not ready after 60s", m.name)
 	}
-	m.etcd, m.bootstrapd = e, true
+	m.stop, m.bootstrapd = e.Close, true
 	return nil
+}
+
+// startBinary runs member m as the etcd executable and waits until it
+// reports healthy.
+func (c *Cluster) startBinary(m *member, initial string) error {
+	state := "new"
+	if m.bootstrapd {
+		state = "existing"
+	}
+	cmd := exec.Command(c.opts.Binary,
+		"--name", m.name, "--data-dir", m.dir,
+		"--listen-peer-urls", m.peer.String(), "--initial-advertise-peer-urls", m.peer.String(),
+		"--listen-client-urls", m.cli.String(), "--advertise-client-urls", m.cli.String(),
+		"--initial-cluster", initial, "--initial-cluster-token", "ctd-test", "--initial-cluster-state", state,
+		"--logger", "zap", "--log-level", "fatal")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the test
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("etcdtest: start member %s (%s): %w", m.name, c.opts.Binary, err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	m.stop = func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+	}
+	health := m.cli.String() + "/health"
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		select {
+		case <-done:
+			m.stop = nil
+			return fmt.Errorf("etcdtest: member %s (%s) exited while starting", m.name, c.opts.Binary)
+		default:
+		}
+		resp, err := http.Get(health)
+		if err != nil {
+			continue
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK && strings.Contains(string(body), `"health":"true"`) {
+			m.bootstrapd = true
+			return nil
+		}
+	}
+	m.stop()
+	m.stop = nil
+	return fmt.Errorf("etcdtest: member %s (%s) not healthy after 60s", m.name, c.opts.Binary)
 }
 
 // Endpoints are the client URLs of every member.
@@ -174,16 +238,16 @@ func (c *Cluster) Endpoints() []string {
 
 // Stop stops member i (its data stays for Restart).
 func (c *Cluster) Stop(i int) {
-	if m := c.members[i]; m.etcd != nil {
-		m.etcd.Close()
-		m.etcd = nil
+	if m := c.members[i]; m.stop != nil {
+		m.stop()
+		m.stop = nil
 	}
 }
 
 // Restart starts a stopped member i again with its data.
 func (c *Cluster) Restart(i int) {
 	m := c.members[i]
-	if m.etcd != nil {
+	if m.stop != nil {
 		return
 	}
 	var initial []string
@@ -206,7 +270,7 @@ func (c *Cluster) RestartAll() {
 	errc := make(chan error, len(c.members))
 	n := 0
 	for _, m := range c.members {
-		if m.etcd == nil {
+		if m.stop == nil {
 			n++
 			go func() { errc <- c.start(m, strings.Join(initial, ",")) }()
 		}
