@@ -43,6 +43,7 @@ type Agent struct {
 	cfg    Config
 	syncer *kvstore.Syncer
 	log    *slog.Logger
+	apply  func(kvstore.Update) error // set by Run before the syncer starts
 
 	mu        sync.Mutex
 	lease     clientv3.LeaseID
@@ -68,7 +69,14 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.PollInterval <= 0 {
 		cfg.PollInterval = time.Second
 	}
-	return &Agent{cfg: cfg, log: cfg.Logger.With("node", cfg.Node), kick: make(chan struct{}, 1)}, nil
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("node", cfg.Node), kick: make(chan struct{}, 1)}
+	a.syncer = kvstore.NewSyncer(kvstore.SyncConfig{
+		Client:      cfg.Client,
+		Logger:      a.log,
+		Apply:       func(u kvstore.Update) error { return a.apply(u) },
+		OnConflicts: a.onConflicts,
+	})
+	return a, nil
 }
 
 // Component is the agent as a daemon component.
@@ -80,19 +88,14 @@ func (a *Agent) Component() daemon.Component {
 // error: the node keeps enforcing what it synced last.
 func (a *Agent) Run(ctx context.Context, env *daemon.Env) error {
 	maps := &env.Datapath.CtdMaps
-	a.syncer = kvstore.NewSyncer(kvstore.SyncConfig{
-		Client: a.cfg.Client,
-		Logger: a.log,
-		Apply: func(u kvstore.Update) error {
-			t0 := time.Now()
-			err := Apply(env.Store, maps, u)
-			if u.Full {
-				a.log.Info("applied the cluster state", "revision", u.Revision, "ipcache", len(u.IPCache), "rules", len(u.Policy), "took", time.Since(t0), "err", err)
-			}
-			return err
-		},
-		OnConflicts: a.onConflicts,
-	})
+	a.apply = func(u kvstore.Update) error {
+		t0 := time.Now()
+		err := Apply(env.Store, maps, u)
+		if u.Full {
+			a.log.Info("applied the cluster state", "revision", u.Revision, "ipcache", len(u.IPCache), "rules", len(u.Policy), "took", time.Since(t0), "err", err)
+		}
+		return err
+	}
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = a.syncer.Run(ctx) })
 	wg.Go(func() { a.publishLoop(ctx) })
