@@ -114,6 +114,14 @@ start_etcd() {
 start_etcd
 echo "endpoints: $ENDPOINTS"
 
+# What every node's datapath resolves an address to.
+get_everywhere() {
+	for n in "${NODES[@]}"; do
+		printf 'node%s: ' "$n"
+		ctd_on "$n" ipcache get "$1"
+	done
+}
+
 wait_synced() {
 	for _ in $(seq 150); do
 		if ctd_on "$1" cluster status -o json 2>/dev/null | grep -q '"synced": true'; then
@@ -160,10 +168,7 @@ ctd_on 0 ipcache list
 step "a cluster write from node2 reaches every node"
 ctd_on 2 ipcache add 203.0.113.0/24 id=4000
 sleep 0.5
-for n in "${NODES[@]}"; do
-	printf 'node%s: ' "$n"
-	ctd_on "$n" ipcache get 203.0.113.9
-done
+get_everywhere 203.0.113.9
 
 step "cluster policy: ingress default deny, allow node1's identity ${IDS[1]}"
 ctd_on 0 policy add ingress "id=${IDS[1]}" allow
@@ -204,10 +209,7 @@ start_etcd
 for n in "${NODES[@]}"; do wait_synced "$n"; done
 ctd_on 1 ipcache add 203.0.113.0/24 id=4001
 sleep 0.5
-for n in "${NODES[@]}"; do
-	printf 'node%s: ' "$n"
-	ctd_on "$n" ipcache get 203.0.113.9
-done
+get_everywhere 203.0.113.9
 for n in "${NODES[@]}"; do
 	ctd_on "$n" cluster status -o json
 done

@@ -71,15 +71,7 @@ func (a *app) clusterIPCacheAdd(c *cobra.Command, e ipcache.Entry) error {
 		if err != nil {
 			return fmt.Errorf("ipcache add %v: %w (nothing was changed)", e.Prefix, err)
 		}
-		w := c.OutOrStdout()
-		switch prev {
-		case 0:
-			fmt.Fprintf(w, "added %v id=%s (cluster)\n", e.Prefix, idString(e.Identity))
-		case e.Identity:
-			fmt.Fprintf(w, "unchanged %v id=%s (cluster)\n", e.Prefix, idString(e.Identity))
-		default:
-			fmt.Fprintf(w, "updated %v id=%s (was id=%d) (cluster)\n", e.Prefix, idString(e.Identity), prev)
-		}
+		printIPCacheAdd(c.OutOrStdout(), e, prev, " (cluster)")
 		return nil
 	})
 }
@@ -191,15 +183,7 @@ func (a *app) clusterPolicyAdd(c *cobra.Command, r policymap.Rule) error {
 		if err != nil {
 			return fmt.Errorf("policy add %s: %w (nothing was changed)", policy.Format(r), err)
 		}
-		w := c.OutOrStdout()
-		switch prev {
-		case policymap.VerdictUnset:
-			fmt.Fprintf(w, "added %s (cluster)\n", policy.Format(r))
-		case r.Verdict:
-			fmt.Fprintf(w, "unchanged %s (cluster)\n", policy.Format(r))
-		default:
-			fmt.Fprintf(w, "updated %s (was %v) (cluster)\n", policy.Format(r), prev)
-		}
+		printPolicyAdd(c.OutOrStdout(), r, prev, " (cluster)")
 		return nil
 	})
 }

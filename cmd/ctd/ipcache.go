@@ -79,15 +79,7 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 			if err != nil {
 				return fmt.Errorf("ipcache add %v: %w", e.Prefix, err)
 			}
-			w := c.OutOrStdout()
-			switch prev {
-			case 0:
-				fmt.Fprintf(w, "added %v id=%s\n", e.Prefix, idString(e.Identity))
-			case e.Identity:
-				fmt.Fprintf(w, "unchanged %v id=%s\n", e.Prefix, idString(e.Identity))
-			default:
-				fmt.Fprintf(w, "updated %v id=%s (was id=%d)\n", e.Prefix, idString(e.Identity), prev)
-			}
+			printIPCacheAdd(c.OutOrStdout(), e, prev, "")
 			return nil
 		},
 	})
@@ -234,6 +226,18 @@ func exactArgs(n int, usage string) cobra.PositionalArgs {
 			return fmt.Errorf("%s: want %d argument(s), got %d: usage: %s", c.CommandPath(), n, len(args), usage)
 		}
 		return nil
+	}
+}
+
+// printIPCacheAdd reports what an add did; where is appended (" (cluster)").
+func printIPCacheAdd(w io.Writer, e ipcache.Entry, prev uint32, where string) {
+	switch prev {
+	case 0:
+		fmt.Fprintf(w, "added %v id=%s%s\n", e.Prefix, idString(e.Identity), where)
+	case e.Identity:
+		fmt.Fprintf(w, "unchanged %v id=%s%s\n", e.Prefix, idString(e.Identity), where)
+	default:
+		fmt.Fprintf(w, "updated %v id=%s (was id=%d)%s\n", e.Prefix, idString(e.Identity), prev, where)
 	}
 }
 

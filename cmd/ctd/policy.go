@@ -106,15 +106,7 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
-			w := c.OutOrStdout()
-			switch prev {
-			case policymap.VerdictUnset:
-				fmt.Fprintf(w, "added %s\n", policy.Format(r))
-			case r.Verdict:
-				fmt.Fprintf(w, "unchanged %s\n", policy.Format(r))
-			default:
-				fmt.Fprintf(w, "updated %s (was %v)\n", policy.Format(r), prev)
-			}
+			printPolicyAdd(c.OutOrStdout(), r, prev, "")
 			return nil
 		},
 	})
@@ -184,6 +176,18 @@ which 'ctd daemon' restores after a restart.`,
 
 // defaultString shows a default verdict; unset is the allow of a datapath
 // that was never told otherwise.
+// printPolicyAdd reports what an add did; where is appended (" (cluster)").
+func printPolicyAdd(w io.Writer, r policymap.Rule, prev policymap.Verdict, where string) {
+	switch prev {
+	case policymap.VerdictUnset:
+		fmt.Fprintf(w, "added %s%s\n", policy.Format(r), where)
+	case r.Verdict:
+		fmt.Fprintf(w, "unchanged %s%s\n", policy.Format(r), where)
+	default:
+		fmt.Fprintf(w, "updated %s (was %v)%s\n", policy.Format(r), prev, where)
+	}
+}
+
 func defaultString(v policymap.Verdict) string {
 	if v == policymap.VerdictUnset {
 		return "allow, unset"

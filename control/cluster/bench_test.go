@@ -18,18 +18,6 @@ import (
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
-func prefixes(n int) map[netip.Prefix]uint32 {
-	m := make(map[netip.Prefix]uint32, n)
-	for i := range n / 2 {
-		a4 := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
-		m[netip.PrefixFrom(a4, 32)] = uint32(1000 + i%5000)
-		var a6 [16]byte
-		a6[0], a6[1], a6[13], a6[14], a6[15] = 0xfd, 0x00, byte(i>>16), byte(i>>8), byte(i)
-		m[netip.PrefixFrom(netip.AddrFrom16(a6), 128)] = uint32(1000 + i%5000)
-	}
-	return m
-}
-
 func benchClient(b *testing.B, ec *etcdtest.Cluster) *kvstore.Client {
 	c, err := kvstore.New(kvstore.Config{Endpoints: ec.Endpoints(), Timeout: 30 * time.Second})
 	if err != nil {
@@ -73,7 +61,7 @@ func run(b *testing.B, s *kvstore.Syncer) {
 func BenchmarkConverge100k(b *testing.B) {
 	ec := etcdtest.StartWith(b, etcdtest.Options{Members: 3, Fsync: true})
 	c := benchClient(b, ec)
-	if _, err := c.IPCacheLoad(context.Background(), prefixes(100000), true); err != nil {
+	if _, err := c.IPCacheLoad(context.Background(), etcdtest.HostPrefixes(100000), true); err != nil {
 		b.Fatal(err)
 	}
 	var total time.Duration
@@ -113,7 +101,7 @@ func BenchmarkChange10Nodes(b *testing.B) {
 	const nodes, changes = 10, 200
 	ec := etcdtest.StartWith(b, etcdtest.Options{Members: 3, Fsync: true})
 	w := benchClient(b, ec)
-	if _, err := w.IPCacheLoad(context.Background(), prefixes(1000), true); err != nil {
+	if _, err := w.IPCacheLoad(context.Background(), etcdtest.HostPrefixes(1000), true); err != nil {
 		b.Fatal(err)
 	}
 	type applied struct {

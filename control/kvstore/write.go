@@ -302,9 +302,15 @@ func (c *Client) dropOlderGenerations(ctx context.Context, gen uint64) {
 // PolicyAdd sets a rule in the cluster policy and returns the verdict it
 // had (VerdictUnset: none).
 func (c *Client) PolicyAdd(ctx context.Context, k store.RuleKey, v store.Verdict) (store.Verdict, error) {
+	return c.putVerdict(ctx, c.layout.RuleKey(k), v)
+}
+
+// putVerdict sets key to v and returns the verdict it held (VerdictUnset:
+// none).
+func (c *Client) putVerdict(ctx context.Context, key string, v store.Verdict) (store.Verdict, error) {
 	rctx, cancel := c.ctx(ctx)
 	defer cancel()
-	resp, err := c.cli.Put(rctx, c.layout.RuleKey(k), v.String(), clientv3.WithPrevKV())
+	resp, err := c.cli.Put(rctx, key, v.String(), clientv3.WithPrevKV())
 	if err != nil {
 		return 0, c.wrap(err)
 	}
@@ -345,15 +351,5 @@ func (c *Client) PolicyDelete(ctx context.Context, k store.RuleKey, v store.Verd
 // PolicyDefault sets a direction's default verdict for the cluster and
 // returns the one it had.
 func (c *Client) PolicyDefault(ctx context.Context, d store.Direction, v store.Verdict) (store.Verdict, error) {
-	rctx, cancel := c.ctx(ctx)
-	defer cancel()
-	resp, err := c.cli.Put(rctx, c.layout.DefaultKey(d), v.String(), clientv3.WithPrevKV())
-	if err != nil {
-		return 0, c.wrap(err)
-	}
-	if resp.PrevKv == nil {
-		return store.VerdictUnset, nil
-	}
-	old, _ := parseVerdict(string(resp.PrevKv.Value))
-	return old, nil
+	return c.putVerdict(ctx, c.layout.DefaultKey(d), v)
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -225,6 +226,20 @@ func (c *Cluster) startBinary(m *member, initial string) error {
 	m.stop()
 	m.stop = nil
 	return fmt.Errorf("etcdtest: member %s (%s) not healthy after 60s", m.name, c.opts.Binary)
+}
+
+// HostPrefixes returns n distinct host prefixes with identities, half in
+// 10.0.0.0/8 and half in fd00::/8: the ipcache of the cluster benchmarks.
+func HostPrefixes(n int) map[netip.Prefix]uint32 {
+	m := make(map[netip.Prefix]uint32, n)
+	for i := range n / 2 {
+		a4 := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+		m[netip.PrefixFrom(a4, 32)] = uint32(1000 + i%5000)
+		var a6 [16]byte
+		a6[0], a6[13], a6[14], a6[15] = 0xfd, byte(i>>16), byte(i>>8), byte(i)
+		m[netip.PrefixFrom(netip.AddrFrom16(a6), 128)] = uint32(1000 + i%5000)
+	}
+	return m
 }
 
 // Endpoints are the client URLs of every member.
