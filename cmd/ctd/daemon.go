@@ -54,7 +54,12 @@ exits 0 and leaves the programs attached and the maps pinned; after a crash
 or SIGKILL the next start recovers the same way. It never detaches.
 
 Map sizes default to the size of the pinned map (or the built-in default
-when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
+when nothing is pinned); a different --ct-max or --ipcache-max resizes.
+
+With --kvstore-endpoints (cluster mode) it also applies the cluster's
+ipcache, policy and endpoints from etcd to this node's store and maps, and
+publishes this node's endpoints ('ctd endpoint') as --node-name under a
+lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := requireRoot(); err != nil {
