@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -21,9 +22,13 @@ import (
 // defaults (mark and sweep) and then syncs the maps to it, inserting before
 // deleting; a delta changes just the prefixes it names. If the store cannot
 // commit, the maps are put back to what the store holds.
-func Apply(s *store.Store, maps *bpf.CtdMaps, u kvstore.Update) error {
+//
+// For a delta that changed the store, Apply reports the store generations
+// it took the store from and to (both zero otherwise): the maps changed
+// exactly as the store did (see daemon.Env.Advance).
+func Apply(s *store.Store, maps *bpf.CtdMaps, u kvstore.Update) (from, to uint64, err error) {
 	if u.Full {
-		return s.Update(func(tx *store.Tx) error {
+		return 0, 0, s.Update(func(tx *store.Tx) error {
 			st, err := replaceStore(tx, u)
 			if err != nil {
 				return err
@@ -33,7 +38,10 @@ func Apply(s *store.Store, maps *bpf.CtdMaps, u kvstore.Update) error {
 		})
 	}
 	m := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1)
-	return s.Update(func(tx *store.Tx) error {
+	var before uint64
+	var changed bool
+	err = s.Update(func(tx *store.Tx) error {
+		before, changed = tx.Generation(), deltaChanges(tx, u)
 		upserts := make([]ipcachemap.Entry, 0, len(u.IPCache))
 		for p, id := range u.IPCache {
 			upserts = append(upserts, ipcachemap.Entry{Prefix: p, Identity: id})
@@ -70,6 +78,29 @@ func Apply(s *store.Store, maps *bpf.CtdMaps, u kvstore.Update) error {
 		_, err := daemon.SyncPolicy(&store.State{Policy: u.Policy, Defaults: u.Defaults}, maps)
 		return err
 	})
+	if err != nil || !changed {
+		return 0, 0, err
+	}
+	return before, before + 1, nil
+}
+
+// deltaChanges reports whether applying delta u changes the store.
+func deltaChanges(tx *store.Tx, u kvstore.Update) bool {
+	for p, id := range u.IPCache {
+		if have, ok := tx.LookupIPCache(p); !ok || have != id {
+			return true
+		}
+	}
+	for _, p := range u.Removed {
+		if _, ok := tx.LookupIPCache(p); ok {
+			return true
+		}
+	}
+	if u.Policy == nil {
+		return false
+	}
+	rules, err := tx.Rules()
+	return err != nil || !maps.Equal(rules, u.Policy) || tx.Defaults() != u.Defaults
 }
 
 // restorePrefixes puts the maps' prefixes back to what the store holds.

@@ -99,7 +99,7 @@ func TestApply(t *testing.T) {
 		Policy:   map[store.RuleKey]store.Verdict{allow: store.Allow, deny: store.Deny},
 		Defaults: [2]store.Verdict{store.Deny, store.VerdictUnset},
 	}
-	if err := cluster.Apply(s, m, full); err != nil {
+	if _, _, err := cluster.Apply(s, m, full); err != nil {
 		t.Fatal(err)
 	}
 	check(t, "after a full update", s, m, full.IPCache, full.Policy, full.Defaults)
@@ -108,8 +108,19 @@ func TestApply(t *testing.T) {
 		IPCache: map[netip.Prefix]uint32{pfx("198.51.100.0/24"): 303, pfx("fd00:1::/64"): 304},
 		Removed: []netip.Prefix{pfx("203.0.113.7/32")},
 	}
-	if err := cluster.Apply(s, m, delta); err != nil {
+	gen, err := s.Generation()
+	if err != nil {
 		t.Fatal(err)
+	}
+	from, to, err := cluster.Apply(s, m, delta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now, _ := s.Generation(); from != gen || to != gen+1 || now != to {
+		t.Errorf("a delta reported generations %d -> %d; the store went from %d to %d", from, to, gen, now)
+	}
+	if from, to, err := cluster.Apply(s, m, delta); err != nil || from != 0 || to != 0 {
+		t.Errorf("the same delta again reported %d -> %d (%v), want no change", from, to, err)
 	}
 	want := map[netip.Prefix]uint32{pfx("198.51.100.0/24"): 303, pfx("fd00::/64"): 301, pfx("fd00:1::/64"): 304}
 	check(t, "after a delta", s, m, want, full.Policy, full.Defaults)
@@ -118,14 +129,14 @@ func TestApply(t *testing.T) {
 		Policy:   map[store.RuleKey]store.Verdict{allow: store.Deny},
 		Defaults: [2]store.Verdict{store.Allow, store.Deny},
 	}
-	if err := cluster.Apply(s, m, policy); err != nil {
+	if _, _, err := cluster.Apply(s, m, policy); err != nil {
 		t.Fatal(err)
 	}
 	check(t, "after a policy change", s, m, want, policy.Policy, policy.Defaults)
 
 	// A full update sweeps what the cluster no longer has.
 	sweep := kvstore.Update{Full: true, Revision: 9, IPCache: map[netip.Prefix]uint32{pfx("fd00::/64"): 301}, Policy: map[store.RuleKey]store.Verdict{}}
-	if err := cluster.Apply(s, m, sweep); err != nil {
+	if _, _, err := cluster.Apply(s, m, sweep); err != nil {
 		t.Fatal(err)
 	}
 	check(t, "after a sweeping full update", s, m, sweep.IPCache, sweep.Policy, sweep.Defaults)

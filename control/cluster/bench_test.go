@@ -43,7 +43,10 @@ func newBenchNode(b *testing.B) benchNode {
 	if err != nil {
 		b.Fatal(err)
 	}
-	return benchNode{ipcache: ipcachemap.New(m.Ipcache4V1, m.Ipcache6V1), apply: func(u kvstore.Update) error { return cluster.Apply(s, m, u) }}
+	return benchNode{ipcache: ipcachemap.New(m.Ipcache4V1, m.Ipcache6V1), apply: func(u kvstore.Update) error {
+		_, _, err := cluster.Apply(s, m, u)
+		return err
+	}}
 }
 
 // run runs a syncer for n until the benchmark ends.

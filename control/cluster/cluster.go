@@ -90,7 +90,10 @@ func (a *Agent) Run(ctx context.Context, env *daemon.Env) error {
 	maps := &env.Datapath.CtdMaps
 	a.apply = func(u kvstore.Update) error {
 		t0 := time.Now()
-		err := Apply(env.Store, maps, u)
+		from, to, err := Apply(env.Store, maps, u)
+		if to != 0 && env.Advance != nil {
+			env.Advance(from, to)
+		}
 		if u.Full {
 			a.log.Info("applied the cluster state", "revision", u.Revision, "ipcache", len(u.IPCache), "rules", len(u.Policy), "took", time.Since(t0), "err", err)
 		}

@@ -100,6 +100,10 @@ type Env struct {
 	Interfaces []string // the interfaces the daemon attached to
 	Store      *store.Store
 	Logger     *slog.Logger
+	// Advance tells the daemon that the component itself changed the maps
+	// exactly as the store transaction that took the store from
+	// generation from to to: the reconcile loop need not redo it.
+	Advance func(from, to uint64)
 }
 
 // Ready reports what Start did and how long each step took.
@@ -513,6 +517,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		Interfaces: d.attached(),
 		Store:      d.store,
 		Logger:     d.log,
+		Advance:    d.advance,
 	}
 	var wg sync.WaitGroup
 	for _, c := range d.cfg.Components {
@@ -533,6 +538,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	return nil
+}
+
+// advance moves the generation the maps match from from to to, unless the
+// daemon's own view moved meanwhile (then the reconcile loop catches up).
+func (d *Daemon) advance(from, to uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen == from {
+		d.gen = to
+	}
 }
 
 func (d *Daemon) attached() []string {
