@@ -103,25 +103,26 @@ func (s *Syncer) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { s.pingLoop(ctx) })
-	backoff := 200 * time.Millisecond
+	const firstBackoff, maxBackoff = 200 * time.Millisecond, 5 * time.Second
+	backoff := firstBackoff
 	for ctx.Err() == nil {
-		err := s.listAndWatch(ctx)
+		listed, err := s.listAndWatch(ctx)
 		if ctx.Err() != nil {
 			return nil
 		}
 		s.mu.Lock()
 		s.status.Synced = false
 		s.mu.Unlock()
+		if listed {
+			backoff = firstBackoff // it worked for a while: retry at once
+		}
 		s.cfg.Logger.Warn("kvstore sync interrupted; listing again", "err", err, "retry_in", backoff)
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, 5*time.Second)
-		if err == nil {
-			backoff = 200 * time.Millisecond
-		}
+		backoff = min(2*backoff, maxBackoff)
 	}
 	return nil
 }
@@ -156,18 +157,20 @@ func (s *Syncer) pingLoop(ctx context.Context) {
 	}
 }
 
-func (s *Syncer) listAndWatch(ctx context.Context) error {
+// listAndWatch lists, applies and watches until the watch ends; listed
+// reports whether it got as far as a full sync.
+func (s *Syncer) listAndWatch(ctx context.Context) (listed bool, err error) {
 	c := s.cfg.Client
 	m := newMirror(c.layout)
 	var d dirty
 	rev, err := c.get(ctx, c.layout.Root(), func(k, v []byte, cr int64) { m.put(string(k), v, cr, &d) })
 	if err != nil {
 		s.setConnected(false)
-		return err
+		return false, err
 	}
 	s.setConnected(true)
 	if err := s.applyFull(m, rev); err != nil {
-		return err
+		return false, err
 	}
 
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
@@ -181,10 +184,10 @@ func (s *Syncer) listAndWatch(ctx context.Context) error {
 	wch := c.cli.Watch(wctx, c.layout.Root(), clientv3.WithPrefix(), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
 	for resp := range wch {
 		if resp.CompactRevision != 0 {
-			return fmt.Errorf("watch from revision %d: compacted at %d", rev+1, resp.CompactRevision)
+			return true, fmt.Errorf("watch from revision %d: compacted at %d", rev+1, resp.CompactRevision)
 		}
 		if err := resp.Err(); err != nil {
-			return fmt.Errorf("watch: %w", err)
+			return true, fmt.Errorf("watch: %w", err)
 		}
 		if !resp.IsProgressNotify() {
 			var d dirty
@@ -197,7 +200,7 @@ func (s *Syncer) listAndWatch(ctx context.Context) error {
 			}
 			rev = resp.Header.Revision
 			if err := s.applyDelta(m, &d, rev); err != nil {
-				return err
+				return true, err
 			}
 			continue
 		}
@@ -205,12 +208,12 @@ func (s *Syncer) listAndWatch(ctx context.Context) error {
 		s.setRevision(m, rev)
 	}
 	if ctx.Err() != nil {
-		return nil
+		return true, nil
 	}
 	if wctx.Err() != nil {
-		return errors.New("reconnected to etcd")
+		return true, errors.New("reconnected to etcd")
 	}
-	return errors.New("watch closed")
+	return true, errors.New("watch closed")
 }
 
 func (s *Syncer) setConnected(ok bool) {
