@@ -19,8 +19,14 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define DIR_INGRESS 0
-#define DIR_EGRESS  1
+/* The constants below that userspace shares are enums, so that bpf2go -type
+ * generates their Go side (anchored in BTF in ctd.c); never copy them. */
+
+/* The hook a program runs at. */
+enum direction {
+	DIR_INGRESS = 0,
+	DIR_EGRESS = 1,
+};
 
 /* Verdicts a TC program returns. UNSPEC lets later programs and filters on the
  * same hook see the packet (TCX_NEXT); it passes when there are none. */
@@ -28,9 +34,11 @@
 #define CTD_DROP TC_ACT_SHOT
 
 /* Reserved identities. 0 is never a valid identity; in policy keys it means "any". */
-#define IDENTITY_ANY   0
-#define IDENTITY_HOST  1
-#define IDENTITY_WORLD 2
+enum reserved_identity {
+	IDENTITY_ANY = 0,
+	IDENTITY_HOST = 1,
+	IDENTITY_WORLD = 2,
+};
 
 /* TCP flag bits as in byte 13 of the TCP header. */
 #define TCPF_FIN 0x01
@@ -38,6 +46,22 @@
 #define TCPF_RST 0x04
 #define TCPF_PSH 0x08
 #define TCPF_ACK 0x10
+
+/* The maps, one name each. The version in a name is its layout's: a layout
+ * change renames the map here (and in datapath/loader, its only Go owner),
+ * and the code that uses the map keeps using the macro. */
+#ifndef CT_LAYOUT_V2
+#define CT_MAP       ct_v1
+#else
+#define CT_MAP       ct_v2 /* the test-only layout below gets its own name */
+#endif
+#define IPCACHE4_MAP ipcache4_v1
+#define IPCACHE6_MAP ipcache6_v1
+#define POLICY_MAP   policy_v1
+#define CONFIG_MAP   config_v1
+#define METRICS_MAP  metrics_v1
+#define EVENTS_MAP   events_v1
+#define EVLIMIT_MAP  evlimit_v1
 
 /* An address of either family; IPv4 uses the first 4 bytes, the rest is zero. */
 union addr {
@@ -58,9 +82,11 @@ enum ct_state {
 };
 
 /* Entry flags. */
-#define CT_F_OPENED_INGRESS 0x01 /* first packet was seen on ingress */
-#define CT_F_PICKUP         0x02 /* TCP flow picked up mid-stream (first packet was not a SYN) */
-#define CT_F_RELATED        0x04 /* an ICMP error related to this flow was seen */
+enum ct_flag {
+	CT_F_OPENED_INGRESS = 0x01, /* first packet was seen on ingress */
+	CT_F_PICKUP = 0x02,         /* TCP flow picked up mid-stream (first packet was not a SYN) */
+	CT_F_RELATED = 0x04,        /* an ICMP error related to this flow was seen */
+};
 
 /* The key is canonical: endpoint a is the lower (address, port) of the two, so
  * both directions of a connection hash to the same entry with one lookup.
@@ -136,9 +162,11 @@ struct ipcache_value {
 
 /* ---- policy: policy_v1 (hash) ---- */
 
-#define VERDICT_UNSET 0 /* default verdict not configured: allow */
-#define VERDICT_ALLOW 1
-#define VERDICT_DENY  2
+enum verdict {
+	VERDICT_UNSET = 0, /* default verdict not configured: allow */
+	VERDICT_ALLOW = 1,
+	VERDICT_DENY = 2,
+};
 
 struct policy_key {
 	__u32 identity; /* remote identity, 0 = any */

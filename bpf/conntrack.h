@@ -5,16 +5,12 @@
 #include "common.h"
 #include "parse.h"
 
-#ifdef CT_LAYOUT_V2
-#define ct_v1 ct_v2 /* the test-only layout (common.h) gets its own map name */
-#endif
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144); /* set by the loader from --ct-max */
 	__type(key, struct ct_key);
 	__type(value, struct ct_entry);
-} ct_v1 SEC(".maps");
+} CT_MAP SEC(".maps");
 
 /* ct_key_of builds the canonical key of t: endpoint a is the lower
  * (address, port). Returns 1 when t's source is endpoint b. */

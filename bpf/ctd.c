@@ -17,11 +17,24 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* Anchors the enums userspace shares in BTF, so that bpf2go -type generates
+ * their Go constants (bpf/gen.go); never used. */
+struct shared_enums {
+	enum direction dir;
+	enum reserved_identity identity;
+	enum ct_state state;
+	enum ct_flag flag;
+	enum verdict verdict;
+	enum metric_reason reason;
+	enum event_type type;
+};
+const struct shared_enums *unused_enums __attribute__((unused));
+
 static __always_inline struct config *config_get(void)
 {
 	__u32 zero = 0;
 
-	return bpf_map_lookup_elem(&config_v1, &zero);
+	return bpf_map_lookup_elem(&CONFIG_MAP, &zero);
 }
 
 static __always_inline int verdict_drop(__u32 dir, __u32 reason, __u64 len)
@@ -89,7 +102,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	ct_account(&e, 1, t->tcp_flags, len, segs, now);
 	ct_update_state(&e, t->proto, t->tcp_flags, 1);
 
-	err = bpf_map_update_elem(&ct_v1, k, &e, BPF_ANY);
+	err = bpf_map_update_elem(&CT_MAP, k, &e, BPF_ANY);
 	if (err) {
 		count(dir, M_CT_UPDATE_FAILED, 0);
 		emit(cfg, now, EV_CT_INSERT_FAILED, M_DROP_CT_INSERT, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
@@ -111,7 +124,7 @@ static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt 
 	__u32 src_id;
 
 	ct_key_of(&p->inner, &k);
-	e = bpf_map_lookup_elem(&ct_v1, &k);
+	e = bpf_map_lookup_elem(&CT_MAP, &k);
 	if (e) {
 		e->flags |= CT_F_RELATED;
 		count(dir, M_FWD_RELATED, len);
@@ -168,7 +181,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 
 	now = bpf_ktime_get_coarse_ns();
 	src_is_b = ct_key_of(&p.t, &k);
-	e = bpf_map_lookup_elem(&ct_v1, &k);
+	e = bpf_map_lookup_elem(&CT_MAP, &k);
 	if (!e)
 		return ct_new(skb, dir, &p.t, &k, src_is_b, len, segs, now);
 

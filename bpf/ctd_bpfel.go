@@ -41,6 +41,14 @@ type CtdCtEntry struct {
 	Pad           [7]uint8
 }
 
+type CtdCtFlag uint32
+
+const (
+	CtdCtFlagCT_F_OPENED_INGRESS CtdCtFlag = 1
+	CtdCtFlagCT_F_PICKUP         CtdCtFlag = 2
+	CtdCtFlagCT_F_RELATED        CtdCtFlag = 4
+)
+
 type CtdCtKey struct {
 	_      structs.HostLayout
 	AddrA  [16]uint8
@@ -51,6 +59,24 @@ type CtdCtKey struct {
 	Family uint8
 	Pad    [2]uint8
 }
+
+type CtdCtState uint32
+
+const (
+	CtdCtStateCT_NEW         CtdCtState = 0
+	CtdCtStateCT_ESTABLISHED CtdCtState = 1
+	CtdCtStateCT_SYN_SENT    CtdCtState = 2
+	CtdCtStateCT_SYN_RECV    CtdCtState = 3
+	CtdCtStateCT_FIN_WAIT    CtdCtState = 4
+	CtdCtStateCT_CLOSED      CtdCtState = 5
+)
+
+type CtdDirection uint32
+
+const (
+	CtdDirectionDIR_INGRESS CtdDirection = 0
+	CtdDirectionDIR_EGRESS  CtdDirection = 1
+)
 
 type CtdEvent struct {
 	_            structs.HostLayout
@@ -77,6 +103,15 @@ type CtdEvent struct {
 	BytesReply   uint64
 }
 
+type CtdEventType uint32
+
+const (
+	CtdEventTypeEV_FLOW_NEW         CtdEventType = 1
+	CtdEventTypeEV_FLOW_CLOSED      CtdEventType = 2
+	CtdEventTypeEV_DROP             CtdEventType = 3
+	CtdEventTypeEV_CT_INSERT_FAILED CtdEventType = 4
+)
+
 type CtdIpcache4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -94,6 +129,26 @@ type CtdIpcacheValue struct {
 	Identity uint32
 	Flags    uint32
 }
+
+type CtdMetricReason uint32
+
+const (
+	CtdMetricReasonM_FWD_ESTABLISHED    CtdMetricReason = 0
+	CtdMetricReasonM_FWD_NEW            CtdMetricReason = 1
+	CtdMetricReasonM_FWD_RELATED        CtdMetricReason = 2
+	CtdMetricReasonM_FWD_UNTRACKED      CtdMetricReason = 3
+	CtdMetricReasonM_FWD_UNPARSEABLE    CtdMetricReason = 4
+	CtdMetricReasonM_DROP_POLICY        CtdMetricReason = 16
+	CtdMetricReasonM_DROP_INVALID       CtdMetricReason = 17
+	CtdMetricReasonM_DROP_CT_INSERT     CtdMetricReason = 18
+	CtdMetricReasonM_DROP_PARSE         CtdMetricReason = 19
+	CtdMetricReasonM_CT_CREATED         CtdMetricReason = 32
+	CtdMetricReasonM_CT_UPDATE_FAILED   CtdMetricReason = 33
+	CtdMetricReasonM_EVENTS_LOST        CtdMetricReason = 34
+	CtdMetricReasonM_EVENTS_RATELIMITED CtdMetricReason = 35
+	CtdMetricReasonM_FRAGMENTS          CtdMetricReason = 36
+	CtdMetricReasonMETRIC_MAX           CtdMetricReason = 64
+)
 
 type CtdMetricValue struct {
 	_       structs.HostLayout
@@ -121,6 +176,22 @@ type CtdRatelimit struct {
 	Last   uint64
 }
 
+type CtdReservedIdentity uint32
+
+const (
+	CtdReservedIdentityIDENTITY_ANY   CtdReservedIdentity = 0
+	CtdReservedIdentityIDENTITY_HOST  CtdReservedIdentity = 1
+	CtdReservedIdentityIDENTITY_WORLD CtdReservedIdentity = 2
+)
+
+type CtdVerdict uint32
+
+const (
+	CtdVerdictVERDICT_UNSET CtdVerdict = 0
+	CtdVerdictVERDICT_ALLOW CtdVerdict = 1
+	CtdVerdictVERDICT_DENY  CtdVerdict = 2
+)
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -135,6 +206,7 @@ const (
 	CtdMapPolicyV1    = "policy_v1"
 	CtdProgCtdEgress  = "ctd_egress"
 	CtdProgCtdIngress = "ctd_ingress"
+	CtdVarUnusedEnums = "unused_enums"
 	CtdVarUnusedEvent = "unused_event"
 )
 
@@ -202,6 +274,7 @@ type CtdMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdVariableSpecs struct {
+	UnusedEnums *ebpf.VariableSpec `ebpf:"unused_enums"`
 	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
 }
 
@@ -252,6 +325,7 @@ func (m *CtdMaps) Close() error {
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdVariables struct {
+	UnusedEnums *ebpf.Variable `ebpf:"unused_enums"`
 	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
 }
 

@@ -10,14 +10,14 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20); /* set by the loader from --ringbuf-size */
-} events_v1 SEC(".maps");
+} EVENTS_MAP SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct ratelimit);
-} evlimit_v1 SEC(".maps");
+} EVLIMIT_MAP SEC(".maps");
 
 /* event_allowed takes one token from this CPU's bucket. The bucket holds at
  * most burst tokens, also right after the limit was lowered; the refill is
@@ -31,7 +31,7 @@ static __always_inline int event_allowed(const struct config *cfg, __u64 now)
 
 	if (!cfg || !cfg->events_rate)
 		return 1;
-	rl = bpf_map_lookup_elem(&evlimit_v1, &zero);
+	rl = bpf_map_lookup_elem(&EVLIMIT_MAP, &zero);
 	if (!rl)
 		return 0;
 	rate = cfg->events_rate;
@@ -62,7 +62,7 @@ static __always_inline void emit(const struct config *cfg, __u64 now, __u8 type,
 		count(dir, M_EVENTS_RATELIMITED, 0);
 		return;
 	}
-	ev = bpf_ringbuf_reserve(&events_v1, sizeof(*ev), 0);
+	ev = bpf_ringbuf_reserve(&EVENTS_MAP, sizeof(*ev), 0);
 	if (!ev) {
 		count(dir, M_EVENTS_LOST, 0);
 		return;

@@ -16,7 +16,10 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 // The largest frame the fuzz target hands to the test run, which takes at
@@ -24,41 +27,41 @@ import (
 const maxFuzzFrame = 3000
 
 // FuzzDatapath pushes raw frames through both programs and checks what can
-// be checked of any input: the verdict is pass or drop, every packet counts
+// be checked of any input: the verdict is pass or drop, every packet dptest.Counts
 // exactly one verdict reason that agrees with it, and the conntrack table
 // holds nothing but the one entry the frame itself may open.
 func FuzzDatapath(f *testing.F) {
-	d := newDatapath(f)
+	d := dptest.New(f)
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		frame = frame[:min(len(frame), maxFuzzFrame)]
-		d.resetCT(t)
+		d.ResetCT(t)
 		if testRunRefuses(frame) {
-			if _, err := d.runCtx(t, ingress, frame, nil); !errors.Is(err, unix.EINVAL) {
+			if _, err := d.RunCtx(t, ingress, frame, nil); !errors.Is(err, unix.EINVAL) {
 				t.Fatalf("test run of a %d-byte frame: %v, want EINVAL", len(frame), err)
 			}
 			return
 		}
 		want, tracked := expectedKey(frame)
-		for _, dir := range []direction{ingress, egress} {
-			before := d.metrics(t)
-			v := d.run(t, dir, frame)
-			if v != verdictPass && v != verdictDrop {
-				t.Fatalf("%s: verdict %s, want pass or drop", dir, verdictName(v))
+		for _, dir := range []bpf.Direction{ingress, egress} {
+			before := d.Counters(t)
+			v := d.Run(t, dir, frame)
+			if v != dptest.Pass && v != dptest.Drop {
+				t.Fatalf("%s: verdict %s, want pass or drop", dir, dptest.VerdictName(v))
 			}
-			var verdicts []reason
-			for k, n := range delta(before, d.metrics(t)) {
-				if !k.reason.isVerdict() {
+			var verdicts []metricsmap.Reason
+			for k, n := range dptest.Delta(before, d.Counters(t)) {
+				if !dptest.IsVerdict(k.Reason) {
 					continue
 				}
-				if k.dir != dir || n != 1 {
+				if k.Dir != dir || n != 1 {
 					t.Fatalf("%s: counted %d on %s", dir, n, k)
 				}
-				verdicts = append(verdicts, k.reason)
+				verdicts = append(verdicts, k.Reason)
 			}
-			if len(verdicts) != 1 || (verdicts[0] < dropPolicy) != (v == verdictPass) {
-				t.Fatalf("%s: verdict %s counted as %v, want exactly one reason of that verdict", dir, verdictName(v), verdicts)
+			if len(verdicts) != 1 || (verdicts[0] < metricsmap.DropPolicy) != (v == dptest.Pass) {
+				t.Fatalf("%s: verdict %s counted as %v, want exactly one reason of that verdict", dir, dptest.VerdictName(v), verdicts)
 			}
-			for _, k := range d.keys(t) {
+			for _, k := range d.Keys(t) {
 				if !tracked {
 					t.Fatalf("%s: entry %+v for a frame that opens none", dir, ctmap.FlowOf(&k, &ctmap.Entry{}))
 				}
@@ -252,49 +255,49 @@ func seedFrames(tb testing.TB) map[string][]byte {
 	}
 	o4, r4 := netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("203.0.113.7:80")
 	o6, r6 := netip.MustParseAddrPort("[fd00:c7d::1]:40000"), netip.MustParseAddrPort("[fd00:c7d::2]:80")
-	for _, fl := range []uint8{tcpSYN, tcpSYN | tcpACK, tcpACK, tcpFIN | tcpACK, tcpRST, tcpSYN | tcpFIN, 0} {
-		seeds["tcp4 "+tcpFlagString(fl)] = tcpFrame(tb, o4, r4, fl, 0)
-		seeds["tcp6 "+tcpFlagString(fl)] = tcpFrame(tb, o6, r6, fl, 10)
+	for _, fl := range []uint8{dptest.SYN, dptest.SYN | dptest.ACK, dptest.ACK, dptest.FIN | dptest.ACK, dptest.RST, dptest.SYN | dptest.FIN, 0} {
+		seeds["tcp4 "+dptest.FlagString(fl)] = dptest.TCP(tb, o4, r4, fl, nil)
+		seeds["tcp6 "+dptest.FlagString(fl)] = dptest.TCP(tb, o6, r6, fl, dptest.Payload(10))
 	}
-	seeds["icmp echo reply"] = echoFrame(tb, r4.Addr(), o4.Addr(), 9, true)
-	seeds["icmpv6 echo reply"] = echoFrame(tb, r6.Addr(), o6.Addr(), 9, true)
-	seeds["icmp error quoting udp"] = icmpErrorFrame(tb, r4.Addr(), o4.Addr(), udpFrame(tb, o4, r4, 8))
-	seeds["icmpv6 error quoting udp"] = icmpErrorFrame(tb, r6.Addr(), o6.Addr(), udpFrame(tb, o6, r6, 8))
-	seeds["icmp error quoting echo"] = icmpErrorFrame(tb, r4.Addr(), o4.Addr(), echoFrame(tb, o4.Addr(), r4.Addr(), 3, false))
+	seeds["icmp echo reply"] = dptest.Echo(tb, r4.Addr(), o4.Addr(), 9, true)
+	seeds["icmpv6 echo reply"] = dptest.Echo(tb, r6.Addr(), o6.Addr(), 9, true)
+	seeds["icmp error quoting udp"] = dptest.ICMPError(tb, r4.Addr(), o4.Addr(), dptest.UDP(tb, o4, r4, dptest.Payload(8)))
+	seeds["icmpv6 error quoting udp"] = dptest.ICMPError(tb, r6.Addr(), o6.Addr(), dptest.UDP(tb, o6, r6, dptest.Payload(8)))
+	seeds["icmp error quoting echo"] = dptest.ICMPError(tb, r4.Addr(), o4.Addr(), dptest.Echo(tb, o4.Addr(), r4.Addr(), 3, false))
 
 	hbh, dst, rt, frag, ah := layers.IPProtocolIPv6HopByHop, layers.IPProtocolIPv6Destination,
 		layers.IPProtocolIPv6Routing, layers.IPProtocolIPv6Fragment, layers.IPProtocolAH
-	seeds["tcp6 six extension headers"] = ipv6WithExts(tb, o6, r6, []layers.IPProtocol{hbh, dst, rt, frag, ah, dst}, tcpSYN)
-	seeds["tcp6 seven extension headers"] = ipv6WithExts(tb, o6, r6, []layers.IPProtocol{hbh, dst, rt, frag, ah, dst, dst}, tcpSYN)
+	seeds["tcp6 six extension headers"] = ipv6WithExts(tb, o6, r6, []layers.IPProtocol{hbh, dst, rt, frag, ah, dst}, dptest.SYN)
+	seeds["tcp6 seven extension headers"] = ipv6WithExts(tb, o6, r6, []layers.IPProtocol{hbh, dst, rt, frag, ah, dst, dst}, dptest.SYN)
 
-	ip6, nl6 := ipHeader(o6.Addr(), r6.Addr(), layers.IPProtocolIPv6Fragment)
+	ip6, nl6 := dptest.IPHeader(o6.Addr(), r6.Addr(), layers.IPProtocolIPv6Fragment)
 	udp6 := &layers.UDP{SrcPort: layers.UDPPort(o6.Port()), DstPort: layers.UDPPort(r6.Port())}
 	udp6.SetNetworkLayerForChecksum(nl6)
-	seeds["udp6 first fragment"] = mustSerialize(tb, ethernet(o6.Addr()), ip6,
-		&layers.IPv6Fragment{NextHeader: layers.IPProtocolUDP, MoreFragments: true, Identification: 1}, udp6, payload(64))
-	seeds["udp6 later fragment"] = mustSerialize(tb, ethernet(o6.Addr()), ip6,
-		&layers.IPv6Fragment{NextHeader: layers.IPProtocolUDP, FragmentOffset: 9, Identification: 1}, payload(64))
+	seeds["udp6 first fragment"] = dptest.Serialize(tb, dptest.Ethernet(o6.Addr()), ip6,
+		&layers.IPv6Fragment{NextHeader: layers.IPProtocolUDP, MoreFragments: true, Identification: 1}, udp6, gopacket.Payload(dptest.Payload(64)))
+	seeds["udp6 later fragment"] = dptest.Serialize(tb, dptest.Ethernet(o6.Addr()), ip6,
+		&layers.IPv6Fragment{NextHeader: layers.IPProtocolUDP, FragmentOffset: 9, Identification: 1}, gopacket.Payload(dptest.Payload(64)))
 
-	ip4, nl4 := ipHeader(o4.Addr(), r4.Addr(), layers.IPProtocolUDP)
+	ip4, nl4 := dptest.IPHeader(o4.Addr(), r4.Addr(), layers.IPProtocolUDP)
 	ip4.(*layers.IPv4).Flags = layers.IPv4MoreFragments
 	udp4 := &layers.UDP{SrcPort: layers.UDPPort(o4.Port()), DstPort: layers.UDPPort(r4.Port())}
 	udp4.SetNetworkLayerForChecksum(nl4)
-	seeds["udp4 first fragment"] = mustSerialize(tb, ethernet(o4.Addr()), ip4, udp4, payload(64))
-	later, _ := ipHeader(o4.Addr(), r4.Addr(), layers.IPProtocolUDP)
+	seeds["udp4 first fragment"] = dptest.Serialize(tb, dptest.Ethernet(o4.Addr()), ip4, udp4, gopacket.Payload(dptest.Payload(64)))
+	later, _ := dptest.IPHeader(o4.Addr(), r4.Addr(), layers.IPProtocolUDP)
 	later.(*layers.IPv4).FragOffset = 9
-	seeds["udp4 later fragment"] = mustSerialize(tb, ethernet(o4.Addr()), later, payload(64))
+	seeds["udp4 later fragment"] = dptest.Serialize(tb, dptest.Ethernet(o4.Addr()), later, gopacket.Payload(dptest.Payload(64)))
 
-	nsIP, nsNL := ipHeader(o6.Addr(), netip.MustParseAddr("ff02::1:ff00:2"), layers.IPProtocolICMPv6)
+	nsIP, nsNL := dptest.IPHeader(o6.Addr(), netip.MustParseAddr("ff02::1:ff00:2"), layers.IPProtocolICMPv6)
 	ns := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypeNeighborSolicitation, 0)}
 	ns.SetNetworkLayerForChecksum(nsNL)
-	seeds["icmpv6 neighbour solicitation"] = mustSerialize(tb, ethernet(o6.Addr()), nsIP, ns,
+	seeds["icmpv6 neighbour solicitation"] = dptest.Serialize(tb, dptest.Ethernet(o6.Addr()), nsIP, ns,
 		&layers.ICMPv6NeighborSolicitation{TargetAddress: r6.Addr().AsSlice()})
 
-	gre := tcpFrame(tb, o4, r4, tcpSYN, 0)
+	gre := dptest.TCP(tb, o4, r4, dptest.SYN, nil)
 	gre[14+9] = 47
 	seeds["gre4"] = gre
-	seeds["arp"] = append(append(append([]byte{}, macB...), macA...), append([]byte{0x08, 0x06}, make([]byte, 46)...)...)
-	long := tcpFrame(tb, o4, r4, tcpSYN, 0)
+	seeds["arp"] = append(append(append([]byte{}, dptest.MACB...), dptest.MACA...), append([]byte{0x08, 0x06}, make([]byte, 46)...)...)
+	long := dptest.TCP(tb, o4, r4, dptest.SYN, nil)
 	long[16] = 0x10 // total length beyond the frame
 	seeds["ipv4 total length beyond the frame"] = long
 	return seeds
@@ -346,10 +349,10 @@ func TestFuzzOracle(t *testing.T) {
 	tracked := 0
 	for name, frame := range seedFrames(t) {
 		t.Run(name, func(t *testing.T) {
-			d := newDatapath(t)
+			d := dptest.New(t)
 			want, ok := expectedKey(frame)
-			d.run(t, egress, frame)
-			keys := d.keys(t)
+			d.Run(t, egress, frame)
+			keys := d.Keys(t)
 			switch {
 			case len(keys) > 1:
 				t.Fatalf("%d entries", len(keys))

@@ -9,6 +9,8 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 const identityWorld = 2
@@ -49,9 +51,9 @@ var (
 func TestIdentitiesLongestPrefix(t *testing.T) {
 	for _, o := range openers {
 		t.Run(o.name, func(t *testing.T) {
-			d := newDatapath(t)
+			d := dptest.New(t)
 			for p, id := range lpmPrefixes {
-				d.setIdentity(t, p, id)
+				d.SetIdentity(t, p, id)
 			}
 			port := uint16(1000)
 			want := map[string]ctmap.Flow{}
@@ -62,11 +64,11 @@ func TestIdentitiesLongestPrefix(t *testing.T) {
 					}
 					port++
 					s, ds := netip.AddrPortFrom(src, port), netip.AddrPortFrom(dst, 53)
-					d.expect(t, o.origDir, udpFrame(t, s, ds, 10), verdictPass, newFlow(o.origDir))
+					d.Expect(t, o.origDir, dptest.UDP(t, s, ds, dptest.Payload(10)), dptest.Pass, dptest.NewFlow(o.origDir))
 					want[s.String()+" "+ds.String()] = ctmap.Flow{SrcIdentity: srcID, DstIdentity: dstID}
 				}
 			}
-			got := d.flows(t)
+			got := d.Flows(t)
 			if len(got) != len(want) {
 				t.Fatalf("%d entries, want %d", len(got), len(want))
 			}
@@ -88,24 +90,24 @@ func TestIdentitiesLongestPrefix(t *testing.T) {
 // A flow's identities are resolved when it is created: a later ipcache change
 // applies to new flows only.
 func TestIdentitiesResolvedAtCreation(t *testing.T) {
-	d := newDatapath(t)
+	d := dptest.New(t)
 	host, peer := netip.MustParseAddrPort("198.51.100.7:40000"), netip.MustParseAddrPort("203.0.113.9:80")
 	hostPrefix := netip.PrefixFrom(host.Addr(), 32)
-	d.setIdentity(t, netip.MustParsePrefix("198.51.100.0/24"), 300)
-	d.setIdentity(t, hostPrefix, 400)
+	d.SetIdentity(t, netip.MustParsePrefix("198.51.100.0/24"), 300)
+	d.SetIdentity(t, hostPrefix, 400)
 
-	d.expect(t, egress, tcpFrame(t, host, peer, tcpSYN, 0), verdictPass, newFlow(egress))
-	if err := d.Ipcache4V1.Delete(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: host.Addr().As4()}); err != nil {
+	d.Expect(t, egress, dptest.TCP(t, host, peer, dptest.SYN, nil), dptest.Pass, dptest.NewFlow(egress))
+	if err := d.IPCache4().Delete(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: host.Addr().As4()}); err != nil {
 		t.Fatal(err)
 	}
-	d.expect(t, ingress, tcpFrame(t, peer, host, tcpSYN|tcpACK, 0), verdictPass, hit(ingress))
-	if f := d.flows(t); len(f) != 1 || f[0].SrcIdentity != 400 || f[0].DstIdentity != identityWorld {
+	d.Expect(t, ingress, dptest.TCP(t, peer, host, dptest.SYN|dptest.ACK, nil), dptest.Pass, dptest.Hit(ingress))
+	if f := d.Flows(t); len(f) != 1 || f[0].SrcIdentity != 400 || f[0].DstIdentity != identityWorld {
 		t.Fatalf("existing flow: %+v, want src identity 400 (as created), dst world", f)
 	}
 
 	other := netip.AddrPortFrom(host.Addr(), 40001)
-	d.expect(t, egress, tcpFrame(t, other, peer, tcpSYN, 0), verdictPass, newFlow(egress))
-	for _, f := range d.flows(t) {
+	d.Expect(t, egress, dptest.TCP(t, other, peer, dptest.SYN, nil), dptest.Pass, dptest.NewFlow(egress))
+	for _, f := range d.Flows(t) {
 		if f.Sport == other.Port() && f.SrcIdentity != 300 {
 			t.Fatalf("new flow after the /32 was removed: src identity %d, want 300 from the /24", f.SrcIdentity)
 		}
@@ -114,7 +116,7 @@ func TestIdentitiesResolvedAtCreation(t *testing.T) {
 
 // rule is one policy_v1 entry.
 type rule struct {
-	dir     direction
+	dir     bpf.Direction
 	id      uint32 // 0 = any
 	proto   uint8  // 0 = any
 	port    uint16 // 0 = any
@@ -130,7 +132,7 @@ func (r rule) String() string {
 		proto = ctmap.ProtoName(r.proto)
 	}
 	v := "allow"
-	if r.verdict == verdictDeny {
+	if r.verdict == dptest.Deny {
 		v = "deny"
 	}
 	return fmt.Sprintf("%s id=%s %s/%d %s", r.dir, id, proto, r.port, v)
@@ -138,21 +140,21 @@ func (r rule) String() string {
 
 // setPolicy writes the rules and the defaults, with config.PolicyRules set
 // to the number of rules, as ctd does.
-func (d *testDatapath) setPolicy(tb testing.TB, defaults [2]uint8, rules ...rule) {
+func setPolicy(tb testing.TB, d *dptest.Datapath, defaults [2]uint8, rules ...rule) {
 	tb.Helper()
 	for _, r := range rules {
 		k := bpf.CtdPolicyKey{Identity: r.id, Port: r.port, Proto: r.proto, Dir: uint8(r.dir)}
-		if err := d.PolicyV1.Put(k, bpf.CtdPolicyValue{Verdict: r.verdict}); err != nil {
+		if err := d.Policy().Put(k, bpf.CtdPolicyValue{Verdict: r.verdict}); err != nil {
 			tb.Fatalf("policy add %s: %v", r, err)
 		}
 	}
-	d.setConfig(tb, bpf.CtdConfig{DefaultVerdict: defaults, PolicyRules: uint32(len(rules))})
+	d.SetConfig(tb, bpf.CtdConfig{DefaultVerdict: defaults, PolicyRules: uint32(len(rules))})
 }
 
-func (d *testDatapath) delRule(tb testing.TB, r rule) {
+func delRule(tb testing.TB, d *dptest.Datapath, r rule) {
 	tb.Helper()
 	k := bpf.CtdPolicyKey{Identity: r.id, Port: r.port, Proto: r.proto, Dir: uint8(r.dir)}
-	if err := d.PolicyV1.Delete(k); err != nil {
+	if err := d.Policy().Delete(k); err != nil {
 		tb.Fatalf("policy del %s: %v", r, err)
 	}
 }
@@ -169,19 +171,19 @@ var (
 	neighbours = uint32(43)
 )
 
-func policyDatapath(t *testing.T) *testDatapath {
+func policyDatapath(t *testing.T) *dptest.Datapath {
 	t.Helper()
-	d := newDatapath(t)
-	d.setIdentity(t, netip.MustParsePrefix("203.0.113.0/24"), neighbours)
-	d.setIdentity(t, netip.PrefixFrom(peer, 32), peerID)
-	d.setIdentity(t, netip.PrefixFrom(peer6, 128), peerID)
+	d := dptest.New(t)
+	d.SetIdentity(t, netip.MustParsePrefix("203.0.113.0/24"), neighbours)
+	d.SetIdentity(t, netip.PrefixFrom(peer, 32), peerID)
+	d.SetIdentity(t, netip.PrefixFrom(peer6, 128), peerID)
 	return d
 }
 
 func TestPolicyPrecedence(t *testing.T) {
 	const (
-		A = verdictAllow
-		D = verdictDeny
+		A = dptest.Allow
+		D = dptest.Deny
 	)
 	tcp, udp := uint8(unix.IPPROTO_TCP), uint8(unix.IPPROTO_UDP)
 	// Each level of precedence against the next, both ways round: the more
@@ -218,37 +220,37 @@ func TestPolicyPrecedence(t *testing.T) {
 		}
 	}
 	cases = append(cases,
-		tcase{"no rule: default deny", denyIn(ingress), nil, D},
+		tcase{"no rule: default deny", dptest.DenyIn(ingress), nil, D},
 		tcase{"no rule: default allow", [2]uint8{}, nil, A},
-		tcase{"another identity's rule", denyIn(ingress), []rule{{ingress, neighbours, tcp, 80, A}}, D},
-		tcase{"another protocol's rule", denyIn(ingress), []rule{{ingress, peerID, udp, 80, A}}, D},
-		tcase{"another port's rule", denyIn(ingress), []rule{{ingress, peerID, tcp, 81, A}}, D},
-		tcase{"the other direction's rule", denyIn(ingress), []rule{{egress, peerID, tcp, 80, A}, {egress, 0, 0, 0, A}}, D},
+		tcase{"another identity's rule", dptest.DenyIn(ingress), []rule{{ingress, neighbours, tcp, 80, A}}, D},
+		tcase{"another protocol's rule", dptest.DenyIn(ingress), []rule{{ingress, peerID, udp, 80, A}}, D},
+		tcase{"another port's rule", dptest.DenyIn(ingress), []rule{{ingress, peerID, tcp, 81, A}}, D},
+		tcase{"the other direction's rule", dptest.DenyIn(ingress), []rule{{egress, peerID, tcp, 80, A}, {egress, 0, 0, 0, A}}, D},
 		tcase{"deny rule under default allow", [2]uint8{}, []rule{{ingress, peerID, tcp, 80, D}}, D},
 		tcase{"deny for any under default allow", [2]uint8{}, []rule{{ingress, 0, 0, 0, D}}, D},
 	)
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			d := policyDatapath(t)
-			d.setPolicy(t, tc.defaults, tc.rules...)
-			checkNewFlow(t, d, ingress, tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0), tc.want)
+			setPolicy(t, d, tc.defaults, tc.rules...)
+			checkNewFlow(t, d, ingress, dptest.TCP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), dptest.SYN, nil), tc.want)
 		})
 	}
 }
 
 // checkNewFlow sends the first packet of a flow and checks the verdict: an
 // allowed flow gets an entry, a denied one is dropped for policy and leaves none.
-func checkNewFlow(t *testing.T, d *testDatapath, dir direction, frame []byte, want uint8) {
+func checkNewFlow(t *testing.T, d *dptest.Datapath, dir bpf.Direction, frame []byte, want uint8) {
 	t.Helper()
-	if want == verdictAllow {
-		d.expect(t, dir, frame, verdictPass, newFlow(dir))
-		if n := len(d.flows(t)); n != 1 {
+	if want == dptest.Allow {
+		d.Expect(t, dir, frame, dptest.Pass, dptest.NewFlow(dir))
+		if n := len(d.Flows(t)); n != 1 {
 			t.Fatalf("allowed flow: %d entries, want 1", n)
 		}
 		return
 	}
-	d.expect(t, dir, frame, verdictDrop, one(metricKey{dir, dropPolicy}))
-	d.noFlows(t)
+	d.Expect(t, dir, frame, dptest.Drop, dptest.One(dptest.Key{Dir: dir, Reason: metricsmap.DropPolicy}))
+	d.NoFlows(t)
 }
 
 func TestPolicyMatches(t *testing.T) {
@@ -257,119 +259,119 @@ func TestPolicyMatches(t *testing.T) {
 		name     string
 		defaults [2]uint8
 		rules    []rule
-		dir      direction
+		dir      bpf.Direction
 		frame    func(t *testing.T) []byte
 		want     uint8
 	}{
 		{
-			name: "egress judges the destination's identity", defaults: denyIn(egress),
-			rules: []rule{{egress, peerID, tcp, 443, verdictAllow}}, dir: egress,
+			name: "egress judges the destination's identity", defaults: dptest.DenyIn(egress),
+			rules: []rule{{egress, peerID, tcp, 443, dptest.Allow}}, dir: egress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(local, 40000), netip.AddrPortFrom(peer, 443), tcpSYN, 0)
+				return dptest.TCP(t, netip.AddrPortFrom(local, 40000), netip.AddrPortFrom(peer, 443), dptest.SYN, nil)
 			},
-			want: verdictAllow,
+			want: dptest.Allow,
 		},
 		{
-			name: "egress rule for the source's identity does not match", defaults: denyIn(egress),
-			rules: []rule{{egress, peerID, tcp, 443, verdictAllow}}, dir: egress,
+			name: "egress rule for the source's identity does not match", defaults: dptest.DenyIn(egress),
+			rules: []rule{{egress, peerID, tcp, 443, dptest.Allow}}, dir: egress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(peerOther, 443), tcpSYN, 0)
+				return dptest.TCP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(peerOther, 443), dptest.SYN, nil)
 			},
-			want: verdictDeny,
+			want: dptest.Deny,
 		},
 		{
-			name: "the most specific prefix's identity is judged", defaults: denyIn(ingress),
-			rules: []rule{{ingress, neighbours, tcp, 0, verdictAllow}}, dir: ingress,
+			name: "the most specific prefix's identity is judged", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, neighbours, tcp, 0, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0)
+				return dptest.TCP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), dptest.SYN, nil)
 			},
-			want: verdictDeny,
+			want: dptest.Deny,
 		},
 		{
-			name: "the /24's identity for its other addresses", defaults: denyIn(ingress),
-			rules: []rule{{ingress, neighbours, tcp, 0, verdictAllow}}, dir: ingress,
+			name: "the /24's identity for its other addresses", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, neighbours, tcp, 0, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(peerOther, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0)
+				return dptest.TCP(t, netip.AddrPortFrom(peerOther, 40000), netip.AddrPortFrom(local, 80), dptest.SYN, nil)
 			},
-			want: verdictAllow,
+			want: dptest.Allow,
 		},
 		{
-			name: "world when no prefix matches", defaults: denyIn(ingress),
-			rules: []rule{{ingress, identityWorld, udp, 53, verdictAllow}}, dir: ingress,
+			name: "world when no prefix matches", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, identityWorld, udp, 53, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return udpFrame(t, netip.MustParseAddrPort("198.18.0.77:5353"), netip.AddrPortFrom(local, 53), 20)
+				return dptest.UDP(t, netip.MustParseAddrPort("198.18.0.77:5353"), netip.AddrPortFrom(local, 53), dptest.Payload(20))
 			},
-			want: verdictAllow,
+			want: dptest.Allow,
 		},
 		{
-			name: "udp by port", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, udp, 53, verdictAllow}}, dir: ingress,
+			name: "udp by port", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, udp, 53, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return udpFrame(t, netip.AddrPortFrom(peer, 5353), netip.AddrPortFrom(local, 53), 20)
+				return dptest.UDP(t, netip.AddrPortFrom(peer, 5353), netip.AddrPortFrom(local, 53), dptest.Payload(20))
 			},
-			want: verdictAllow,
+			want: dptest.Allow,
 		},
 		{
-			name: "udp source port is not the rule's port", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, udp, 53, verdictAllow}}, dir: ingress,
+			name: "udp source port is not the rule's port", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, udp, 53, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return udpFrame(t, netip.AddrPortFrom(peer, 53), netip.AddrPortFrom(local, 5353), 20)
+				return dptest.UDP(t, netip.AddrPortFrom(peer, 53), netip.AddrPortFrom(local, 5353), dptest.Payload(20))
 			},
-			want: verdictDeny,
+			want: dptest.Deny,
 		},
 		{
-			name: "icmp echo by protocol", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, icmp, 0, verdictAllow}}, dir: ingress,
-			frame: func(t *testing.T) []byte { return echoFrame(t, peer, local, 9, false) },
-			want:  verdictAllow,
+			name: "icmp echo by protocol", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, icmp, 0, dptest.Allow}}, dir: ingress,
+			frame: func(t *testing.T) []byte { return dptest.Echo(t, peer, local, 9, false) },
+			want:  dptest.Allow,
 		},
 		{
-			name: "icmp echo id is not a port", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, icmp, 9, verdictAllow}, {ingress, peerID, 0, 9, verdictAllow}}, dir: ingress,
-			frame: func(t *testing.T) []byte { return echoFrame(t, peer, local, 9, false) },
-			want:  verdictDeny,
+			name: "icmp echo id is not a port", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, icmp, 9, dptest.Allow}, {ingress, peerID, 0, 9, dptest.Allow}}, dir: ingress,
+			frame: func(t *testing.T) []byte { return dptest.Echo(t, peer, local, 9, false) },
+			want:  dptest.Deny,
 		},
 		{
-			name: "icmpv6 echo by protocol", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, icmp6, 0, verdictAllow}}, dir: ingress,
-			frame: func(t *testing.T) []byte { return echoFrame(t, peer6, local6, 9, false) },
-			want:  verdictAllow,
+			name: "icmpv6 echo by protocol", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, icmp6, 0, dptest.Allow}}, dir: ingress,
+			frame: func(t *testing.T) []byte { return dptest.Echo(t, peer6, local6, 9, false) },
+			want:  dptest.Allow,
 		},
 		{
-			name: "v6 peer identity", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, tcp, 22, verdictAllow}}, dir: ingress,
+			name: "v6 peer identity", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, tcp, 22, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(peer6, 40000), netip.AddrPortFrom(local6, 22), tcpSYN, 0)
+				return dptest.TCP(t, netip.AddrPortFrom(peer6, 40000), netip.AddrPortFrom(local6, 22), dptest.SYN, nil)
 			},
-			want: verdictAllow,
+			want: dptest.Allow,
 		},
 		{
-			name: "a non-SYN without entry is judged as new: denied", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, tcp, 81, verdictAllow}}, dir: ingress,
+			name: "a non-SYN without entry is judged as new: denied", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, tcp, 81, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpACK, 100)
+				return dptest.TCP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), dptest.ACK, dptest.Payload(100))
 			},
-			want: verdictDeny,
+			want: dptest.Deny,
 		},
 		{
-			name: "a non-SYN without entry is judged as new: allowed", defaults: denyIn(ingress),
-			rules: []rule{{ingress, peerID, tcp, 80, verdictAllow}}, dir: ingress,
+			name: "a non-SYN without entry is judged as new: allowed", defaults: dptest.DenyIn(ingress),
+			rules: []rule{{ingress, peerID, tcp, 80, dptest.Allow}}, dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpACK, 100)
+				return dptest.TCP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), dptest.ACK, dptest.Payload(100))
 			},
-			want: verdictAllow,
+			want: dptest.Allow,
 		},
 		{
-			name: "an RST without entry is judged", defaults: denyIn(ingress), dir: ingress,
+			name: "an RST without entry is judged", defaults: dptest.DenyIn(ingress), dir: ingress,
 			frame: func(t *testing.T) []byte {
-				return tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpRST, 0)
+				return dptest.TCP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), dptest.RST, nil)
 			},
-			want: verdictDeny,
+			want: dptest.Deny,
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := policyDatapath(t)
-			d.setPolicy(t, tc.defaults, tc.rules...)
+			setPolicy(t, d, tc.defaults, tc.rules...)
 			checkNewFlow(t, d, tc.dir, tc.frame(t), tc.want)
 		})
 	}
@@ -379,10 +381,10 @@ func TestPolicyMatches(t *testing.T) {
 // lookups and applies the default: the count is part of the contract.
 func TestPolicyRulesCountGatesLookups(t *testing.T) {
 	d := policyDatapath(t)
-	r := rule{ingress, peerID, unix.IPPROTO_TCP, 80, verdictAllow}
-	d.setPolicy(t, denyIn(ingress), r)
-	d.setConfig(t, bpf.CtdConfig{DefaultVerdict: denyIn(ingress)})
-	checkNewFlow(t, d, ingress, tcpFrame(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), tcpSYN, 0), verdictDeny)
+	r := rule{ingress, peerID, unix.IPPROTO_TCP, 80, dptest.Allow}
+	setPolicy(t, d, dptest.DenyIn(ingress), r)
+	d.SetConfig(t, bpf.CtdConfig{DefaultVerdict: dptest.DenyIn(ingress)})
+	checkNewFlow(t, d, ingress, dptest.TCP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, 80), dptest.SYN, nil), dptest.Deny)
 }
 
 // Only the first packet of a flow is judged: an allowed flow's replies and
@@ -393,27 +395,27 @@ func TestPolicyStateful(t *testing.T) {
 	for _, fam := range []struct{ local, peer netip.Addr }{{local, peer}, {local6, peer6}} {
 		t.Run(fam.local.String(), func(t *testing.T) {
 			d := policyDatapath(t)
-			allow := rule{ingress, peerID, unix.IPPROTO_TCP, 80, verdictAllow}
-			deny := [2]uint8{verdictDeny, verdictDeny}
-			d.setPolicy(t, deny, allow)
+			allow := rule{ingress, peerID, unix.IPPROTO_TCP, 80, dptest.Allow}
+			deny := [2]uint8{dptest.Deny, dptest.Deny}
+			setPolicy(t, d, deny, allow)
 			client, server := netip.AddrPortFrom(fam.peer, 40000), netip.AddrPortFrom(fam.local, 80)
 
-			checkNewFlow(t, d, ingress, tcpFrame(t, client, server, tcpSYN, 0), verdictAllow)
-			d.expect(t, egress, tcpFrame(t, server, client, tcpSYN|tcpACK, 0), verdictPass, hit(egress))
-			d.expect(t, ingress, tcpFrame(t, client, server, tcpACK, 0), verdictPass, hit(ingress))
+			checkNewFlow(t, d, ingress, dptest.TCP(t, client, server, dptest.SYN, nil), dptest.Allow)
+			d.Expect(t, egress, dptest.TCP(t, server, client, dptest.SYN|dptest.ACK, nil), dptest.Pass, dptest.Hit(egress))
+			d.Expect(t, ingress, dptest.TCP(t, client, server, dptest.ACK, nil), dptest.Pass, dptest.Hit(ingress))
 
-			d.delRule(t, allow)
-			d.setConfig(t, bpf.CtdConfig{DefaultVerdict: deny})
-			d.expect(t, ingress, tcpFrame(t, client, server, tcpPSH|tcpACK, 100), verdictPass, hit(ingress))
-			d.expect(t, egress, tcpFrame(t, server, client, tcpPSH|tcpACK, 1000), verdictPass, hit(egress))
-			if f := d.flows(t); len(f) != 1 || f[0].State != ctmap.StateEstablished || f[0].SrcIdentity != peerID {
+			delRule(t, d, allow)
+			d.SetConfig(t, bpf.CtdConfig{DefaultVerdict: deny})
+			d.Expect(t, ingress, dptest.TCP(t, client, server, dptest.PSH|dptest.ACK, dptest.Payload(100)), dptest.Pass, dptest.Hit(ingress))
+			d.Expect(t, egress, dptest.TCP(t, server, client, dptest.PSH|dptest.ACK, dptest.Payload(1000)), dptest.Pass, dptest.Hit(egress))
+			if f := d.Flows(t); len(f) != 1 || f[0].State != ctmap.StateEstablished || f[0].SrcIdentity != peerID {
 				t.Fatalf("allowed flow: %+v, want one established entry from identity %d", f, peerID)
 			}
 
-			d.resetCT(t)
-			d.expect(t, ingress, tcpFrame(t, client, server, tcpPSH|tcpACK, 100), verdictDrop, one(metricKey{ingress, dropPolicy}))
-			d.expect(t, egress, tcpFrame(t, server, client, tcpPSH|tcpACK, 1000), verdictDrop, one(metricKey{egress, dropPolicy}))
-			d.noFlows(t)
+			d.ResetCT(t)
+			d.Expect(t, ingress, dptest.TCP(t, client, server, dptest.PSH|dptest.ACK, dptest.Payload(100)), dptest.Drop, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.DropPolicy}))
+			d.Expect(t, egress, dptest.TCP(t, server, client, dptest.PSH|dptest.ACK, dptest.Payload(1000)), dptest.Drop, dptest.One(dptest.Key{Dir: egress, Reason: metricsmap.DropPolicy}))
+			d.NoFlows(t)
 		})
 	}
 }
@@ -426,21 +428,21 @@ func TestPolicyICMPErrors(t *testing.T) {
 	} {
 		t.Run(fam.local.String(), func(t *testing.T) {
 			d := policyDatapath(t)
-			d.setPolicy(t, denyIn(ingress))
+			setPolicy(t, d, dptest.DenyIn(ingress))
 			client, server := netip.AddrPortFrom(fam.local, 40000), netip.AddrPortFrom(fam.peer, 443)
 
-			syn := tcpFrame(t, client, server, tcpSYN, 0)
-			checkNewFlow(t, d, egress, syn, verdictAllow)
-			d.expect(t, ingress, tcpFrame(t, server, client, tcpSYN|tcpACK, 0), verdictPass, hit(ingress))
-			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, syn), verdictPass, one(metricKey{ingress, fwdRelated}))
-			if f := d.flows(t); len(f) != 1 || f[0].Flags&ctmap.FlagRelated == 0 {
+			syn := dptest.TCP(t, client, server, dptest.SYN, nil)
+			checkNewFlow(t, d, egress, syn, dptest.Allow)
+			d.Expect(t, ingress, dptest.TCP(t, server, client, dptest.SYN|dptest.ACK, nil), dptest.Pass, dptest.Hit(ingress))
+			d.Expect(t, ingress, dptest.ICMPError(t, fam.router, fam.local, syn), dptest.Pass, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.FwdRelated}))
+			if f := d.Flows(t); len(f) != 1 || f[0].Flags&ctmap.FlagRelated == 0 {
 				t.Fatalf("want the flow marked related: %+v", f)
 			}
 
 			// Quoting a packet of no tracked flow: judged, denied.
-			stray := tcpFrame(t, netip.AddrPortFrom(fam.local, 40001), server, tcpSYN, 0)
-			d.expect(t, ingress, icmpErrorFrame(t, fam.router, fam.local, stray), verdictDrop, one(metricKey{ingress, dropPolicy}))
-			if n := len(d.flows(t)); n != 1 {
+			stray := dptest.TCP(t, netip.AddrPortFrom(fam.local, 40001), server, dptest.SYN, nil)
+			d.Expect(t, ingress, dptest.ICMPError(t, fam.router, fam.local, stray), dptest.Drop, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.DropPolicy}))
+			if n := len(d.Flows(t)); n != 1 {
 				t.Fatalf("%d entries after a denied ICMP error, want 1", n)
 			}
 		})
@@ -452,15 +454,15 @@ func TestPolicyICMPErrors(t *testing.T) {
 func TestPolicyOtherProtocol(t *testing.T) {
 	d := policyDatapath(t)
 	const gre = 47
-	d.setPolicy(t, denyIn(ingress), rule{ingress, peerID, gre, 0, verdictAllow})
-	frame := tcpFrame(t, netip.AddrPortFrom(peer, 1), netip.AddrPortFrom(local, 2), tcpSYN, 0)
+	setPolicy(t, d, dptest.DenyIn(ingress), rule{ingress, peerID, gre, 0, dptest.Allow})
+	frame := dptest.TCP(t, netip.AddrPortFrom(peer, 1), netip.AddrPortFrom(local, 2), dptest.SYN, nil)
 	frame[14+9] = gre // the protocol byte; the checksum is not the datapath's business
-	checkNewFlow(t, d, ingress, frame, verdictAllow)
-	f := d.flows(t)[0]
+	checkNewFlow(t, d, ingress, frame, dptest.Allow)
+	f := d.Flows(t)[0]
 	if f.Proto != gre || f.Sport != 0 || f.Dport != 0 || f.Src != peer || f.Dst != local {
 		t.Fatalf("GRE flow: %+v, want %s -> %s proto %d without ports", f, peer, local, gre)
 	}
-	other := tcpFrame(t, netip.AddrPortFrom(peerOther, 1), netip.AddrPortFrom(local, 2), tcpSYN, 0)
+	other := dptest.TCP(t, netip.AddrPortFrom(peerOther, 1), netip.AddrPortFrom(local, 2), dptest.SYN, nil)
 	other[14+9] = gre
-	d.expect(t, ingress, other, verdictDrop, one(metricKey{ingress, dropPolicy}))
+	d.Expect(t, ingress, other, dptest.Drop, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.DropPolicy}))
 }

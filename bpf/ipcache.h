@@ -10,7 +10,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct ipcache4_key);
 	__type(value, struct ipcache_value);
-} ipcache4_v1 SEC(".maps");
+} IPCACHE4_MAP SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -18,7 +18,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct ipcache6_key);
 	__type(value, struct ipcache_value);
-} ipcache6_v1 SEC(".maps");
+} IPCACHE6_MAP SEC(".maps");
 
 /* identity_of resolves an address; no match is the world. */
 static __always_inline __u32 identity_of(const union addr *a, __u8 family)
@@ -29,12 +29,12 @@ static __always_inline __u32 identity_of(const union addr *a, __u8 family)
 		struct ipcache4_key k = { .prefixlen = 32 };
 
 		__builtin_memcpy(k.addr, a->b, 4);
-		v = bpf_map_lookup_elem(&ipcache4_v1, &k);
+		v = bpf_map_lookup_elem(&IPCACHE4_MAP, &k);
 	} else {
 		struct ipcache6_key k = { .prefixlen = 128 };
 
 		__builtin_memcpy(k.addr, a->b, 16);
-		v = bpf_map_lookup_elem(&ipcache6_v1, &k);
+		v = bpf_map_lookup_elem(&IPCACHE6_MAP, &k);
 	}
 	return v ? v->identity : IDENTITY_WORLD;
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 var ipcacheSeed = flag.Uint64("ipcache-seed", 0, "seed of TestIPCacheLongestPrefixProperty (0: from the clock)")
@@ -29,14 +30,14 @@ func (r lpmReference) lookup(a netip.Addr) uint32 {
 }
 
 // ipcacheLookup is the datapath's own question: the address as a host key.
-func (d *testDatapath) ipcacheLookup(tb testing.TB, a netip.Addr) uint32 {
+func ipcacheLookup(tb testing.TB, d *dptest.Datapath, a netip.Addr) uint32 {
 	tb.Helper()
 	var v bpf.CtdIpcacheValue
 	var err error
 	if a.Is4() {
-		err = d.Ipcache4V1.Lookup(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: a.As4()}, &v)
+		err = d.IPCache4().Lookup(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: a.As4()}, &v)
 	} else {
-		err = d.Ipcache6V1.Lookup(bpf.CtdIpcache6Key{Prefixlen: 128, Addr: a.As16()}, &v)
+		err = d.IPCache6().Lookup(bpf.CtdIpcache6Key{Prefixlen: 128, Addr: a.As16()}, &v)
 	}
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return identityWorld
@@ -47,13 +48,13 @@ func (d *testDatapath) ipcacheLookup(tb testing.TB, a netip.Addr) uint32 {
 	return v.Identity
 }
 
-func (d *testDatapath) delIdentity(tb testing.TB, p netip.Prefix) {
+func delIdentity(tb testing.TB, d *dptest.Datapath, p netip.Prefix) {
 	tb.Helper()
 	var err error
 	if p.Addr().Is4() {
-		err = d.Ipcache4V1.Delete(bpf.CtdIpcache4Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()})
+		err = d.IPCache4().Delete(bpf.CtdIpcache4Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()})
 	} else {
-		err = d.Ipcache6V1.Delete(bpf.CtdIpcache6Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()})
+		err = d.IPCache6().Delete(bpf.CtdIpcache6Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()})
 	}
 	if err != nil {
 		tb.Fatalf("ipcache del %s: %v", p, err)
@@ -97,7 +98,7 @@ func TestIPCacheLongestPrefixProperty(t *testing.T) {
 	const prefixes, addrs, flows = 4000, 4000, 300
 	for _, bits := range []int{32, 128} {
 		t.Run(map[int]string{32: "ipv4", 128: "ipv6"}[bits], func(t *testing.T) {
-			d := newDatapath(t)
+			d := dptest.New(t)
 			ref := lpmReference{}
 			// Clusters of nearby prefixes of every length make overlaps the rule.
 			bases := make([]netip.Addr, 16)
@@ -110,12 +111,12 @@ func TestIPCacheLongestPrefixProperty(t *testing.T) {
 				p := netip.PrefixFrom(a, bits/4+rng.IntN(bits-bits/4+1)).Masked()
 				id := 3 + rng.Uint32N(1<<31)
 				ref[p] = id
-				d.setIdentity(t, p, id)
+				d.SetIdentity(t, p, id)
 			}
 			// Some go away again: what remains must still match.
 			for p := range ref {
 				if rng.IntN(10) == 0 {
-					d.delIdentity(t, p)
+					delIdentity(t, d, p)
 					delete(ref, p)
 				}
 			}
@@ -132,7 +133,7 @@ func TestIPCacheLongestPrefixProperty(t *testing.T) {
 				matched := 0
 				for _, a := range probes {
 					want := ref.lookup(a)
-					if got := d.ipcacheLookup(t, a); got != want {
+					if got := ipcacheLookup(t, d, a); got != want {
 						t.Fatalf("%s: ipcache says identity %d, longest prefix match gives %d", a, got, want)
 					}
 					if want != identityWorld {
@@ -151,10 +152,10 @@ func TestIPCacheLongestPrefixProperty(t *testing.T) {
 				for i := range flows {
 					src, dst := probes[rng.IntN(len(probes))], probes[rng.IntN(len(probes))]
 					s, ds := netip.AddrPortFrom(src, uint16(1024+i)), netip.AddrPortFrom(dst, 53)
-					if v := d.run(t, egress, udpFrame(t, s, ds, 8)); v != verdictPass {
-						t.Fatalf("%s -> %s: %s", s, ds, verdictName(v))
+					if v := d.Run(t, egress, dptest.UDP(t, s, ds, dptest.Payload(8))); v != dptest.Pass {
+						t.Fatalf("%s -> %s: %s", s, ds, dptest.VerdictName(v))
 					}
-					f := d.flows(t)
+					f := d.Flows(t)
 					if len(f) != 1 {
 						t.Fatalf("%s -> %s: %d entries, want 1", s, ds, len(f))
 					}
@@ -162,7 +163,7 @@ func TestIPCacheLongestPrefixProperty(t *testing.T) {
 						t.Fatalf("%s -> %s: identities %d -> %d, want %d -> %d", s, ds,
 							f[0].SrcIdentity, f[0].DstIdentity, ref.lookup(src), ref.lookup(dst))
 					}
-					d.resetCT(t)
+					d.ResetCT(t)
 				}
 			})
 
@@ -173,9 +174,9 @@ func TestIPCacheLongestPrefixProperty(t *testing.T) {
 					def = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 				}
 				ref[def] = 1
-				d.setIdentity(t, def, 1)
+				d.SetIdentity(t, def, 1)
 				for _, a := range probes {
-					if got, want := d.ipcacheLookup(t, a), ref.lookup(a); got != want || got == identityWorld {
+					if got, want := ipcacheLookup(t, d, a), ref.lookup(a); got != want || got == identityWorld {
 						t.Fatalf("%s: ipcache says identity %d, longest prefix match gives %d", a, got, want)
 					}
 				}

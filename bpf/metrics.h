@@ -9,14 +9,14 @@ struct {
 	__uint(max_entries, 2 * METRIC_MAX);
 	__type(key, __u32);
 	__type(value, struct metric_value);
-} metrics_v1 SEC(".maps");
+} METRICS_MAP SEC(".maps");
 
 /* count adds one packet of len bytes to (dir, reason) on this CPU. Per-CPU
  * values need no atomics. */
 static __always_inline void count(__u32 dir, __u32 reason, __u64 len)
 {
 	__u32 key = dir * METRIC_MAX + reason;
-	struct metric_value *m = bpf_map_lookup_elem(&metrics_v1, &key);
+	struct metric_value *m = bpf_map_lookup_elem(&METRICS_MAP, &key);
 
 	if (m) {
 		m->packets++;

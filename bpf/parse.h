@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* parse.h: bounded, bounds-checked parsing of L2/L3/L4 headers into a tuple.
  *
- * Every read goes through bpf_skb_load_bytes, which checks bounds against the
- * whole skb and works on non-linear (GRO'd) skbs, so nothing in a packet can
- * make the parser read past its end or misread a paged fragment.
+ * Every read goes through load(): a linear skb (the whole packet in its
+ * head, as almost every packet arrives) is read directly, each read checked
+ * against data_end; any other (GRO'd, paged) with bpf_skb_load_bytes, which
+ * checks bounds against the whole skb. So nothing in a packet can make the
+ * parser read past its end or misread a paged fragment.
  */
 #pragma once
 

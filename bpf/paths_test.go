@@ -5,8 +5,10 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/bpf/upgradetest"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/test/dptest"
 )
 
 // TestParsersAgree runs every seed frame, whole and cut at every length, in
@@ -15,15 +17,15 @@ import (
 // bpf_skb_load_bytes as the production build does for non-linear skbs; it
 // requires the same verdicts, counters and conntrack entries from both.
 func TestParsersAgree(t *testing.T) {
-	direct := newDatapath(t)
+	direct := dptest.New(t)
 	spec, err := upgradetest.LoadCtd()
 	if err != nil {
 		t.Fatal(err)
 	}
-	skbLoad := newDatapathFrom(t, spec)
+	skbLoad := dptest.NewFrom(t, spec)
 
-	flows := func(d *testDatapath) []ctmap.Flow {
-		fs := d.flows(t)
+	flows := func(d *dptest.Datapath) []ctmap.Flow {
+		fs := d.Flows(t)
 		for i := range fs {
 			fs[i].FirstSeen, fs[i].LastSeen = 0, 0
 		}
@@ -32,10 +34,10 @@ func TestParsersAgree(t *testing.T) {
 	runs := 0
 	for name, frame := range seedFrames(t) {
 		for n := len(frame); n >= 0; n-- {
-			for _, dir := range []direction{ingress, egress} {
-				mDirect, mSkb := direct.metrics(t), skbLoad.metrics(t)
-				v1, err1 := direct.runCtx(t, dir, frame[:n], nil)
-				v2, err2 := skbLoad.runCtx(t, dir, frame[:n], nil)
+			for _, dir := range []bpf.Direction{ingress, egress} {
+				mDirect, mSkb := direct.Counters(t), skbLoad.Counters(t)
+				v1, err1 := direct.RunCtx(t, dir, frame[:n], nil)
+				v2, err2 := skbLoad.RunCtx(t, dir, frame[:n], nil)
 				if (err1 == nil) != (err2 == nil) {
 					t.Fatalf("%s cut to %d bytes, %s: test run errors differ: %v / %v", name, n, dir, err1, err2)
 				}
@@ -45,9 +47,9 @@ func TestParsersAgree(t *testing.T) {
 				runs++
 				if v1 != v2 {
 					t.Fatalf("%s cut to %d bytes, %s: verdict %s with direct reads, %s with skb loads",
-						name, n, dir, verdictName(v1), verdictName(v2))
+						name, n, dir, dptest.VerdictName(v1), dptest.VerdictName(v2))
 				}
-				d1, d2 := delta(mDirect, direct.metrics(t)), delta(mSkb, skbLoad.metrics(t))
+				d1, d2 := dptest.Delta(mDirect, direct.Counters(t)), dptest.Delta(mSkb, skbLoad.Counters(t))
 				if !maps.Equal(d1, d2) {
 					t.Fatalf("%s cut to %d bytes, %s: counters %v with direct reads, %v with skb loads", name, n, dir, d1, d2)
 				}
@@ -56,8 +58,8 @@ func TestParsersAgree(t *testing.T) {
 					t.Fatalf("%s cut to %d bytes, %s: entries\n%+v with direct reads\n%+v with skb loads", name, n, dir, f1, f2)
 				}
 				if len(f1) > 0 {
-					direct.resetCT(t)
-					skbLoad.resetCT(t)
+					direct.ResetCT(t)
+					skbLoad.ResetCT(t)
 				}
 			}
 		}

@@ -10,19 +10,19 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, struct policy_key);
 	__type(value, struct policy_value);
-} policy_v1 SEC(".maps");
+} POLICY_MAP SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct config);
-} config_v1 SEC(".maps");
+} CONFIG_MAP SEC(".maps");
 
 static __always_inline int policy_rule(__u32 dir, __u32 id, __u8 proto, __u16 port)
 {
 	struct policy_key k = { .identity = id, .port = port, .proto = proto, .dir = dir };
-	struct policy_value *v = bpf_map_lookup_elem(&policy_v1, &k);
+	struct policy_value *v = bpf_map_lookup_elem(&POLICY_MAP, &k);
 
 	return v ? v->verdict : VERDICT_UNSET;
 }

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
@@ -93,8 +94,8 @@ func TestObservabilityCLI(t *testing.T) {
 	bin := nettest.BuildCtd(t)
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
-	ct := ctmap.New(dp.Maps.CtV1)
-	ctMax := int(dp.Maps.CtV1.MaxEntries())
+	ct := ctmap.New(dp.Maps.CT())
+	ctMax := int(dp.Maps.CT().MaxEntries())
 
 	// ctd maps: exactly N after N inserts, at every step.
 	for _, n := range []int{0, 1, 1000, 3000} {
@@ -149,16 +150,16 @@ func TestObservabilityCLI(t *testing.T) {
 	t.Logf("ctd ct gc: %s", gcText)
 
 	// ctd metrics: exactly the frames sent through the pinned programs.
-	dp.SetDefault(t, dptest.Ingress, 2)
+	dp.SetDefault(t, bpf.Ingress, 2)
 	a, b := netip.MustParseAddrPort("198.51.100.1:41000"), netip.MustParseAddrPort("198.51.100.2:80")
 	syn := dptest.TCP(t, a, b, dptest.SYN, nil)
 	synack := dptest.TCP(t, b, a, dptest.SYN|dptest.ACK, nil)
 	data := dptest.TCP(t, a, b, dptest.ACK|dptest.PSH, make([]byte, 700))
 	denied := dptest.TCP(t, netip.MustParseAddrPort("203.0.113.7:5555"), netip.MustParseAddrPort("198.51.100.1:22"), dptest.SYN, nil)
 	for _, f := range []struct {
-		dir   dptest.Direction
+		dir   bpf.Direction
 		frame []byte
-	}{{dptest.Egress, syn}, {dptest.Ingress, synack}, {dptest.Egress, data}, {dptest.Ingress, denied}} {
+	}{{bpf.Egress, syn}, {bpf.Ingress, synack}, {bpf.Egress, data}, {bpf.Ingress, denied}} {
 		dp.Run(t, f.dir, f.frame)
 	}
 	want := map[string][2]uint64{

@@ -110,6 +110,7 @@ const (
 	CtdMapPolicyV1    = "policy_v1"
 	CtdProgCtdEgress  = "ctd_egress"
 	CtdProgCtdIngress = "ctd_ingress"
+	CtdVarUnusedEnums = "unused_enums"
 	CtdVarUnusedEvent = "unused_event"
 )
 
@@ -177,6 +178,7 @@ type CtdMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdVariableSpecs struct {
+	UnusedEnums *ebpf.VariableSpec `ebpf:"unused_enums"`
 	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
 }
 
@@ -227,6 +229,7 @@ func (m *CtdMaps) Close() error {
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdVariables struct {
+	UnusedEnums *ebpf.Variable `ebpf:"unused_enums"`
 	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
 }
 

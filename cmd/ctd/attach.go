@@ -1,10 +1,7 @@
 package main
 
 import (
-	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -35,9 +32,6 @@ The map sizes take effect when the maps are created; a pinned map of another
 size is refused (run 'ctd teardown' to start empty).`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
 			m, err := attach.ParseMode(mode)
 			if err != nil {
 				return err
@@ -45,14 +39,13 @@ size is refused (run 'ctd teardown' to start empty).`,
 			if err := opts.Validate(); err != nil {
 				return err
 			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			if _, err := lookupIface(iface); err != nil {
 				return err
 			}
-			opts.PinPath = a.pinPath
-			at, err := a.attach(iface, m, opts)
+			at, err := a.pins().LoadAndAttach(iface, m, opts)
 			if err != nil {
 				return err
 			}
@@ -71,61 +64,4 @@ size is refused (run 'ctd teardown' to start empty).`,
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
 		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))
 	return c
-}
-
-// attach loads and attaches the datapath. If it fails, what this call
-// created is removed again: map pins and directories that did not exist
-// before, and the attachment of an interface that had none.
-func (a *app) attach(iface string, mode attach.Mode, opts loader.Options) (attach.Attachment, error) {
-	before, err := attach.Status(iface, a.linkDir())
-	if err != nil {
-		return attach.Attachment{}, err
-	}
-	undo := a.undoCreatedPins()
-
-	dp, err := loader.Load(opts)
-	if err != nil {
-		undo()
-		return attach.Attachment{}, err
-	}
-	defer dp.Close()
-
-	at, err := attach.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress}, a.linkDir())
-	if err != nil {
-		if before.Mode == "" {
-			if derr := attach.Detach(iface, a.linkDir()); derr != nil {
-				err = errors.Join(err, derr)
-			}
-			undo()
-		}
-		return attach.Attachment{}, err
-	}
-	return at, nil
-}
-
-// undoCreatedPins notes which of ctd's pins exist now and returns a function
-// that removes those that did not: map pins, the link directory and the pin
-// directory (the directories only when empty).
-func (a *app) undoCreatedPins() func() {
-	exists := func(p string) bool {
-		_, err := os.Lstat(p)
-		return err == nil
-	}
-	var created []string // removed in reverse order
-	if !exists(a.pinPath) {
-		created = append(created, a.pinPath)
-	}
-	if !exists(a.linkDir()) {
-		created = append(created, a.linkDir())
-	}
-	for _, name := range loader.MapNames {
-		if p := filepath.Join(a.pinPath, name); !exists(p) {
-			created = append(created, p)
-		}
-	}
-	return func() {
-		for i := len(created) - 1; i >= 0; i-- {
-			os.Remove(created[i])
-		}
-	}
 }

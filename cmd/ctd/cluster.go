@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/cluster"
 	"github.com/ctd-dev/ctd/control/identity"
 	"github.com/ctd-dev/ctd/control/ipcache"
@@ -202,7 +203,7 @@ func (a *app) clusterPolicyDel(c *cobra.Command, r policymap.Rule) error {
 }
 
 // clusterPolicyDefault is 'policy default' in cluster mode.
-func (a *app) clusterPolicyDefault(c *cobra.Command, d policymap.Direction, v policymap.Verdict) error {
+func (a *app) clusterPolicyDefault(c *cobra.Command, d bpf.Direction, v policymap.Verdict) error {
 	return a.withCluster(c, func(ctx context.Context, kv *kvstore.Client) error {
 		prev, err := kv.PolicyDefault(ctx, d, v)
 		if err != nil {

@@ -22,10 +22,7 @@ from its next packet, as if picked up mid-stream.`,
 			if err != nil {
 				return err
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			m, closeCT, err := a.openCT()
+			m, closeCT, err := a.openCT(nil)
 			if err != nil {
 				return err
 			}

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -27,17 +28,11 @@ sees them (Ethernet header included), packets count GSO segments.
 With -o json the output is one JSON array, written as the table is read.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			f, err := ff.parse()
 			if err != nil {
 				return err
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			m, closeCT, err := a.openCT()
+			m, closeCT, err := a.openCT(&out)
 			if err != nil {
 				return err
 			}
@@ -61,7 +56,7 @@ With -o json the output is one JSON array, written as the table is read.`,
 }
 
 func listText(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
-	enc := conntrack.NewEncoder(ctmap.Now(), conntrack.NewNames())
+	enc := conntrack.NewEncoder(ctmap.Now(), ifnames.New())
 	var buf []byte
 	return conntrack.List(m, f, func(fl ctmap.Flow) error {
 		buf = append(enc.AppendLine(buf[:0], fl), '\n')
@@ -72,7 +67,7 @@ func listText(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
 
 // listJSON streams a JSON array: "[", the objects separated by ",", "]".
 func listJSON(w io.Writer, m *ctmap.Map, f conntrack.Filter) error {
-	enc := conntrack.NewEncoder(ctmap.Now(), conntrack.NewNames())
+	enc := conntrack.NewEncoder(ctmap.Now(), ifnames.New())
 	buf := []byte("[")
 	sep := "\n"
 	err := conntrack.List(m, f, func(fl ctmap.Flow) error {

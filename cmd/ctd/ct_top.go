@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
+	"github.com/ctd-dev/ctd/control/ifnames"
 )
 
 func newCTTopCmd(a *app) *cobra.Command {
@@ -35,9 +36,6 @@ the protocol alone for flows without ports. The flow filters (--proto,
 With -o json the output is an array of {"value", "flows", "share"}.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			dim, err := conntrack.ParseBy(by)
 			if err != nil {
 				return err
@@ -49,16 +47,13 @@ With -o json the output is an array of {"value", "flows", "share"}.`,
 			if err != nil {
 				return err
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			m, closeCT, err := a.openCT()
+			m, closeCT, err := a.openCT(&out)
 			if err != nil {
 				return err
 			}
 			defer closeCT()
 
-			top, err := conntrack.Top(m, f, dim, n, conntrack.NewNames())
+			top, err := conntrack.Top(m, f, dim, n, ifnames.New())
 			if err != nil {
 				return err
 			}

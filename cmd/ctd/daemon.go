@@ -62,10 +62,7 @@ publishes this node's endpoints ('ctd endpoint') as --node-name under a
 lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			m, err := attach.ParseMode(mode)
@@ -180,7 +177,7 @@ func requireStoredIfaces(stateDir string) error {
 // created.
 func (a *app) detachAndForget(iface string) error {
 	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
-		return attach.Detach(iface, a.linkDir())
+		return a.pins().Detach(iface)
 	}
 	s, err := store.Open(a.stateDir, nil)
 	if err != nil {
@@ -190,7 +187,7 @@ func (a *app) detachAndForget(iface string) error {
 		if err := tx.DeleteInterface(iface); err != nil {
 			return err
 		}
-		return attach.Detach(iface, a.linkDir())
+		return a.pins().Detach(iface)
 	})
 }
 
@@ -201,9 +198,9 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	cs := []daemon.Component{{
 		Name: "conntrack GC",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			r, err := gc.NewRunner(ctmap.New(env.Datapath.CtV1), gc.RunnerConfig{
+			r, err := gc.NewRunner(ctmap.New(env.Datapath.CT()), gc.RunnerConfig{
 				Lifetimes: lt,
-				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.MetricsV1)),
+				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.Metrics())),
 				Logger:    env.Logger,
 			})
 			if err != nil {
@@ -219,12 +216,12 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	return append(cs, daemon.Component{
 		Name: "metrics server",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			maps, err := mapinfo.Of(&env.Datapath.CtdMaps, env.PinPath)
+			maps, err := mapinfo.Of(&env.Datapath.Maps, env.PinPath)
 			if err != nil {
 				return err
 			}
 			col := metrics.NewCollector(metrics.Sources{
-				Metrics: metricsmap.New(env.Datapath.MetricsV1),
+				Metrics: metricsmap.New(env.Datapath.Metrics()),
 				Maps:    maps,
 				GC: func() gc.Stats {
 					if r := runner.Load(); r != nil {
@@ -235,7 +232,7 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 				Attachments: func() ([]attach.Attachment, error) {
 					var out []attach.Attachment
 					for _, iface := range env.Interfaces {
-						at, err := attach.Status(iface, env.LinkDir)
+						at, err := env.Pins.Status(iface)
 						if errors.Is(err, attach.ErrInterfaceNotFound) {
 							at = attach.Attachment{Iface: iface}
 						} else if err != nil {

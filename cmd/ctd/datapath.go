@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -13,15 +12,10 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
-
-// linksDir is the directory below the pin path that holds pinned TCX links.
-const linksDir = "links"
 
 // checkPinPath rejects pin paths that cannot be ctd's own directory.
 func checkPinPath(p string) error {
@@ -35,8 +29,6 @@ func checkPinPath(p string) error {
 	}
 	return nil
 }
-
-func (a *app) linkDir() string { return filepath.Join(a.pinPath, linksDir) }
 
 // lookupIface checks that iface exists in the current network namespace.
 func lookupIface(iface string) (netlink.Link, error) {
@@ -71,56 +63,15 @@ func completeIfaces(*cobra.Command, []string, string) ([]cobra.Completion, cobra
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
-// openCT opens the pinned conntrack table; it never creates anything.
-func (a *app) openCT() (*ctmap.Map, func(), error) {
-	if err := checkPinPath(a.pinPath); err != nil {
+// openCT runs the preamble (out: the output format, nil for none) and
+// opens the pinned conntrack table; it never creates anything.
+func (a *app) openCT(out *string) (*ctmap.Map, func(), error) {
+	if err := a.preamble(out); err != nil {
 		return nil, nil, err
 	}
-	pin := filepath.Join(a.pinPath, bpf.CtdMapCtV1)
-	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{})
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil, fmt.Errorf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", a.pinPath, bpf.CtdMapCtV1)
-	}
+	m, err := a.pins().OpenMap(loader.CTMap, &ebpf.LoadPinOptions{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("open pinned map %s: %w", pin, err)
+		return nil, nil, err
 	}
 	return ctmap.New(m), func() { m.Close() }, nil
-}
-
-// attachments lists what this datapath (the one pinned at the pin path) has
-// attached in the current network namespace: every interface with a pinned
-// TCX link in its link directory, and every tc filter of ctd's whose programs
-// use this datapath's conntrack table. tc filters of a ctd with another pin
-// path are left out.
-func (a *app) attachments() ([]attach.Attachment, error) {
-	ctID, err := pinnedMapID(filepath.Join(a.pinPath, bpf.CtdMapCtV1))
-	if err != nil {
-		return nil, err
-	}
-	var ours []ebpf.MapID
-	if ctID != 0 {
-		ours = append(ours, ctID)
-	}
-	return attach.ListUsing(a.linkDir(), ours)
-}
-
-// pinnedMapID returns the ID of the map pinned at pin, or 0 if none is.
-func pinnedMapID(pin string) (ebpf.MapID, error) {
-	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
-	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("open pinned map %s: %w", pin, err)
-	}
-	defer m.Close()
-	info, err := m.Info()
-	if err != nil {
-		return 0, fmt.Errorf("pinned map %s: %w", pin, err)
-	}
-	id, ok := info.ID()
-	if !ok {
-		return 0, fmt.Errorf("pinned map %s: the kernel reports no map ID", pin)
-	}
-	return id, nil
 }

@@ -2,12 +2,8 @@ package main
 
 import (
 	"fmt"
-	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
-
-	"github.com/ctd-dev/ctd/datapath/attach"
 )
 
 func newDetachCmd(a *app) *cobra.Command {
@@ -17,17 +13,14 @@ func newDetachCmd(a *app) *cobra.Command {
 		Short: "Remove ctd's programs from one interface; the maps and other interfaces stay",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(nil); err != nil {
 				return err
 			}
 			_, lookupErr := lookupIface(iface)
 			if lookupErr != nil {
 				// A deleted interface may have left pinned links behind:
 				// remove those, else the name is simply wrong.
-				if _, err := os.Lstat(filepath.Join(a.linkDir(), iface)); err != nil {
+				if !a.pins().HasLinks(iface) {
 					return lookupErr
 				}
 				if err := a.detachAndForget(iface); err != nil {
@@ -36,7 +29,7 @@ func newDetachCmd(a *app) *cobra.Command {
 				fmt.Fprintf(c.OutOrStdout(), "interface %s is gone: removed its pinned ctd links\n", iface)
 				return nil
 			}
-			before, err := attach.Status(iface, a.linkDir())
+			before, err := a.pins().Status(iface)
 			if err != nil {
 				return err
 			}

@@ -44,20 +44,17 @@ Suppressed events are counted (events-ratelimited in 'ctd metrics').
 			} else if c.Flags().Changed("burst") {
 				return fmt.Errorf("--burst needs a rate: ctd events rate EVENTS_PER_SECOND --burst %d", burst)
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			maps, err := a.openPinnedMaps()
+			maps, err := a.openPinnedMaps(nil)
 			if err != nil {
 				return err
 			}
 			defer maps.Close()
 			if len(args) == 1 {
-				if err := events.SetRateLimit(maps.ConfigV1, lim); err != nil {
+				if err := events.SetRateLimit(maps.Config(), lim); err != nil {
 					return err
 				}
 			}
-			cur, err := events.GetRateLimit(maps.ConfigV1)
+			cur, err := events.GetRateLimit(maps.Config())
 			if err != nil {
 				return err
 			}

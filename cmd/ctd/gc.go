@@ -36,16 +36,10 @@ TCP SYN_SENT 60s, SYN_RECV 60s, ESTABLISHED 6h, FIN_WAIT 2m, CLOSED 10s;
 UDP without reply 30s, with reply 60s; ICMP 30s; other protocols 60s.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			if err := lt.Validate(); err != nil {
 				return err
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			m, closeCT, err := a.openCT()
+			m, closeCT, err := a.openCT(&out)
 			if err != nil {
 				return err
 			}

@@ -4,11 +4,9 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/ipcache"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
@@ -39,10 +37,10 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 		if err != nil {
 			return nil, nil, err
 		}
-		return ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), func() { maps.Close() }, nil
+		return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), func() { maps.Close() }, nil
 	}
 	table := func(c *cobra.Command) (ipcache.Table, func(), error) {
-		if err := requireRoot(); err != nil {
+		if err := a.preamble(nil); err != nil {
 			return ipcache.Table{}, nil, err
 		}
 		// The store first: a command that cannot record its change must
@@ -121,7 +119,7 @@ prefix contains the address, it is the world (identity 2) and the CIDR is
 empty (JSON "cidr": "").`,
 		Args: exactArgs(1, "ctd ipcache get IP [-o json]"),
 		RunE: func(c *cobra.Command, args []string) error {
-			if err := checkOutput(getOut); err != nil {
+			if err := a.preamble(&getOut); err != nil {
 				return err
 			}
 			if getCluster {
@@ -146,7 +144,7 @@ empty (JSON "cidr": "").`,
 		Short: "List every prefix and its identity (the text form is a file 'ipcache load' reads)",
 		Args:  exactArgs(0, "ctd ipcache list [-o json]"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(listOut); err != nil {
+			if err := a.preamble(&listOut); err != nil {
 				return err
 			}
 			if listCluster {
@@ -316,13 +314,7 @@ func writeIPCache(w io.Writer, entries []ipcache.Entry, output string) error {
 // whatever their size (a differing explicit --ipcache-max is an error);
 // otherwise the missing maps are created and pinned, the ipcache tries
 // with --ipcache-max prefixes per family.
-func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*bpf.CtdMaps, error) {
-	if err := requireRoot(); err != nil {
-		return nil, err
-	}
-	if err := checkPinPath(a.pinPath); err != nil {
-		return nil, err
-	}
+func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*loader.Maps, error) {
 	if !a.fullyPinned() {
 		o := loader.Options{PinPath: a.pinPath, IPCacheMax: ipcacheMax}.WithDefaults()
 		if err := o.Validate(); err != nil {
@@ -335,7 +327,7 @@ func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*bpf.CtdMaps, error
 		return nil, err
 	}
 	if f := c.Flag("ipcache-max"); f != nil && f.Changed {
-		if have := maps.Ipcache4V1.MaxEntries(); have != ipcacheMax {
+		if have := maps.IPCache4().MaxEntries(); have != ipcacheMax {
 			maps.Close()
 			return nil, fmt.Errorf("invalid --ipcache-max %d: the pinned ipcache at %s holds %d prefixes per family (drop the flag, or resize with 'ctd daemon --ipcache-max')", ipcacheMax, a.pinPath, have)
 		}
@@ -346,7 +338,7 @@ func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*bpf.CtdMaps, error
 // fullyPinned reports whether every map of the datapath is pinned.
 func (a *app) fullyPinned() bool {
 	for _, name := range loader.MapNames {
-		if _, err := os.Stat(filepath.Join(a.pinPath, name)); err != nil {
+		if !a.pins().Pinned(name) {
 			return false
 		}
 	}
@@ -356,15 +348,9 @@ func (a *app) fullyPinned() bool {
 // openPinnedIPCache opens the pinned ipcache tries for reading; it never
 // creates anything.
 func (a *app) openPinnedIPCache() (*ipcachemap.Map, func(), error) {
-	if err := requireRoot(); err != nil {
-		return nil, nil, err
-	}
-	if err := checkPinPath(a.pinPath); err != nil {
-		return nil, nil, err
-	}
 	maps, err := loader.OpenPinned(a.pinPath)
 	if err != nil {
 		return nil, nil, err
 	}
-	return ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), func() { maps.Close() }, nil
+	return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), func() { maps.Close() }, nil
 }

@@ -8,7 +8,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -31,16 +30,7 @@ A warning goes to stderr for each map more than 80% full. With -o json the
 output is an array with one object per map (fill in percent).`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
-				return err
-			}
-			infos, err := a.inspectMaps()
+			infos, err := a.inspectMaps(&out)
 			if err != nil {
 				return err
 			}
@@ -61,16 +51,17 @@ output is an array with one object per map (fill in percent).`,
 	return c
 }
 
-// openPinnedMaps opens every map pinned at the pin path.
-func (a *app) openPinnedMaps() (*bpf.CtdMaps, error) {
-	if err := checkPinPath(a.pinPath); err != nil {
+// openPinnedMaps runs the preamble (out: the output format, nil for none)
+// and opens every map pinned at the pin path; it never creates anything.
+func (a *app) openPinnedMaps(out *string) (*loader.Maps, error) {
+	if err := a.preamble(out); err != nil {
 		return nil, err
 	}
 	return loader.OpenPinned(a.pinPath)
 }
 
-func (a *app) inspectMaps() ([]mapinfo.Info, error) {
-	maps, err := a.openPinnedMaps()
+func (a *app) inspectMaps(out *string) ([]mapinfo.Info, error) {
+	maps, err := a.openPinnedMaps(out)
 	if err != nil {
 		return nil, err
 	}

@@ -37,18 +37,12 @@ The counters count from the moment the maps were created; they survive
 restarts and re-attachments.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			maps, err := a.openPinnedMaps()
+			maps, err := a.openPinnedMaps(&out)
 			if err != nil {
 				return err
 			}
 			defer maps.Close()
-			snap, err := metricsmap.New(maps.MetricsV1).Read()
+			snap, err := metricsmap.New(maps.Metrics()).Read()
 			if err != nil {
 				return err
 			}

@@ -46,9 +46,6 @@ suppressed by the per-CPU rate limit (see 'ctd events rate').
 Interface names are those of monitor's own network namespace.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
 			match := func(events.Type) bool { return true }
 			switch typ {
 			case "":
@@ -67,28 +64,25 @@ Interface names are those of monitor's own network namespace.`,
 				}
 				ifindex = uint32(ifi.Index)
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			maps, err := a.openPinnedMaps()
+			maps, err := a.openPinnedMaps(&out)
 			if err != nil {
 				return err
 			}
 			defer maps.Close()
-			rd, err := events.NewReader(maps.EventsV1)
+			rd, err := events.NewReader(maps.Events())
 			if err != nil {
 				return err
 			}
 			defer rd.Close()
 			rd.SkipBefore(ctmap.Now().Mono())
-			lim, err := events.GetRateLimit(maps.ConfigV1)
+			lim, err := events.GetRateLimit(maps.Config())
 			if err != nil {
 				return err
 			}
 
 			ctx, stop := signal.NotifyContext(c.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			lost := &lostReporter{m: metricsmap.New(maps.MetricsV1), w: c.ErrOrStderr()}
+			lost := &lostReporter{m: metricsmap.New(maps.Metrics()), w: c.ErrOrStderr()}
 			if err := lost.start(); err != nil {
 				return err
 			}

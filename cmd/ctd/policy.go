@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/policy"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -39,7 +40,7 @@ which 'ctd daemon' restores after a restart.`,
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
 	open := func(c *cobra.Command) (policy.Policy, func(), error) {
-		if err := requireRoot(); err != nil {
+		if err := a.preamble(nil); err != nil {
 			return policy.Policy{}, nil, err
 		}
 		// The store first: a command that cannot record its change must
@@ -52,7 +53,7 @@ which 'ctd daemon' restores after a restart.`,
 		if err != nil {
 			return policy.Policy{}, nil, err
 		}
-		return policy.Policy{Map: policymap.New(maps.PolicyV1, maps.ConfigV1), Store: st}, func() { maps.Close() }, nil
+		return policy.Policy{Map: policymap.New(maps.Policy(), maps.Config()), Store: st}, func() { maps.Close() }, nil
 	}
 
 	c.AddCommand(&cobra.Command{
@@ -144,16 +145,13 @@ which 'ctd daemon' restores after a restart.`,
 		Short: "Show the default verdicts and every rule",
 		Args:  exactArgs(0, "ctd policy list [-o json]"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(listOut); err != nil {
-				return err
-			}
 			if listCluster {
+				if err := checkOutput(listOut); err != nil {
+					return err
+				}
 				return a.clusterPolicyList(c, listOut)
 			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(&listOut); err != nil {
 				return err
 			}
 			maps, err := loader.OpenPinned(a.pinPath)
@@ -161,7 +159,7 @@ which 'ctd daemon' restores after a restart.`,
 				return err
 			}
 			defer maps.Close()
-			s, err := policy.Show(policymap.New(maps.PolicyV1, maps.ConfigV1))
+			s, err := policy.Show(policymap.New(maps.Policy(), maps.Config()))
 			if err != nil {
 				return err
 			}
@@ -214,7 +212,7 @@ func policyList(w io.Writer, s policy.State, output string) error {
 	if output == "json" {
 		out := policyJSON{Defaults: map[string]string{}, Rules: []policyRuleJSON{}}
 		for d, v := range s.Defaults {
-			out.Defaults[policymap.Direction(d).String()] = v.Effective().String()
+			out.Defaults[bpf.Direction(d).String()] = v.Effective().String()
 		}
 		for _, r := range s.Rules {
 			out.Rules = append(out.Rules, policyRuleJSON{
@@ -229,7 +227,7 @@ func policyList(w io.Writer, s policy.State, output string) error {
 		return writeJSON(w, out)
 	}
 	for d, v := range s.Defaults {
-		if _, err := fmt.Fprintf(w, "default %v %s\n", policymap.Direction(d), defaultString(v)); err != nil {
+		if _, err := fmt.Fprintf(w, "default %v %s\n", bpf.Direction(d), defaultString(v)); err != nil {
 			return err
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // app holds the global flags every command shares.
@@ -47,6 +48,26 @@ func newRootCmd() *cobra.Command {
 	)
 	return root
 }
+
+// preamble checks, in this order, what every command that touches the
+// datapath needs before it does: the output format (out nil: the command
+// has no -o), root, and a pin path that can be ctd's. Commands call it
+// once their own arguments are parsed, so that a bad argument is reported
+// as such whoever runs the command.
+func (a *app) preamble(out *string) error {
+	if out != nil {
+		if err := checkOutput(*out); err != nil {
+			return err
+		}
+	}
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	return checkPinPath(a.pinPath)
+}
+
+// pins is the datapath's pin directory.
+func (a *app) pins() pins.Dir { return pins.New(a.pinPath) }
 
 // requireRoot fails early, in one line, where the kernel would refuse.
 func requireRoot() error {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"text/tabwriter"
 
 	"github.com/cilium/ebpf"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 type statusReport struct {
@@ -47,13 +47,7 @@ func newStatusCmd(a *app) *cobra.Command {
 		Short: "Show the interfaces ctd is attached to and how full its maps are",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			if err := checkOutput(out); err != nil {
-				return err
-			}
-			if err := requireRoot(); err != nil {
-				return err
-			}
-			if err := checkPinPath(a.pinPath); err != nil {
+			if err := a.preamble(&out); err != nil {
 				return err
 			}
 			r, err := a.status()
@@ -72,7 +66,7 @@ func newStatusCmd(a *app) *cobra.Command {
 
 func (a *app) status() (*statusReport, error) {
 	r := &statusReport{PinPath: a.pinPath, Interfaces: []ifaceStatus{}, Maps: []mapStatus{}}
-	ats, err := a.attachments()
+	ats, err := a.pins().Attachments()
 	if err != nil {
 		return nil, err
 	}
@@ -86,7 +80,7 @@ func (a *app) status() (*statusReport, error) {
 		})
 	}
 	for _, name := range loader.MapNames {
-		s, err := pinnedMapStatus(a.pinPath, name)
+		s, err := pinnedMapStatus(a.pins(), name)
 		if err != nil {
 			return nil, err
 		}
@@ -95,14 +89,13 @@ func (a *app) status() (*statusReport, error) {
 	return r, nil
 }
 
-func pinnedMapStatus(pinPath, name string) (mapStatus, error) {
-	pin := filepath.Join(pinPath, name)
-	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
+func pinnedMapStatus(dir pins.Dir, name string) (mapStatus, error) {
+	m, err := dir.OpenMap(name, &ebpf.LoadPinOptions{ReadOnly: true})
 	if errors.Is(err, os.ErrNotExist) {
 		return mapStatus{Name: name}, nil
 	}
 	if err != nil {
-		return mapStatus{}, fmt.Errorf("open pinned map %s: %w", pin, err)
+		return mapStatus{}, err
 	}
 	defer m.Close()
 
@@ -112,7 +105,7 @@ func pinnedMapStatus(pinPath, name string) (mapStatus, error) {
 	}
 	c, err := mapinfo.Count(m)
 	if err != nil {
-		return mapStatus{}, fmt.Errorf("count entries of %s: %w", pin, err)
+		return mapStatus{}, fmt.Errorf("count entries of %s: %w", dir.Map(name), err)
 	}
 	n := int(c)
 	s.Entries = &n

@@ -8,11 +8,11 @@ import (
 	"net/netip"
 	"slices"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/daemon"
 	"github.com/ctd-dev/ctd/control/kvstore"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
+	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 // Apply makes the node's store and maps enforce a sync update, in one
@@ -26,7 +26,7 @@ import (
 // For a delta that changed the store, Apply reports the store generations
 // it took the store from and to (both zero otherwise): the maps changed
 // exactly as the store did (see daemon.Env.Advance).
-func Apply(s *store.Store, maps *bpf.CtdMaps, u kvstore.Update) (from, to uint64, err error) {
+func Apply(s *store.Store, maps *loader.Maps, u kvstore.Update) (from, to uint64, err error) {
 	if u.Full {
 		return 0, 0, s.Update(func(tx *store.Tx) error {
 			st, err := replaceStore(tx, u)
@@ -37,7 +37,7 @@ func Apply(s *store.Store, maps *bpf.CtdMaps, u kvstore.Update) (from, to uint64
 			return err
 		})
 	}
-	m := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1)
+	m := ipcachemap.New(maps.IPCache4(), maps.IPCache6())
 	var before uint64
 	var changed bool
 	err = s.Update(func(tx *store.Tx) error {

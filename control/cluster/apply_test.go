@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/cluster"
 	"github.com/ctd-dev/ctd/control/kvstore"
 	"github.com/ctd-dev/ctd/control/store"
@@ -19,7 +18,7 @@ import (
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
 // node is a datapath's maps and a store, as a daemon has them.
-func node(t *testing.T) (*store.Store, *bpf.CtdMaps) {
+func node(t *testing.T) (*store.Store, *loader.Maps) {
 	t.Helper()
 	m, err := loader.OpenMaps(loader.Options{PinPath: nettest.PinPath(t), IPCacheMax: 1024}.WithDefaults())
 	if err != nil {
@@ -35,7 +34,7 @@ func node(t *testing.T) (*store.Store, *bpf.CtdMaps) {
 
 // check requires the store and the maps to hold exactly ipc, rules and
 // defaults.
-func check(t *testing.T, when string, s *store.Store, m *bpf.CtdMaps, ipc map[netip.Prefix]uint32, rules map[store.RuleKey]store.Verdict, defaults [2]store.Verdict) {
+func check(t *testing.T, when string, s *store.Store, m *loader.Maps, ipc map[netip.Prefix]uint32, rules map[store.RuleKey]store.Verdict, defaults [2]store.Verdict) {
 	t.Helper()
 	st, err := s.Snapshot()
 	if err != nil {
@@ -44,7 +43,7 @@ func check(t *testing.T, when string, s *store.Store, m *bpf.CtdMaps, ipc map[ne
 	if !maps.Equal(st.IPCache, ipc) || !maps.Equal(st.Policy, rules) || st.Defaults != defaults {
 		t.Errorf("%s: store holds %v %v %v, want %v %v %v", when, st.IPCache, st.Policy, st.Defaults, ipc, rules, defaults)
 	}
-	entries, err := ipcachemap.New(m.Ipcache4V1, m.Ipcache6V1).List()
+	entries, err := ipcachemap.New(m.IPCache4(), m.IPCache6()).List()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +54,7 @@ func check(t *testing.T, when string, s *store.Store, m *bpf.CtdMaps, ipc map[ne
 	if !maps.Equal(have, ipc) {
 		t.Errorf("%s: ipcache maps hold %v, want %v", when, have, ipc)
 	}
-	pm := policymap.New(m.PolicyV1, m.ConfigV1)
+	pm := policymap.New(m.Policy(), m.Config())
 	list, err := pm.List()
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +87,7 @@ func TestApply(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ipcachemap.New(m.Ipcache4V1, m.Ipcache6V1).Put(pfx("10.0.0.0/8"), 9); err != nil {
+	if err := ipcachemap.New(m.IPCache4(), m.IPCache6()).Put(pfx("10.0.0.0/8"), 9); err != nil {
 		t.Fatal(err)
 	}
 

@@ -87,7 +87,7 @@ func (a *Agent) Component() daemon.Component {
 // Run syncs and publishes until ctx ends. etcd being away is never an
 // error: the node keeps enforcing what it synced last.
 func (a *Agent) Run(ctx context.Context, env *daemon.Env) error {
-	maps := &env.Datapath.CtdMaps
+	maps := &env.Datapath.Maps
 	a.apply = func(u kvstore.Update) error {
 		t0 := time.Now()
 		from, to, err := Apply(env.Store, maps, u)

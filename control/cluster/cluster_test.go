@@ -39,7 +39,7 @@ func newAgentNode(t *testing.T, name string, eps []string) *agentNode {
 	}
 	t.Cleanup(func() { kv.Close() })
 	n := &agentNode{t: t, name: name, dir: filepath.Dir(s.Path()), kv: kv,
-		env: &daemon.Env{Datapath: &loader.Datapath{CtdMaps: *m}, Store: s}}
+		env: &daemon.Env{Datapath: &loader.Datapath{Maps: *m}, Store: s}}
 	t.Cleanup(func() {
 		if n.stop != nil {
 			n.stop()
@@ -63,7 +63,7 @@ func (n *agentNode) start() {
 
 func (n *agentNode) lookup(ip string) uint32 {
 	n.t.Helper()
-	e, ok, err := ipcachemap.New(n.env.Datapath.Ipcache4V1, n.env.Datapath.Ipcache6V1).Lookup(netip.MustParseAddr(ip))
+	e, ok, err := ipcachemap.New(n.env.Datapath.IPCache4(), n.env.Datapath.IPCache6()).Lookup(netip.MustParseAddr(ip))
 	if err != nil {
 		n.t.Fatal(err)
 	}

@@ -3,12 +3,12 @@ package conntrack
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -122,29 +122,6 @@ type Row struct {
 	Flags        []string `json:"flags"` // opened_ingress, pickup, related
 }
 
-// Names resolves interface indexes to names in the calling thread's network
-// namespace, asking the kernel once per index.
-type Names struct {
-	cache map[uint32]string
-}
-
-// NewNames returns an empty resolver.
-func NewNames() *Names { return &Names{cache: make(map[uint32]string)} }
-
-// Name returns the name of the interface with index ifindex, or the index
-// itself when no interface has it (any more).
-func (n *Names) Name(ifindex uint32) string {
-	if s, ok := n.cache[ifindex]; ok {
-		return s
-	}
-	s := strconv.FormatUint(uint64(ifindex), 10)
-	if ifi, err := net.InterfaceByIndex(int(ifindex)); err == nil {
-		s = ifi.Name
-	}
-	n.cache[ifindex] = s
-	return s
-}
-
 var flagNames = []struct {
 	bit  uint8
 	name string
@@ -171,7 +148,7 @@ func FlagNames(f uint8) []string {
 
 // RowOf converts fl to its JSON form; bt converts its timestamps to wall
 // time and names its interface.
-func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *Names) Row {
+func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *ifnames.Cache) Row {
 	return Row{
 		Proto:        ctmap.ProtoName(fl.Proto),
 		Src:          fl.Src.String(),
@@ -196,7 +173,7 @@ func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *Names) Row {
 // originator's direction, then after "|" the reply direction's counters.
 //
 //	tcp ESTABLISHED src=198.51.100.1 dst=198.51.100.2 sport=40000 dport=8080 packets=5 bytes=400 | packets=4 bytes=300 id=2->2 iface=ctd0
-func Line(fl ctmap.Flow, names *Names) string {
+func Line(fl ctmap.Flow, names *ifnames.Cache) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s %s src=%s dst=%s sport=%d dport=%d packets=%d bytes=%d | packets=%d bytes=%d id=%d->%d iface=%s",
 		ctmap.ProtoName(fl.Proto), fl.State, fl.Src, fl.Dst, fl.Sport, fl.Dport,

@@ -12,9 +12,10 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 func TestParseFilter(t *testing.T) {
@@ -122,7 +123,7 @@ func TestFlagNames(t *testing.T) {
 func TestRowJSONKeys(t *testing.T) {
 	fl := testFlows[0]
 	fl.FirstSeen, fl.LastSeen = time.Second, 2*time.Second
-	b, err := json.Marshal(RowOf(fl, ctmap.Now(), NewNames()))
+	b, err := json.Marshal(RowOf(fl, ctmap.Now(), ifnames.New()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,17 +153,6 @@ func TestRowJSONKeys(t *testing.T) {
 	}
 }
 
-func TestNames(t *testing.T) {
-	n := NewNames()
-	if got := n.Name(1); got != "lo" {
-		t.Errorf("Name(1) = %q, want lo", got)
-	}
-	// No interface has index 2^31-1: the number stands in.
-	if got := n.Name(1<<31 - 1); got != "2147483647" {
-		t.Errorf("Name(2147483647) = %q, want the number", got)
-	}
-}
-
 // newTable creates an unpinned conntrack table with the datapath's layout
 // and fills it with testFlows.
 func newTable(t *testing.T) *ctmap.Map {
@@ -185,14 +175,12 @@ func newTable(t *testing.T) *ctmap.Map {
 // with the datapath's layout.
 func newEmptyTable(t *testing.T, size uint32) *ctmap.Map {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatalf("this test creates BPF maps and needs root (euid %d): run it as root, e.g. sudo make test", os.Geteuid())
-	}
+	nettest.RequireRoot(t)
 	spec, err := loader.Options{CTMax: size, IPCacheMax: 1, RingBufSize: 4096}.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -268,7 +256,7 @@ func TestLine(t *testing.T) {
 	fl.SrcIdentity, fl.DstIdentity, fl.Ifindex = 2, 2, 1
 	fl.Flags = ctmap.FlagOpenedIngress
 	want := "tcp ESTABLISHED src=198.51.100.1 dst=198.51.100.2 sport=40000 dport=8080 packets=5 bytes=400 | packets=4 bytes=300 id=2->2 iface=lo flags=opened_ingress"
-	if got := Line(fl, NewNames()); got != want {
+	if got := Line(fl, ifnames.New()); got != want {
 		t.Errorf("Line =\n%s\nwant\n%s", got, want)
 	}
 }

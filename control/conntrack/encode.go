@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -13,7 +14,7 @@ import (
 // Its output is byte for byte what json.Marshal(RowOf(...)) and Line give.
 type Encoder struct {
 	bt    ctmap.Clock
-	names *Names
+	names *ifnames.Cache
 
 	// The formatted date and time of one wall-clock second, reused while
 	// consecutive stamps fall in the same second.
@@ -23,7 +24,7 @@ type Encoder struct {
 
 // NewEncoder returns an encoder that converts stamps with bt and names
 // interfaces with names.
-func NewEncoder(bt ctmap.Clock, names *Names) *Encoder {
+func NewEncoder(bt ctmap.Clock, names *ifnames.Cache) *Encoder {
 	return &Encoder{bt: bt, names: names, sec: -1}
 }
 

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -13,7 +14,7 @@ import (
 // json.Marshal(RowOf(...)) and Line, byte for byte.
 func TestEncoderMatchesReference(t *testing.T) {
 	bt := ctmap.Now()
-	names := NewNames()
+	names := ifnames.New()
 	flows := append([]ctmap.Flow(nil), testFlows...)
 	boot := bt.Mono()
 	for i, d := range []time.Duration{
@@ -57,7 +58,7 @@ func TestAppendString(t *testing.T) {
 }
 
 func BenchmarkEncoderJSON(b *testing.B) {
-	enc := NewEncoder(ctmap.Now(), NewNames())
+	enc := NewEncoder(ctmap.Now(), ifnames.New())
 	fl := testFlows[0]
 	fl.FirstSeen, fl.LastSeen = 5*time.Second+123, 6*time.Second+456789
 	var buf []byte

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -62,7 +63,7 @@ type TopTable struct {
 //
 // Counting runs on integer keys; only the rows kept are turned into
 // strings, so a table of a million flows costs little more than reading it.
-func Top(m *ctmap.Map, f Filter, by By, n int, names *Names) (TopTable, error) {
+func Top(m *ctmap.Map, f Filter, by By, n int, names *ifnames.Cache) (TopTable, error) {
 	key, err := topKey(by)
 	if err != nil {
 		return TopTable{}, err
@@ -138,7 +139,7 @@ func topKey(by By) (func(ctmap.Flow) (uint32, uint32, bool), error) {
 	return nil, err
 }
 
-func topValue(by By, k uint32, names *Names) string {
+func topValue(by By, k uint32, names *ifnames.Cache) string {
 	switch by {
 	case ByDport:
 		// Flows without ports (ICMP echo: the identifier is the source

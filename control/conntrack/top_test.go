@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -64,7 +65,7 @@ func TestTop(t *testing.T) {
 		{by: BySrcIdentity, filter: Filter{Proto: unix.IPPROTO_UDP}, want: []TopRow{{"200", 30, 1}}, total: 30},
 	} {
 		t.Run(string(tc.by), func(t *testing.T) {
-			got, err := Top(m, tc.filter, tc.by, tc.n, NewNames())
+			got, err := Top(m, tc.filter, tc.by, tc.n, ifnames.New())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -83,7 +84,7 @@ func TestTop(t *testing.T) {
 }
 
 func TestTopIface(t *testing.T) {
-	got, err := Top(topTable(t), Filter{}, ByIface, 0, NewNames())
+	got, err := Top(topTable(t), Filter{}, ByIface, 0, ifnames.New())
 	if err != nil {
 		t.Fatal(err)
 	}

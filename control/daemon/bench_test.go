@@ -47,11 +47,11 @@ func prefill(b *testing.B, e *testEnv, n int) {
 	}
 	for i := 0; i < n; i += ctmap.BatchSize {
 		end := min(i+ctmap.BatchSize, n)
-		if _, err := d.dp.CtV1.BatchUpdate(keys[i:end], vals[i:end], nil); err != nil {
+		if _, err := d.dp.CT().BatchUpdate(keys[i:end], vals[i:end], nil); err != nil {
 			b.Fatal(err)
 		}
 	}
-	if c, err := ctmap.New(d.dp.CtV1).Count(); err != nil || c != n {
+	if c, err := ctmap.New(d.dp.CT()).Count(); err != nil || c != n {
 		b.Fatalf("conntrack holds %d entries (%v), want %d", c, err, n)
 	}
 }
@@ -111,7 +111,7 @@ func BenchmarkStartReady(b *testing.B) {
 }
 
 func ipcacheCount(d *Daemon) (int, int, error) {
-	return ipcachemap.New(d.dp.Ipcache4V1, d.dp.Ipcache6V1).Count()
+	return ipcachemap.New(d.dp.IPCache4(), d.dp.IPCache6()).Count()
 }
 
 func addReady(sum *Ready, r Ready) {

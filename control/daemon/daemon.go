@@ -36,12 +36,12 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/migrate"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // Defaults of Config.
@@ -57,8 +57,7 @@ type Config struct {
 	Interfaces []string
 	Mode       attach.Mode
 
-	// PinPath holds the pinned maps, and the pinned TCX links below
-	// migrate.LinkDir(PinPath).
+	// PinPath holds the pinned maps and links (see package pins).
 	PinPath string
 	// StateDir holds the desired-state store.
 	StateDir string
@@ -96,7 +95,7 @@ type Component struct {
 type Env struct {
 	Datapath   *loader.Datapath
 	PinPath    string
-	LinkDir    string
+	Pins       pins.Dir
 	Interfaces []string // the interfaces the daemon attached to
 	Store      *store.Store
 	Logger     *slog.Logger
@@ -124,12 +123,12 @@ type Ready struct {
 
 // Daemon is one run of the agent.
 type Daemon struct {
-	cfg     Config
-	linkDir string
-	log     *slog.Logger
-	store   *store.Store
-	lock    *os.File // LockFile, held until Close
-	dp      *loader.Datapath
+	cfg   Config
+	pins  pins.Dir
+	log   *slog.Logger
+	store *store.Store
+	lock  *os.File // LockFile, held until Close
+	dp    *loader.Datapath
 
 	mu     sync.Mutex // guards gen and ifaces against concurrent syncs
 	gen    uint64
@@ -173,12 +172,12 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, err
 	}
 	return &Daemon{
-		cfg:     cfg,
-		linkDir: migrate.LinkDir(cfg.PinPath),
-		log:     cfg.Logger,
-		store:   s,
-		lock:    lock,
-		ifaces:  make(map[string]attach.Mode),
+		cfg:    cfg,
+		pins:   pins.New(cfg.PinPath),
+		log:    cfg.Logger,
+		store:  s,
+		lock:   lock,
+		ifaces: make(map[string]attach.Mode),
 	}, nil
 }
 
@@ -227,7 +226,7 @@ func (d *Daemon) Start() (Ready, error) {
 	if r.Repinned, err = d.repinFromAttached(); err != nil {
 		return r, err
 	}
-	existed := slices.ContainsFunc(loader.MapNames, func(n string) bool { return pinned(d.cfg.PinPath, n) })
+	existed := slices.ContainsFunc(loader.MapNames, d.pins.Pinned)
 	dp, rep, err := d.load(opts)
 	r.Migration = rep
 	if err != nil {
@@ -243,7 +242,7 @@ func (d *Daemon) Start() (Ready, error) {
 		return r, err
 	}
 	if gen == 0 && existed {
-		if r.Adopted, err = adopt(d.store, &dp.CtdMaps); err != nil {
+		if r.Adopted, err = adopt(d.store, &dp.Maps); err != nil {
 			return r, err
 		}
 	}
@@ -253,7 +252,7 @@ func (d *Daemon) Start() (Ready, error) {
 		if st, err = tx.State(); err != nil {
 			return err
 		}
-		r.Sync, err = Sync(st, &dp.CtdMaps)
+		r.Sync, err = Sync(st, &dp.Maps)
 		return err
 	})
 	if err != nil {
@@ -277,148 +276,6 @@ func (d *Daemon) Start() (Ready, error) {
 	r.Generation = gen
 	r.Total = time.Since(t0)
 	return r, nil
-}
-
-// options resolves the map sizes: what was asked, else what is pinned,
-// else the defaults.
-func (d *Daemon) options() (loader.Options, error) {
-	o := loader.Options{
-		PinPath:     d.cfg.PinPath,
-		CTMax:       d.cfg.CTMax,
-		IPCacheMax:  d.cfg.IPCacheMax,
-		RingBufSize: d.cfg.RingBufSize,
-	}
-	for _, f := range []struct {
-		size *uint32
-		name string
-	}{
-		{&o.CTMax, bpf.CtdMapCtV1},
-		{&o.IPCacheMax, bpf.CtdMapIpcache4V1},
-		{&o.RingBufSize, bpf.CtdMapEventsV1},
-	} {
-		if *f.size != 0 {
-			continue
-		}
-		n, err := pinnedMaxEntries(filepath.Join(d.cfg.PinPath, f.name))
-		if err != nil {
-			return o, err
-		}
-		*f.size = n
-	}
-	o = o.WithDefaults()
-	return o, o.Validate()
-}
-
-func pinnedMaxEntries(pin string) (uint32, error) {
-	m, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
-	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("open pinned map %s: %w", pin, err)
-	}
-	defer m.Close()
-	return m.MaxEntries(), nil
-}
-
-func pinned(pinPath, name string) bool {
-	_, err := os.Lstat(filepath.Join(pinPath, name))
-	return err == nil
-}
-
-// load opens the pinned maps, migrates those whose layout or size differs
-// from what this build wants (switching the programs on every attached
-// interface to the new maps, see package migrate), and loads this build's
-// programs against them.
-func (d *Daemon) load(o loader.Options) (*loader.Datapath, migrate.Report, error) {
-	specFn := d.cfg.Spec
-	if specFn == nil {
-		specFn = bpf.LoadCtd
-	}
-	spec, err := specFn()
-	if err != nil {
-		return nil, migrate.Report{}, fmt.Errorf("load datapath spec: %w", err)
-	}
-	coll, rep, err := migrate.LoadSpec(o, spec, migrate.Interfaces{LinkDir: d.linkDir})
-	if err != nil {
-		return nil, rep, fmt.Errorf("load datapath: %w", err)
-	}
-	defer coll.Close()
-	dp := &loader.Datapath{}
-	if err := coll.Assign(&dp.CtdMaps); err != nil {
-		return nil, rep, fmt.Errorf("load datapath: assign maps: %w", err)
-	}
-	if err := coll.Assign(&dp.CtdPrograms); err != nil {
-		dp.CtdMaps.Close()
-		return nil, rep, fmt.Errorf("load datapath: assign programs: %w", err)
-	}
-	return dp, rep, nil
-}
-
-// repinFromAttached re-pins maps whose pins are missing while ctd's programs
-// still run on one of the daemon's interfaces (e.g. a pin removed by hand, or
-// tc filters that outlived the pin directory), so that Start adopts the live
-// state instead of creating empty maps under running traffic.
-func (d *Daemon) repinFromAttached() ([]string, error) {
-	var missing []string
-	for _, name := range loader.MapNames {
-		if !pinned(d.cfg.PinPath, name) {
-			missing = append(missing, name)
-		}
-	}
-	if len(missing) == 0 {
-		return nil, nil
-	}
-	var repinned []string
-	for _, iface := range d.cfg.Interfaces {
-		at, err := attach.Status(iface, d.linkDir)
-		if errors.Is(err, attach.ErrInterfaceNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		for _, id := range []ebpf.ProgramID{at.IngressProgID, at.EgressProgID} {
-			if id == 0 {
-				continue
-			}
-			names, err := repinProgramMaps(id, d.cfg.PinPath, missing)
-			if err != nil {
-				return nil, fmt.Errorf("adopt the maps of the program attached to %s: %w", iface, err)
-			}
-			repinned = append(repinned, names...)
-			missing = slices.DeleteFunc(missing, func(n string) bool { return slices.Contains(names, n) })
-		}
-	}
-	for _, n := range repinned {
-		d.log.Warn("map pin was missing; re-pinned the map the attached program uses", "map", n, "pin", filepath.Join(d.cfg.PinPath, n))
-	}
-	return repinned, nil
-}
-
-// repinProgramMaps pins those maps of program id whose names are in want.
-func repinProgramMaps(id ebpf.ProgramID, pinPath string, want []string) ([]string, error) {
-	ids, err := attach.ProgramMaps(id)
-	if err != nil {
-		return nil, err
-	}
-	var done []string
-	for _, mid := range ids {
-		m, err := ebpf.NewMapFromID(mid)
-		if err != nil {
-			continue // freed meanwhile
-		}
-		mi, err := m.Info()
-		if err == nil && slices.Contains(want, mi.Name) && !slices.Contains(done, mi.Name) {
-			if err := m.Pin(filepath.Join(pinPath, mi.Name)); err != nil {
-				m.Close()
-				return done, fmt.Errorf("pin map %s: %w", mi.Name, err)
-			}
-			done = append(done, mi.Name)
-		}
-		m.Close()
-	}
-	return done, nil
 }
 
 // attachAll attaches the programs to the configured interfaces and to those
@@ -447,7 +304,7 @@ func (d *Daemon) attachAll(stored map[string]string, strict bool) ([]attach.Atta
 	})
 	var out []attach.Attachment
 	for _, name := range names {
-		at, err := attach.Attach(name, want[name], progs, d.linkDir)
+		at, err := d.pins.Attach(name, want[name], progs)
 		if err != nil {
 			if strict && slices.Contains(d.cfg.Interfaces, name) {
 				return out, err
@@ -498,184 +355,4 @@ func (d *Daemon) record(synced uint64) (uint64, error) {
 		return synced, nil
 	}
 	return after, nil
-}
-
-// Run runs the components and the reconcile loop until ctx is done, then
-// returns nil; it returns early with the error of a failing component or a
-// broken store. Start must have succeeded.
-func (d *Daemon) Run(ctx context.Context) error {
-	if d.dp == nil {
-		return errors.New("daemon: Run before a successful Start")
-	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-
-	env := &Env{
-		Datapath:   d.dp,
-		PinPath:    d.cfg.PinPath,
-		LinkDir:    d.linkDir,
-		Interfaces: d.attached(),
-		Store:      d.store,
-		Logger:     d.log,
-		Advance:    d.advance,
-	}
-	var wg sync.WaitGroup
-	for _, c := range d.cfg.Components {
-		wg.Go(func() {
-			err := c.Run(ctx, env)
-			if err != nil && ctx.Err() == nil {
-				cancel(fmt.Errorf("%s: %w", c.Name, err))
-			}
-		})
-	}
-	wg.Go(func() {
-		if err := d.reconcileLoop(ctx); err != nil {
-			cancel(err)
-		}
-	})
-	wg.Wait()
-	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
-		return err
-	}
-	return nil
-}
-
-// advance moves the generation the maps match from from to to, unless the
-// daemon's own view moved meanwhile (then the reconcile loop catches up).
-func (d *Daemon) advance(from, to uint64) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.gen == from {
-		d.gen = to
-	}
-}
-
-func (d *Daemon) attached() []string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return slices.Sorted(func(yield func(string) bool) {
-		for n := range d.ifaces {
-			if !yield(n) {
-				return
-			}
-		}
-	})
-}
-
-// reconcileLoop polls the store's generation and reconciles the maps when it
-// changed, and every ResyncInterval regardless. A failed poll or reconcile
-// is logged and retried at the next tick; the datapath keeps running.
-func (d *Daemon) reconcileLoop(ctx context.Context) error {
-	poll := time.NewTicker(d.cfg.PollInterval)
-	defer poll.Stop()
-	lastSync := time.Now()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-poll.C:
-		}
-		gen, err := d.store.Generation()
-		if err != nil {
-			d.log.Warn("read store generation", "err", err)
-			continue
-		}
-		d.mu.Lock()
-		changed := gen != d.gen
-		d.mu.Unlock()
-		if !changed && time.Since(lastSync) < d.cfg.ResyncInterval {
-			continue
-		}
-		lastSync = time.Now()
-		if _, err := d.Reconcile(); err != nil {
-			d.log.Warn("reconcile", "err", err)
-		}
-	}
-}
-
-// Reconcile brings the maps and attachments in line with the store once,
-// as the reconcile loop does on a change.
-func (d *Daemon) Reconcile() (SyncStats, error) {
-	t0 := time.Now()
-	var (
-		st    *store.State
-		stats SyncStats
-	)
-	err := d.store.View(func(tx *store.Tx) error {
-		var err error
-		if st, err = tx.State(); err != nil {
-			return err
-		}
-		stats, err = Sync(st, &d.dp.CtdMaps)
-		return err
-	})
-	if err != nil {
-		return stats, err
-	}
-	d.mu.Lock()
-	var newIfaces map[string]string
-	for name, mode := range st.Interfaces {
-		if m, ok := d.ifaces[name]; !ok || string(m) != mode {
-			if newIfaces == nil {
-				newIfaces = make(map[string]string)
-			}
-			newIfaces[name] = mode
-		}
-	}
-	d.gen = st.Generation
-	d.mu.Unlock()
-	if newIfaces != nil {
-		if _, err := d.attachAll(newIfaces, false); err != nil {
-			return stats, err
-		}
-	}
-	if stats.Changed() || newIfaces != nil {
-		d.log.Info("reconciled", "generation", st.Generation, "took", time.Since(t0), "changes", stats, "new_ifaces", len(newIfaces))
-	}
-	return stats, nil
-}
-
-// Close releases the datapath's file descriptors. Programs stay attached
-// and maps pinned.
-func (d *Daemon) Close() error {
-	var errs []error
-	if d.dp != nil {
-		errs = append(errs, d.dp.Close())
-		d.dp = nil
-	}
-	if d.lock != nil {
-		errs = append(errs, d.lock.Close()) // releases the flock
-		d.lock = nil
-	}
-	return errors.Join(errs...)
-}
-
-// LogReady logs the ready line for r.
-func LogReady(log *slog.Logger, r Ready) {
-	ifaces := make([]string, 0, len(r.Attached))
-	for _, a := range r.Attached {
-		ifaces = append(ifaces, a.Iface+"/"+string(a.Mode))
-	}
-	log.Info("ready",
-		"took", r.Total.Round(time.Microsecond),
-		"load", r.Load.Round(time.Microsecond),
-		"reconcile", r.Reconcile.Round(time.Microsecond),
-		"attach", r.Attach.Round(time.Microsecond),
-		"restored", r.Restored,
-		"adopted", r.Adopted,
-		"repinned", r.Repinned,
-		"migrated", migrated(r.Migration),
-		"generation", r.Generation,
-		"changes", r.Sync,
-		"ifaces", ifaces)
-}
-
-// migrated summarises a migration report for the log.
-func migrated(rep migrate.Report) []string {
-	var out []string
-	for _, m := range rep.Maps {
-		out = append(out, fmt.Sprintf("%s %s->%s %d->%d entries max, %d copied, %d caught up",
-			m.Action, m.From, m.Map, m.OldMaxEntries, m.MaxEntries, m.Copied, m.CaughtUp))
-	}
-	return out
 }

@@ -122,17 +122,17 @@ func desired(tb testing.TB, s *store.Store) {
 }
 
 // mapState reads the maps' ipcache, rules and defaults as a store.State.
-func mapState(tb testing.TB, maps *bpf.CtdMaps) *store.State {
+func mapState(tb testing.TB, maps *loader.Maps) *store.State {
 	tb.Helper()
 	st := &store.State{IPCache: map[netip.Prefix]uint32{}, Policy: map[store.RuleKey]store.Verdict{}}
-	entries, err := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1).List()
+	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
 	if err != nil {
 		tb.Fatal(err)
 	}
 	for _, e := range entries {
 		st.IPCache[e.Prefix] = e.Identity
 	}
-	pm := policymap.New(maps.PolicyV1, maps.ConfigV1)
+	pm := policymap.New(maps.Policy(), maps.Config())
 	rules, err := pm.List()
 	if err != nil {
 		tb.Fatal(err)
@@ -193,7 +193,7 @@ func TestStartRestoresAfterReboot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameDesired(t, mapState(t, &d.dp.CtdMaps), st)
+	sameDesired(t, mapState(t, &d.dp.Maps), st)
 	if st.Interfaces[e.pair.A.Iface] != string(attach.ModeAuto) {
 		t.Errorf("stored interfaces %v, want %s=auto", st.Interfaces, e.pair.A.Iface)
 	}
@@ -217,7 +217,7 @@ func TestRestartKeepsState(t *testing.T) {
 	before := e.status(t)
 
 	// Conntrack entries and drift in the maps, as if written by hand.
-	ct := ctmap.New(d.dp.CtV1)
+	ct := ctmap.New(d.dp.CT())
 	var keys []ctmap.Key
 	for i := range 100 {
 		k, _ := ctmap.KeyOf(6, netip.MustParseAddr("198.51.100.1"), uint16(10000+i), netip.MustParseAddr("198.51.100.2"), 80)
@@ -226,14 +226,14 @@ func TestRestartKeepsState(t *testing.T) {
 		}
 		keys = append(keys, k)
 	}
-	ipc := ipcachemap.New(d.dp.Ipcache4V1, d.dp.Ipcache6V1)
-	pm := policymap.New(d.dp.PolicyV1, d.dp.ConfigV1)
+	ipc := ipcachemap.New(d.dp.IPCache4(), d.dp.IPCache6())
+	pm := policymap.New(d.dp.Policy(), d.dp.Config())
 	if err := errors.Join(
 		ipc.Put(netip.MustParsePrefix("203.0.113.0/24"), 7), // stale
 		ipc.Delete(p6a),   // missing
 		ipc.Put(p4a, 101), // changed
-		pm.Put(policymap.Rule{Dir: policymap.Ingress, Identity: 9, Verdict: policymap.Allow}), // stale
-		pm.SetDefault(policymap.Ingress, policymap.Allow),                                     // changed
+		pm.Put(policymap.Rule{Dir: bpf.Ingress, Identity: 9, Verdict: policymap.Allow}), // stale
+		pm.SetDefault(bpf.Ingress, policymap.Allow),                                     // changed
 	); err != nil {
 		t.Fatal(err)
 	}
@@ -252,9 +252,9 @@ func TestRestartKeepsState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameDesired(t, mapState(t, &d.dp.CtdMaps), st)
+	sameDesired(t, mapState(t, &d.dp.Maps), st)
 
-	ct = ctmap.New(d.dp.CtV1)
+	ct = ctmap.New(d.dp.CT())
 	for i, k := range keys {
 		got, err := ct.Lookup(&k)
 		if err != nil || got.PacketsOrig != uint64(i+1) {
@@ -277,7 +277,7 @@ func TestSyncNeverMissesDesired(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer maps.Close()
-	ipc := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1)
+	ipc := ipcachemap.New(maps.IPCache4(), maps.IPCache6())
 
 	const n = 20000
 	st := &store.State{IPCache: map[netip.Prefix]uint32{}}
@@ -346,12 +346,12 @@ func TestAdoptIntoEmptyStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ipc := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1)
-	pm := policymap.New(maps.PolicyV1, maps.ConfigV1)
+	ipc := ipcachemap.New(maps.IPCache4(), maps.IPCache6())
+	pm := policymap.New(maps.Policy(), maps.Config())
 	if err := errors.Join(
 		ipc.Put(p4b, 42),
-		pm.Put(policymap.Rule{Dir: policymap.Ingress, Identity: 42, Proto: 6, Port: 443, Verdict: policymap.Allow}),
-		pm.SetDefault(policymap.Ingress, policymap.Deny),
+		pm.Put(policymap.Rule{Dir: bpf.Ingress, Identity: 42, Proto: 6, Port: 443, Verdict: policymap.Allow}),
+		pm.SetDefault(bpf.Ingress, policymap.Deny),
 	); err != nil {
 		t.Fatal(err)
 	}
@@ -372,7 +372,7 @@ func TestAdoptIntoEmptyStore(t *testing.T) {
 		Defaults: [2]store.Verdict{store.Deny, store.VerdictUnset},
 	}
 	sameDesired(t, st, want)
-	sameDesired(t, mapState(t, &d.dp.CtdMaps), want)
+	sameDesired(t, mapState(t, &d.dp.Maps), want)
 }
 
 // TestRepinFromAttached removes the conntrack pin under a running datapath:
@@ -382,20 +382,20 @@ func TestRepinFromAttached(t *testing.T) {
 	e := newTestEnv(t)
 	d, _ := e.start(t, e.config())
 	k, _ := ctmap.KeyOf(17, netip.MustParseAddr("198.51.100.1"), 5353, netip.MustParseAddr("198.51.100.2"), 53)
-	if err := ctmap.New(d.dp.CtV1).Put(&k, &ctmap.Entry{PacketsOrig: 77}); err != nil {
+	if err := ctmap.New(d.dp.CT()).Put(&k, &ctmap.Entry{PacketsOrig: 77}); err != nil {
 		t.Fatal(err)
 	}
 	d.Close()
-	if err := os.Remove(filepath.Join(e.pinPath, bpf.CtdMapCtV1)); err != nil {
+	if err := os.Remove(filepath.Join(e.pinPath, loader.CTMap)); err != nil {
 		t.Fatal(err)
 	}
 
 	d, r := e.start(t, e.config())
 	defer d.Close()
-	if !slices.Equal(r.Repinned, []string{bpf.CtdMapCtV1}) || r.Restored {
-		t.Errorf("Ready: repinned %v restored %v; want [%s] and not restored", r.Repinned, r.Restored, bpf.CtdMapCtV1)
+	if !slices.Equal(r.Repinned, []string{loader.CTMap}) || r.Restored {
+		t.Errorf("Ready: repinned %v restored %v; want [%s] and not restored", r.Repinned, r.Restored, loader.CTMap)
 	}
-	got, err := ctmap.New(d.dp.CtV1).Lookup(&k)
+	got, err := ctmap.New(d.dp.CT()).Lookup(&k)
 	if err != nil || got.PacketsOrig != 77 {
 		t.Errorf("conntrack entry after re-pinning: %+v, %v; want packets_orig 77", got, err)
 	}
@@ -422,7 +422,7 @@ func TestRunReconcilesStoreChanges(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := mapState(t, &d.dp.CtdMaps)
+		got := mapState(t, &d.dp.Maps)
 		if fmt.Sprint(got.IPCache) == fmt.Sprint(st.IPCache) && fmt.Sprint(got.Policy) == fmt.Sprint(st.Policy) && got.Defaults == st.Defaults {
 			break
 		}
@@ -466,7 +466,7 @@ func TestRunComponents(t *testing.T) {
 		t.Errorf("Run = %v, want the failer's error", err)
 	}
 	env := <-started
-	if env.Datapath == nil || env.Datapath.CtV1 == nil || !slices.Equal(env.Interfaces, []string{e.pair.A.Iface}) {
+	if env.Datapath == nil || env.Datapath.CT() == nil || !slices.Equal(env.Interfaces, []string{e.pair.A.Iface}) {
 		t.Errorf("component env %+v: want the datapath and [%s]", env, e.pair.A.Iface)
 	}
 }
@@ -506,7 +506,7 @@ func TestPinnedSizesKept(t *testing.T) {
 	for _, c := range []struct {
 		m    *ebpf.Map
 		want uint32
-	}{{d.dp.CtV1, 4096}, {d.dp.Ipcache4V1, 2048}, {d.dp.Ipcache6V1, 2048}} {
+	}{{d.dp.CT(), 4096}, {d.dp.IPCache4(), 2048}, {d.dp.IPCache6(), 2048}} {
 		if c.m.MaxEntries() != c.want {
 			t.Errorf("%v: max entries %d, want %d", c.m, c.m.MaxEntries(), c.want)
 		}
@@ -521,7 +521,7 @@ func TestResizeAndUpgrade(t *testing.T) {
 	cfg := e.config()
 	cfg.CTMax = 4096
 	d, _ := e.start(t, cfg)
-	ct := ctmap.New(d.dp.CtV1)
+	ct := ctmap.New(d.dp.CT())
 	var keys []ctmap.Key
 	for i := range 1000 {
 		k, _ := ctmap.KeyOf(6, netip.MustParseAddr("198.51.100.1"), uint16(20000+i), netip.MustParseAddr("198.51.100.2"), 443)
@@ -533,7 +533,7 @@ func TestResizeAndUpgrade(t *testing.T) {
 	d.Close()
 	check := func(step string, d *Daemon) {
 		t.Helper()
-		ct := ctmap.New(d.dp.CtV1)
+		ct := ctmap.New(d.dp.CT())
 		for i, k := range keys {
 			got, err := ct.Lookup(&k)
 			if err != nil || got.PacketsOrig != uint64(i+1) {
@@ -545,8 +545,8 @@ func TestResizeAndUpgrade(t *testing.T) {
 	cfg.CTMax = 8192
 	d, r := e.start(t, cfg)
 	check("resize", d)
-	if d.dp.CtV1.MaxEntries() != 8192 || len(r.Migration.Maps) != 1 || r.Migration.Maps[0].Action != migrate.Resize || r.Migration.Maps[0].Copied != len(keys) {
-		t.Errorf("resize: max entries %d, migration %+v; want 8192 and one resize of %d entries", d.dp.CtV1.MaxEntries(), r.Migration, len(keys))
+	if d.dp.CT().MaxEntries() != 8192 || len(r.Migration.Maps) != 1 || r.Migration.Maps[0].Action != migrate.Resize || r.Migration.Maps[0].Copied != len(keys) {
+		t.Errorf("resize: max entries %d, migration %+v; want 8192 and one resize of %d entries", d.dp.CT().MaxEntries(), r.Migration, len(keys))
 	}
 	d.Close()
 	tags := progTags(t, e)
@@ -556,8 +556,8 @@ func TestResizeAndUpgrade(t *testing.T) {
 	d, r = e.start(t, cfg)
 	defer d.Close()
 	check("upgrade", d)
-	if r.Migration.Migrated() || d.dp.CtV1.MaxEntries() != 8192 {
-		t.Errorf("upgrade to the same layouts migrated %+v (max entries %d)", r.Migration, d.dp.CtV1.MaxEntries())
+	if r.Migration.Migrated() || d.dp.CT().MaxEntries() != 8192 {
+		t.Errorf("upgrade to the same layouts migrated %+v (max entries %d)", r.Migration, d.dp.CT().MaxEntries())
 	}
 	if got := progTags(t, e); got[0] == tags[0] || got[1] == tags[1] {
 		t.Errorf("upgrade: program tags %v, before %v: want different programs", got, tags)

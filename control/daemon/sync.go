@@ -10,6 +10,7 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
@@ -42,21 +43,21 @@ func (s SyncStats) LogValue() slog.Value {
 // update is atomic for the datapath), and only then deletes what st does
 // not have. Call it holding the store's lock (inside Store.View) so that no
 // CLI write interleaves.
-func Sync(st *store.State, maps *bpf.CtdMaps) (SyncStats, error) {
+func Sync(st *store.State, maps *loader.Maps) (SyncStats, error) {
 	var s SyncStats
-	if err := syncIPCache(st, ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), &s); err != nil {
+	if err := syncIPCache(st, ipcachemap.New(maps.IPCache4(), maps.IPCache6()), &s); err != nil {
 		return s, err
 	}
-	if err := syncPolicy(st, policymap.New(maps.PolicyV1, maps.ConfigV1), &s); err != nil {
+	if err := syncPolicy(st, policymap.New(maps.Policy(), maps.Config()), &s); err != nil {
 		return s, err
 	}
 	return s, nil
 }
 
 // SyncPolicy is Sync for the policy rules and default verdicts alone.
-func SyncPolicy(st *store.State, maps *bpf.CtdMaps) (SyncStats, error) {
+func SyncPolicy(st *store.State, maps *loader.Maps) (SyncStats, error) {
 	var s SyncStats
-	err := syncPolicy(st, policymap.New(maps.PolicyV1, maps.ConfigV1), &s)
+	err := syncPolicy(st, policymap.New(maps.Policy(), maps.Config()), &s)
 	return s, err
 }
 
@@ -102,7 +103,7 @@ func syncIPCache(st *store.State, m *ipcachemap.Map, s *SyncStats) error {
 }
 
 func ruleOf(k store.RuleKey, v store.Verdict) policymap.Rule {
-	return policymap.Rule{Dir: policymap.Direction(k.Dir), Identity: k.Identity, Proto: k.Proto, Port: k.Port, Verdict: policymap.Verdict(v)}
+	return policymap.Rule{Dir: bpf.Direction(k.Dir), Identity: k.Identity, Proto: k.Proto, Port: k.Port, Verdict: policymap.Verdict(v)}
 }
 
 func keyOf(r policymap.Rule) store.RuleKey {
@@ -145,7 +146,7 @@ func syncPolicy(st *store.State, m *policymap.Map, s *SyncStats) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range []policymap.Direction{policymap.Ingress, policymap.Egress} {
+	for _, d := range []bpf.Direction{bpf.Ingress, bpf.Egress} {
 		want := policymap.Verdict(st.Defaults[d]).Effective()
 		if defaults[d].Effective() == want {
 			continue
@@ -178,12 +179,12 @@ func syncPolicy(st *store.State, m *policymap.Map, s *SyncStats) error {
 // default verdicts: when a datapath that ran without a store (an older ctd,
 // or a lost state directory) meets the daemon, its state is taken over
 // rather than deleted. It reports whether anything was adopted.
-func adopt(s *store.Store, maps *bpf.CtdMaps) (bool, error) {
-	entries, err := ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1).List()
+func adopt(s *store.Store, maps *loader.Maps) (bool, error) {
+	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
 	if err != nil {
 		return false, err
 	}
-	pm := policymap.New(maps.PolicyV1, maps.ConfigV1)
+	pm := policymap.New(maps.Policy(), maps.Config())
 	rules, err := pm.List()
 	if err != nil {
 		return false, err

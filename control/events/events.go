@@ -13,7 +13,6 @@ package events
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -24,6 +23,9 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/ifnames"
+	"github.com/ctd-dev/ctd/datapath/byteorder"
+	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
@@ -33,10 +35,10 @@ import (
 type Type uint8
 
 const (
-	FlowNew        Type = 1
-	FlowClosed     Type = 2
-	Drop           Type = 3
-	CTInsertFailed Type = 4
+	FlowNew        = Type(bpf.CtdEventTypeEV_FLOW_NEW)
+	FlowClosed     = Type(bpf.CtdEventTypeEV_FLOW_CLOSED)
+	Drop           = Type(bpf.CtdEventTypeEV_DROP)
+	CTInsertFailed = Type(bpf.CtdEventTypeEV_CT_INSERT_FAILED)
 )
 
 // recordSize is the size of struct event.
@@ -95,20 +97,20 @@ type Counters struct {
 // names in the calling thread's network namespace and caches them.
 type Decoder struct {
 	clock ctmap.Clock
-	names map[uint32]string
+	names *ifnames.Cache
 }
 
 // NewDecoder returns a Decoder that converts times with a fresh reading of
 // the clocks.
 func NewDecoder() *Decoder {
-	return &Decoder{clock: ctmap.Now(), names: make(map[uint32]string)}
+	return &Decoder{clock: ctmap.Now(), names: ifnames.New()}
 }
 
 // Resync reads the clocks again (after the wall clock was stepped) and
 // forgets cached interface names.
 func (d *Decoder) Resync() {
 	d.clock = ctmap.Now()
-	clear(d.names)
+	d.names.Forget()
 }
 
 // Decode decodes one record.
@@ -127,15 +129,15 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 		Time:        d.clock.Wall(stamp),
 		Type:        t.String(),
 		Proto:       ctmap.ProtoName(r.Proto),
-		Src:         addrOf(r.Src, r.Family),
-		Sport:       ntohs(r.Sport),
-		Dst:         addrOf(r.Dst, r.Family),
-		Dport:       ntohs(r.Dport),
+		Src:         byteorder.Addr(r.Src, r.Family),
+		Sport:       byteorder.Swap16(r.Sport),
+		Dst:         byteorder.Addr(r.Dst, r.Family),
+		Dport:       byteorder.Swap16(r.Dport),
 		SrcIdentity: r.SrcIdentity,
 		DstIdentity: r.DstIdentity,
-		Iface:       d.name(r.Ifindex),
+		Iface:       d.names.Name(r.Ifindex),
 		Ifindex:     r.Ifindex,
-		Dir:         metricsmap.Direction(r.Dir).String(),
+		Dir:         bpf.Direction(r.Dir).String(),
 		Kind:        t,
 		Stamp:       stamp,
 	}
@@ -155,27 +157,6 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 	}
 	return ev, nil
 }
-
-func (d *Decoder) name(ifindex uint32) string {
-	if n, ok := d.names[ifindex]; ok {
-		return n
-	}
-	n := strconv.FormatUint(uint64(ifindex), 10)
-	if ifi, err := net.InterfaceByIndex(int(ifindex)); err == nil {
-		n = ifi.Name
-	}
-	d.names[ifindex] = n
-	return n
-}
-
-func addrOf(b [16]byte, family uint8) netip.Addr {
-	if family == 4 {
-		return netip.AddrFrom4([4]byte(b[:4]))
-	}
-	return netip.AddrFrom16(b)
-}
-
-func ntohs(v uint16) uint16 { return v<<8 | v>>8 }
 
 // ErrClosed is returned by Read after Close.
 var ErrClosed = ringbuf.ErrClosed
@@ -254,32 +235,19 @@ func (l RateLimit) String() string {
 	return fmt.Sprintf("%d events/s per CPU, burst %d", l.Rate, burst)
 }
 
-// GetRateLimit reads the event rate limit from config_v1.
-func GetRateLimit(config *ebpf.Map) (RateLimit, error) {
-	var c bpf.CtdConfig
-	if err := config.Lookup(uint32(0), &c); err != nil {
-		return RateLimit{}, fmt.Errorf("read config_v1: %w", err)
-	}
-	return RateLimit{Rate: c.EventsRate, Burst: c.EventsBurst}, nil
+// GetRateLimit reads the event rate limit from the configuration.
+func GetRateLimit(cfg *config.Map) (RateLimit, error) {
+	c, err := cfg.Read()
+	return RateLimit{Rate: c.EventsRate, Burst: c.EventsBurst}, err
 }
 
-// SetRateLimit writes the event rate limit to config_v1, keeping its other
-// fields: it reads the config, changes the event fields and writes it back.
-// That is not atomic against another process writing config_v1 at the same
-// moment; ctd's writers are short CLI commands and the daemon.
-func SetRateLimit(config *ebpf.Map, l RateLimit) error {
+// SetRateLimit writes the event rate limit to the configuration, keeping
+// its other fields (config.Map serialises it with other writers).
+func SetRateLimit(cfg *config.Map, l RateLimit) error {
 	if l.Rate == 0 && l.Burst != 0 {
 		return fmt.Errorf("invalid event burst %d: a burst needs a rate (rate 0 means unlimited)", l.Burst)
 	}
-	var c bpf.CtdConfig
-	if err := config.Lookup(uint32(0), &c); err != nil {
-		return fmt.Errorf("read config_v1: %w", err)
-	}
-	c.EventsRate, c.EventsBurst = l.Rate, l.Burst
-	if err := config.Put(uint32(0), &c); err != nil {
-		return fmt.Errorf("write config_v1: %w", err)
-	}
-	return nil
+	return cfg.Update(func(c *config.Values) { c.EventsRate, c.EventsBurst = l.Rate, l.Burst })
 }
 
 // String is a readable one-line rendering of e, e.g.

@@ -31,14 +31,14 @@ var (
 func setIdentity(t *testing.T, dp *dptest.Datapath, a netip.Addr, id uint32) {
 	t.Helper()
 	k := bpf.CtdIpcache4Key{Prefixlen: 32, Addr: a.As4()}
-	if err := dp.Maps.Ipcache4V1.Put(&k, &bpf.CtdIpcacheValue{Identity: id}); err != nil {
+	if err := dp.Maps.IPCache4().Put(&k, &bpf.CtdIpcacheValue{Identity: id}); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func newReader(t *testing.T, dp *dptest.Datapath) *events.Reader {
 	t.Helper()
-	r, err := events.NewReader(dp.Maps.EventsV1)
+	r, err := events.NewReader(dp.Maps.Events())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,14 +75,14 @@ var ignoreTime = cmp.Options{
 // event with reason policy and both identities.
 func TestPolicyDrop(t *testing.T) {
 	dp := dptest.Load(t, nettest.PinPath(t))
-	dp.SetDefault(t, dptest.Ingress, 2)
+	dp.SetDefault(t, bpf.Ingress, 2)
 	setIdentity(t, dp, addrC, 1234)
 	setIdentity(t, dp, addrA, 5678)
 	r := newReader(t, dp)
 
 	before := time.Now()
 	syn := dptest.TCP(t, netip.AddrPortFrom(addrC, 40000), netip.AddrPortFrom(addrA, 22), dptest.SYN, nil)
-	if v := dp.Run(t, dptest.Ingress, syn); v != dptest.Drop {
+	if v := dp.Run(t, bpf.Ingress, syn); v != dptest.Drop {
 		t.Fatalf("verdict %#x, want drop", v)
 	}
 	ev := next(t, r)
@@ -112,20 +112,20 @@ func TestFlowNewAndClosed(t *testing.T) {
 
 	a, b := netip.AddrPortFrom(addrA, 41000), netip.AddrPortFrom(addrB, 80)
 	steps := []struct {
-		dir     dptest.Direction
+		dir     bpf.Direction
 		from    netip.AddrPort
-		flags   int
+		flags   uint8
 		payload int
 	}{
-		{dptest.Egress, a, dptest.SYN, 0},
-		{dptest.Ingress, b, dptest.SYN | dptest.ACK, 0},
-		{dptest.Egress, a, dptest.ACK, 0},
-		{dptest.Egress, a, dptest.ACK | dptest.PSH, 100},
-		{dptest.Ingress, b, dptest.ACK | dptest.PSH, 1400},
-		{dptest.Ingress, b, dptest.ACK | dptest.PSH, 600},
-		{dptest.Egress, a, dptest.FIN | dptest.ACK, 0},
-		{dptest.Ingress, b, dptest.FIN | dptest.ACK, 0}, // both FINs seen: closed
-		{dptest.Egress, a, dptest.ACK, 0},               // after the close: not in the event
+		{bpf.Egress, a, dptest.SYN, 0},
+		{bpf.Ingress, b, dptest.SYN | dptest.ACK, 0},
+		{bpf.Egress, a, dptest.ACK, 0},
+		{bpf.Egress, a, dptest.ACK | dptest.PSH, 100},
+		{bpf.Ingress, b, dptest.ACK | dptest.PSH, 1400},
+		{bpf.Ingress, b, dptest.ACK | dptest.PSH, 600},
+		{bpf.Egress, a, dptest.FIN | dptest.ACK, 0},
+		{bpf.Ingress, b, dptest.FIN | dptest.ACK, 0}, // both FINs seen: closed
+		{bpf.Egress, a, dptest.ACK, 0},               // after the close: not in the event
 	}
 	var want events.Counters
 	for i, s := range steps {
@@ -221,24 +221,23 @@ func TestDecodeRejects(t *testing.T) {
 // config_v1 alone.
 func TestRateLimit(t *testing.T) {
 	dp := dptest.Load(t, nettest.PinPath(t))
-	dp.SetDefault(t, dptest.Ingress, 2)
+	dp.SetDefault(t, bpf.Ingress, 2)
 	r := newReader(t, dp)
 	lim := events.RateLimit{Rate: 1, Burst: 2}
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, lim); err != nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), lim); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := events.GetRateLimit(dp.Maps.ConfigV1); err != nil || got != lim {
+	if got, err := events.GetRateLimit(dp.Maps.Config()); err != nil || got != lim {
 		t.Fatalf("GetRateLimit = %+v, %v; want %+v", got, err, lim)
 	}
-	var c bpf.CtdConfig
-	if err := dp.Maps.ConfigV1.Lookup(uint32(0), &c); err != nil || c.DefaultVerdict[0] != 2 {
+	if c, err := dp.Maps.Config().Read(); err != nil || c.DefaultVerdict[0] != 2 {
 		t.Fatalf("SetRateLimit changed the default verdict: %+v, %v", c, err)
 	}
 
 	onCPU0(t) // one CPU's bucket
 	for i := range 5 {
 		f := dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(5000+i)), netip.AddrPortFrom(addrB, 53), nil)
-		dp.Run(t, dptest.Egress, f)
+		dp.Run(t, bpf.Egress, f)
 	}
 	for range 2 {
 		if ev := next(t, r); ev.Type != "flow-new" {
@@ -246,7 +245,7 @@ func TestRateLimit(t *testing.T) {
 		}
 	}
 	expectNone(t, r)
-	snap, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	snap, err := metricsmap.New(dp.Maps.Metrics()).Read()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +253,7 @@ func TestRateLimit(t *testing.T) {
 		t.Errorf("rate-limited events = %d, want 3", got)
 	}
 
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Burst: 5}); err == nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), events.RateLimit{Burst: 5}); err == nil {
 		t.Error("a burst without a rate was accepted")
 	}
 }
@@ -284,19 +283,19 @@ func TestRateLimitLowered(t *testing.T) {
 	r := newReader(t, dp)
 	onCPU0(t)
 	flow := func(i int) {
-		dp.Run(t, dptest.Egress, dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(6000+i)), netip.AddrPortFrom(addrB, 53), nil))
+		dp.Run(t, bpf.Egress, dptest.UDP(t, netip.AddrPortFrom(addrA, uint16(6000+i)), netip.AddrPortFrom(addrB, 53), nil))
 	}
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Rate: 10000}); err != nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), events.RateLimit{Rate: 10000}); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 3 {
 		flow(i)
 		next(t, r)
 	}
-	if err := events.SetRateLimit(dp.Maps.ConfigV1, events.RateLimit{Rate: 1, Burst: 1}); err != nil {
+	if err := events.SetRateLimit(dp.Maps.Config(), events.RateLimit{Rate: 1, Burst: 1}); err != nil {
 		t.Fatal(err)
 	}
-	before, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	before, err := metricsmap.New(dp.Maps.Metrics()).Read()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,7 +304,7 @@ func TestRateLimitLowered(t *testing.T) {
 	}
 	next(t, r)
 	expectNone(t, r)
-	after, err := metricsmap.New(dp.Maps.MetricsV1).Read()
+	after, err := metricsmap.New(dp.Maps.Metrics()).Read()
 	if err != nil {
 		t.Fatal(err)
 	}

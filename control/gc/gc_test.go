@@ -15,9 +15,9 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // testNow is the CLOCK_MONOTONIC_COARSE instant the pass tests run at: far enough
@@ -32,14 +32,12 @@ func newCT(tb testing.TB, maxEntries uint32) *ctmap.Map {
 
 func newCTMap(tb testing.TB, maxEntries uint32) *ebpf.Map {
 	tb.Helper()
-	if unix.Geteuid() != 0 {
-		tb.Fatalf("creating BPF maps needs root (euid %d): run the tests as root", unix.Geteuid())
-	}
+	nettest.RequireRoot(tb)
 	spec, err := loader.Options{CTMax: maxEntries}.WithDefaults().Spec()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
 	if err != nil {
 		tb.Fatalf("create conntrack map: %v", err)
 	}

@@ -15,7 +15,6 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -41,7 +40,7 @@ func openTestMaps(t testing.TB, ipcacheMax uint32) (*ipcachemap.Map, string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { maps.Close() })
-	return ipcachemap.New(maps.Ipcache4V1, maps.Ipcache6V1), pin
+	return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), pin
 }
 
 func list(t testing.TB, m *ipcachemap.Map) []Entry {
@@ -304,12 +303,12 @@ func TestReplaceNeverDropsCommonPrefixes(t *testing.T) {
 	}
 
 	// The reader: raw LPM lookups on its own handles, as the datapath does.
-	v4, err := ebpf.LoadPinnedMap(filepath.Join(pin, bpf.CtdMapIpcache4V1), nil)
+	v4, err := ebpf.LoadPinnedMap(filepath.Join(pin, loader.IPCache4Map), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer v4.Close()
-	v6, err := ebpf.LoadPinnedMap(filepath.Join(pin, bpf.CtdMapIpcache6V1), nil)
+	v6, err := ebpf.LoadPinnedMap(filepath.Join(pin, loader.IPCache6Map), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"reflect"
 	"sync/atomic"
 	"unsafe"
@@ -13,8 +12,8 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // WarnFill is the fill, in percent, above which a map that can run full
@@ -30,21 +29,15 @@ type Map struct {
 
 // Of lists the maps of a datapath pinned at pinPath, in loader.MapNames
 // order. The maps stay owned by maps.
-func Of(maps *bpf.CtdMaps, pinPath string) ([]Map, error) {
-	byName := make(map[string]*ebpf.Map)
-	v := reflect.ValueOf(maps).Elem()
-	for i := range v.NumField() {
-		if name := v.Type().Field(i).Tag.Get("ebpf"); name != "" {
-			byName[name], _ = v.Field(i).Interface().(*ebpf.Map)
-		}
-	}
+func Of(maps *loader.Maps, pinPath string) ([]Map, error) {
+	byName := maps.ByName()
 	out := make([]Map, 0, len(loader.MapNames))
 	for _, name := range loader.MapNames {
 		m := byName[name]
 		if m == nil {
 			return nil, fmt.Errorf("map %s is not open", name)
 		}
-		out = append(out, Map{Name: name, Pin: filepath.Join(pinPath, name), Map: m})
+		out = append(out, Map{Name: name, Pin: pins.New(pinPath).Map(name), Map: m})
 	}
 	return out, nil
 }

@@ -32,10 +32,10 @@ const (
 func fill(t *testing.T, dp *dptest.Datapath) {
 	t.Helper()
 	f := dptest.UDP(t, netip.MustParseAddrPort("198.51.100.1:5000"), netip.MustParseAddrPort("198.51.100.2:53"), nil)
-	if v := dp.Run(t, dptest.Egress, f); v != dptest.Pass {
+	if v := dp.Run(t, bpf.Egress, f); v != dptest.Pass {
 		t.Fatalf("verdict %#x", v)
 	}
-	ct := ctmap.New(dp.Maps.CtV1)
+	ct := ctmap.New(dp.Maps.CT())
 	keys := make([]ctmap.Key, nCT-1)
 	vals := make([]ctmap.Entry, nCT-1)
 	for i := range keys {
@@ -48,21 +48,21 @@ func fill(t *testing.T, dp *dptest.Datapath) {
 	}
 	for i := range nPol {
 		k := bpf.CtdPolicyKey{Identity: uint32(100 + i), Port: 80, Proto: 6}
-		if err := dp.Maps.PolicyV1.Put(&k, &bpf.CtdPolicyValue{Verdict: 1}); err != nil {
+		if err := dp.Maps.Policy().Put(&k, &bpf.CtdPolicyValue{Verdict: 1}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for i := range nIP4 {
 		// Distinct in their first 24 bits, so no two are the same prefix.
 		k := bpf.CtdIpcache4Key{Prefixlen: uint32(24 + i%9), Addr: [4]byte{10, byte(i / 256), byte(i), 0}}
-		if err := dp.Maps.Ipcache4V1.Put(&k, &bpf.CtdIpcacheValue{Identity: uint32(i + 1)}); err != nil {
+		if err := dp.Maps.IPCache4().Put(&k, &bpf.CtdIpcacheValue{Identity: uint32(i + 1)}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for i := range nIP6 {
 		k := bpf.CtdIpcache6Key{Prefixlen: 64, Addr: netip.MustParseAddr("fd00::").As16()}
 		k.Addr[7] = byte(i)
-		if err := dp.Maps.Ipcache6V1.Put(&k, &bpf.CtdIpcacheValue{Identity: uint32(i + 1)}); err != nil {
+		if err := dp.Maps.IPCache6().Put(&k, &bpf.CtdIpcacheValue{Identity: uint32(i + 1)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -70,7 +70,7 @@ func fill(t *testing.T, dp *dptest.Datapath) {
 
 func inspect(t *testing.T, dp *dptest.Datapath, pin string) map[string]mapinfo.Info {
 	t.Helper()
-	ms, err := mapinfo.Of(dp.Maps, pin)
+	ms, err := mapinfo.Of(&dp.Maps, pin)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,14 +98,14 @@ func TestEntriesExact(t *testing.T) {
 	fill(t, dp)
 	infos := inspect(t, dp, pin)
 	for name, want := range map[string]uint64{
-		bpf.CtdMapCtV1:       nCT,
-		bpf.CtdMapPolicyV1:   nPol,
-		bpf.CtdMapIpcache4V1: nIP4,
-		bpf.CtdMapIpcache6V1: nIP6,
-		bpf.CtdMapConfigV1:   1, // arrays: every slot
-		bpf.CtdMapMetricsV1:  128,
-		bpf.CtdMapEvlimitV1:  1,
-		bpf.CtdMapEventsV1:   evSize, // one flow-new event pending
+		loader.CTMap:         nCT,
+		loader.PolicyMap:     nPol,
+		loader.IPCache4Map:   nIP4,
+		loader.IPCache6Map:   nIP6,
+		loader.ConfigMap:     1, // arrays: every slot
+		loader.MetricsMap:    128,
+		loader.EventLimitMap: 1,
+		loader.EventsMap:     evSize, // one flow-new event pending
 	} {
 		info := infos[name]
 		if info.Entries != want {
@@ -171,10 +171,10 @@ func TestBpftoolDumpsFieldNames(t *testing.T) {
 	dp := dptest.Load(t, pin)
 	k, _ := ctmap.KeyOf(unix.IPPROTO_UDP, netip.MustParseAddr("198.51.100.7"), 7777, netip.MustParseAddr("198.51.100.8"), 53)
 	e := ctmap.Entry{PacketsOrig: 3, LastSeen: 123456789, State: uint8(ctmap.StateEstablished)}
-	if err := ctmap.New(dp.Maps.CtV1).Put(&k, &e); err != nil {
+	if err := ctmap.New(dp.Maps.CT()).Put(&k, &e); err != nil {
 		t.Fatal(err)
 	}
-	path := filepath.Join(pin, bpf.CtdMapCtV1)
+	path := filepath.Join(pin, loader.CTMap)
 	out, err := exec.Command("bpftool", "-j", "map", "dump", "pinned", path).Output()
 	if err != nil {
 		t.Fatalf("bpftool map dump pinned %s: %v", path, err)
@@ -211,14 +211,14 @@ func TestWarnings(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ps := spec.Maps[bpf.CtdMapPolicyV1].Copy()
+	ps := spec.Maps[loader.PolicyMap].Copy()
 	ps.MaxEntries = 10
 	pm, err := ebpf.NewMap(ps)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pm.Close()
-	cm, err := ebpf.NewMap(spec.Maps[bpf.CtdMapConfigV1])
+	cm, err := ebpf.NewMap(spec.Maps[loader.ConfigMap])
 	if err != nil {
 		t.Fatal(err)
 	}

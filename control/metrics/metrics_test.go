@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/control/metrics"
@@ -72,25 +73,25 @@ func scrape(t *testing.T, url string) map[string]float64 {
 func TestScrape(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
-	dp.SetDefault(t, dptest.Ingress, 2)
+	dp.SetDefault(t, bpf.Ingress, 2)
 
 	a, b := netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80")
 	syn := dptest.TCP(t, a, b, dptest.SYN, nil)
 	synack := dptest.TCP(t, b, a, dptest.SYN|dptest.ACK, nil)
 	data := dptest.TCP(t, a, b, dptest.ACK|dptest.PSH, make([]byte, 500))
 	denied := dptest.TCP(t, netip.MustParseAddrPort("203.0.113.5:1234"), netip.MustParseAddrPort("198.51.100.1:22"), dptest.SYN, nil)
-	dp.Run(t, dptest.Egress, syn)
-	dp.Run(t, dptest.Ingress, synack)
-	dp.Run(t, dptest.Egress, data)
-	dp.Run(t, dptest.Ingress, denied)
-	dp.Run(t, dptest.Ingress, denied)
+	dp.Run(t, bpf.Egress, syn)
+	dp.Run(t, bpf.Ingress, synack)
+	dp.Run(t, bpf.Egress, data)
+	dp.Run(t, bpf.Ingress, denied)
+	dp.Run(t, bpf.Ingress, denied)
 
-	maps, err := mapinfo.Of(dp.Maps, pin)
+	maps, err := mapinfo.Of(&dp.Maps, pin)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := metrics.NewCollector(metrics.Sources{
-		Metrics: metricsmap.New(dp.Maps.MetricsV1),
+		Metrics: metricsmap.New(dp.Maps.Metrics()),
 		Maps:    maps,
 		GC: func() gc.Stats {
 			return gc.Stats{Runs: 3, Errors: 1, Wakes: 2, Scanned: 30, Deleted: 7, Refreshed: 1,
@@ -105,7 +106,7 @@ func TestScrape(t *testing.T) {
 	defer srv.Close()
 	got := scrape(t, srv.URL+"/metrics")
 
-	ctMax := float64(dp.Maps.CtV1.MaxEntries())
+	ctMax := float64(dp.Maps.CT().MaxEntries())
 	for series, want := range map[string]float64{
 		`ctd_forwarded_packets_total{direction="egress",reason="new"}`:            1,
 		`ctd_forwarded_bytes_total{direction="egress",reason="new"}`:              float64(len(syn)),

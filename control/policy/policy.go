@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/ipcache"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/policymap"
@@ -21,12 +22,12 @@ type Rule = policymap.Rule
 const Syntax = "ingress|egress id=N|any [tcp|udp|icmp|icmpv6|any[/PORT]] allow|deny"
 
 // ParseDirection parses ingress or egress.
-func ParseDirection(s string) (policymap.Direction, error) {
+func ParseDirection(s string) (bpf.Direction, error) {
 	switch s {
 	case "ingress":
-		return policymap.Ingress, nil
+		return bpf.Ingress, nil
 	case "egress":
-		return policymap.Egress, nil
+		return bpf.Egress, nil
 	}
 	return 0, fmt.Errorf("invalid direction %q: valid are ingress, egress", s)
 }
@@ -258,7 +259,7 @@ func (p Policy) Delete(r Rule) (removed Rule, err error) {
 }
 
 // SetDefault sets a direction's default verdict and returns the one it had.
-func (p Policy) SetDefault(d policymap.Direction, v policymap.Verdict) (previous policymap.Verdict, err error) {
+func (p Policy) SetDefault(d bpf.Direction, v policymap.Verdict) (previous policymap.Verdict, err error) {
 	err = p.update(func(tx *store.Tx) error {
 		defaults, err := p.Map.Defaults()
 		if err != nil {

@@ -8,11 +8,13 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/store"
+	"github.com/ctd-dev/ctd/datapath/config"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
 func TestParseSelector(t *testing.T) {
-	in, eg := policymap.Ingress, policymap.Egress
+	in, eg := bpf.Ingress, bpf.Egress
 	allow, deny, unset := policymap.Allow, policymap.Deny, policymap.VerdictUnset
 	for _, tc := range []struct {
 		in       string
@@ -95,7 +97,7 @@ func newTestMap(t *testing.T) *policymap.Map {
 		t.Fatal(err)
 	}
 	var maps []*ebpf.Map
-	for _, name := range []string{bpf.CtdMapPolicyV1, bpf.CtdMapConfigV1} {
+	for _, name := range []string{loader.PolicyMap, loader.ConfigMap} {
 		m, err := ebpf.NewMap(spec.Maps[name])
 		if err != nil {
 			t.Fatalf("create %s: %v", name, err)
@@ -103,7 +105,7 @@ func newTestMap(t *testing.T) *policymap.Map {
 		t.Cleanup(func() { m.Close() })
 		maps = append(maps, m)
 	}
-	return policymap.New(maps[0], maps[1])
+	return policymap.New(maps[0], config.New(maps[1], ""))
 }
 
 func TestAddDelete(t *testing.T) {
@@ -181,7 +183,7 @@ func TestPolicyStore(t *testing.T) {
 		return r
 	}
 
-	if old, err := pol.SetDefault(policymap.Ingress, policymap.Deny); err != nil || old != policymap.VerdictUnset {
+	if old, err := pol.SetDefault(bpf.Ingress, policymap.Deny); err != nil || old != policymap.VerdictUnset {
 		t.Fatalf("SetDefault = %v, %v", old, err)
 	}
 	for _, r := range []string{"ingress id=42 tcp/8080 allow", "egress any udp/53 allow", "ingress id=world deny"} {

@@ -9,19 +9,20 @@ import (
 
 	"go.etcd.io/bbolt"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
 // Direction and Verdict are the datapath's own (bpf/common.h), as the
 // policy map names them: the store keeps them with the same numbers.
 type (
-	Direction = policymap.Direction
+	Direction = bpf.Direction
 	Verdict   = policymap.Verdict
 )
 
 const (
-	Ingress      = policymap.Ingress
-	Egress       = policymap.Egress
+	Ingress      = bpf.Ingress
+	Egress       = bpf.Egress
 	VerdictUnset = policymap.VerdictUnset // never set: the datapath allows
 	Allow        = policymap.Allow
 	Deny         = policymap.Deny

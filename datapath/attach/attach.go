@@ -28,6 +28,8 @@ import (
 	tc "github.com/florianl/go-tc"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/bpf"
 )
 
 // Mode selects the attachment mechanism.
@@ -121,7 +123,7 @@ func Attach(iface string, mode Mode, progs Programs, linkDir string) (Attachment
 	case ModeTCX:
 		for _, d := range directions() {
 			if err := attachTCX(ifindex, d, d.prog(progs), linkDir, iface); err != nil {
-				return Attachment{}, fmt.Errorf("attach %s to %s: %w", d.name, iface, err)
+				return Attachment{}, fmt.Errorf("attach %s to %s: %w", d, iface, err)
 			}
 		}
 		if err := s.removeTC(ifindex); err != nil {
@@ -133,7 +135,7 @@ func Attach(iface string, mode Mode, progs Programs, linkDir string) (Attachment
 		}
 		for _, d := range directions() {
 			if err := s.replaceFilter(ifindex, d, d.prog(progs)); err != nil {
-				return Attachment{}, fmt.Errorf("attach %s to %s: %w", d.name, iface, err)
+				return Attachment{}, fmt.Errorf("attach %s to %s: %w", d, iface, err)
 			}
 		}
 		if err := detachTCX(linkDir, iface); err != nil {
@@ -226,7 +228,7 @@ func List(linkDir string) ([]Attachment, error) {
 	}
 	defer s.close()
 
-	names, err := pinnedIfaces(linkDir)
+	names, err := PinnedIfaces(linkDir)
 	if err != nil {
 		return nil, fmt.Errorf("list attachments: %w", err)
 	}
@@ -315,7 +317,7 @@ func (s *session) status(iface string, ifindex int, linkDir string) (Attachment,
 
 		fs, err := s.filters(ifindex, d)
 		if err != nil {
-			return Attachment{}, fmt.Errorf("list %s tc filters: %w", d.name, err)
+			return Attachment{}, fmt.Errorf("list %s tc filters: %w", d, err)
 		}
 		if len(fs) > 0 && fs[0].BPF.ID != nil {
 			tcIDs[i] = ebpf.ProgramID(*fs[0].BPF.ID)
@@ -341,9 +343,11 @@ func checkIfaceName(iface string) error {
 	return nil
 }
 
-// direction is one of the two hooks ctd attaches to.
+// direction is one of the two hooks ctd attaches to, and how each
+// mechanism names it. Its String ("ingress", "egress") is also the name of
+// its link pin.
 type direction struct {
-	name      string          // "ingress" or "egress"; also the pin file name
+	bpf.Direction
 	tcx       ebpf.AttachType // TCX attach type
 	clsactMin uint32          // minor of the clsact parent handle
 	filter    string          // cls_bpf filter name
@@ -351,13 +355,13 @@ type direction struct {
 
 func directions() [2]direction {
 	return [2]direction{
-		{name: "ingress", tcx: ebpf.AttachTCXIngress, clsactMin: tc.HandleMinIngress, filter: "ctd_ingress"},
-		{name: "egress", tcx: ebpf.AttachTCXEgress, clsactMin: tc.HandleMinEgress, filter: "ctd_egress"},
+		{Direction: bpf.Ingress, tcx: ebpf.AttachTCXIngress, clsactMin: tc.HandleMinIngress, filter: "ctd_ingress"},
+		{Direction: bpf.Egress, tcx: ebpf.AttachTCXEgress, clsactMin: tc.HandleMinEgress, filter: "ctd_egress"},
 	}
 }
 
 func (d direction) prog(p Programs) *ebpf.Program {
-	if d.tcx == ebpf.AttachTCXIngress {
+	if d.Direction == bpf.Ingress {
 		return p.Ingress
 	}
 	return p.Egress

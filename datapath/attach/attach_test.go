@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 const testIface = "veth0"
@@ -40,9 +41,7 @@ type env struct {
 
 func setup(t *testing.T) env {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	nettest.RequireRoot(t)
 	name := "ctdattach-" + randomSuffix(t)
 
 	runtime.LockOSThread()
@@ -168,14 +167,14 @@ func observe(t *testing.T) state {
 	for i, d := range directions() {
 		res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: d.tcx})
 		if err != nil {
-			t.Fatalf("query tcx %s: %v", d.name, err)
+			t.Fatalf("query tcx %s: %v", d, err)
 		}
 		for _, p := range res.Programs {
 			s.tcx[i] = append(s.tcx[i], p.ID)
 		}
 		fs, err := netlink.FilterList(l, clsactParent(d))
 		if err != nil {
-			t.Fatalf("list %s filters: %v", d.name, err)
+			t.Fatalf("list %s filters: %v", d, err)
 		}
 		for _, f := range fs {
 			bf, ok := f.(*netlink.BpfFilter)

@@ -8,6 +8,8 @@ import (
 	tc "github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/datapath/byteorder"
 )
 
 // ctd's cls_bpf filters are identified by priority and handle in both clsact
@@ -24,12 +26,10 @@ const (
 // clsactHandle is the handle of a clsact qdisc, ffff:0000.
 const clsactHandle = 0xffff0000
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
 // filterInfo is tcm_info for ctd's filters: priority in the upper 16 bits,
 // protocol (network byte order) in the lower.
 func filterInfo() uint32 {
-	return uint32(TCPriority)<<16 | uint32(htons(unix.ETH_P_ALL))
+	return uint32(TCPriority)<<16 | uint32(byteorder.Swap16(unix.ETH_P_ALL))
 }
 
 func clsactParent(d direction) uint32 { return core.BuildHandle(tc.HandleRoot, d.clsactMin) }
@@ -120,7 +120,7 @@ func (s *session) removeTC(ifindex int) error {
 	for _, d := range directions() {
 		fs, err := s.filters(ifindex, d)
 		if err != nil {
-			return fmt.Errorf("list %s tc filters: %w", d.name, err)
+			return fmt.Errorf("list %s tc filters: %w", d, err)
 		}
 		for _, f := range fs {
 			err := s.tc.Filter().Delete(&tc.Object{
@@ -134,7 +134,7 @@ func (s *session) removeTC(ifindex int) error {
 				Attribute: tc.Attribute{Kind: "bpf"},
 			})
 			if err != nil && !errors.Is(err, unix.ENOENT) {
-				return fmt.Errorf("delete %s tc filter: %w", d.name, err)
+				return fmt.Errorf("delete %s tc filter: %w", d, err)
 			}
 		}
 	}
@@ -155,7 +155,7 @@ func (s *session) tcIfaces() ([]string, error) {
 		for _, d := range directions() {
 			fs, err := s.filters(int(q.Ifindex), d)
 			if err != nil {
-				return nil, fmt.Errorf("list %s tc filters of ifindex %d: %w", d.name, q.Ifindex, err)
+				return nil, fmt.Errorf("list %s tc filters of ifindex %d: %w", d, q.Ifindex, err)
 			}
 			if len(fs) == 0 {
 				continue

@@ -14,7 +14,7 @@ import (
 )
 
 func pinPath(linkDir, iface string, d direction) string {
-	return filepath.Join(linkDir, iface, d.name)
+	return filepath.Join(linkDir, iface, d.String())
 }
 
 // attachTCX makes prog the program of ctd's TCX link for iface/d: the pinned
@@ -86,7 +86,7 @@ func detachTCX(linkDir, iface string) error {
 			continue
 		}
 		if err := discard(l); err != nil {
-			errs = append(errs, fmt.Errorf("remove tcx %s link %s: %w", d.name, pin, err))
+			errs = append(errs, fmt.Errorf("remove tcx %s link %s: %w", d, pin, err))
 		}
 	}
 	if err := os.Remove(filepath.Join(linkDir, iface)); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -153,8 +153,9 @@ func discard(l link.Link) error {
 	return l.Unpin()
 }
 
-// pinnedIfaces returns the interface names that have a pin directory in linkDir.
-func pinnedIfaces(linkDir string) ([]string, error) {
+// PinnedIfaces returns the interface names that have a pin directory in
+// linkDir: attached, or stale pins of an interface that is gone.
+func PinnedIfaces(linkDir string) ([]string, error) {
 	if linkDir == "" {
 		return nil, nil
 	}

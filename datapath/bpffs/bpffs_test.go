@@ -10,13 +10,13 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount filesystems")
-	}
+	nettest.RequireRoot(t)
 }
 
 // mount mounts fstype on dir and unmounts it when the test ends.

@@ -12,18 +12,19 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/byteorder"
 )
 
 // State is a flow's connection state (enum ct_state in bpf/common.h).
 type State uint8
 
 const (
-	StateNew         State = 0
-	StateEstablished State = 1
-	StateSynSent     State = 2
-	StateSynRecv     State = 3
-	StateFinWait     State = 4
-	StateClosed      State = 5
+	StateNew         = State(bpf.CtdCtStateCT_NEW)
+	StateEstablished = State(bpf.CtdCtStateCT_ESTABLISHED)
+	StateSynSent     = State(bpf.CtdCtStateCT_SYN_SENT)
+	StateSynRecv     = State(bpf.CtdCtStateCT_SYN_RECV)
+	StateFinWait     = State(bpf.CtdCtStateCT_FIN_WAIT)
+	StateClosed      = State(bpf.CtdCtStateCT_CLOSED)
 )
 
 var stateNames = [...]string{"NEW", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT", "CLOSED"}
@@ -35,11 +36,11 @@ func (s State) String() string {
 	return "STATE_" + strconv.Itoa(int(s))
 }
 
-// Entry flags (CT_F_* in bpf/common.h).
+// Entry flags (enum ct_flag in bpf/common.h).
 const (
-	FlagOpenedIngress = 0x01
-	FlagPickup        = 0x02
-	FlagRelated       = 0x04
+	FlagOpenedIngress = uint8(bpf.CtdCtFlagCT_F_OPENED_INGRESS)
+	FlagPickup        = uint8(bpf.CtdCtFlagCT_F_PICKUP)
+	FlagRelated       = uint8(bpf.CtdCtFlagCT_F_RELATED)
 )
 
 // Key and Entry are the map's raw layout.
@@ -103,25 +104,6 @@ func ParseProto(s string) (uint8, error) {
 	return uint8(n), nil
 }
 
-func addrOf(b [16]byte, family uint8) netip.Addr {
-	if family == 4 {
-		return netip.AddrFrom4([4]byte(b[:4]))
-	}
-	return netip.AddrFrom16(b)
-}
-
-func bytesOf(a netip.Addr) [16]byte {
-	if a.Is4() {
-		var b [16]byte
-		v4 := a.As4()
-		copy(b[:], v4[:])
-		return b
-	}
-	return a.As16()
-}
-
-func ntohs(v uint16) uint16 { return v<<8 | v>>8 }
-
 // FlowOf decodes a raw key and entry.
 func FlowOf(k *Key, e *Entry) Flow {
 	f := Flow{
@@ -140,8 +122,8 @@ func FlowOf(k *Key, e *Entry) Flow {
 		TCPFlagsOrig:  e.TcpFlagsOrig,
 		TCPFlagsReply: e.TcpFlagsReply,
 	}
-	a, b := addrOf(k.AddrA, k.Family), addrOf(k.AddrB, k.Family)
-	pa, pb := ntohs(k.PortA), ntohs(k.PortB)
+	a, b := byteorder.Addr(k.AddrA, k.Family), byteorder.Addr(k.AddrB, k.Family)
+	pa, pb := byteorder.Swap16(k.PortA), byteorder.Swap16(k.PortB)
 	if e.OrigIsB != 0 {
 		f.Src, f.Sport, f.Dst, f.Dport = b, pb, a, pa
 	} else {
@@ -157,8 +139,8 @@ func KeyOf(proto uint8, src netip.Addr, sport uint16, dst netip.Addr, dport uint
 	if src.Is4() {
 		k.Family = 4
 	}
-	sb, db := bytesOf(src), bytesOf(dst)
-	sp, dp := ntohs(sport), ntohs(dport)
+	sb, db := byteorder.Bytes(src), byteorder.Bytes(dst)
+	sp, dp := byteorder.Swap16(sport), byteorder.Swap16(dport)
 	// The datapath compares the addresses as two host-order (little-endian)
 	// 64-bit words, then the ports as stored (network order).
 	srcIsB := false

@@ -1,12 +1,12 @@
 package ctmap
 
 import (
-	"encoding/binary"
 	"fmt"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
+
+	"github.com/ctd-dev/ctd/bpf"
 )
 
 // Candidate is an entry to delete only if it is unchanged: its key, and the
@@ -21,27 +21,24 @@ type Outcome uint8
 
 const (
 	// Deleted: the entry still had the candidate's last_seen, and is gone.
-	Deleted Outcome = 1
+	Deleted = Outcome(bpf.CtexpireExpireOutcomeEXPIRE_DELETED)
 	// Refreshed: the entry's last_seen changed since it was read (a packet
 	// refreshed it, or the datapath created it anew): it was kept.
-	Refreshed Outcome = 2
+	Refreshed = Outcome(bpf.CtexpireExpireOutcomeEXPIRE_REFRESHED)
 	// Missing: there was no entry (evicted or deleted meanwhile).
-	Missing Outcome = 3
+	Missing = Outcome(bpf.CtexpireExpireOutcomeEXPIRE_MISSING)
 )
 
 // ExpireBatch is how many candidates one run of the expire program decides:
 // BPF_PROG_TEST_RUN takes a TC program's input as one page, less the skb's
 // head- and tailroom.
-const ExpireBatch = 64
+const ExpireBatch = int(bpf.CtexpireExpireLimitEXPIRE_BATCH)
 
-// A record of the expire program's input: the key, the expected last_seen,
-// the outcome the program writes back.
-const (
-	recKeySize  = int(unsafe.Sizeof(Key{}))
-	recLastSeen = (recKeySize + 7) &^ 7
-	recOutcome  = recLastSeen + 8
-	recSize     = recOutcome + 8
-)
+// record is one candidate as the expire program reads it and writes back
+// its outcome (struct expire_rec in bpf/ctexpire.c).
+type record = bpf.CtexpireExpireRec
+
+const recSize = int(unsafe.Sizeof(record{}))
 
 // Expirer deletes conntrack entries only while they are unchanged, with a
 // small BPF program run by BPF_PROG_TEST_RUN: for each candidate it looks
@@ -54,18 +51,22 @@ type Expirer struct {
 	buf  []byte
 }
 
-// NewExpirer loads the expire program for m. Close releases it.
+// NewExpirer loads the expire program (bpf/ctexpire.c) for m. Close
+// releases it.
 func (m *Map) NewExpirer() (*Expirer, error) {
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name:         "ctd_ct_expire",
-		Type:         ebpf.SchedCLS,
-		License:      "Dual BSD/GPL",
-		Instructions: expireInstructions(m.m.FD()),
-	})
+	spec, err := bpf.LoadCtexpire()
 	if err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
-	return &Expirer{prog: prog, buf: make([]byte, ExpireBatch*recSize)}, nil
+	// The program runs against m, whatever its size.
+	spec.Maps[bpf.CtexpireMapCtV1].MaxEntries = m.m.MaxEntries()
+	var objs bpf.CtexpireObjects
+	err = spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m}})
+	if err != nil {
+		return nil, fmt.Errorf("load conntrack expire program: %w", err)
+	}
+	objs.CtexpireMaps.Close() // the replacement: m stays open
+	return &Expirer{prog: objs.CtdCtExpire, buf: make([]byte, ExpireBatch*recSize)}, nil
 }
 
 // Close unloads the program.
@@ -81,76 +82,19 @@ func (x *Expirer) Delete(cands []Candidate, outcomes []Outcome) error {
 		return nil
 	}
 	buf := x.buf[:len(cands)*recSize]
-	clear(buf)
+	recs := unsafe.Slice((*record)(unsafe.Pointer(unsafe.SliceData(buf))), len(cands))
 	for i := range cands {
-		rec := buf[i*recSize:]
-		copy(rec, unsafe.Slice((*byte)(unsafe.Pointer(&cands[i].Key)), recKeySize))
-		binary.NativeEndian.PutUint64(rec[recLastSeen:], cands[i].LastSeen)
+		recs[i] = record{Key: bpf.CtexpireCtKey(cands[i].Key), LastSeen: cands[i].LastSeen}
 	}
 	if _, err := x.prog.Run(&ebpf.RunOptions{Data: buf, DataOut: buf}); err != nil {
 		return fmt.Errorf("expire conntrack entries: %w", err)
 	}
 	for i := range cands {
-		o := Outcome(buf[i*recSize+recOutcome])
+		o := Outcome(recs[i].Outcome)
 		if o < Deleted || o > Missing {
 			return fmt.Errorf("expire conntrack entries: the program left candidate %d undecided (%d)", i, o)
 		}
 		outcomes[i] = o
 	}
 	return nil
-}
-
-// expireInstructions builds the program: for each of ExpireBatch records
-// that the input holds, in straight-line code (no loop for the verifier to
-// bound):
-//
-//	e = lookup(ct, &rec.key)
-//	if !e                          { rec.outcome = Missing;   continue }
-//	if e->last_seen != rec.last    { rec.outcome = Refreshed; continue }
-//	if delete(ct, &rec.key) != 0   { rec.outcome = Missing;   continue }
-//	rec.outcome = Deleted
-//
-// r7 = packet start, r8 = packet end, r9 = the current record.
-func expireInstructions(mapFD int) asm.Instructions {
-	const (
-		skbData    = 76 // offsetof(struct __sk_buff, data)
-		skbDataEnd = 80 // offsetof(struct __sk_buff, data_end)
-	)
-	lastSeen := int16(unsafe.Offsetof(Entry{}.LastSeen))
-	insns := asm.Instructions{
-		asm.LoadMem(asm.R7, asm.R1, skbData, asm.Word),
-		asm.LoadMem(asm.R8, asm.R1, skbDataEnd, asm.Word),
-	}
-	for i := range ExpireBatch {
-		label := func(s string) string { return fmt.Sprintf("%s_%d", s, i) }
-		insns = append(insns,
-			asm.Mov.Reg(asm.R9, asm.R7),
-			asm.Add.Imm(asm.R9, int32(i*recSize)),
-			asm.Mov.Reg(asm.R2, asm.R9),
-			asm.Add.Imm(asm.R2, int32(recSize)),
-			asm.JGT.Reg(asm.R2, asm.R8, "exit"),
-
-			asm.LoadMapPtr(asm.R1, mapFD),
-			asm.Mov.Reg(asm.R2, asm.R9),
-			asm.FnMapLookupElem.Call(),
-			asm.JEq.Imm(asm.R0, 0, label("missing")),
-			asm.LoadMem(asm.R1, asm.R0, lastSeen, asm.DWord),
-			asm.LoadMem(asm.R2, asm.R9, int16(recLastSeen), asm.DWord),
-			asm.JNE.Reg(asm.R1, asm.R2, label("refreshed")),
-			asm.LoadMapPtr(asm.R1, mapFD),
-			asm.Mov.Reg(asm.R2, asm.R9),
-			asm.FnMapDeleteElem.Call(),
-			asm.JNE.Imm(asm.R0, 0, label("missing")),
-			asm.StoreImm(asm.R9, int16(recOutcome), int64(Deleted), asm.Byte),
-			asm.Ja.Label(label("next")),
-			asm.StoreImm(asm.R9, int16(recOutcome), int64(Refreshed), asm.Byte).WithSymbol(label("refreshed")),
-			asm.Ja.Label(label("next")),
-			asm.StoreImm(asm.R9, int16(recOutcome), int64(Missing), asm.Byte).WithSymbol(label("missing")),
-			asm.Mov.Imm(asm.R0, 0).WithSymbol(label("next")),
-		)
-	}
-	return append(insns,
-		asm.Mov.Imm(asm.R0, 0).WithSymbol("exit"),
-		asm.Return(),
-	)
 }

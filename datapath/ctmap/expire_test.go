@@ -3,27 +3,24 @@ package ctmap_test
 import (
 	"errors"
 	"net/netip"
-	"os"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 func newTable(t *testing.T) *ctmap.Map {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatalf("creating BPF maps needs root (euid %d)", os.Geteuid())
-	}
+	nettest.RequireRoot(t)
 	spec, err := loader.Options{CTMax: 1024}.WithDefaults().Spec()
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,8 +17,8 @@ import (
 // Reserved identities (IDENTITY_* in bpf/common.h). 0 is never a valid
 // identity in the ipcache.
 const (
-	IdentityHost  uint32 = 1
-	IdentityWorld uint32 = 2 // what an address with no matching prefix resolves to
+	IdentityHost  = uint32(bpf.CtdReservedIdentityIDENTITY_HOST)
+	IdentityWorld = uint32(bpf.CtdReservedIdentityIDENTITY_WORLD) // what an address with no matching prefix resolves to
 )
 
 // Raw layouts of the maps.

@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 // newTestMap creates unpinned ipcache tries of the given size; they go away
@@ -21,7 +22,7 @@ func newTestMap(t testing.TB, size uint32) *Map {
 		t.Fatal(err)
 	}
 	var maps []*ebpf.Map
-	for _, name := range []string{bpf.CtdMapIpcache4V1, bpf.CtdMapIpcache6V1} {
+	for _, name := range []string{loader.IPCache4Map, loader.IPCache6Map} {
 		ms := spec.Maps[name].Copy()
 		ms.MaxEntries = size
 		m, err := ebpf.NewMap(ms)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/config"
 )
 
 // Defaults for Options.
@@ -110,17 +111,17 @@ func SplitName(name string) (table string, version int, ok bool) {
 	return name[:i], v, true
 }
 
-// MapNames lists every map ctd pins, in a stable order.
-var MapNames = []string{
-	bpf.CtdMapCtV1,
-	bpf.CtdMapIpcache4V1,
-	bpf.CtdMapIpcache6V1,
-	bpf.CtdMapPolicyV1,
-	bpf.CtdMapConfigV1,
-	bpf.CtdMapMetricsV1,
-	bpf.CtdMapEventsV1,
-	bpf.CtdMapEvlimitV1,
+// NotPinnedError says that a map the caller needs is not pinned: there is
+// no datapath here (yet). It matches os.ErrNotExist.
+type NotPinnedError struct {
+	Dir, Map string
 }
+
+func (e *NotPinnedError) Error() string {
+	return fmt.Sprintf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", e.Dir, e.Map)
+}
+
+func (e *NotPinnedError) Is(target error) bool { return target == os.ErrNotExist }
 
 // IncompatibleError says that a pinned map differs from what this build wants.
 type IncompatibleError struct {
@@ -137,18 +138,47 @@ func (e *IncompatibleError) Unwrap() error { return ebpf.ErrMapIncompatible }
 
 // Datapath is the loaded programs and the pinned maps they use.
 type Datapath struct {
-	bpf.CtdMaps
+	Maps
 	bpf.CtdPrograms
 }
 
 // Close releases the file descriptors; pinned objects stay in the kernel.
 func (d *Datapath) Close() error {
-	return errors.Join(d.CtdPrograms.Close(), d.CtdMaps.Close())
+	return errors.Join(d.CtdPrograms.Close(), d.Maps.Close())
+}
+
+// FromCollection takes the programs and maps of a loaded collection of the
+// datapath whose maps are pinned at pinPath; coll keeps what it does not
+// hand over and must still be closed.
+func FromCollection(coll *ebpf.Collection, pinPath string) (*Datapath, error) {
+	dp := &Datapath{}
+	if err := dp.assign(coll, pinPath); err != nil {
+		return nil, err
+	}
+	if err := coll.Assign(&dp.CtdPrograms); err != nil {
+		dp.Maps.Close()
+		return nil, fmt.Errorf("assign programs: %w", err)
+	}
+	return dp, nil
 }
 
 // Load opens the pinned maps (creating and pinning any that are missing) and
 // loads the programs against them. Nothing is pinned unless everything loaded.
-func Load(o Options) (*Datapath, error) {
+func Load(o Options) (*Datapath, error) { return open(o, true) }
+
+// OpenMaps opens the pinned maps, creating and pinning any that are missing,
+// without loading programs: for commands that fill the maps before or without
+// an attached datapath.
+func OpenMaps(o Options) (*Maps, error) {
+	dp, err := open(o, false)
+	if err != nil {
+		return nil, err
+	}
+	return &dp.Maps, nil
+}
+
+// open is Load, or OpenMaps without programs.
+func open(o Options, withPrograms bool) (*Datapath, error) {
 	o = o.WithDefaults()
 	spec, err := o.Spec()
 	if err != nil {
@@ -159,12 +189,15 @@ func Load(o Options) (*Datapath, error) {
 		return nil, err
 	}
 	dp := &Datapath{}
-	if err := spec.LoadAndAssign(&dp.CtdPrograms, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
-		closeAll(maps)
-		return nil, fmt.Errorf("load datapath programs: %w", err)
+	if withPrograms {
+		if err := spec.LoadAndAssign(&dp.CtdPrograms, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+			closeAll(maps)
+			return nil, fmt.Errorf("load datapath programs: %w", err)
+		}
 	}
-	if err := assignMaps(&dp.CtdMaps, maps); err != nil {
-		dp.Close()
+	if err := assignMaps(&dp.Maps, maps, o.PinPath); err != nil {
+		dp.CtdPrograms.Close()
+		closeAll(maps)
 		return nil, err
 	}
 	if err := pinCreated(o.PinPath, maps, created); err != nil {
@@ -174,34 +207,9 @@ func Load(o Options) (*Datapath, error) {
 	return dp, nil
 }
 
-// OpenMaps opens the pinned maps, creating and pinning any that are missing,
-// without loading programs: for commands that fill the maps before or without
-// an attached datapath.
-func OpenMaps(o Options) (*bpf.CtdMaps, error) {
-	o = o.WithDefaults()
-	spec, err := o.Spec()
-	if err != nil {
-		return nil, err
-	}
-	maps, created, err := openOrCreate(o.PinPath, spec)
-	if err != nil {
-		return nil, err
-	}
-	var out bpf.CtdMaps
-	if err := assignMaps(&out, maps); err != nil {
-		closeAll(maps)
-		return nil, err
-	}
-	if err := pinCreated(o.PinPath, maps, created); err != nil {
-		out.Close()
-		return nil, err
-	}
-	return &out, nil
-}
-
 // OpenPinned opens the maps that are pinned at pinPath, whatever their size,
 // and fails if the datapath was never set up there.
-func OpenPinned(pinPath string) (*bpf.CtdMaps, error) {
+func OpenPinned(pinPath string) (*Maps, error) {
 	if pinPath == "" {
 		pinPath = DefaultPinPath
 	}
@@ -212,14 +220,14 @@ func OpenPinned(pinPath string) (*bpf.CtdMaps, error) {
 		if err != nil {
 			closeAll(maps)
 			if errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", pinPath, name)
+				return nil, &NotPinnedError{Dir: pinPath, Map: name}
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
 		}
 		maps[name] = m
 	}
-	var out bpf.CtdMaps
-	if err := assignMaps(&out, maps); err != nil {
+	var out Maps
+	if err := assignMaps(&out, maps, pinPath); err != nil {
 		closeAll(maps)
 		return nil, err
 	}
@@ -291,11 +299,14 @@ const DefaultEventsRate = 10000
 // event rate limit on; every other map starts empty (or zeroed).
 func newMap(ms *ebpf.MapSpec) (*ebpf.Map, error) {
 	m, err := ebpf.NewMap(ms)
-	if err != nil || ms.Name != bpf.CtdMapConfigV1 {
+	if err != nil || ms.Name != ConfigMap {
 		return m, err
 	}
-	cfg := bpf.CtdConfig{EventsRate: DefaultEventsRate, EventsBurst: DefaultEventsRate}
-	if err := m.Put(uint32(0), cfg); err != nil {
+	// Not pinned yet: no other process can write it.
+	err = config.New(m, "").Update(func(v *config.Values) {
+		v.EventsRate, v.EventsBurst = DefaultEventsRate, DefaultEventsRate
+	})
+	if err != nil {
 		m.Close()
 		return nil, fmt.Errorf("initialise %s: %w", ms.Name, err)
 	}
@@ -321,13 +332,9 @@ func pinCreated(pinPath string, maps map[string]*ebpf.Map, created map[string]bo
 	return nil
 }
 
-func assignMaps(out *bpf.CtdMaps, maps map[string]*ebpf.Map) error {
+func assignMaps(out *Maps, maps map[string]*ebpf.Map, pinPath string) error {
 	// Assign takes ownership by deleting what it assigns: give it a copy.
-	coll := &ebpf.Collection{Maps: stdmaps.Clone(maps)}
-	if err := coll.Assign(out); err != nil {
-		return fmt.Errorf("assign maps: %w", err)
-	}
-	return nil
+	return out.assign(&ebpf.Collection{Maps: stdmaps.Clone(maps)}, pinPath)
 }
 
 func closeAll(maps map[string]*ebpf.Map) {

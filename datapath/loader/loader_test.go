@@ -35,7 +35,7 @@ func TestLoadPinsAndReuses(t *testing.T) {
 	}
 
 	key := bpf.CtdPolicyKey{Identity: 42, Port: 80, Proto: 6}
-	if err := dp.PolicyV1.Put(key, bpf.CtdPolicyValue{Verdict: 1}); err != nil {
+	if err := dp.Policy().Put(key, bpf.CtdPolicyValue{Verdict: 1}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -45,7 +45,7 @@ func TestLoadPinsAndReuses(t *testing.T) {
 	}
 	defer again.Close()
 	var v bpf.CtdPolicyValue
-	if err := again.PolicyV1.Lookup(key, &v); err != nil || v.Verdict != 1 {
+	if err := again.Policy().Lookup(key, &v); err != nil || v.Verdict != 1 {
 		t.Fatalf("second Load did not reuse the pinned policy map: %v %+v", err, v)
 	}
 }
@@ -60,7 +60,7 @@ func TestLoadRefusesIncompatiblePin(t *testing.T) {
 
 	_, err = Load(Options{PinPath: pin, CTMax: 2048, IPCacheMax: 1024})
 	var inc *IncompatibleError
-	if !errors.As(err, &inc) || inc.Map != bpf.CtdMapCtV1 || !errors.Is(err, ebpf.ErrMapIncompatible) {
+	if !errors.As(err, &inc) || inc.Map != CTMap || !errors.Is(err, ebpf.ErrMapIncompatible) {
 		t.Fatalf("want IncompatibleError for ct_v1, got %v", err)
 	}
 }
@@ -128,11 +128,11 @@ func TestLoadRefusesOtherLayout(t *testing.T) {
 	}
 	_, err = Load(Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024})
 	var inc *IncompatibleError
-	if !errors.As(err, &inc) || inc.Map != bpf.CtdMapCtV1 || !strings.Contains(err.Error(), "pinned as ct_v9") {
+	if !errors.As(err, &inc) || inc.Map != CTMap || !strings.Contains(err.Error(), "pinned as ct_v9") {
 		t.Fatalf("want IncompatibleError for ct_v1 pinned as ct_v9, got %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(pin, bpf.CtdMapCtV1)); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("Load pinned an empty %s beside ct_v9", bpf.CtdMapCtV1)
+	if _, err := os.Stat(filepath.Join(pin, CTMap)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Load pinned an empty %s beside ct_v9", CTMap)
 	}
 }
 
@@ -142,8 +142,8 @@ func TestNewConfigLimitsEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer maps.Close()
-	var cfg bpf.CtdConfig
-	if err := maps.ConfigV1.Lookup(uint32(0), &cfg); err != nil {
+	cfg, err := maps.Config().Read()
+	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.EventsRate != DefaultEventsRate || cfg.EventsBurst != DefaultEventsRate {

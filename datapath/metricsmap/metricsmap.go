@@ -9,42 +9,31 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/datapath/policymap"
-)
-
-// Direction is the hook a packet was counted at: the datapath's direction,
-// as the policy map names it (DIR_* in bpf/common.h).
-type Direction = policymap.Direction
-
-const (
-	Ingress = policymap.Ingress
-	Egress  = policymap.Egress
 )
 
 // Reason is what a counter counts (enum metric_reason in bpf/common.h).
 type Reason uint8
 
-// Keep in step with enum metric_reason in bpf/common.h.
 const (
-	FwdEstablished Reason = 0
-	FwdNew         Reason = 1
-	FwdRelated     Reason = 2
-	FwdUntracked   Reason = 3
-	FwdUnparseable Reason = 4
+	FwdEstablished = Reason(bpf.CtdMetricReasonM_FWD_ESTABLISHED)
+	FwdNew         = Reason(bpf.CtdMetricReasonM_FWD_NEW)
+	FwdRelated     = Reason(bpf.CtdMetricReasonM_FWD_RELATED)
+	FwdUntracked   = Reason(bpf.CtdMetricReasonM_FWD_UNTRACKED)
+	FwdUnparseable = Reason(bpf.CtdMetricReasonM_FWD_UNPARSEABLE)
 
-	DropPolicy   Reason = 16
-	DropInvalid  Reason = 17
-	DropCTInsert Reason = 18
-	DropParse    Reason = 19
+	DropPolicy   = Reason(bpf.CtdMetricReasonM_DROP_POLICY)
+	DropInvalid  = Reason(bpf.CtdMetricReasonM_DROP_INVALID)
+	DropCTInsert = Reason(bpf.CtdMetricReasonM_DROP_CT_INSERT)
+	DropParse    = Reason(bpf.CtdMetricReasonM_DROP_PARSE)
 
-	CTCreated         Reason = 32
-	CTUpdateFailed    Reason = 33
-	EventsLost        Reason = 34
-	EventsRateLimited Reason = 35
-	Fragments         Reason = 36
+	CTCreated         = Reason(bpf.CtdMetricReasonM_CT_CREATED)
+	CTUpdateFailed    = Reason(bpf.CtdMetricReasonM_CT_UPDATE_FAILED)
+	EventsLost        = Reason(bpf.CtdMetricReasonM_EVENTS_LOST)
+	EventsRateLimited = Reason(bpf.CtdMetricReasonM_EVENTS_RATELIMITED)
+	Fragments         = Reason(bpf.CtdMetricReasonM_FRAGMENTS)
 
 	// ReasonsPerDirection is METRIC_MAX: the map's index is dir*64 + reason.
-	ReasonsPerDirection = 64
+	ReasonsPerDirection = int(bpf.CtdMetricReasonMETRIC_MAX)
 )
 
 // Kind groups reasons: a packet is either forwarded or dropped once; other
@@ -120,7 +109,7 @@ type Snapshot struct {
 }
 
 // Get returns one counter.
-func (s *Snapshot) Get(d Direction, r Reason) Value {
+func (s *Snapshot) Get(d bpf.Direction, r Reason) Value {
 	if int(d) >= len(s.v) || int(r) >= ReasonsPerDirection {
 		return Value{}
 	}
@@ -129,12 +118,12 @@ func (s *Snapshot) Get(d Direction, r Reason) Value {
 
 // Total returns a counter summed over both directions.
 func (s *Snapshot) Total(r Reason) Value {
-	return s.Get(Ingress, r).Add(s.Get(Egress, r))
+	return s.Get(bpf.Ingress, r).Add(s.Get(bpf.Egress, r))
 }
 
 // Sample is one counter of a Snapshot.
 type Sample struct {
-	Dir    Direction
+	Dir    bpf.Direction
 	Reason Reason
 	Value
 }
@@ -142,7 +131,7 @@ type Sample struct {
 // Samples lists every known counter, ingress first, in index order.
 func (s *Snapshot) Samples() []Sample {
 	out := make([]Sample, 0, 2*len(Reasons))
-	for _, d := range []Direction{Ingress, Egress} {
+	for _, d := range []bpf.Direction{bpf.Ingress, bpf.Egress} {
 		for _, r := range Reasons {
 			out = append(out, Sample{Dir: d, Reason: r, Value: s.Get(d, r)})
 		}
@@ -178,7 +167,7 @@ func (m *Map) Read() (Snapshot, error) {
 	for {
 		got, err := m.m.BatchLookup(&cursor, keys, vals, nil)
 		for i := range got {
-			d, r := keys[i]/ReasonsPerDirection, keys[i]%ReasonsPerDirection
+			d, r := keys[i]/uint32(ReasonsPerDirection), keys[i]%uint32(ReasonsPerDirection)
 			if d >= uint32(len(s.v)) {
 				continue
 			}

@@ -8,6 +8,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/dptest"
 	"github.com/ctd-dev/ctd/test/nettest"
@@ -40,8 +41,8 @@ func onCPU(t *testing.T, cpu int, fn func()) {
 // packets and bytes sent, and zero elsewhere.
 func TestReadSumsWhatWasSent(t *testing.T) {
 	dp := dptest.Load(t, nettest.PinPath(t))
-	m := metricsmap.New(dp.Maps.MetricsV1)
-	dp.SetDefault(t, dptest.Ingress, 2) // ingress default deny
+	m := metricsmap.New(dp.Maps.Metrics())
+	dp.SetDefault(t, bpf.Ingress, 2) // ingress default deny
 
 	a := netip.MustParseAddr("198.51.100.1")
 	b := netip.MustParseAddr("198.51.100.2")
@@ -50,12 +51,12 @@ func TestReadSumsWhatWasSent(t *testing.T) {
 	b6 := netip.MustParseAddr("fd00:c7d::2")
 
 	type send struct {
-		dir    dptest.Direction
+		dir    bpf.Direction
 		frame  []byte
 		reason metricsmap.Reason
 	}
 	want := map[[2]uint8]metricsmap.Value{}
-	count := func(d dptest.Direction, r metricsmap.Reason, packets, bytes uint64) {
+	count := func(d bpf.Direction, r metricsmap.Reason, packets, bytes uint64) {
 		k := [2]uint8{uint8(d), uint8(r)}
 		want[k] = want[k].Add(metricsmap.Value{Packets: packets, Bytes: bytes})
 	}
@@ -65,16 +66,16 @@ func TestReadSumsWhatWasSent(t *testing.T) {
 		ap, bp := netip.AddrPortFrom(a, sport), netip.AddrPortFrom(b, 80)
 		a6p, b6p := netip.AddrPortFrom(a6, sport), netip.AddrPortFrom(b6, 53)
 		sends := []send{
-			{dptest.Egress, dptest.TCP(t, ap, bp, dptest.SYN, nil), metricsmap.FwdNew},
-			{dptest.Ingress, dptest.TCP(t, bp, ap, dptest.SYN|dptest.ACK, nil), metricsmap.FwdEstablished},
-			{dptest.Egress, dptest.TCP(t, ap, bp, dptest.ACK|dptest.PSH, make([]byte, 100+cpu)), metricsmap.FwdEstablished},
-			{dptest.Ingress, dptest.TCP(t, bp, ap, dptest.ACK|dptest.PSH, make([]byte, 1000)), metricsmap.FwdEstablished},
-			{dptest.Egress, dptest.UDP(t, a6p, b6p, make([]byte, 33)), metricsmap.FwdNew},
-			{dptest.Ingress, dptest.UDP(t, b6p, a6p, make([]byte, 77)), metricsmap.FwdEstablished},
+			{bpf.Egress, dptest.TCP(t, ap, bp, dptest.SYN, nil), metricsmap.FwdNew},
+			{bpf.Ingress, dptest.TCP(t, bp, ap, dptest.SYN|dptest.ACK, nil), metricsmap.FwdEstablished},
+			{bpf.Egress, dptest.TCP(t, ap, bp, dptest.ACK|dptest.PSH, make([]byte, 100+cpu)), metricsmap.FwdEstablished},
+			{bpf.Ingress, dptest.TCP(t, bp, ap, dptest.ACK|dptest.PSH, make([]byte, 1000)), metricsmap.FwdEstablished},
+			{bpf.Egress, dptest.UDP(t, a6p, b6p, make([]byte, 33)), metricsmap.FwdNew},
+			{bpf.Ingress, dptest.UDP(t, b6p, a6p, make([]byte, 77)), metricsmap.FwdEstablished},
 			// A new flow from outside: ingress default deny drops it.
-			{dptest.Ingress, dptest.TCP(t, netip.AddrPortFrom(c, sport), netip.AddrPortFrom(a, 22), dptest.SYN, nil), metricsmap.DropPolicy},
+			{bpf.Ingress, dptest.TCP(t, netip.AddrPortFrom(c, sport), netip.AddrPortFrom(a, 22), dptest.SYN, nil), metricsmap.DropPolicy},
 			// No flags at all: invalid.
-			{dptest.Egress, dptest.TCP(t, ap, bp, 0, nil), metricsmap.DropInvalid},
+			{bpf.Egress, dptest.TCP(t, ap, bp, 0, nil), metricsmap.DropInvalid},
 		}
 		onCPU(t, cpu, func() {
 			for i, s := range sends {
@@ -89,7 +90,7 @@ func TestReadSumsWhatWasSent(t *testing.T) {
 				count(s.dir, s.reason, 1, uint64(len(s.frame)))
 			}
 		})
-		count(dptest.Egress, metricsmap.CTCreated, 2, 0) // the TCP and the UDP flow
+		count(bpf.Egress, metricsmap.CTCreated, 2, 0) // the TCP and the UDP flow
 	}
 
 	snap, err := m.Read()
@@ -105,7 +106,7 @@ func TestReadSumsWhatWasSent(t *testing.T) {
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("counters (-sent +read) over %d CPUs:\n%s", cpus, diff)
 	}
-	if tot := snap.Total(metricsmap.FwdEstablished); tot != snap.Get(metricsmap.Ingress, metricsmap.FwdEstablished).Add(snap.Get(metricsmap.Egress, metricsmap.FwdEstablished)) {
+	if tot := snap.Total(metricsmap.FwdEstablished); tot != snap.Get(bpf.Ingress, metricsmap.FwdEstablished).Add(snap.Get(bpf.Egress, metricsmap.FwdEstablished)) {
 		t.Errorf("Total(established) = %+v, not the sum of both directions", tot)
 	}
 }

@@ -145,7 +145,7 @@ func (m *migration) copyFirst(p *mapPlan) error {
 	}
 	n := conv.len()
 	if hashLike(p.spec.Type) && n > int(p.spec.MaxEntries) {
-		return &Error{Map: p.name, Pin: p.oldPin(m.pinPath),
+		return &Error{Map: p.name, Pin: m.pins.Map(p.oldName),
 			Reason: fmt.Sprintf("%d live entries do not fit in max_entries %d: choose %s %d or more", n, p.spec.MaxEntries, sizeFlag(p.table), n)}
 	}
 
@@ -159,7 +159,7 @@ func (m *migration) copyFirst(p *mapPlan) error {
 			return fmt.Errorf("map %s: %w", p.name, err)
 		}
 		if got.len() != conv.len() {
-			return &Error{Map: p.name, Pin: p.oldPin(m.pinPath),
+			return &Error{Map: p.name, Pin: m.pins.Map(p.oldName),
 				Reason: fmt.Sprintf("the new map kept %d of %d live entries (an LRU map evicts before it is full): choose %s larger than %d",
 					got.len(), conv.len(), sizeFlag(p.table), p.spec.MaxEntries)}
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/ctd-dev/ctd/bpf/v2test"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
@@ -62,7 +63,7 @@ func pinnedIDs(t *testing.T, pinPath string) map[string]ebpf.MapID {
 		if err != nil {
 			t.Fatalf("open pin %s: %v", e.Name(), err)
 		}
-		id, err := mapID(m)
+		id, err := pins.MapID(m)
 		m.Close()
 		if err != nil {
 			t.Fatal(err)
@@ -224,7 +225,7 @@ func readIPCache(t *testing.T, m *ebpf.Map) map[bpf.CtdIpcache4Key]bpf.CtdIpcach
 func checkNoTempPins(t *testing.T, pinPath string) {
 	t.Helper()
 	for name := range pinnedIDs(t, pinPath) {
-		if strings.HasSuffix(name, tempSuffix) {
+		if strings.HasSuffix(name, pins.TempSuffix) {
 			t.Errorf("temporary pin %s left behind", name)
 		}
 	}

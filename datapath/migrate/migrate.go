@@ -9,8 +9,8 @@
 //     LRU hash and LPM trie maps are copied into a map of the new size; a
 //     size below the number of live entries is refused. Arrays may grow.
 //   - upgrade: an older layout of the table is pinned (ct_v1 while this build
-//     uses ct_v2). Entries are copied through the Converter registered for
-//     that pair (see converters).
+//     uses ct_v2). Entries are copied through the loader.Converter for that
+//     pair, which the build of the new layout provides (LoadSpec).
 //   - recreate: the events ring buffer changes size. A ring buffer cannot be
 //     copied: a new one replaces it and the events not yet read from the old
 //     one, or written to it until the switch, are lost. Readers (ctd monitor)
@@ -97,23 +97,18 @@ package migrate
 
 import (
 	"fmt"
-	"path/filepath"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
-
-// LinkDir is the directory below a pin path that holds ctd's pinned TCX links.
-func LinkDir(pinPath string) string { return filepath.Join(pinPath, "links") }
 
 // Interfaces says where the datapath's programs are attached, so that a
 // migration can switch them.
 type Interfaces struct {
-	// LinkDir is where the TCX links are pinned; "" means LinkDir(PinPath).
-	LinkDir string
 	// Attached lists the interfaces where this datapath's programs are
 	// attached, in the network namespace of the calling thread. Nil means
 	// every interface with a pinned TCX link below LinkDir, and every ctd
@@ -185,22 +180,17 @@ func Load(opts loader.Options, ifs Interfaces) (*loader.Datapath, Report, error)
 		return nil, rep, err
 	}
 	defer coll.Close()
-	dp := &loader.Datapath{}
-	if err := coll.Assign(&dp.CtdMaps); err != nil {
-		return nil, rep, fmt.Errorf("assign maps: %w", err)
-	}
-	if err := coll.Assign(&dp.CtdPrograms); err != nil {
-		dp.CtdMaps.Close()
-		return nil, rep, fmt.Errorf("assign programs: %w", err)
-	}
-	return dp, rep, nil
+	dp, err := loader.FromCollection(coll, opts.PinPath)
+	return dp, rep, err
 }
 
 // LoadSpec is Load for any build of the datapath: spec names the maps and
-// layouts wanted and is sized by opts (spec itself is not modified). The
-// collection holds the programs and every map by name.
-func LoadSpec(opts loader.Options, spec *ebpf.CollectionSpec, ifs Interfaces) (*ebpf.Collection, Report, error) {
-	return run(config{opts: opts, spec: spec, ifs: ifs})
+// layouts wanted and is sized by opts (spec itself is not modified), and
+// convs convert older layouts of its tables into its own (ctd's own build
+// has none: its layouts are the first). The collection holds the programs
+// and every map by name.
+func LoadSpec(opts loader.Options, spec *ebpf.CollectionSpec, ifs Interfaces, convs ...loader.Converter) (*ebpf.Collection, Report, error) {
+	return run(config{opts: opts, spec: spec, ifs: ifs, converters: convs})
 }
 
 // config is one run of Load, with the test hooks.
@@ -208,7 +198,7 @@ type config struct {
 	opts       loader.Options
 	spec       *ebpf.CollectionSpec
 	ifs        Interfaces
-	converters []Converter // nil: the built-in ones
+	converters []loader.Converter
 	hooks      hooks
 }
 
@@ -229,19 +219,14 @@ func run(c config) (*ebpf.Collection, Report, error) {
 	if err := c.opts.Validate(); err != nil {
 		return nil, rep, err
 	}
-	if c.converters == nil {
-		c.converters = converters()
-	}
 	spec := c.spec.Copy()
 	c.opts.SizeSpec(spec)
-	if c.ifs.LinkDir == "" {
-		c.ifs.LinkDir = LinkDir(c.opts.PinPath)
-	}
+	dir := pins.New(c.opts.PinPath)
 	if c.ifs.Attached == nil {
-		c.ifs.Attached = defaultAttached(c.opts.PinPath, c.ifs.LinkDir)
+		c.ifs.Attached = dir.Attachments
 	}
 
-	m := &migration{cfg: c, spec: spec, pinPath: c.opts.PinPath, rep: &rep}
+	m := &migration{cfg: c, spec: spec, pins: dir, rep: &rep}
 	coll, err := m.run()
 	if err != nil {
 		return nil, rep, err

@@ -59,10 +59,10 @@ func TestResize(t *testing.T) {
 				t.Errorf("switched %v with nothing attached", rep.Switched)
 			}
 
-			if got := dp.CtV1.MaxEntries(); got != tc.ct[1] {
+			if got := dp.CT().MaxEntries(); got != tc.ct[1] {
 				t.Errorf("ct_v1 has max_entries %d, want %d", got, tc.ct[1])
 			}
-			if got := dp.Ipcache4V1.MaxEntries(); got != tc.ip[1] {
+			if got := dp.IPCache4().MaxEntries(); got != tc.ip[1] {
 				t.Errorf("ipcache4_v1 has max_entries %d, want %d", got, tc.ip[1])
 			}
 			checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), wantCT)
@@ -145,7 +145,7 @@ func TestUpgradeV1ToV2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	coll, rep, err := LoadSpec(o, spec, none)
+	coll, rep, err := LoadSpec(o, spec, none, v2test.Converters()...)
 	if err != nil {
 		t.Fatalf("LoadSpec(v2): %v", err)
 	}
@@ -171,7 +171,7 @@ func TestUpgradeV1ToV2(t *testing.T) {
 		t.Errorf("ct_v2 holds %d entries, want %d", len(got), len(want))
 	}
 	for k, e := range want {
-		nk, ne := ctV1ToV2(k, e)
+		nk, ne := v2test.CtV1ToV2(k, e)
 		if ne.Origin != 1 {
 			t.Fatalf("converter did not mark the entry as converted: %+v", ne)
 		}
@@ -253,9 +253,15 @@ func TestCannotMigrate(t *testing.T) {
 			}
 			before := pinnedIDs(t, pin)
 
-			dp, _, err := Load(loader.Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024}, none)
+			// With the converters of the test layout, so that the error
+			// names what a build with converters offers.
+			spec, err := bpf.LoadCtd()
+			if err != nil {
+				t.Fatal(err)
+			}
+			coll, _, err := LoadSpec(loader.Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024}, spec, none, v2test.Converters()...)
 			if err == nil {
-				dp.Close()
+				coll.Close()
 				t.Fatal("Load succeeded")
 			}
 			var me *Error

@@ -22,6 +22,7 @@ import (
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
@@ -48,10 +49,10 @@ func attachedDatapath(t *testing.T, h *nettest.Host, o loader.Options) (loader.O
 		if err := netlink.LinkSetUp(v); err != nil {
 			return err
 		}
-		if _, err := attach.Attach(h.Iface, attach.ModeTCX, progs, LinkDir(o.PinPath)); err != nil {
+		if _, err := attach.Attach(h.Iface, attach.ModeTCX, progs, pins.New(o.PinPath).Links()); err != nil {
 			return err
 		}
-		_, err := attach.Attach(secondIface, attach.ModeTC, progs, LinkDir(o.PinPath))
+		_, err := attach.Attach(secondIface, attach.ModeTC, progs, pins.New(o.PinPath).Links())
 		return err
 	})
 	if err != nil {
@@ -98,7 +99,7 @@ func TestRollbackWhenSwitchFails(t *testing.T) {
 	o, _ := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
 	want := fillCT(t, o.PinPath, 300)
 	ifaces := []string{a.Iface, secondIface}
-	linkDir := LinkDir(o.PinPath)
+	linkDir := pins.New(o.PinPath).Links()
 	old := status(t, a, linkDir, ifaces...)
 	if old[0].Mode != attach.ModeTCX || old[1].Mode != attach.ModeTC {
 		t.Fatalf("attached %+v, want tcx on %s and tc on %s", old, a.Iface, secondIface)
@@ -182,17 +183,18 @@ func TestMigrateUnderTraffic(t *testing.T) {
 		name    string
 		ctMax   uint32
 		newSpec func() (*ebpf.CollectionSpec, error)
+		convs   []loader.Converter
 		wantMap string
 	}{
-		{"resize", 4096, bpf.LoadCtd, bpf.CtdMapCtV1},
-		{"upgrade", 1024, v2test.LoadCtd, v2test.CtdMapCtV2},
+		{"resize", 4096, bpf.LoadCtd, nil, bpf.CtdMapCtV1},
+		{"upgrade", 1024, v2test.LoadCtd, v2test.Converters(), v2test.CtdMapCtV2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			pair := nettest.NewPair(t)
 			a, b := pair.A, pair.B
 			o, dp := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
 			cfg := bpf.CtdConfig{DefaultVerdict: [2]uint8{2, 0}} // ingress: deny
-			if err := dp.ConfigV1.Put(uint32(0), cfg); err != nil {
+			if err := dp.Config().Update(func(c *bpf.CtdConfig) { *c = cfg }); err != nil {
 				t.Fatal(err)
 			}
 			checkIngressDenied(t, a, b)
@@ -227,7 +229,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			before, ok := readRaw(t, dp.CtV1, oldSpec.Maps[bpf.CtdMapCtV1], key)
+			before, ok := readRaw(t, dp.CT(), oldSpec.Maps[bpf.CtdMapCtV1], key)
 			if !ok || before.packetsOrig == 0 {
 				t.Fatalf("no conntrack entry for the UDP stream before the migration")
 			}
@@ -254,7 +256,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			var coll *ebpf.Collection
 			start := time.Now()
 			err = a.Do(func() (err error) {
-				coll, rep, err = run(config{opts: o, spec: spec, hooks: hooks{afterCopy: afterCopy}})
+				coll, rep, err = run(config{opts: o, spec: spec, converters: tc.convs, hooks: hooks{afterCopy: afterCopy}})
 				return err
 			})
 			if late != nil {
@@ -300,7 +302,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 				t.Errorf("counters after the migration: %d orig, %d reply packets; the stream sent %d and got %d",
 					after.packetsOrig, after.packetsReply, res.sent, res.received)
 			}
-			if drops := ingressDrops(t, dp.MetricsV1); drops != 1 {
+			if drops := ingressDrops(t, dp.Metrics()); drops != 1 {
 				t.Errorf("%d packets dropped at ingress, want only the 1 probe of checkIngressDenied", drops)
 			}
 		})
@@ -458,7 +460,7 @@ func TestRecoverInterrupted(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer orphan.Close()
-		if err := orphan.Pin(filepath.Join(o.PinPath, bpf.CtdMapCtV1+tempSuffix)); err != nil {
+		if err := orphan.Pin(filepath.Join(o.PinPath, bpf.CtdMapCtV1+pins.TempSuffix)); err != nil {
 			t.Fatal(err)
 		}
 
@@ -504,7 +506,7 @@ func TestRecoverInterrupted(t *testing.T) {
 		if !errors.Is(err, crash) {
 			t.Fatalf("got %v, want the injected failure", err)
 		}
-		temp := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1+tempSuffix]
+		temp := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1+pins.TempSuffix]
 		if temp == 0 {
 			t.Fatal("no temporary pin left after a failure past the switch")
 		}
@@ -534,7 +536,7 @@ func TestRecoverInterrupted(t *testing.T) {
 			t.Errorf("ct_v1 has max_entries %d, want 4096", ct.MaxEntries())
 		}
 		checkCT(t, ct, want)
-		for _, st := range status(t, a, LinkDir(o.PinPath), a.Iface, secondIface) {
+		for _, st := range status(t, a, pins.New(o.PinPath).Links(), a.Iface, secondIface) {
 			if !progUsesMap(t, st.IngressProgID, temp) {
 				t.Errorf("%s runs program %d, which does not use ct_v1", st.Iface, st.IngressProgID)
 			}

@@ -1,10 +1,7 @@
 package migrate
 
 import (
-	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 
@@ -12,10 +9,6 @@ import (
 
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
-
-// tempSuffix marks the pin of a new map until the switch. bpffs refuses
-// names with dots; "~" cannot occur in a map name.
-const tempSuffix = "~migrating"
 
 // action is what becomes of one map of the spec.
 type action int
@@ -34,9 +27,9 @@ type mapPlan struct {
 	table   string // name without its version, e.g. "ct"
 	spec    *ebpf.MapSpec
 	action  action
-	oldName string     // pinned name replaced (resize, upgrade, recreate)
-	old     *ebpf.Map  // the pinned map (keep: the map used)
-	conv    *Converter // upgrade only
+	oldName string            // pinned name replaced (resize, upgrade, recreate)
+	old     *ebpf.Map         // the pinned map (keep: the map used)
+	conv    *loader.Converter // upgrade only
 
 	new    *ebpf.Map         // the map replacing old, or created
 	snap   map[string]string // pass 1: old key -> old value
@@ -51,12 +44,6 @@ func (p *mapPlan) migrates() bool {
 
 // copies reports whether the map's entries are copied.
 func (p *mapPlan) copies() bool { return p.action == resize || p.action == upgrade }
-
-func (p *mapPlan) pin(pinPath string) string    { return filepath.Join(pinPath, p.name) }
-func (p *mapPlan) oldPin(pinPath string) string { return filepath.Join(pinPath, p.oldName) }
-func (p *mapPlan) tempPin(pinPath string) string {
-	return filepath.Join(pinPath, p.name+tempSuffix)
-}
 
 // final is the map the new programs use.
 func (p *mapPlan) final() *ebpf.Map {
@@ -93,26 +80,10 @@ func (p *mapPlan) close() {
 	}
 }
 
-// pins lists the map pins in pinPath: versioned names only, so neither the
-// links directory nor temporary pins.
-func pins(pinPath string) ([]string, error) {
-	entries, err := os.ReadDir(pinPath)
-	if err != nil {
-		return nil, fmt.Errorf("read pin directory: %w", err)
-	}
-	var out []string
-	for _, e := range entries {
-		if _, _, ok := loader.SplitName(e.Name()); ok && !e.IsDir() {
-			out = append(out, e.Name())
-		}
-	}
-	return out, nil
-}
-
 // plan decides what to do with every versioned map of the spec. It changes
 // nothing; an error means that some pinned map cannot be migrated.
 func (m *migration) plan() error {
-	pinned, err := pins(m.pinPath)
+	pinned, err := m.pins.MapNames()
 	if err != nil {
 		return err
 	}
@@ -147,7 +118,7 @@ func (m *migration) plan() error {
 				return err
 			}
 		default:
-			return &Error{Map: name, Pin: filepath.Join(m.pinPath, others[0]),
+			return &Error{Map: name, Pin: m.pins.Map(others[0]),
 				Reason: fmt.Sprintf("several layouts of table %s are pinned (%s): remove the stale ones", table, strings.Join(others, ", "))}
 		}
 	}
@@ -158,19 +129,19 @@ func (m *migration) plan() error {
 // same table beside it are left over from a migration that was interrupted
 // after its switch; they are retired unless a program still uses them.
 func (m *migration) planPinned(p *mapPlan, others []string) error {
-	pin := p.pin(m.pinPath)
-	old, err := ebpf.LoadPinnedMap(pin, nil)
+	pin := m.pins.Map(p.name)
+	old, err := m.pins.OpenMap(p.name, nil)
 	if err != nil {
-		return fmt.Errorf("open pinned map %s: %w", pin, err)
+		return err
 	}
 	p.old, p.oldName = old, p.name
 	for _, o := range others {
-		used, err := m.pinUsed(filepath.Join(m.pinPath, o))
+		used, err := m.pinUsed(o)
 		if err != nil {
 			return err
 		}
 		if used {
-			return &Error{Map: p.name, Pin: filepath.Join(m.pinPath, o),
+			return &Error{Map: p.name, Pin: m.pins.Map(o),
 				Reason: fmt.Sprintf("both %s and %s are pinned and the attached programs use %s", o, p.name, o)}
 		}
 		m.stale = append(m.stale, o)
@@ -202,10 +173,10 @@ func (m *migration) planPinned(p *mapPlan, others []string) error {
 
 // planOther plans a map of which another layout is pinned.
 func (m *migration) planOther(p *mapPlan, other string) error {
-	pin := filepath.Join(m.pinPath, other)
-	old, err := ebpf.LoadPinnedMap(pin, nil)
+	pin := m.pins.Map(other)
+	old, err := m.pins.OpenMap(other, nil)
 	if err != nil {
-		return fmt.Errorf("open pinned map %s: %w", pin, err)
+		return err
 	}
 	p.old, p.oldName = old, other
 	p.report = MapReport{Map: p.name, From: other, OldMaxEntries: old.MaxEntries(), MaxEntries: p.spec.MaxEntries}
@@ -249,7 +220,7 @@ func layoutDiff(m *ebpf.Map, spec *ebpf.MapSpec) string {
 	return strings.Join(d, ", ")
 }
 
-func converterList(cs []Converter) string {
+func converterList(cs []loader.Converter) string {
 	if len(cs) == 0 {
 		return "nothing"
 	}
@@ -273,19 +244,11 @@ func sizeFlag(table string) string {
 	return "max_entries"
 }
 
-// pinUsed reports whether an attached program uses the map pinned at pin.
-func (m *migration) pinUsed(pin string) (bool, error) {
-	pm, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("open pinned map %s: %w", pin, err)
-	}
-	defer pm.Close()
-	id, err := mapID(pm)
-	if err != nil {
-		return false, fmt.Errorf("pinned map %s: %w", pin, err)
+// pinUsed reports whether an attached program uses the map pinned as name.
+func (m *migration) pinUsed(name string) (bool, error) {
+	id, err := m.pins.MapID(name)
+	if err != nil || id == 0 {
+		return false, err
 	}
 	return usedBy(id, m.atts)
 }

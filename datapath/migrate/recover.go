@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // recover deals with the temporary pins of a migration that was
@@ -18,15 +19,11 @@ import (
 // removed. Otherwise it stopped after the switch: the map is moved to its
 // final name, after inserting what the map it replaces holds and it lacks.
 func (m *migration) recover() error {
-	entries, err := os.ReadDir(m.pinPath)
+	names, err := m.pins.TempNames()
 	if err != nil {
-		return fmt.Errorf("read pin directory: %w", err)
+		return err
 	}
-	for _, e := range entries {
-		name, ok := strings.CutSuffix(e.Name(), tempSuffix)
-		if !ok || e.IsDir() {
-			continue
-		}
+	for _, name := range names {
 		if err := m.recoverPin(name); err != nil {
 			return fmt.Errorf("complete interrupted migration of %s: %w", name, err)
 		}
@@ -35,8 +32,8 @@ func (m *migration) recover() error {
 }
 
 func (m *migration) recoverPin(name string) error {
-	temp := filepath.Join(m.pinPath, name+tempSuffix)
-	used, err := m.pinUsed(temp)
+	temp := m.pins.Temp(name)
+	used, err := m.pinUsed(name + pins.TempSuffix)
 	if err != nil {
 		return err
 	}
@@ -54,15 +51,15 @@ func (m *migration) recoverPin(name string) error {
 	}
 	caught := 0
 	if oldName != "" {
-		if caught, err = m.insertMissing(oldName, name, temp); err != nil {
+		if caught, err = m.insertMissing(oldName, name); err != nil {
 			return err
 		}
 	}
-	if err := os.Rename(temp, filepath.Join(m.pinPath, name)); err != nil {
+	if err := os.Rename(temp, m.pins.Map(name)); err != nil {
 		return err
 	}
 	if oldName != "" && oldName != name {
-		if err := os.Remove(filepath.Join(m.pinPath, oldName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := os.Remove(m.pins.Map(oldName)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
 	}
@@ -73,7 +70,7 @@ func (m *migration) recoverPin(name string) error {
 // replacedBy returns the pinned map that the map named name replaces: name
 // itself (a resize) or the one pinned other layout of its table, or "".
 func (m *migration) replacedBy(name string) (string, error) {
-	pinned, err := pins(m.pinPath)
+	pinned, err := m.pins.MapNames()
 	if err != nil {
 		return "", err
 	}
@@ -96,16 +93,17 @@ func (m *migration) replacedBy(name string) (string, error) {
 	return "", nil
 }
 
-// insertMissing copies the entries of the map pinned as oldName that the map
-// pinned at temp lacks. Counters of entries both hold are not merged: the
-// snapshot of pass 1 that would tell their growth died with the process.
-func (m *migration) insertMissing(oldName, name, temp string) (int, error) {
-	old, err := ebpf.LoadPinnedMap(filepath.Join(m.pinPath, oldName), nil)
+// insertMissing copies the entries of the map pinned as oldName that the
+// temporary pin of name lacks. Counters of entries both hold are not
+// merged: the snapshot of pass 1 that would tell their growth died with
+// the process.
+func (m *migration) insertMissing(oldName, name string) (int, error) {
+	old, err := m.pins.OpenMap(oldName, nil)
 	if err != nil {
 		return 0, err
 	}
 	defer old.Close()
-	nm, err := ebpf.LoadPinnedMap(temp, nil)
+	nm, err := m.pins.OpenMap(name+pins.TempSuffix, nil)
 	if err != nil {
 		return 0, err
 	}

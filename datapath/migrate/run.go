@@ -4,28 +4,28 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // migration is the state of one Load.
 type migration struct {
-	cfg     config
-	spec    *ebpf.CollectionSpec
-	pinPath string
-	rep     *Report
-	atts    []attach.Attachment
-	plans   []*mapPlan
-	stale   []string // pins of older layouts to retire
+	cfg   config
+	spec  *ebpf.CollectionSpec
+	pins  pins.Dir
+	rep   *Report
+	atts  []attach.Attachment
+	plans []*mapPlan
+	stale []string // pins of older layouts to retire
 }
 
 func (m *migration) run() (*ebpf.Collection, error) {
-	if err := bpffs.Ensure(m.pinPath); err != nil {
+	if err := bpffs.Ensure(m.pins.Path()); err != nil {
 		return nil, err
 	}
 	atts, err := m.cfg.ifs.Attached()
@@ -106,7 +106,7 @@ func (m *migration) pinCreated() error {
 		if p.action != create {
 			continue
 		}
-		if err := p.new.Pin(p.pin(m.pinPath)); err != nil {
+		if err := p.new.Pin(m.pins.Map(p.name)); err != nil {
 			for _, q := range pinned {
 				q.new.Unpin()
 			}
@@ -217,7 +217,7 @@ func (m *migration) pinTemps() error {
 		if !p.migrates() {
 			continue
 		}
-		if err := p.new.Pin(p.tempPin(m.pinPath)); err != nil {
+		if err := p.new.Pin(m.pins.Temp(p.name)); err != nil {
 			m.unpinTemps()
 			return fmt.Errorf("pin new map %s: %w", p.name, err)
 		}
@@ -228,7 +228,7 @@ func (m *migration) pinTemps() error {
 func (m *migration) unpinTemps() {
 	for _, p := range m.plans {
 		if p.migrates() {
-			os.Remove(p.tempPin(m.pinPath))
+			os.Remove(m.pins.Temp(p.name))
 		}
 	}
 }
@@ -257,11 +257,11 @@ func (m *migration) commit() error {
 		if !p.migrates() {
 			continue
 		}
-		if err := os.Rename(p.tempPin(m.pinPath), p.pin(m.pinPath)); err != nil {
+		if err := os.Rename(m.pins.Temp(p.name), m.pins.Map(p.name)); err != nil {
 			return fmt.Errorf("pin new map %s: %w", p.name, err)
 		}
 		if p.oldName != p.name {
-			if err := os.Remove(p.oldPin(m.pinPath)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			if err := os.Remove(m.pins.Map(p.oldName)); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return fmt.Errorf("retire pin of %s: %w", p.oldName, err)
 			}
 		}
@@ -288,7 +288,7 @@ func (m *migration) commit() error {
 // retireStale removes pins of older layouts that no program uses.
 func (m *migration) retireStale() error {
 	for _, name := range m.stale {
-		pin := filepath.Join(m.pinPath, name)
+		pin := m.pins.Map(name)
 		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("retire stale pin %s: %w", pin, err)
 		}

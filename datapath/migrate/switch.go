@@ -3,15 +3,11 @@ package migrate
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
-	"strings"
 
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/datapath/attach"
-	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 // switchPrograms attaches progs wherever ctd is attached. If one interface
@@ -49,9 +45,8 @@ func (m *migration) switchPrograms(progs attach.Programs) (restored bool, err er
 		prev = append(prev, previous{at, attach.Programs{Ingress: in, Egress: eg}})
 	}
 
-	linkDir := m.cfg.ifs.LinkDir
 	for i, p := range prev {
-		err := m.switchOne(p.at, progs, linkDir)
+		err := m.switchOne(p.at, progs)
 		if err == nil {
 			m.rep.Switched = append(m.rep.Switched, p.at.Iface)
 			continue
@@ -59,7 +54,7 @@ func (m *migration) switchPrograms(progs attach.Programs) (restored bool, err er
 		errs := []error{fmt.Errorf("switch programs on %s: %w", p.at.Iface, err)}
 		for j := i; j >= 0; j-- {
 			back := prev[j]
-			if _, err := attach.Attach(back.at.Iface, back.at.Mode, back.progs, linkDir); err != nil {
+			if _, err := m.pins.Attach(back.at.Iface, back.at.Mode, back.progs); err != nil {
 				errs = append(errs, fmt.Errorf("switch %s back to its old programs: %w", back.at.Iface, err))
 			}
 		}
@@ -69,13 +64,13 @@ func (m *migration) switchPrograms(progs attach.Programs) (restored bool, err er
 	return true, nil
 }
 
-func (m *migration) switchOne(at attach.Attachment, progs attach.Programs, linkDir string) error {
+func (m *migration) switchOne(at attach.Attachment, progs attach.Programs) error {
 	if h := m.cfg.hooks.beforeSwitch; h != nil {
 		if err := h(at.Iface); err != nil {
 			return err
 		}
 	}
-	_, err := attach.Attach(at.Iface, at.Mode, progs, linkDir)
+	_, err := m.pins.Attach(at.Iface, at.Mode, progs)
 	return err
 }
 
@@ -101,18 +96,6 @@ func quiesce() error {
 	return nil
 }
 
-func mapID(m *ebpf.Map) (ebpf.MapID, error) {
-	info, err := m.Info()
-	if err != nil {
-		return 0, err
-	}
-	id, ok := info.ID()
-	if !ok {
-		return 0, errors.New("the kernel reports no map ID")
-	}
-	return id, nil
-}
-
 // usedBy reports whether a program attached in atts uses the map with ID id.
 func usedBy(id ebpf.MapID, atts []attach.Attachment) (bool, error) {
 	for _, at := range atts {
@@ -127,50 +110,4 @@ func usedBy(id ebpf.MapID, atts []attach.Attachment) (bool, error) {
 		}
 	}
 	return false, nil
-}
-
-// defaultAttached lists what the datapath at pinPath has attached in the
-// calling thread's network namespace: every interface with a pinned TCX
-// link below linkDir, and every ctd tc filter whose programs use
-// one of the maps pinned at pinPath (tc filters of a ctd with another pin
-// path are left out).
-func defaultAttached(pinPath, linkDir string) func() ([]attach.Attachment, error) {
-	return func() ([]attach.Attachment, error) {
-		ours, err := pinnedMapIDs(pinPath)
-		if err != nil {
-			return nil, err
-		}
-		return attach.ListUsing(linkDir, ours)
-	}
-}
-
-// pinnedMapIDs returns the IDs of the maps pinned at pinPath, temporary
-// pins included.
-func pinnedMapIDs(pinPath string) ([]ebpf.MapID, error) {
-	entries, err := os.ReadDir(pinPath)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read pin directory: %w", err)
-	}
-	var ids []ebpf.MapID
-	for _, e := range entries {
-		name := strings.TrimSuffix(e.Name(), tempSuffix)
-		if _, _, ok := loader.SplitName(name); !ok || e.IsDir() {
-			continue
-		}
-		pin := filepath.Join(pinPath, e.Name())
-		pm, err := ebpf.LoadPinnedMap(pin, &ebpf.LoadPinOptions{ReadOnly: true})
-		if err != nil {
-			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
-		}
-		id, err := mapID(pm)
-		pm.Close()
-		if err != nil {
-			return nil, fmt.Errorf("pinned map %s: %w", pin, err)
-		}
-		ids = append(ids, id)
-	}
-	return ids, nil
 }

@@ -10,34 +10,17 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
 )
 
-// Direction is the hook a rule applies to (DIR_* in bpf/common.h).
-type Direction uint8
-
-const (
-	Ingress Direction = 0
-	Egress  Direction = 1
-)
-
-func (d Direction) String() string {
-	switch d {
-	case Ingress:
-		return "ingress"
-	case Egress:
-		return "egress"
-	}
-	return "dir" + strconv.Itoa(int(d))
-}
-
-// Verdict is a rule's or a default's decision (VERDICT_* in bpf/common.h).
+// Verdict is a rule's or a default's decision (enum verdict in bpf/common.h).
 type Verdict uint8
 
 const (
 	// VerdictUnset is a default verdict never configured; the datapath allows.
-	VerdictUnset Verdict = 0
-	Allow        Verdict = 1
-	Deny         Verdict = 2
+	VerdictUnset = Verdict(bpf.CtdVerdictVERDICT_UNSET)
+	Allow        = Verdict(bpf.CtdVerdictVERDICT_ALLOW)
+	Deny         = Verdict(bpf.CtdVerdictVERDICT_DENY)
 )
 
 func (v Verdict) String() string {
@@ -62,7 +45,7 @@ func (v Verdict) Effective() Verdict {
 
 // Wildcards in a Rule.
 const (
-	AnyIdentity uint32 = 0
+	AnyIdentity        = uint32(bpf.CtdReservedIdentityIDENTITY_ANY)
 	AnyProto    uint8  = 0
 	AnyPort     uint16 = 0
 )
@@ -71,7 +54,7 @@ const (
 // source on ingress, the destination on egress), the IP protocol and the
 // destination port of a flow's first packet; zero fields are wildcards.
 type Rule struct {
-	Dir      Direction
+	Dir      bpf.Direction
 	Identity uint32 // remote identity; AnyIdentity matches every identity
 	Proto    uint8  // IP protocol; AnyProto matches every protocol
 	Port     uint16 // destination port, TCP and UDP only; AnyPort matches every port
@@ -82,7 +65,7 @@ type Rule struct {
 type (
 	Key    = bpf.CtdPolicyKey
 	Value  = bpf.CtdPolicyValue
-	Config = bpf.CtdConfig
+	Config = config.Values
 )
 
 func (r Rule) key() Key {
@@ -90,7 +73,7 @@ func (r Rule) key() Key {
 }
 
 func ruleOf(k *Key, v *Value) Rule {
-	return Rule{Dir: Direction(k.Dir), Identity: k.Identity, Proto: k.Proto, Port: k.Port, Verdict: Verdict(v.Verdict)}
+	return Rule{Dir: bpf.Direction(k.Dir), Identity: k.Identity, Proto: k.Proto, Port: k.Port, Verdict: Verdict(v.Verdict)}
 }
 
 // Same reports whether r and o have the same selector (all but the verdict).
@@ -98,7 +81,7 @@ func (r Rule) Same(o Rule) bool { return r.key() == o.key() }
 
 func (r Rule) check() error {
 	switch {
-	case r.Dir != Ingress && r.Dir != Egress:
+	case r.Dir != bpf.Ingress && r.Dir != bpf.Egress:
 		return fmt.Errorf("invalid direction %d", r.Dir)
 	case r.Verdict != Allow && r.Verdict != Deny:
 		return fmt.Errorf("invalid rule verdict %v: a rule allows or denies", r.Verdict)
@@ -112,21 +95,22 @@ var ErrNotFound = errors.New("no such policy rule")
 // Map is the policy table and the configuration it depends on.
 //
 // config_v1 also carries fields this package does not own (the event rate
-// limit); it only ever reads, modifies and writes back its own fields:
-// the default verdicts and PolicyRules.
+// limit); it only changes its own, the default verdicts and PolicyRules,
+// through config.Map, which serialises writers across processes.
 //
 // The datapath skips the rule lookups while PolicyRules is 0, so the count
 // must never be 0 while a rule exists: Put raises it before inserting a new
 // rule, Delete lowers it after deleting one, and both then set it to the
-// number of rules actually in the map. Writers in separate processes must
-// still be serialised by the caller (a read-modify-write of config_v1 is
-// not atomic).
+// number of rules actually in the map. Two processes changing rules at
+// once must still be serialised by the caller (the count of one may
+// overwrite the other's); ctd's are, by the state store's transaction.
 type Map struct {
-	policy, config *ebpf.Map
+	policy *ebpf.Map
+	config *config.Map
 }
 
-// New wraps the policy_v1 and config_v1 maps.
-func New(policy, config *ebpf.Map) *Map { return &Map{policy: policy, config: config} }
+// New wraps the policy_v1 map and the configuration.
+func New(policy *ebpf.Map, cfg *config.Map) *Map { return &Map{policy: policy, config: cfg} }
 
 // Get returns the rule with r's selector (r.Verdict is ignored).
 func (m *Map) Get(r Rule) (Rule, error) {
@@ -244,50 +228,28 @@ func (m *Map) SyncRuleCount() error {
 }
 
 func (m *Map) setRuleCount(n uint32) error {
-	return m.updateConfig(func(c *Config) { c.PolicyRules = n })
+	return m.config.Update(func(c *Config) { c.PolicyRules = n })
 }
 
 // RuleCount returns PolicyRules as the datapath sees it.
 func (m *Map) RuleCount() (uint32, error) {
-	c, err := m.readConfig()
+	c, err := m.config.Read()
 	return c.PolicyRules, err
 }
 
-// Defaults returns the default verdict of each direction, indexed by Direction.
+// Defaults returns the default verdict of each direction, indexed by bpf.Direction.
 func (m *Map) Defaults() ([2]Verdict, error) {
-	c, err := m.readConfig()
-	return [2]Verdict{Verdict(c.DefaultVerdict[Ingress]), Verdict(c.DefaultVerdict[Egress])}, err
+	c, err := m.config.Read()
+	return [2]Verdict{Verdict(c.DefaultVerdict[bpf.Ingress]), Verdict(c.DefaultVerdict[bpf.Egress])}, err
 }
 
 // SetDefault sets a direction's default verdict.
-func (m *Map) SetDefault(d Direction, v Verdict) error {
-	if d != Ingress && d != Egress {
+func (m *Map) SetDefault(d bpf.Direction, v Verdict) error {
+	if d != bpf.Ingress && d != bpf.Egress {
 		return fmt.Errorf("invalid direction %d", d)
 	}
 	if v != Allow && v != Deny {
 		return fmt.Errorf("invalid default verdict %v: allow or deny", v)
 	}
-	return m.updateConfig(func(c *Config) { c.DefaultVerdict[d] = uint8(v) })
-}
-
-func (m *Map) readConfig() (Config, error) {
-	var c Config
-	if err := m.config.Lookup(uint32(0), &c); err != nil {
-		return Config{}, fmt.Errorf("read config_v1: %w", err)
-	}
-	return c, nil
-}
-
-// updateConfig rewrites config_v1 with fn applied, keeping the fields fn
-// does not touch as they are.
-func (m *Map) updateConfig(fn func(*Config)) error {
-	c, err := m.readConfig()
-	if err != nil {
-		return err
-	}
-	fn(&c)
-	if err := m.config.Put(uint32(0), &c); err != nil {
-		return fmt.Errorf("write config_v1: %w", err)
-	}
-	return nil
+	return m.config.Update(func(c *Config) { c.DefaultVerdict[d] = uint8(v) })
 }

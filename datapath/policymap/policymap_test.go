@@ -8,6 +8,8 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
+	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 func newTestMap(t *testing.T) *Map {
@@ -17,7 +19,7 @@ func newTestMap(t *testing.T) *Map {
 		t.Fatal(err)
 	}
 	var maps []*ebpf.Map
-	for _, name := range []string{bpf.CtdMapPolicyV1, bpf.CtdMapConfigV1} {
+	for _, name := range []string{loader.PolicyMap, loader.ConfigMap} {
 		m, err := ebpf.NewMap(spec.Maps[name])
 		if err != nil {
 			t.Fatalf("create %s: %v", name, err)
@@ -25,12 +27,12 @@ func newTestMap(t *testing.T) *Map {
 		t.Cleanup(func() { m.Close() })
 		maps = append(maps, m)
 	}
-	return New(maps[0], maps[1])
+	return New(maps[0], config.New(maps[1], ""))
 }
 
 func (m *Map) rawConfig(t *testing.T) Config {
 	t.Helper()
-	c, err := m.readConfig()
+	c, err := m.config.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,14 +42,14 @@ func (m *Map) rawConfig(t *testing.T) Config {
 func TestRulesKeepCount(t *testing.T) {
 	m := newTestMap(t)
 	// Fields of config_v1 this package does not own must survive.
-	if err := m.config.Put(uint32(0), &Config{EventsRate: 1000, EventsBurst: 50}); err != nil {
+	if err := m.config.Update(func(c *Config) { *c = Config{EventsRate: 1000, EventsBurst: 50} }); err != nil {
 		t.Fatal(err)
 	}
 	rules := []Rule{
-		{Dir: Ingress, Identity: 42, Proto: 6, Port: 80, Verdict: Allow},
-		{Dir: Ingress, Identity: AnyIdentity, Proto: 17, Verdict: Deny},
-		{Dir: Egress, Identity: 7, Proto: AnyProto, Port: 53, Verdict: Allow},
-		{Dir: Ingress, Identity: 42, Proto: 6, Verdict: Deny},
+		{Dir: bpf.Ingress, Identity: 42, Proto: 6, Port: 80, Verdict: Allow},
+		{Dir: bpf.Ingress, Identity: AnyIdentity, Proto: 17, Verdict: Deny},
+		{Dir: bpf.Egress, Identity: 7, Proto: AnyProto, Port: 53, Verdict: Allow},
+		{Dir: bpf.Ingress, Identity: 42, Proto: 6, Verdict: Deny},
 	}
 	for i, r := range rules {
 		if err := m.Put(r); err != nil {
@@ -63,7 +65,7 @@ func TestRulesKeepCount(t *testing.T) {
 	if err := m.Put(flip); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := m.Get(Rule{Dir: Ingress, Identity: 42, Proto: 6, Port: 80}); err != nil || got != flip {
+	if got, err := m.Get(Rule{Dir: bpf.Ingress, Identity: 42, Proto: 6, Port: 80}); err != nil || got != flip {
 		t.Fatalf("Get = %+v, %v; want %+v", got, err, flip)
 	}
 	c := m.rawConfig(t)
@@ -101,8 +103,8 @@ func TestRulesKeepCount(t *testing.T) {
 func TestPutRejects(t *testing.T) {
 	m := newTestMap(t)
 	for _, r := range []Rule{
-		{Dir: Ingress, Verdict: VerdictUnset},
-		{Dir: Ingress, Verdict: 3},
+		{Dir: bpf.Ingress, Verdict: VerdictUnset},
+		{Dir: bpf.Ingress, Verdict: 3},
 		{Dir: 2, Verdict: Allow},
 	} {
 		if err := m.Put(r); err == nil {
@@ -120,16 +122,16 @@ func TestDefaults(t *testing.T) {
 	if err != nil || d != [2]Verdict{VerdictUnset, VerdictUnset} {
 		t.Fatalf("fresh defaults = %v, %v", d, err)
 	}
-	if d[Ingress].Effective() != Allow {
-		t.Fatalf("unset default is %v, want allow", d[Ingress].Effective())
+	if d[bpf.Ingress].Effective() != Allow {
+		t.Fatalf("unset default is %v, want allow", d[bpf.Ingress].Effective())
 	}
-	if err := m.config.Put(uint32(0), &Config{PolicyRules: 3, EventsRate: 9, EventsBurst: 4}); err != nil {
+	if err := m.config.Update(func(c *Config) { *c = Config{PolicyRules: 3, EventsRate: 9, EventsBurst: 4} }); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.SetDefault(Ingress, Deny); err != nil {
+	if err := m.SetDefault(bpf.Ingress, Deny); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.SetDefault(Egress, Allow); err != nil {
+	if err := m.SetDefault(bpf.Egress, Allow); err != nil {
 		t.Fatal(err)
 	}
 	if d, _ := m.Defaults(); d != [2]Verdict{Deny, Allow} {
@@ -138,7 +140,7 @@ func TestDefaults(t *testing.T) {
 	if c := m.rawConfig(t); c.PolicyRules != 3 || c.EventsRate != 9 || c.EventsBurst != 4 {
 		t.Fatalf("SetDefault changed other fields: %+v", c)
 	}
-	if err := m.SetDefault(Ingress, VerdictUnset); err == nil {
+	if err := m.SetDefault(bpf.Ingress, VerdictUnset); err == nil {
 		t.Fatal("SetDefault(unset) succeeded")
 	}
 	// SyncRuleCount repairs a count that disagrees with the table.

@@ -17,18 +17,18 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // Values of bpf/common.h used here.
 const (
-	dirIngress   = 0
-	metricMax    = 64
-	mCTCreated   = 32
-	verdictAllow = 1
-	verdictDeny  = 2
+	dirIngress   = uint8(bpf.Ingress)
+	verdictAllow = uint8(bpf.CtdVerdictVERDICT_ALLOW)
+	verdictDeny  = uint8(bpf.CtdVerdictVERDICT_DENY)
 )
 
 type fixtureKey struct {
@@ -78,7 +78,7 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 	if err != nil {
 		return f, err
 	}
-	f.ct = ctmap.New(f.dp.CtV1)
+	f.ct = ctmap.New(f.dp.CT())
 	f.floor, err = ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name: "empty_tc",
 		Type: ebpf.SchedCLS,
@@ -91,12 +91,12 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 	if err != nil {
 		return f, fmt.Errorf("load empty TC program: %w", err)
 	}
-	f.events, err = ringbuf.NewReader(f.dp.EventsV1)
+	f.events, err = ringbuf.NewReader(f.dp.Events())
 	if err != nil {
 		return f, fmt.Errorf("open events ring buffer: %w", err)
 	}
 	f.perClass = k.flows / classes
-	if err := FillConntrack(f.dp.CtV1, k.flows); err != nil {
+	if err := FillConntrack(f.dp.CT(), k.flows); err != nil {
 		return f, err
 	}
 	if err := f.fillIPCache(); err != nil {
@@ -239,7 +239,7 @@ func (f *fixture) fillIPCache() error {
 		k4 = append(k4, bpf.CtdIpcache4Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()})
 		v4 = append(v4, bpf.CtdIpcacheValue{Identity: id})
 	}
-	if err := putAll(f.dp.Ipcache4V1, k4, v4, len(k4)); err != nil {
+	if err := putAll(f.dp.IPCache4(), k4, v4, len(k4)); err != nil {
 		return fmt.Errorf("prefill ipcache4: %w", err)
 	}
 	var k6 []bpf.CtdIpcache6Key
@@ -248,7 +248,7 @@ func (f *fixture) fillIPCache() error {
 		k6 = append(k6, bpf.CtdIpcache6Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()})
 		v6 = append(v6, bpf.CtdIpcacheValue{Identity: id})
 	}
-	if err := putAll(f.dp.Ipcache6V1, k6, v6, len(k6)); err != nil {
+	if err := putAll(f.dp.IPCache6(), k6, v6, len(k6)); err != nil {
 		return fmt.Errorf("prefill ipcache6: %w", err)
 	}
 
@@ -265,19 +265,17 @@ func (f *fixture) fillIPCache() error {
 func (f *fixture) setPolicy() error {
 	for id := uint32(hostIdentity0); id < hostIdentity0+hostIdentities; id++ {
 		k := bpf.CtdPolicyKey{Identity: id, Port: newPort, Proto: unix.IPPROTO_TCP, Dir: dirIngress}
-		if err := f.dp.PolicyV1.Put(&k, &bpf.CtdPolicyValue{Verdict: verdictAllow}); err != nil {
+		if err := f.dp.Policy().Put(&k, &bpf.CtdPolicyValue{Verdict: verdictAllow}); err != nil {
 			return fmt.Errorf("write policy rule: %w", err)
 		}
 	}
 	// Change only the defaults and the rule count: the rest (the event rate
 	// limit) stays as the loader created it.
-	var cfg bpf.CtdConfig
-	if err := f.dp.ConfigV1.Lookup(uint32(0), &cfg); err != nil {
-		return fmt.Errorf("read config: %w", err)
-	}
-	cfg.DefaultVerdict[dirIngress] = verdictDeny
-	cfg.PolicyRules = hostIdentities
-	if err := f.dp.ConfigV1.Put(uint32(0), &cfg); err != nil {
+	err := f.dp.Config().Update(func(cfg *config.Values) {
+		cfg.DefaultVerdict[dirIngress] = verdictDeny
+		cfg.PolicyRules = hostIdentities
+	})
+	if err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
 	return nil
@@ -289,7 +287,7 @@ func (f *fixture) created() (uint64, error) {
 	var total uint64
 	for _, dir := range []uint32{0, 1} {
 		var per []bpf.CtdMetricValue
-		if err := f.dp.MetricsV1.Lookup(dir*metricMax+mCTCreated, &per); err != nil {
+		if err := f.dp.Metrics().Lookup(dir*uint32(metricsmap.ReasonsPerDirection)+uint32(metricsmap.CTCreated), &per); err != nil {
 			return 0, fmt.Errorf("read metrics: %w", err)
 		}
 		for _, v := range per {

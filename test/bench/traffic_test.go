@@ -191,7 +191,7 @@ func setUpCtd(b *testing.B, p *nettest.Pair, deny bool) func() error {
 			return err
 		}
 		defer maps.Close()
-		n, err := ctmap.New(maps.CtV1).Count()
+		n, err := ctmap.New(maps.CT()).Count()
 		if err != nil {
 			return err
 		}

@@ -1,17 +1,27 @@
-// Package dptest runs crafted frames through ctd's datapath programs in tests.
+// Package dptest runs crafted frames through ctd's datapath programs in tests: it loads a datapath, builds frames, runs them and reads back verdicts, counters and conntrack entries.
 package dptest
 
 import (
+	"bytes"
+	"fmt"
+	"net"
 	"net/netip"
-	"os"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/datapath/config"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // Verdicts as Program.Run reports them.
@@ -20,18 +30,81 @@ const (
 	Drop = uint32(2)  // TC_ACT_SHOT
 )
 
-// Direction selects the program: DIR_INGRESS or DIR_EGRESS.
-type Direction uint8
+// VerdictName names a verdict as Run returns it.
+func VerdictName(v uint32) string {
+	switch v {
+	case Pass:
+		return "pass"
+	case Drop:
+		return "drop"
+	}
+	return fmt.Sprintf("verdict %d", int32(v))
+}
 
+// testedReasons are the counters the tests read: every reason but the
+// events counters (lost, rate limited), since nothing reads the ring buffer
+// in these tests.
+var testedReasons = []metricsmap.Reason{
+	metricsmap.FwdEstablished, metricsmap.FwdNew, metricsmap.FwdRelated, metricsmap.FwdUntracked, metricsmap.FwdUnparseable,
+	metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse,
+	metricsmap.CTCreated, metricsmap.CTUpdateFailed, metricsmap.Fragments,
+}
+
+// IsVerdict reports whether r is one of the per-packet verdict reasons, of
+// which every packet counts exactly one.
+func IsVerdict(r metricsmap.Reason) bool { return r.Kind() != metricsmap.Counter }
+
+// Key names one counter of metrics_v1.
+type Key struct {
+	Dir    bpf.Direction
+	Reason metricsmap.Reason
+}
+
+func (k Key) String() string { return k.Dir.String() + "/" + k.Reason.String() }
+
+// Counts are packets per counter; the events counters (lost, rate limited)
+// are left out since nothing reads the ring buffer in these tests.
+type Counts map[Key]uint64
+
+// Datapath is a loaded datapath: its programs and maps, and the
+// conntrack table as flows.
+type Datapath struct {
+	*loader.Datapath
+	ct *ctmap.Map
+}
+
+// Map sizes of New's datapath: small, but roomy enough for the property test.
 const (
-	Ingress Direction = 0
-	Egress  Direction = 1
+	testCTMax      = 1024
+	testIPCacheMax = 16384
 )
 
-// Datapath is a loaded datapath: its programs and maps.
-type Datapath struct {
-	Maps  *bpf.CtdMaps
-	Progs *bpf.CtdPrograms
+// New loads the datapath's programs with maps of their own, not pinned,
+// sized like the loader sizes them, and closes them when the test ends.
+func New(tb testing.TB) *Datapath {
+	tb.Helper()
+	spec, err := bpf.LoadCtd()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return NewFrom(tb, spec)
+}
+
+// NewFrom is New for another build of the programs.
+func NewFrom(tb testing.TB, spec *ebpf.CollectionSpec) *Datapath {
+	tb.Helper()
+	nettest.RequireRoot(tb)
+	loader.Options{CTMax: testCTMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().SizeSpec(spec)
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		tb.Fatalf("dptest: load datapath: %v", err)
+	}
+	defer coll.Close()
+	dp, err := loader.FromCollection(coll, "")
+	if err != nil {
+		tb.Fatalf("dptest: load datapath: %v", err)
+	}
+	return wrap(tb, dp)
 }
 
 // Load loads the datapath pinned at pinPath (created there if missing) with
@@ -39,106 +112,391 @@ type Datapath struct {
 // pinPath's removal (nettest.PinPath does it).
 func Load(tb testing.TB, pinPath string) *Datapath {
 	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Fatalf("dptest: loading BPF programs needs root (euid %d): run the tests as root", os.Geteuid())
-	}
+	nettest.RequireRoot(tb)
 	dp, err := loader.Load(loader.Options{PinPath: pinPath, CTMax: 4096, IPCacheMax: 1024, RingBufSize: 1 << 16})
 	if err != nil {
 		tb.Fatalf("dptest: load datapath at %s: %v", pinPath, err)
 	}
+	return wrap(tb, dp)
+}
+
+func wrap(tb testing.TB, dp *loader.Datapath) *Datapath {
 	tb.Cleanup(func() { dp.Close() })
-	return &Datapath{Maps: &dp.CtdMaps, Progs: &dp.CtdPrograms}
+	return &Datapath{Datapath: dp, ct: ctmap.New(dp.CT())}
 }
 
-// Run runs one frame through the direction's program and returns the verdict.
-func (d *Datapath) Run(tb testing.TB, dir Direction, frame []byte) uint32 {
+// SKBContext is the prefix of struct __sk_buff, up to gso_size, that
+// BPF_PROG_TEST_RUN takes as input; the blank fields must be zero.
+type SKBContext struct {
+	_       [10]uint32 // len .. ingress_ifindex (mark and priority unused here)
+	Ifindex uint32     // offset 40
+	_       [30]uint32 // tc_index .. wire_len
+	GSOSegs uint32     // offset 164
+	_       [2]uint32  // sk
+	GSOSize uint32     // offset 176
+}
+
+// RunCtx runs frame through the program for dir with an optional context
+// and returns the verdict.
+func (d *Datapath) RunCtx(tb testing.TB, dir bpf.Direction, frame []byte, ctx *SKBContext) (uint32, error) {
 	tb.Helper()
-	prog := d.Progs.CtdIngress
-	if dir == Egress {
-		prog = d.Progs.CtdEgress
+	prog := d.CtdIngress
+	if dir == bpf.Egress {
+		prog = d.CtdEgress
 	}
-	ret, err := prog.Run(&ebpf.RunOptions{Data: frame})
+	opts := &ebpf.RunOptions{Data: frame}
+	if ctx != nil {
+		opts.Context = *ctx
+	}
+	return prog.Run(opts)
+}
+
+func (d *Datapath) Run(tb testing.TB, dir bpf.Direction, frame []byte) uint32 {
+	tb.Helper()
+	v, err := d.RunCtx(tb, dir, frame, nil)
 	if err != nil {
-		tb.Fatalf("dptest: run frame: %v", err)
+		tb.Fatalf("run %s on a %d-byte frame: %v", dir, len(frame), err)
 	}
-	return ret
+	return v
 }
 
-// SetDefault sets the default verdict of a direction in config_v1
-// (VERDICT_ALLOW 1, VERDICT_DENY 2), keeping the other fields.
-func (d *Datapath) SetDefault(tb testing.TB, dir Direction, verdict uint8) {
+// Counters reads metrics_v1, summed over the CPUs (packets).
+func (d *Datapath) Counters(tb testing.TB) Counts {
 	tb.Helper()
-	var c bpf.CtdConfig
-	if err := d.Maps.ConfigV1.Lookup(uint32(0), &c); err != nil {
+	snap := d.snapshot(tb)
+	c := Counts{}
+	for _, dir := range []bpf.Direction{bpf.Ingress, bpf.Egress} {
+		for _, r := range testedReasons {
+			if n := snap.Get(dir, r).Packets; n != 0 {
+				c[Key{Dir: dir, Reason: r}] = n
+			}
+		}
+	}
+	return c
+}
+
+// MetricBytes is the byte count of one counter, summed over the CPUs.
+func (d *Datapath) MetricBytes(tb testing.TB, dir bpf.Direction, r metricsmap.Reason) uint64 {
+	tb.Helper()
+	return d.snapshot(tb).Get(dir, r).Bytes
+}
+
+func (d *Datapath) snapshot(tb testing.TB) *metricsmap.Snapshot {
+	tb.Helper()
+	snap, err := metricsmap.New(d.Maps.Metrics()).Read()
+	if err != nil {
+		tb.Fatalf("read metrics: %v", err)
+	}
+	return &snap
+}
+
+// Delta is after minus before, without the counters that did not change.
+func Delta(before, after Counts) Counts {
+	d := Counts{}
+	for k, v := range after {
+		if v != before[k] {
+			d[k] = v - before[k]
+		}
+	}
+	return d
+}
+
+// Expect runs frame through dir and checks the verdict and that exactly the
+// counters in want moved, by the packets given.
+func (d *Datapath) Expect(tb testing.TB, dir bpf.Direction, frame []byte, verdict uint32, want Counts) {
+	tb.Helper()
+	before := d.Counters(tb)
+	got := d.Run(tb, dir, frame)
+	if got != verdict {
+		tb.Errorf("%s: verdict %s, want %s", dir, VerdictName(got), VerdictName(verdict))
+	}
+	if diff := cmp.Diff(want, Delta(before, d.Counters(tb))); diff != "" {
+		tb.Errorf("%s: metrics changed other than expected (-want +got):\n%s", dir, diff)
+	}
+}
+
+// one is a Counts literal helper: one packet on each key.
+func One(keys ...Key) Counts {
+	c := Counts{}
+	for _, k := range keys {
+		c[k]++
+	}
+	return c
+}
+
+// NewFlow is what a packet that opens a flow Counts.
+func NewFlow(dir bpf.Direction) Counts {
+	return One(Key{Dir: dir, Reason: metricsmap.FwdNew}, Key{Dir: dir, Reason: metricsmap.CTCreated})
+}
+
+// hit is what a packet of a tracked flow Counts.
+func Hit(dir bpf.Direction) Counts { return One(Key{Dir: dir, Reason: metricsmap.FwdEstablished}) }
+
+// flows reads the whole conntrack table.
+func (d *Datapath) Flows(tb testing.TB) []ctmap.Flow {
+	tb.Helper()
+	var out []ctmap.Flow
+	if err := d.ct.Iterate(func(k *ctmap.Key, e *ctmap.Entry) bool {
+		out = append(out, ctmap.FlowOf(k, e))
+		return true
+	}); err != nil {
 		tb.Fatal(err)
 	}
-	c.DefaultVerdict[dir] = verdict
-	if err := d.Maps.ConfigV1.Put(uint32(0), &c); err != nil {
+	return out
+}
+
+// keys reads the conntrack table's keys.
+func (d *Datapath) Keys(tb testing.TB) []ctmap.Key {
+	tb.Helper()
+	var out []ctmap.Key
+	if err := d.ct.Iterate(func(k *ctmap.Key, _ *ctmap.Entry) bool {
+		out = append(out, *k)
+		return true
+	}); err != nil {
+		tb.Fatal(err)
+	}
+	return out
+}
+
+// FlowCmp compares flows without their timestamps (checked on their own).
+var FlowCmp = cmp.Options{cmpopts.IgnoreFields(ctmap.Flow{}, "FirstSeen", "LastSeen"), cmpopts.EquateComparable(netip.Addr{})}
+
+// OnlyFlow asserts that the table holds exactly want (timestamps aside) and
+// returns the entry as read.
+func (d *Datapath) OnlyFlow(tb testing.TB, want ctmap.Flow) ctmap.Flow {
+	tb.Helper()
+	got := d.Flows(tb)
+	if len(got) != 1 {
+		tb.Fatalf("conntrack holds %d entries, want 1: %+v", len(got), got)
+	}
+	if diff := cmp.Diff(want, got[0], FlowCmp); diff != "" {
+		tb.Fatalf("conntrack entry (-want +got):\n%s", diff)
+	}
+	return got[0]
+}
+
+// NoFlows asserts an empty conntrack table.
+func (d *Datapath) NoFlows(tb testing.TB) {
+	tb.Helper()
+	if got := d.Flows(tb); len(got) != 0 {
+		tb.Fatalf("conntrack holds %d entries, want none: %+v", len(got), got)
+	}
+}
+
+// ResetCT empties the conntrack table.
+func (d *Datapath) ResetCT(tb testing.TB) {
+	tb.Helper()
+	if _, err := d.ct.Delete(d.Keys(tb)); err != nil {
 		tb.Fatal(err)
 	}
 }
 
-// TCP flag sets.
-const (
-	FIN = 1 << iota
-	SYN
-	RST
-	PSH
-	ACK
-)
+// SetConfig writes config_v1.
+func (d *Datapath) SetConfig(tb testing.TB, c bpf.CtdConfig) {
+	tb.Helper()
+	if err := d.Config().Update(func(v *config.Values) { *v = c }); err != nil {
+		tb.Fatalf("write config: %v", err)
+	}
+}
+
+// SetIdentity maps a prefix to an identity in the ipcache of its family.
+func (d *Datapath) SetIdentity(tb testing.TB, p netip.Prefix, id uint32) {
+	tb.Helper()
+	v := bpf.CtdIpcacheValue{Identity: id}
+	var err error
+	if p.Addr().Is4() {
+		err = d.IPCache4().Put(bpf.CtdIpcache4Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()}, v)
+	} else {
+		err = d.IPCache6().Put(bpf.CtdIpcache6Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()}, v)
+	}
+	if err != nil {
+		tb.Fatalf("ipcache add %s id=%d: %v", p, id, err)
+	}
+}
+
+// LoIfindex is the interface BPF_PROG_TEST_RUN runs on without a context.
+func LoIfindex(tb testing.TB) uint32 {
+	tb.Helper()
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		tb.Fatalf("loopback interface: %v", err)
+	}
+	return uint32(lo.Index)
+}
+
+// CheckTimes asserts first <= last within [from, to] (CLOCK_MONOTONIC_COARSE).
+func CheckTimes(tb testing.TB, f ctmap.Flow, from, to time.Duration) {
+	tb.Helper()
+	if f.FirstSeen < from || f.LastSeen > to || f.FirstSeen > f.LastSeen {
+		tb.Errorf("first_seen %v, last_seen %v: want from %v <= first <= last <= %v", f.FirstSeen, f.LastSeen, from, to)
+	}
+}
+
+// ---- frames ----
 
 var (
-	srcMAC = []byte{0x02, 0, 0, 0, 0, 1}
-	dstMAC = []byte{0x02, 0, 0, 0, 0, 2}
+	MACA = net.HardwareAddr{0x02, 0xc7, 0xd0, 0, 0, 0x0a}
+	MACB = net.HardwareAddr{0x02, 0xc7, 0xd0, 0, 0, 0x0b}
 )
 
-// TCP builds an Ethernet frame carrying one TCP segment from src to dst.
-func TCP(tb testing.TB, src, dst netip.AddrPort, flags int, payload []byte) []byte {
+// TCP flags as in byte 13 of the header.
+const (
+	FIN uint8 = 0x01
+	SYN uint8 = 0x02
+	RST uint8 = 0x04
+	PSH uint8 = 0x08
+	ACK uint8 = 0x10
+	URG uint8 = 0x20
+)
+
+func FlagString(f uint8) string {
+	var b []byte
+	for i, c := range "FSRPAU" {
+		if f&(1<<i) != 0 {
+			b = append(b, byte(c))
+		}
+	}
+	if len(b) == 0 {
+		return "none"
+	}
+	return string(b)
+}
+
+func Serialize(tb testing.TB, ls ...gopacket.SerializableLayer) []byte {
 	tb.Helper()
-	tcp := &layers.TCP{
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...); err != nil {
+		tb.Fatalf("serialize %v: %v", ls, err)
+	}
+	return slices.Clone(buf.Bytes())
+}
+
+// Ethernet is an untagged Ethernet header for the address family.
+func Ethernet(family netip.Addr) *layers.Ethernet {
+	t := layers.EthernetTypeIPv4
+	if !family.Is4() {
+		t = layers.EthernetTypeIPv6
+	}
+	return &layers.Ethernet{SrcMAC: MACA, DstMAC: MACB, EthernetType: t}
+}
+
+// IPHeader is the IP header of src -> dst carrying proto.
+func IPHeader(src, dst netip.Addr, proto layers.IPProtocol) (gopacket.SerializableLayer, gopacket.NetworkLayer) {
+	if src.Is4() {
+		ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: proto, Flags: layers.IPv4DontFragment,
+			SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+		return ip, ip
+	}
+	ip := &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	return ip, ip
+}
+
+// Payload is n bytes of payload.
+func Payload(n int) []byte { return bytes.Repeat([]byte{0xc7}, n) }
+
+func TCPLayer(src, dst netip.AddrPort, flags uint8) *layers.TCP {
+	return &layers.TCP{
 		SrcPort: layers.TCPPort(src.Port()), DstPort: layers.TCPPort(dst.Port()),
 		Seq: 1000, Ack: 2000, Window: 65535,
 		FIN: flags&FIN != 0, SYN: flags&SYN != 0, RST: flags&RST != 0,
-		PSH: flags&PSH != 0, ACK: flags&ACK != 0,
+		PSH: flags&PSH != 0, ACK: flags&ACK != 0, URG: flags&URG != 0,
 	}
-	return frame(tb, src.Addr(), dst.Addr(), layers.IPProtocolTCP, tcp, payload)
 }
 
-// UDP builds an Ethernet frame carrying one UDP datagram from src to dst.
+// TCP is an Ethernet/IP/TCP frame from src to dst carrying payload.
+func TCP(tb testing.TB, src, dst netip.AddrPort, flags uint8, payload []byte) []byte {
+	tb.Helper()
+	ip, nl := IPHeader(src.Addr(), dst.Addr(), layers.IPProtocolTCP)
+	tcp := TCPLayer(src, dst, flags)
+	tcp.SetNetworkLayerForChecksum(nl)
+	return Serialize(tb, Ethernet(src.Addr()), ip, tcp, gopacket.Payload(payload))
+}
+
+// UDP is an Ethernet/IP/UDP frame from src to dst carrying payload.
 func UDP(tb testing.TB, src, dst netip.AddrPort, payload []byte) []byte {
 	tb.Helper()
+	ip, nl := IPHeader(src.Addr(), dst.Addr(), layers.IPProtocolUDP)
 	udp := &layers.UDP{SrcPort: layers.UDPPort(src.Port()), DstPort: layers.UDPPort(dst.Port())}
-	return frame(tb, src.Addr(), dst.Addr(), layers.IPProtocolUDP, udp, payload)
+	udp.SetNetworkLayerForChecksum(nl)
+	return Serialize(tb, Ethernet(src.Addr()), ip, udp, gopacket.Payload(payload))
 }
 
-type transport interface {
-	gopacket.SerializableLayer
-	SetNetworkLayerForChecksum(gopacket.NetworkLayer) error
-}
-
-func frame(tb testing.TB, src, dst netip.Addr, proto layers.IPProtocol, l4 transport, payload []byte) []byte {
+// Echo is an ICMP (v4) or ICMPv6 echo request or reply with id.
+func Echo(tb testing.TB, src, dst netip.Addr, id uint16, reply bool) []byte {
 	tb.Helper()
-	eth := &layers.Ethernet{SrcMAC: srcMAC, DstMAC: dstMAC}
-	var l3 gopacket.SerializableLayer
 	if src.Is4() {
-		eth.EthernetType = layers.EthernetTypeIPv4
-		ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
-		l3 = ip
-		if err := l4.SetNetworkLayerForChecksum(ip); err != nil {
-			tb.Fatal(err)
+		ip, _ := IPHeader(src, dst, layers.IPProtocolICMPv4)
+		typ := uint8(layers.ICMPv4TypeEchoRequest)
+		if reply {
+			typ = layers.ICMPv4TypeEchoReply
 		}
-	} else {
-		eth.EthernetType = layers.EthernetTypeIPv6
-		ip := &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
-		l3 = ip
-		if err := l4.SetNetworkLayerForChecksum(ip); err != nil {
-			tb.Fatal(err)
-		}
+		icmp := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(typ, 0), Id: id, Seq: 7}
+		return Serialize(tb, Ethernet(src), ip, icmp, gopacket.Payload(Payload(56)))
 	}
-	buf := gopacket.NewSerializeBuffer()
-	opts := gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}
-	if err := gopacket.SerializeLayers(buf, opts, eth, l3, l4, gopacket.Payload(payload)); err != nil {
-		tb.Fatalf("dptest: build frame: %v", err)
+	ip, nl := IPHeader(src, dst, layers.IPProtocolICMPv6)
+	typ := uint8(layers.ICMPv6TypeEchoRequest)
+	if reply {
+		typ = layers.ICMPv6TypeEchoReply
 	}
-	return buf.Bytes()
+	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(typ, 0)}
+	icmp.SetNetworkLayerForChecksum(nl)
+	return Serialize(tb, Ethernet(src), ip, icmp, &layers.ICMPv6Echo{Identifier: id, SeqNumber: 7}, gopacket.Payload(Payload(56)))
+}
+
+// ICMPError is an ICMP error from src to dst quoting the IP packet of
+// quotedFrame (an Ethernet frame): destination unreachable (port) for IPv4,
+// packet too big for IPv6.
+func ICMPError(tb testing.TB, src, dst netip.Addr, quotedFrame []byte) []byte {
+	tb.Helper()
+	quoted := quotedFrame[14:]
+	if src.Is4() {
+		// RFC 792: the IP header and the first 8 bytes of the datagram.
+		ihl := int(quoted[0]&0x0f) * 4
+		quoted = quoted[:min(len(quoted), ihl+8)]
+		ip, _ := IPHeader(src, dst, layers.IPProtocolICMPv4)
+		icmp := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeDestinationUnreachable, layers.ICMPv4CodePort)}
+		return Serialize(tb, Ethernet(src), ip, icmp, gopacket.Payload(quoted))
+	}
+	ip, nl := IPHeader(src, dst, layers.IPProtocolICMPv6)
+	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(layers.ICMPv6TypePacketTooBig, 0)}
+	icmp.SetNetworkLayerForChecksum(nl)
+	mtu := []byte{0, 0, 0x05, 0x00} // 1280
+	return Serialize(tb, Ethernet(src), ip, icmp, gopacket.Payload(append(mtu, quoted...)))
+}
+
+// RawLayer serializes as the bytes it holds: extension headers and payloads
+// that gopacket cannot write, or must not fix up.
+type RawLayer []byte
+
+func (r RawLayer) SerializeTo(b gopacket.SerializeBuffer, _ gopacket.SerializeOptions) error {
+	out, err := b.PrependBytes(len(r))
+	if err != nil {
+		return err
+	}
+	copy(out, r)
+	return nil
+}
+
+func (r RawLayer) LayerType() gopacket.LayerType { return gopacket.LayerTypePayload }
+
+// Policy verdicts (VERDICT_* in bpf/common.h).
+const (
+	Allow = uint8(bpf.CtdVerdictVERDICT_ALLOW)
+	Deny  = uint8(bpf.CtdVerdictVERDICT_DENY)
+)
+
+// DenyIn is a config default verdict denying dir and allowing the other.
+func DenyIn(dir bpf.Direction) [2]uint8 {
+	var v [2]uint8
+	v[dir] = Deny
+	return v
+}
+
+// SetDefault sets the default verdict of a direction (Allow, Deny),
+// keeping the other fields of the configuration.
+func (d *Datapath) SetDefault(tb testing.TB, dir bpf.Direction, verdict uint8) {
+	tb.Helper()
+	if err := d.Config().Update(func(c *config.Values) { c.DefaultVerdict[dir] = verdict }); err != nil {
+		tb.Fatal(err)
+	}
 }

@@ -472,7 +472,7 @@ func RequireTool(t testing.TB, binary, pkg string) {
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Fatalf("nettest: this test needs root (network namespaces, veth, bpffs); run it as root, e.g. `sudo make test` (euid is %d)", os.Geteuid())
+		t.Fatalf("nettest: this test needs root (BPF maps and programs, network namespaces, bpffs); run it as root, e.g. `sudo make test` (euid is %d)", os.Geteuid())
 	}
 }
 

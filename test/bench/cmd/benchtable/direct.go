@@ -14,7 +14,6 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/test/bench"
 )
@@ -149,7 +148,7 @@ func measureCTCommands(g *goTest, s *scratch, p plan, cases map[string]bench.Con
 	if err != nil {
 		return fail("not measured: "+err.Error(), true)
 	}
-	err = bench.FillConntrack(maps.CtV1, ctListEntries)
+	err = bench.FillConntrack(maps.CT(), ctListEntries)
 	maps.Close()
 	if err != nil {
 		return fail("not measured: "+err.Error(), true)
@@ -197,7 +196,7 @@ func memlockPerEntry(c bench.ControlCase) controlRow {
 		row.Err, row.Failed = "not measured: "+err.Error(), true
 		return row
 	}
-	ms := spec.Maps[bpf.CtdMapCtV1].Copy()
+	ms := spec.Maps[loader.CTMap].Copy()
 	ms.MaxEntries = ctListEntries
 	ms.Pinning = ebpf.PinNone
 	m, err := ebpf.NewMap(ms)

@@ -1,0 +1,340 @@
+// Package pins owns the layout of a datapath's pin directory: where its maps and links are pinned, what it has attached, and removing it all.
+//
+//	<dir>/ct_v1, ipcache4_v1, ...   the maps, by name (loader.MapNames)
+//	<dir>/<map>~migrating           a map a migration has not yet moved to its name
+//	<dir>/links/<iface>/ingress     TCX links (attach pins them there)
+//	<dir>/links/<iface>/egress
+//
+// Everything outside package loader that needs a path below the directory
+// asks a Dir for it; loader, which opens and creates the maps (and which
+// this package builds on), pins them by name the same way.
+package pins
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/loader"
+)
+
+// TempSuffix marks the pin of a map a migration created, until it moves the
+// map to its name. bpffs refuses names with dots; "~" cannot occur in a map
+// name.
+const TempSuffix = "~migrating"
+
+// Dir is a datapath's pin directory.
+type Dir struct {
+	path string
+}
+
+// New returns the pin directory at path; "" is loader.DefaultPinPath.
+func New(path string) Dir {
+	if path == "" {
+		path = loader.DefaultPinPath
+	}
+	return Dir{path: path}
+}
+
+// Path is the directory itself.
+func (d Dir) Path() string { return d.path }
+
+// Links is the directory below which attach pins the TCX links.
+func (d Dir) Links() string { return filepath.Join(d.path, "links") }
+
+// Map is the pin of the map named name.
+func (d Dir) Map(name string) string { return filepath.Join(d.path, name) }
+
+// Temp is the temporary pin of the map named name during a migration.
+func (d Dir) Temp(name string) string { return filepath.Join(d.path, name+TempSuffix) }
+
+// Pinned reports whether a map is pinned as name.
+func (d Dir) Pinned(name string) bool {
+	_, err := os.Lstat(d.Map(name))
+	return err == nil
+}
+
+// OpenMap opens the map pinned as name (a pin name: a temporary pin
+// included); a *loader.NotPinnedError if there is none.
+func (d Dir) OpenMap(name string, opts *ebpf.LoadPinOptions) (*ebpf.Map, error) {
+	pin := filepath.Join(d.path, name)
+	m, err := ebpf.LoadPinnedMap(pin, opts)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, &loader.NotPinnedError{Dir: d.path, Map: name}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
+	}
+	return m, nil
+}
+
+// MaxEntries returns the max_entries of the map pinned as name, or 0 if
+// none is.
+func (d Dir) MaxEntries(name string) (uint32, error) {
+	var n uint32
+	err := d.inspect(name, func(m *ebpf.Map) error {
+		n = m.MaxEntries()
+		return nil
+	})
+	return n, err
+}
+
+// inspect runs fn on the map pinned as name, opened read-only; nothing if
+// none is pinned.
+func (d Dir) inspect(name string, fn func(*ebpf.Map) error) error {
+	m, err := d.OpenMap(name, &ebpf.LoadPinOptions{ReadOnly: true})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return fn(m)
+}
+
+// MapNames lists the maps pinned in the directory: versioned names only,
+// so neither the links directory nor temporary pins.
+func (d Dir) MapNames() ([]string, error) {
+	return d.scan(func(name string) (string, bool) {
+		_, _, ok := loader.SplitName(name)
+		return name, ok
+	})
+}
+
+// TempNames lists the maps pinned under temporary names, by map name.
+func (d Dir) TempNames() ([]string, error) {
+	return d.scan(func(name string) (string, bool) { return strings.CutSuffix(name, TempSuffix) })
+}
+
+// scan lists the pins (not directories) that keep accepts, as it names them.
+func (d Dir) scan(keep func(name string) (string, bool)) ([]string, error) {
+	entries, err := os.ReadDir(d.path)
+	if err != nil {
+		return nil, fmt.Errorf("read pin directory: %w", err)
+	}
+	var out []string
+	for _, e := range entries {
+		if name, ok := keep(e.Name()); ok && !e.IsDir() {
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
+
+// MapID returns the ID of the map pinned as name (a pin name), or 0 if
+// none is.
+func (d Dir) MapID(name string) (ebpf.MapID, error) {
+	var id ebpf.MapID
+	err := d.inspect(name, func(m *ebpf.Map) (err error) {
+		if id, err = MapID(m); err != nil {
+			return fmt.Errorf("pinned map %s: %w", d.Map(name), err)
+		}
+		return nil
+	})
+	return id, err
+}
+
+// MapID returns the kernel's ID of m.
+func MapID(m *ebpf.Map) (ebpf.MapID, error) {
+	info, err := m.Info()
+	if err != nil {
+		return 0, err
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("the kernel reports no map ID")
+	}
+	return id, nil
+}
+
+// MapIDs returns the IDs of the maps pinned in the directory, temporary
+// pins included: what "this datapath's maps" means.
+func (d Dir) MapIDs() ([]ebpf.MapID, error) {
+	names, err := d.MapNames()
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	temps, err := d.TempNames()
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range temps {
+		names = append(names, t+TempSuffix)
+	}
+	var ids []ebpf.MapID
+	for _, name := range names {
+		id, err := d.MapID(name)
+		if err != nil {
+			return nil, err
+		}
+		if id != 0 {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
+}
+
+// Attachments lists what this datapath has attached in the calling thread's
+// network namespace: every interface with a TCX link pinned below Links,
+// and every ctd tc filter whose programs use one of the maps pinned here
+// (the tc filters of a ctd pinned elsewhere are left out).
+func (d Dir) Attachments() ([]attach.Attachment, error) {
+	ours, err := d.MapIDs()
+	if err != nil {
+		return nil, err
+	}
+	return attach.ListUsing(d.Links(), ours)
+}
+
+// Status reports what this datapath has attached to iface.
+func (d Dir) Status(iface string) (attach.Attachment, error) { return attach.Status(iface, d.Links()) }
+
+// Detach removes this datapath's programs from iface (see attach.Detach).
+func (d Dir) Detach(iface string) error { return attach.Detach(iface, d.Links()) }
+
+// HasLinks reports whether TCX links of iface are pinned here (also when
+// the interface is gone).
+func (d Dir) HasLinks(iface string) bool {
+	_, err := os.Lstat(filepath.Join(d.Links(), iface))
+	return err == nil
+}
+
+// Attach attaches progs to iface (see attach.Attach), pinning TCX links
+// below Links.
+func (d Dir) Attach(iface string, mode attach.Mode, progs attach.Programs) (attach.Attachment, error) {
+	return attach.Attach(iface, mode, progs, d.Links())
+}
+
+// LoadAndAttach loads the datapath against the maps pinned here (creating
+// the missing ones, see loader.Load) and attaches it to iface. If it fails,
+// what this call created is removed again: map pins and directories that
+// did not exist before, and the attachment of an interface that had none.
+func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options) (attach.Attachment, error) {
+	before, err := d.Status(iface)
+	if err != nil {
+		return attach.Attachment{}, err
+	}
+	undo := d.undoCreated()
+
+	opts.PinPath = d.path
+	dp, err := loader.Load(opts)
+	if err != nil {
+		undo()
+		return attach.Attachment{}, err
+	}
+	defer dp.Close()
+
+	at, err := d.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress})
+	if err != nil {
+		if before.Mode == "" {
+			if derr := d.Detach(iface); derr != nil {
+				err = errors.Join(err, derr)
+			}
+			undo()
+		}
+		return attach.Attachment{}, err
+	}
+	return at, nil
+}
+
+// undoCreated notes which pins exist now and returns a function that
+// removes those that did not: map pins, the links directory and the
+// directory itself (the directories only when empty).
+func (d Dir) undoCreated() func() {
+	exists := func(p string) bool {
+		_, err := os.Lstat(p)
+		return err == nil
+	}
+	var created []string // removed in reverse order
+	if !exists(d.path) {
+		created = append(created, d.path)
+	}
+	if !exists(d.Links()) {
+		created = append(created, d.Links())
+	}
+	for _, name := range loader.MapNames {
+		if p := d.Map(name); !exists(p) {
+			created = append(created, p)
+		}
+	}
+	return func() {
+		for i := len(created) - 1; i >= 0; i-- {
+			os.Remove(created[i])
+		}
+	}
+}
+
+// Repin pins again those of this datapath's maps whose pins are missing
+// while ctd's programs still run on one of ifaces (a pin removed by hand,
+// or tc filters that outlived the pin directory), taking each map from an
+// attached program, so that a start adopts the live state instead of
+// creating empty maps under running traffic. It returns the names of the
+// maps it pinned; a missing interface is skipped.
+func (d Dir) Repin(ifaces []string) ([]string, error) {
+	var missing []string
+	for _, name := range loader.MapNames {
+		if !d.Pinned(name) {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) == 0 {
+		return nil, nil
+	}
+	var repinned []string
+	for _, iface := range ifaces {
+		at, err := d.Status(iface)
+		if errors.Is(err, attach.ErrInterfaceNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range []ebpf.ProgramID{at.IngressProgID, at.EgressProgID} {
+			if id == 0 {
+				continue
+			}
+			names, err := d.repinProgramMaps(id, missing)
+			if err != nil {
+				return nil, fmt.Errorf("adopt the maps of the program attached to %s: %w", iface, err)
+			}
+			repinned = append(repinned, names...)
+			missing = slices.DeleteFunc(missing, func(n string) bool { return slices.Contains(names, n) })
+		}
+	}
+	return repinned, nil
+}
+
+// repinProgramMaps pins those maps of program id whose names are in want.
+func (d Dir) repinProgramMaps(id ebpf.ProgramID, want []string) ([]string, error) {
+	ids, err := attach.ProgramMaps(id)
+	if err != nil {
+		return nil, err
+	}
+	var done []string
+	for _, mid := range ids {
+		m, err := ebpf.NewMapFromID(mid)
+		if err != nil {
+			continue // freed meanwhile
+		}
+		mi, err := m.Info()
+		if err == nil && slices.Contains(want, mi.Name) && !slices.Contains(done, mi.Name) {
+			if err := m.Pin(d.Map(mi.Name)); err != nil {
+				m.Close()
+				return done, fmt.Errorf("pin map %s: %w", mi.Name, err)
+			}
+			done = append(done, mi.Name)
+		}
+		m.Close()
+	}
+	return done, nil
+}
