@@ -5,7 +5,7 @@ GO ?= go
 # Steps share the kernel and the targets' order matters: never run in parallel.
 .NOTPARALLEL:
 
-.PHONY: all deps generate check-generated build test demo bench clean require-root
+.PHONY: all deps generate check-generated build test demo demo-cluster bench clean require-root
 
 all: build
 
@@ -39,6 +39,10 @@ test: require-root deps check-generated
 
 demo: require-root deps build
 	CTD_BIN=$(CURDIR)/bin/ctd bash scripts/demo.sh
+
+# Three-member etcd and three namespace nodes in cluster mode (README "Cluster mode").
+demo-cluster: require-root deps build
+	CTD_BIN=$(CURDIR)/bin/ctd bash scripts/demo-cluster.sh
 
 bench: require-root deps
 	$(GO) run ./test/bench/cmd/benchtable

@@ -36,6 +36,7 @@ func newDaemonCmd(a *app) *cobra.Command {
 		logFormat   string
 		cfg         daemon.Config
 		lifetimes   = gc.DefaultLifetimes()
+		node        clusterNode
 	)
 	c := &cobra.Command{
 		Use:   "daemon --iface NAME [--iface NAME...] [--mode auto|tcx|tc] [--ct-max N] [--metrics-addr ADDR]",
@@ -54,7 +55,12 @@ exits 0 and leaves the programs attached and the maps pinned; after a crash
 or SIGKILL the next start recovers the same way. It never detaches.
 
 Map sizes default to the size of the pinned map (or the built-in default
-when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
+when nothing is pinned); a different --ct-max or --ipcache-max resizes.
+
+With --kvstore-endpoints (cluster mode) it also applies the cluster's
+ipcache, policy and endpoints from etcd to this node's store and maps, and
+publishes this node's endpoints ('ctd endpoint') as --node-name under a
+lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := a.preamble(nil); err != nil {
@@ -119,6 +125,14 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 				}
 			}
 			cfg.Components = daemonComponents(lifetimes, metricsLn)
+			if a.clusterMode() {
+				agent, closeKV, err := a.clusterAgent(node, log)
+				if err != nil {
+					return err
+				}
+				defer closeKV()
+				cfg.Components = append(cfg.Components, agent.Component())
+			}
 			return runDaemon(c, cfg, log)
 		},
 	}
@@ -131,6 +145,7 @@ when nothing is pinned); a different --ct-max or --ipcache-max resizes.`,
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
 	lifetimes.AddFlags(c.Flags())
+	node.add(c.Flags())
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
 		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))

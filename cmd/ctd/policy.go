@@ -73,6 +73,9 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterPolicyDefault(c, d, v)
+			}
 			p, done, err := open(c)
 			if err != nil {
 				return err
@@ -96,6 +99,9 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterPolicyAdd(c, r)
+			}
 			p, done, err := open(c)
 			if err != nil {
 				return err
@@ -105,15 +111,7 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
-			w := c.OutOrStdout()
-			switch prev {
-			case policymap.VerdictUnset:
-				fmt.Fprintf(w, "added %s\n", policy.Format(r))
-			case r.Verdict:
-				fmt.Fprintf(w, "unchanged %s\n", policy.Format(r))
-			default:
-				fmt.Fprintf(w, "updated %s (was %v)\n", policy.Format(r), prev)
-			}
+			printPolicyAdd(c.OutOrStdout(), r, prev, "")
 			return nil
 		},
 	})
@@ -126,6 +124,9 @@ which 'ctd daemon' restores after a restart.`,
 			r, err := policy.ParseSelector(args, true)
 			if err != nil {
 				return err
+			}
+			if a.clusterMode() {
+				return a.clusterPolicyDel(c, r)
 			}
 			p, done, err := open(c)
 			if err != nil {
@@ -142,11 +143,18 @@ which 'ctd daemon' restores after a restart.`,
 	})
 
 	var listOut string
+	var listCluster bool
 	list := &cobra.Command{
 		Use:   "list [-o json]",
 		Short: "Show the default verdicts and every rule",
 		Args:  exactArgs(0, "ctd policy list [-o json]"),
 		RunE: func(c *cobra.Command, _ []string) error {
+			if listCluster {
+				if err := checkOutput(listOut); err != nil {
+					return err
+				}
+				return a.clusterPolicyList(c, listOut)
+			}
 			if err := a.preamble(&listOut); err != nil {
 				return err
 			}
@@ -162,6 +170,7 @@ which 'ctd daemon' restores after a restart.`,
 			return policyList(c.OutOrStdout(), s, listOut)
 		},
 	}
+	list.Flags().BoolVar(&listCluster, "cluster", false, "show the cluster's policy in etcd instead of this node's maps")
 	outputFlag(list, &listOut)
 	c.AddCommand(list)
 	return c
@@ -169,6 +178,18 @@ which 'ctd daemon' restores after a restart.`,
 
 // defaultString shows a default verdict; unset is the allow of a datapath
 // that was never told otherwise.
+// printPolicyAdd reports what an add did; where is appended (" (cluster)").
+func printPolicyAdd(w io.Writer, r policymap.Rule, prev policymap.Verdict, where string) {
+	switch prev {
+	case policymap.VerdictUnset:
+		fmt.Fprintf(w, "added %s%s\n", policy.Format(r), where)
+	case r.Verdict:
+		fmt.Fprintf(w, "unchanged %s%s\n", policy.Format(r), where)
+	default:
+		fmt.Fprintf(w, "updated %s (was %v)%s\n", policy.Format(r), prev, where)
+	}
+}
+
 func defaultString(v policymap.Verdict) string {
 	if v == policymap.VerdictUnset {
 		return "allow, unset"

@@ -17,6 +17,7 @@ import (
 type app struct {
 	pinPath  string
 	stateDir string
+	kv       kvstoreFlags // cluster mode (cluster.go)
 
 	// undo takes back what a command set up before it failed: main runs it
 	// (in reverse order) when the command returns an error.
@@ -66,6 +67,7 @@ func newRootCmd(a *app) *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&a.pinPath, "pin-path", envOr("CTD_PIN_PATH", loader.DefaultPinPath), "bpffs directory holding ctd's pinned maps and links (env CTD_PIN_PATH)")
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("CTD_STATE_DIR", "/var/lib/ctd"), "directory of ctd's desired-state store (env CTD_STATE_DIR)")
+	a.kv.add(root.PersistentFlags())
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return fmt.Errorf("%s: %w (see '%s --help')", c.CommandPath(), err, c.CommandPath())
 	})
@@ -73,6 +75,7 @@ func newRootCmd(a *app) *cobra.Command {
 		// Commands, one file each.
 		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a), newDaemonCmd(a), newIPCacheCmd(a), newPolicyCmd(a),
 		newMapsCmd(a), newMetricsCmd(a), newMonitorCmd(a), newEventsCmd(a),
+		newClusterCmd(a), newEndpointCmd(a), newIdentityCmd(a),
 	)
 	return root
 }

@@ -142,4 +142,7 @@ var ControlCases = []ControlCase{
 	{Name: "ct-memlock", Title: "memlock per conntrack entry (1M-entry table)", Unit: "B/entry"},
 	{Name: "metrics-scrape", Title: "CPU per metrics scrape, 20 concurrent, 1M conntrack entries", Unit: "s", Goal: 50 * time.Millisecond},
 	{Name: "metrics-scrape-counted", Title: "CPU per metrics scrape, 20 concurrent, 1M entries, counting every map (before)", Unit: "s"},
+	{Name: "cluster-ipcache-load", Title: "cluster: ipcache load of 100k prefixes into etcd (3 members)", Unit: "s", Goal: 3 * time.Second},
+	{Name: "cluster-converge", Title: "cluster: new node converges on 100k ipcache entries (start → synced)", Unit: "s", Goal: 2 * time.Second},
+	{Name: "cluster-change-p99", Title: "cluster: one change reaches 10 nodes, p99", Unit: "s", Goal: 100 * time.Millisecond},
 }

@@ -294,6 +294,12 @@ var sources = map[string]source{
 		how: "`test/bench` BenchmarkScrape/count-per-scrape: the same with every map counted on every scrape, as ctd did before"},
 	"daemon-ready": {pkg: "./control/daemon", bench: "BenchmarkStartReady", sub: "restart", metric: "ready-ms", scale: 1e-3,
 		how: "`control/daemon` BenchmarkStartReady/restart: the daemon's own start → ready time over a live datapath with 100k conntrack entries and 100k ipcache prefixes pinned and in the store"},
+	"cluster-ipcache-load": {pkg: "./control/kvstore", bench: "BenchmarkIPCacheLoad100k", metric: "ns/op", scale: 1e-9,
+		how: "`control/kvstore` BenchmarkIPCacheLoad100k: 100k prefixes (50k per family) written as a new ipcache generation into a three-member etcd (embedded, on this machine, fsyncing) and switched to, as `ctd ipcache load --replace` does in cluster mode"},
+	"cluster-converge": {pkg: "./control/cluster", bench: "BenchmarkConverge100k", metric: "converge-ms", scale: 1e-3,
+		how: "`control/cluster` BenchmarkConverge100k: a new node's sync against a three-member etcd holding 100k prefixes, from its start to synced: listed, and written into its empty maps and state store"},
+	"cluster-change-p99": {pkg: "./control/cluster", bench: "BenchmarkChange10Nodes", metric: "p99-ms", scale: 1e-3,
+		how: "`control/cluster` BenchmarkChange10Nodes: 200 ipcache adds, each timed from the write's start until the datapath of the last of 10 nodes (syncers in one process, each with its own maps and store) resolves it, looked up in its ipcache map; p99 over the changes (the benchmark also reports the time until every node committed it to its store, p99-stored-ms)"},
 }
 
 func pattern(name, sub string) string {
