@@ -71,7 +71,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 
 	src_id = identity_of(&t->src, t->family);
 	dst_id = identity_of(&t->dst, t->family);
-	if (t->proto == IPPROTO_TCP || t->proto == IPPROTO_UDP)
+	if (has_ports(t->proto))
 		port = bpf_ntohs(t->dport);
 
 	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto, port) != VERDICT_ALLOW) {

@@ -27,7 +27,11 @@ on egress; see 'ctd ipcache'), the protocol and the destination port:
 
   ` + policy.Syntax + `
 
-id=any (or any), protocol any and no port are wildcards. The most specific
+PROTO is any IP protocol: a name from /etc/protocols (tcp, udp, icmp,
+icmpv6, sctp, gre, esp, ...; ctd knows netbase's names when the file is
+missing) or a number 1-255. A port goes only with the protocols that have
+ports (tcp, udp, sctp) or any. id=any (or any), protocol any and no port
+are wildcards. The most specific
 rule wins: a specific identity beats any identity; within one, protocol and
 port beat the protocol alone, which beats any protocol with the port, which
 beats any protocol. Without a matching rule the direction's default verdict
@@ -70,6 +74,9 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterPolicyDefault(c, d, v)
+			}
 			p, done, err := open(c)
 			if err != nil {
 				return err
@@ -93,6 +100,9 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterPolicyAdd(c, r)
+			}
 			p, done, err := open(c)
 			if err != nil {
 				return err
@@ -102,27 +112,22 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
-			w := c.OutOrStdout()
-			switch prev {
-			case policymap.VerdictUnset:
-				fmt.Fprintf(w, "added %s\n", policy.Format(r))
-			case r.Verdict:
-				fmt.Fprintf(w, "unchanged %s\n", policy.Format(r))
-			default:
-				fmt.Fprintf(w, "updated %s (was %v)\n", policy.Format(r), prev)
-			}
+			printPolicyAdd(c.OutOrStdout(), r, prev, "")
 			return nil
 		},
 	})
 
 	c.AddCommand(&cobra.Command{
-		Use:   "del ingress|egress id=N|any [tcp|udp|icmp|icmpv6|any[/PORT]] [allow|deny]",
+		Use:   "del ingress|egress id=N|any [PROTO[/PORT]|any[/PORT]] [allow|deny]",
 		Short: "Delete the rule with this selector (with a verdict: only if the rule has it)",
 		Args:  cobra.ArbitraryArgs,
 		RunE: func(c *cobra.Command, args []string) error {
 			r, err := policy.ParseSelector(args, true)
 			if err != nil {
 				return err
+			}
+			if a.clusterMode() {
+				return a.clusterPolicyDel(c, r)
 			}
 			p, done, err := open(c)
 			if err != nil {
@@ -139,11 +144,18 @@ which 'ctd daemon' restores after a restart.`,
 	})
 
 	var listOut string
+	var listCluster bool
 	list := &cobra.Command{
 		Use:   "list [-o json]",
 		Short: "Show the default verdicts and every rule",
 		Args:  exactArgs(0, "ctd policy list [-o json]"),
 		RunE: func(c *cobra.Command, _ []string) error {
+			if listCluster {
+				if err := checkOutput(listOut); err != nil {
+					return err
+				}
+				return a.clusterPolicyList(c, listOut)
+			}
 			if err := a.preamble(&listOut); err != nil {
 				return err
 			}
@@ -159,6 +171,7 @@ which 'ctd daemon' restores after a restart.`,
 			return policyList(c.OutOrStdout(), s, listOut)
 		},
 	}
+	list.Flags().BoolVar(&listCluster, "cluster", false, "show the cluster's policy in etcd instead of this node's maps")
 	outputFlag(list, &listOut)
 	c.AddCommand(list)
 	return c
@@ -166,6 +179,18 @@ which 'ctd daemon' restores after a restart.`,
 
 // defaultString shows a default verdict; unset is the allow of a datapath
 // that was never told otherwise.
+// printPolicyAdd reports what an add did; where is appended (" (cluster)").
+func printPolicyAdd(w io.Writer, r policymap.Rule, prev policymap.Verdict, where string) {
+	switch prev {
+	case policymap.VerdictUnset:
+		fmt.Fprintf(w, "added %s%s\n", policy.Format(r), where)
+	case r.Verdict:
+		fmt.Fprintf(w, "unchanged %s%s\n", policy.Format(r), where)
+	default:
+		fmt.Fprintf(w, "updated %s (was %v)%s\n", policy.Format(r), prev, where)
+	}
+}
+
 func defaultString(v policymap.Verdict) string {
 	if v == policymap.VerdictUnset {
 		return "allow, unset"
