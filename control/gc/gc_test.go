@@ -444,14 +444,7 @@ func TestRunnerWakes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		if err := r.Run(ctx); err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	defer func() { cancel(); wg.Wait() }()
+	startRunner(t, r)
 
 	runs := func(n uint64) func() bool { return func() bool { return r.Stats().Runs >= n } }
 	waitFor(t, "the pass at start", runs(1))
@@ -524,14 +517,7 @@ func TestRunnerCensus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		if err := r.Run(ctx); err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	defer func() { cancel(); wg.Wait() }()
+	startRunner(t, r)
 	waitFor(t, "the pass at start", func() bool { return r.Stats().Runs >= 1 })
 
 	census.mu.Lock()
@@ -544,4 +530,16 @@ func TestRunnerCensus(t *testing.T) {
 			t.Errorf("census saw %+v, want a UDP flow in state NEW", fl)
 		}
 	}
+}
+
+// startRunner runs r until the test ends.
+func startRunner(t *testing.T, r *Runner) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := r.Run(ctx); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	t.Cleanup(func() { cancel(); wg.Wait() })
 }
