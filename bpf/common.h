@@ -86,7 +86,10 @@ enum ct_flag {
 	CT_F_OPENED_INGRESS = 0x01, /* first packet was seen on ingress */
 	CT_F_PICKUP = 0x02,         /* TCP flow picked up mid-stream (first packet was not a SYN) */
 	CT_F_RELATED = 0x04,        /* an ICMP error related to this flow was seen */
+	CT_F_REVOKED = 0x08,        /* cut by 'ctd ct revoke': both directions are dropped */
 };
+/* Flag bits are additive: a program that predates a bit ignores it (a build
+ * without CT_F_REVOKED passes a revoked flow again). */
 
 /* The key is canonical: endpoint a is the lower (address, port) of the two, so
  * both directions of a connection hash to the same entry with one lookup.
@@ -204,6 +207,7 @@ enum metric_reason {
 	M_DROP_INVALID = 17,   /* invalid or out-of-state */
 	M_DROP_CT_INSERT = 18, /* conntrack insert failed */
 	M_DROP_PARSE = 19,     /* could not be parsed, dropped (default deny) */
+	M_DROP_REVOKED = 20,   /* packet of a revoked flow (or an ICMP error quoting one) */
 	/* counters that are not verdicts (bytes unused unless noted) */
 	M_CT_CREATED = 32,        /* entries created */
 	M_CT_UPDATE_FAILED = 33,  /* a conntrack map update failed */

@@ -66,15 +66,13 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	struct config *cfg = config_get();
 	struct ct_entry e = {};
 	__u32 src_id, dst_id;
-	__u16 port = 0;
 	int err;
 
 	src_id = identity_of(&t->src, t->family);
 	dst_id = identity_of(&t->dst, t->family);
-	if (t->proto == IPPROTO_TCP || t->proto == IPPROTO_UDP)
-		port = bpf_ntohs(t->dport);
 
-	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto, port) != VERDICT_ALLOW) {
+	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto,
+			   policy_port(t->proto, t->dport)) != VERDICT_ALLOW) {
 		emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
 		return verdict_drop(dir, M_DROP_POLICY, len);
 	}
@@ -114,6 +112,25 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	return CTD_PASS;
 }
 
+/* ct_revoked handles a packet of a revoked flow: it is dropped, whichever
+ * its direction, and refreshes the entry so that the flow stays cut while
+ * either side keeps trying (a pickup cannot re-create it). Only a SYN that
+ * the policy in force allows opens a new flow in its place. */
+static __always_inline int ct_revoked(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+				      struct ct_key *k, int src_is_b, struct ct_entry *e,
+				      __u64 len, __u64 segs, __u64 now)
+{
+	if (t->proto == IPPROTO_TCP && tcp_opens(t->tcp_flags))
+		return ct_new(skb, dir, t, k, src_is_b, len, segs, now);
+	int is_orig = src_is_b == e->orig_is_b;
+
+	e->last_seen = now;
+	emit(config_get(), now, EV_DROP, M_DROP_REVOKED, dir, skb->ifindex, t,
+	     is_orig ? e->src_identity : e->dst_identity,
+	     is_orig ? e->dst_identity : e->src_identity, e->state, NULL);
+	return verdict_drop(dir, M_DROP_REVOKED, len);
+}
+
 /* related handles an ICMP error: it passes when it quotes a tracked flow, and
  * is otherwise judged like a new flow without creating an entry. */
 static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
@@ -125,6 +142,8 @@ static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt 
 
 	ct_key_of(&p->inner, &k);
 	e = bpf_map_lookup_elem(&CT_MAP, &k);
+	if (e && (e->flags & CT_F_REVOKED))
+		return verdict_drop(dir, M_DROP_REVOKED, len);
 	if (e) {
 		e->flags |= CT_F_RELATED;
 		count(dir, M_FWD_RELATED, len);
@@ -184,6 +203,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 	e = bpf_map_lookup_elem(&CT_MAP, &k);
 	if (!e)
 		return ct_new(skb, dir, &p.t, &k, src_is_b, len, segs, now);
+
+	if (e->flags & CT_F_REVOKED)
+		return ct_revoked(skb, dir, &p.t, &k, src_is_b, e, len, segs, now);
 
 	/* A SYN on a closed connection reuses its tuple: a new flow. */
 	if (p.t.proto == IPPROTO_TCP && e->state == CT_CLOSED && tcp_opens(p.t.tcp_flags))

@@ -47,6 +47,7 @@ const (
 	CtdCtFlagCT_F_OPENED_INGRESS CtdCtFlag = 1
 	CtdCtFlagCT_F_PICKUP         CtdCtFlag = 2
 	CtdCtFlagCT_F_RELATED        CtdCtFlag = 4
+	CtdCtFlagCT_F_REVOKED        CtdCtFlag = 8
 )
 
 type CtdCtKey struct {
@@ -142,6 +143,7 @@ const (
 	CtdMetricReasonM_DROP_INVALID       CtdMetricReason = 17
 	CtdMetricReasonM_DROP_CT_INSERT     CtdMetricReason = 18
 	CtdMetricReasonM_DROP_PARSE         CtdMetricReason = 19
+	CtdMetricReasonM_DROP_REVOKED       CtdMetricReason = 20
 	CtdMetricReasonM_CT_CREATED         CtdMetricReason = 32
 	CtdMetricReasonM_CT_UPDATE_FAILED   CtdMetricReason = 33
 	CtdMetricReasonM_EVENTS_LOST        CtdMetricReason = 34

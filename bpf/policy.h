@@ -61,3 +61,12 @@ static __always_inline int policy_verdict(const struct config *cfg, __u32 dir, _
 		return VERDICT_DENY;
 	return VERDICT_ALLOW;
 }
+
+/* policy_port is the port policy matches: the destination port of the
+ * flow's first packet for the protocols that have ports, else 0. */
+static __always_inline __u16 policy_port(__u8 proto, __be16 dport)
+{
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+		return bpf_ntohs(dport);
+	return 0;
+}

@@ -423,7 +423,7 @@ func (d *restartDaemon) drops() uint64 {
 		d.t.Fatal(err)
 	}
 	var n uint64
-	for _, r := range []metricsmap.Reason{metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse} {
+	for _, r := range []metricsmap.Reason{metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse, metricsmap.DropRevoked} {
 		n += snap.Total(r).Packets
 	}
 	return n

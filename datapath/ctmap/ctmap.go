@@ -41,6 +41,7 @@ const (
 	FlagOpenedIngress = uint8(bpf.CtdCtFlagCT_F_OPENED_INGRESS)
 	FlagPickup        = uint8(bpf.CtdCtFlagCT_F_PICKUP)
 	FlagRelated       = uint8(bpf.CtdCtFlagCT_F_RELATED)
+	FlagRevoked       = uint8(bpf.CtdCtFlagCT_F_REVOKED)
 )
 
 // Key and Entry are the map's raw layout.

@@ -25,6 +25,7 @@ const (
 	DropInvalid  = Reason(bpf.CtdMetricReasonM_DROP_INVALID)
 	DropCTInsert = Reason(bpf.CtdMetricReasonM_DROP_CT_INSERT)
 	DropParse    = Reason(bpf.CtdMetricReasonM_DROP_PARSE)
+	DropRevoked  = Reason(bpf.CtdMetricReasonM_DROP_REVOKED)
 
 	CTCreated         = Reason(bpf.CtdMetricReasonM_CT_CREATED)
 	CTUpdateFailed    = Reason(bpf.CtdMetricReasonM_CT_UPDATE_FAILED)
@@ -61,6 +62,7 @@ var reasons = map[Reason]reasonInfo{
 	DropInvalid:       {"invalid", Dropped},
 	DropCTInsert:      {"ct-insert-failed", Dropped},
 	DropParse:         {"parse-error", Dropped},
+	DropRevoked:       {"revoked", Dropped},
 	CTCreated:         {"ct-created", Counter},
 	CTUpdateFailed:    {"ct-update-failed", Counter},
 	EventsLost:        {"events-lost", Counter},
@@ -71,7 +73,7 @@ var reasons = map[Reason]reasonInfo{
 // Reasons lists every reason the datapath counts, in index order.
 var Reasons = []Reason{
 	FwdEstablished, FwdNew, FwdRelated, FwdUntracked, FwdUnparseable,
-	DropPolicy, DropInvalid, DropCTInsert, DropParse,
+	DropPolicy, DropInvalid, DropCTInsert, DropParse, DropRevoked,
 	CTCreated, CTUpdateFailed, EventsLost, EventsRateLimited, Fragments,
 }
 

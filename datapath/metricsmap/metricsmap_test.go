@@ -130,6 +130,7 @@ func TestReasonNames(t *testing.T) {
 		{metricsmap.DropPolicy, "policy", metricsmap.Dropped},
 		{metricsmap.DropCTInsert, "ct-insert-failed", metricsmap.Dropped},
 		{metricsmap.DropParse, "parse-error", metricsmap.Dropped},
+		{metricsmap.DropRevoked, "revoked", metricsmap.Dropped},
 		{metricsmap.EventsLost, "events-lost", metricsmap.Counter},
 		{metricsmap.EventsRateLimited, "events-ratelimited", metricsmap.Counter},
 		{metricsmap.Reason(50), "reason50", metricsmap.Counter},

@@ -46,7 +46,7 @@ func VerdictName(v uint32) string {
 // in these tests.
 var testedReasons = []metricsmap.Reason{
 	metricsmap.FwdEstablished, metricsmap.FwdNew, metricsmap.FwdRelated, metricsmap.FwdUntracked, metricsmap.FwdUnparseable,
-	metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse,
+	metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse, metricsmap.DropRevoked,
 	metricsmap.CTCreated, metricsmap.CTUpdateFailed, metricsmap.Fragments,
 }
 
@@ -499,4 +499,33 @@ func (d *Datapath) SetDefault(tb testing.TB, dir bpf.Direction, verdict uint8) {
 	if err := d.Config().Update(func(c *config.Values) { c.DefaultVerdict[dir] = verdict }); err != nil {
 		tb.Fatal(err)
 	}
+}
+
+// Revoke judges every flow again against the policy in force (as 'ctd ct
+// revoke' does) and returns how many it revoked and kept.
+func (d *Datapath) Revoke(tb testing.TB) (revoked, kept int) {
+	tb.Helper()
+	rv, err := d.ct.NewRevoker(d.Policy(), d.ByName()[loader.ConfigMap])
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer rv.Close()
+	keys := d.Keys(tb)
+	for len(keys) > 0 {
+		n := min(len(keys), ctmap.RevokeBatch)
+		verdicts := make([]ctmap.Verdict, n)
+		if err := rv.Revoke(keys[:n], verdicts); err != nil {
+			tb.Fatal(err)
+		}
+		for _, v := range verdicts {
+			switch v {
+			case ctmap.Revoked, ctmap.AlreadyRevoked:
+				revoked++
+			case ctmap.Kept:
+				kept++
+			}
+		}
+		keys = keys[n:]
+	}
+	return revoked, kept
 }
