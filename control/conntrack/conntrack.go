@@ -166,7 +166,7 @@ type Row struct {
 	Iface        string   `json:"iface"`      // name, or the ifindex where no interface has it
 	SrcIdentity  uint32   `json:"src_identity"`
 	DstIdentity  uint32   `json:"dst_identity"`
-	Flags        []string `json:"flags"` // opened_ingress, pickup, related
+	Flags        []string `json:"flags"` // opened_ingress, pickup, related, revoked
 }
 
 var flagNames = []struct {

@@ -17,6 +17,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -510,22 +511,9 @@ func (d *Datapath) Revoke(tb testing.TB) (revoked, kept int) {
 		tb.Fatal(err)
 	}
 	defer rv.Close()
-	keys := d.Keys(tb)
-	for len(keys) > 0 {
-		n := min(len(keys), ctmap.RevokeBatch)
-		verdicts := make([]ctmap.Verdict, n)
-		if err := rv.Revoke(keys[:n], verdicts); err != nil {
-			tb.Fatal(err)
-		}
-		for _, v := range verdicts {
-			switch v {
-			case ctmap.Revoked, ctmap.AlreadyRevoked:
-				revoked++
-			case ctmap.Kept:
-				kept++
-			}
-		}
-		keys = keys[n:]
+	res, err := conntrack.Revoke(d.ct, rv, conntrack.Filter{})
+	if err != nil {
+		tb.Fatal(err)
 	}
-	return revoked, kept
+	return res.Revoked, res.Kept
 }
