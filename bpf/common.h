@@ -51,9 +51,11 @@ enum reserved_identity {
  * change renames the map here (and in datapath/loader, its only Go owner),
  * and the code that uses the map keeps using the macro. */
 #ifndef CT_LAYOUT_V2
-#define CT_MAP       ct_v1
+#define CT_MAP             ct_v1
+#define CT_UNCONFIRMED_MAP ct_unconfirmed_v1
 #else
-#define CT_MAP       ct_v2 /* the test-only layout below gets its own name */
+#define CT_MAP             ct_v2 /* the test-only layout below gets its own names */
+#define CT_UNCONFIRMED_MAP ct_unconfirmed_v2
 #endif
 #define IPCACHE4_MAP ipcache4_v1
 #define IPCACHE6_MAP ipcache6_v1
@@ -70,7 +72,8 @@ union addr {
 	__u64 d[2];
 };
 
-/* ---- conntrack: ct_v1 (LRU hash) ---- */
+/* ---- conntrack: ct_v1 (LRU hash, confirmed flows) and ct_unconfirmed_v1
+ * (LRU hash, flows not yet confirmed), one layout ---- */
 
 enum ct_state {
 	CT_NEW = 0,         /* non-TCP: seen in the originating direction only */
@@ -214,6 +217,9 @@ enum metric_reason {
 	M_EVENTS_LOST = 34,       /* ring buffer reservation failed */
 	M_EVENTS_RATELIMITED = 35,/* event suppressed by the per-CPU rate limit */
 	M_FRAGMENTS = 36,         /* later fragments seen (also counted as untracked) */
+	M_CT_CONFIRMED = 37,      /* flows promoted to the confirmed table */
+	M_CT_MIDSTREAM_MISS = 38, /* a TCP packet other than SYN or RST found no entry:
+				   * its flow was lost (LRU, flush) or predates ctd */
 	METRIC_MAX = 64,
 };
 
@@ -229,6 +235,7 @@ enum event_type {
 	EV_FLOW_CLOSED = 2,
 	EV_DROP = 3,
 	EV_CT_INSERT_FAILED = 4,
+	EV_CT_MIDSTREAM_MISS = 5, /* as M_CT_MIDSTREAM_MISS */
 };
 
 struct event {

@@ -5,7 +5,7 @@
  * datapath/ctmap's Revoker against the live tables.
  *
  * The input is up to REVOKE_BATCH records back to back. For each the
- * program looks the entry up and judges its flow again, as its first
+ * program looks the entry up (in either conntrack table) and judges its flow again, as its first
  * packet would be judged now: same direction, remote identity, protocol
  * and port, through the datapath's own policy_verdict. A flow the policy
  * now denies is marked CT_F_REVOKED in place (not deleted, so that no
@@ -66,10 +66,11 @@ int ctd_ct_revoke(struct __sk_buff *skb)
 	for (int i = 0; i < REVOKE_BATCH; i++) {
 		struct revoke_rec *r = data + i * sizeof(struct revoke_rec);
 		struct ct_entry *e;
+		int confirmed;
 
 		if ((void *)(r + 1) > end)
 			break;
-		e = bpf_map_lookup_elem(&CT_MAP, &r->key);
+		e = ct_lookup(&r->key, &confirmed);
 		if (!e) {
 			r->outcome = REVOKE_MISSING;
 			continue;

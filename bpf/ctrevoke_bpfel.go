@@ -93,6 +93,7 @@ type CtrevokeRevokeRec struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	CtrevokeMapConfigV1          = "config_v1"
+	CtrevokeMapCtUnconfirmedV1   = "ct_unconfirmed_v1"
 	CtrevokeMapCtV1              = "ct_v1"
 	CtrevokeMapPolicyV1          = "policy_v1"
 	CtrevokeProgCtdCtRevoke      = "ctd_ct_revoke"
@@ -148,9 +149,10 @@ type CtrevokeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtrevokeMapSpecs struct {
-	ConfigV1 *ebpf.MapSpec `ebpf:"config_v1"`
-	CtV1     *ebpf.MapSpec `ebpf:"ct_v1"`
-	PolicyV1 *ebpf.MapSpec `ebpf:"policy_v1"`
+	ConfigV1        *ebpf.MapSpec `ebpf:"config_v1"`
+	CtUnconfirmedV1 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v1"`
+	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
+	PolicyV1        *ebpf.MapSpec `ebpf:"policy_v1"`
 }
 
 // CtrevokeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -180,14 +182,16 @@ func (o *CtrevokeObjects) Close() error {
 //
 // It can be passed to LoadCtrevokeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtrevokeMaps struct {
-	ConfigV1 *ebpf.Map `ebpf:"config_v1"`
-	CtV1     *ebpf.Map `ebpf:"ct_v1"`
-	PolicyV1 *ebpf.Map `ebpf:"policy_v1"`
+	ConfigV1        *ebpf.Map `ebpf:"config_v1"`
+	CtUnconfirmedV1 *ebpf.Map `ebpf:"ct_unconfirmed_v1"`
+	CtV1            *ebpf.Map `ebpf:"ct_v1"`
+	PolicyV1        *ebpf.Map `ebpf:"policy_v1"`
 }
 
 func (m *CtrevokeMaps) Close() error {
 	return _CtrevokeClose(
 		m.ConfigV1,
+		m.CtUnconfirmedV1,
 		m.CtV1,
 		m.PolicyV1,
 	)

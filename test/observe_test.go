@@ -94,7 +94,7 @@ func TestObservabilityCLI(t *testing.T) {
 	bin := nettest.BuildCtd(t)
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
-	ct := ctmap.New(dp.Maps.CT())
+	ct := dp.Maps.Conntrack()
 	ctMax := int(dp.Maps.CT().MaxEntries())
 
 	// ctd maps: exactly N after N inserts, at every step.

@@ -115,7 +115,7 @@ func (ctd *policyCLI) revokedDrops() map[string]uint64 {
 		Dir, Reason string
 		Packets     uint64
 	}
-	if err := json.Unmarshal([]byte(ctd.run("metrics", "-o", "json")), &rows); err != nil {
+	if err := json.Unmarshal([]byte(ctd.quiet("metrics", "-o", "json")), &rows); err != nil {
 		ctd.t.Fatal(err)
 	}
 	out := map[string]uint64{}

@@ -7,7 +7,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
-	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
@@ -54,7 +53,7 @@ before; 'kept' those still allowed.`,
 
 // revokeFlows cuts the flows f selects that the policy in force denies.
 func revokeFlows(maps *loader.Maps, f conntrack.Filter) (conntrack.Revoked, error) {
-	ct := ctmap.New(maps.CT())
+	ct := maps.Conntrack()
 	rv, err := ct.NewRevoker(maps.Policy(), maps.ByName()[loader.ConfigMap])
 	if err != nil {
 		return conntrack.Revoked{}, err

@@ -1,6 +1,6 @@
 // Package events decodes and streams datapath events.
 //
-// The datapath writes flow-new, flow-closed, drop and ct-insert-failed
+// The datapath writes flow-new, flow-closed, drop, ct-insert-failed and ct-midstream-miss
 // records to the ring buffer events_v1. A ring buffer has one consumer: two
 // readers would each get a share of the records. ctd's consumer is 'ctd
 // monitor', for as long as it runs; the daemon never reads events (it learns
@@ -39,6 +39,10 @@ const (
 	FlowClosed     = Type(bpf.CtdEventTypeEV_FLOW_CLOSED)
 	Drop           = Type(bpf.CtdEventTypeEV_DROP)
 	CTInsertFailed = Type(bpf.CtdEventTypeEV_CT_INSERT_FAILED)
+	// CTMidstreamMiss: a TCP packet other than SYN or RST found no
+	// conntrack entry; its flow was lost to the LRU (or flushed, or is
+	// older than ctd).
+	CTMidstreamMiss = Type(bpf.CtdEventTypeEV_CT_MIDSTREAM_MISS)
 )
 
 // recordSize is the size of struct event.
@@ -54,12 +58,15 @@ func (t Type) String() string {
 		return "drop"
 	case CTInsertFailed:
 		return "ct-insert-failed"
+	case CTMidstreamMiss:
+		return "ct-midstream-miss"
 	}
 	return "type" + strconv.Itoa(int(t))
 }
 
-// IsFlow reports whether t is about a flow's life: flow-new, flow-closed.
-func (t Type) IsFlow() bool { return t == FlowNew || t == FlowClosed }
+// IsFlow reports whether t is about a flow's life: flow-new, flow-closed,
+// ct-midstream-miss.
+func (t Type) IsFlow() bool { return t == FlowNew || t == FlowClosed || t == CTMidstreamMiss }
 
 // IsDrop reports whether t is about a dropped packet: drop, ct-insert-failed.
 func (t Type) IsDrop() bool { return t == Drop || t == CTInsertFailed }
@@ -67,7 +74,7 @@ func (t Type) IsDrop() bool { return t == Drop || t == CTInsertFailed }
 // Event is one datapath event as ctd prints it.
 type Event struct {
 	Time        time.Time     `json:"time"`             // wall clock, RFC 3339
-	Type        string        `json:"type"`             // flow-new, flow-closed, drop, ct-insert-failed
+	Type        string        `json:"type"`             // flow-new, flow-closed, drop, ct-insert-failed, ct-midstream-miss
 	Reason      string        `json:"reason,omitempty"` // drops: policy, ct-insert-failed
 	Proto       string        `json:"proto"`
 	Src         netip.Addr    `json:"src"` // flow events: the originator; drops: the packet's source

@@ -58,11 +58,13 @@ func (m *Map) NewExpirer() (*Expirer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
-	// The program runs against m, whatever its size.
-	spec.Maps[bpf.CtexpireMapCtV1].MaxEntries = m.m.MaxEntries()
+	repl := map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m, bpf.CtexpireMapCtUnconfirmedV1: m.unconfirmed}
+	// The program runs against m's tables, whatever their sizes.
+	for name, rm := range repl {
+		spec.Maps[name].MaxEntries = rm.MaxEntries()
+	}
 	var objs bpf.CtexpireObjects
-	err = spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m}})
-	if err != nil {
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
 	objs.CtexpireMaps.Close() // the replacement: m stays open

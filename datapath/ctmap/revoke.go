@@ -49,9 +49,10 @@ func (m *Map) NewRevoker(policy, config *ebpf.Map) (*Revoker, error) {
 		return nil, fmt.Errorf("load conntrack revoke program: %w", err)
 	}
 	repl := map[string]*ebpf.Map{
-		bpf.CtrevokeMapCtV1:     m.m,
-		bpf.CtrevokeMapPolicyV1: policy,
-		bpf.CtrevokeMapConfigV1: config,
+		bpf.CtrevokeMapCtV1:            m.m,
+		bpf.CtrevokeMapCtUnconfirmedV1: m.unconfirmed,
+		bpf.CtrevokeMapPolicyV1:        policy,
+		bpf.CtrevokeMapConfigV1:        config,
 	}
 	// The program runs against the pinned maps, whatever their sizes.
 	for name, rm := range repl {

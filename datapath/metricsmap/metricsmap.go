@@ -32,6 +32,8 @@ const (
 	EventsLost        = Reason(bpf.CtdMetricReasonM_EVENTS_LOST)
 	EventsRateLimited = Reason(bpf.CtdMetricReasonM_EVENTS_RATELIMITED)
 	Fragments         = Reason(bpf.CtdMetricReasonM_FRAGMENTS)
+	CTConfirmed       = Reason(bpf.CtdMetricReasonM_CT_CONFIRMED)
+	CTMidstreamMiss   = Reason(bpf.CtdMetricReasonM_CT_MIDSTREAM_MISS)
 
 	// ReasonsPerDirection is METRIC_MAX: the map's index is dir*64 + reason.
 	ReasonsPerDirection = int(bpf.CtdMetricReasonMETRIC_MAX)
@@ -68,13 +70,15 @@ var reasons = map[Reason]reasonInfo{
 	EventsLost:        {"events-lost", Counter},
 	EventsRateLimited: {"events-ratelimited", Counter},
 	Fragments:         {"fragments", Counter},
+	CTConfirmed:       {"ct-confirmed", Counter},
+	CTMidstreamMiss:   {"ct-midstream-miss", Counter},
 }
 
 // Reasons lists every reason the datapath counts, in index order.
 var Reasons = []Reason{
 	FwdEstablished, FwdNew, FwdRelated, FwdUntracked, FwdUnparseable,
 	DropPolicy, DropInvalid, DropCTInsert, DropParse, DropRevoked,
-	CTCreated, CTUpdateFailed, EventsLost, EventsRateLimited, Fragments,
+	CTCreated, CTUpdateFailed, EventsLost, EventsRateLimited, Fragments, CTConfirmed, CTMidstreamMiss,
 }
 
 // String names the reason as ctd prints it, e.g. "ct-insert-failed".

@@ -78,7 +78,7 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 	if err != nil {
 		return f, err
 	}
-	f.ct = ctmap.New(f.dp.CT())
+	f.ct = f.dp.Conntrack()
 	f.floor, err = ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name: "empty_tc",
 		Type: ebpf.SchedCLS,

@@ -76,8 +76,9 @@ type Datapath struct {
 
 // Map sizes of New's datapath: small, but roomy enough for the property test.
 const (
-	testCTMax      = 1024
-	testIPCacheMax = 16384
+	testCTMax       = 1024
+	testCTUnconfMax = 256
+	testIPCacheMax  = 16384
 )
 
 // New loads the datapath's programs with maps of their own, not pinned,
@@ -95,7 +96,7 @@ func New(tb testing.TB) *Datapath {
 func NewFrom(tb testing.TB, spec *ebpf.CollectionSpec) *Datapath {
 	tb.Helper()
 	nettest.RequireRoot(tb)
-	loader.Options{CTMax: testCTMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().SizeSpec(spec)
+	loader.Options{CTMax: testCTMax, CTUnconfirmedMax: testCTUnconfMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().SizeSpec(spec)
 	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
 		tb.Fatalf("dptest: load datapath: %v", err)
@@ -123,7 +124,7 @@ func Load(tb testing.TB, pinPath string) *Datapath {
 
 func wrap(tb testing.TB, dp *loader.Datapath) *Datapath {
 	tb.Cleanup(func() { dp.Close() })
-	return &Datapath{Datapath: dp, ct: ctmap.New(dp.CT())}
+	return &Datapath{Datapath: dp, ct: dp.Conntrack()}
 }
 
 // SKBContext is the prefix of struct __sk_buff, up to gso_size, that
