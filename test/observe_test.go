@@ -168,6 +168,7 @@ func TestObservabilityCLI(t *testing.T) {
 		"egress/forwarded/established":  {1, uint64(len(data))},
 		"ingress/dropped/policy":        {1, uint64(len(denied))},
 		"egress/counter/ct-created":     {1, 0},
+		"egress/counter/ct-confirmed":   {1, 0}, // by the ACK after the SYN/ACK
 	}
 	var rows []struct {
 		Dir, Kind, Reason string

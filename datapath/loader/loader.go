@@ -122,12 +122,17 @@ func SplitName(name string) (table string, version int, ok bool) {
 }
 
 // NotPinnedError says that a map the caller needs is not pinned: there is
-// no datapath here (yet). It matches os.ErrNotExist.
+// no datapath here (yet), or one of an older build (Older). It matches
+// os.ErrNotExist.
 type NotPinnedError struct {
 	Dir, Map string
+	Older    bool // other maps are pinned: a datapath of an older build
 }
 
 func (e *NotPinnedError) Error() string {
+	if e.Older {
+		return fmt.Sprintf("the ctd datapath at %s predates this build (map %s is not pinned): run 'ctd daemon' or 'ctd attach' to upgrade it", e.Dir, e.Map)
+	}
 	return fmt.Sprintf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", e.Dir, e.Map)
 }
 
@@ -230,7 +235,7 @@ func OpenPinned(pinPath string) (*Maps, error) {
 		if err != nil {
 			closeAll(maps)
 			if errors.Is(err, os.ErrNotExist) {
-				return nil, &NotPinnedError{Dir: pinPath, Map: name}
+				return nil, &NotPinnedError{Dir: pinPath, Map: name, Older: len(maps) > 0}
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
 		}
