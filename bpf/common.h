@@ -64,6 +64,7 @@ enum reserved_identity {
 #define METRICS_MAP  metrics_v1
 #define EVENTS_MAP   events_v1
 #define EVLIMIT_MAP  evlimit_v1
+#define EVLISTEN_MAP evlisten_v1
 
 /* An address of either family; IPv4 uses the first 4 bytes, the rest is zero. */
 union addr {
@@ -265,4 +266,14 @@ struct event {
 struct ratelimit {
 	__u64 tokens;
 	__u64 last; /* ns */
+};
+
+/* ---- event consumer: evlisten_v1 (array of one) ---- */
+
+/* The consumer of events_v1 ('ctd monitor') registers here and refreshes
+ * until every second; the datapath writes events only while now <= until. */
+struct evlisten {
+	__u64 until; /* CLOCK_MONOTONIC_COARSE ns; 0: nobody reads events */
+	__u32 pid;   /* the consumer's process id, for messages */
+	__u32 pad;
 };

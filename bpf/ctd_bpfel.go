@@ -114,6 +114,13 @@ const (
 	CtdEventTypeEV_CT_MIDSTREAM_MISS CtdEventType = 5
 )
 
+type CtdEvlisten struct {
+	_     structs.HostLayout
+	Until uint64
+	Pid   uint32
+	Pad   uint32
+}
+
 type CtdIpcache4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -206,6 +213,7 @@ const (
 	CtdMapCtV1            = "ct_v1"
 	CtdMapEventsV1        = "events_v1"
 	CtdMapEvlimitV1       = "evlimit_v1"
+	CtdMapEvlistenV1      = "evlisten_v1"
 	CtdMapIpcache4V1      = "ipcache4_v1"
 	CtdMapIpcache6V1      = "ipcache6_v1"
 	CtdMapMetricsV1       = "metrics_v1"
@@ -271,6 +279,7 @@ type CtdMapSpecs struct {
 	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
 	EventsV1        *ebpf.MapSpec `ebpf:"events_v1"`
 	EvlimitV1       *ebpf.MapSpec `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.MapSpec `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.MapSpec `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.MapSpec `ebpf:"ipcache6_v1"`
 	MetricsV1       *ebpf.MapSpec `ebpf:"metrics_v1"`
@@ -310,6 +319,7 @@ type CtdMaps struct {
 	CtV1            *ebpf.Map `ebpf:"ct_v1"`
 	EventsV1        *ebpf.Map `ebpf:"events_v1"`
 	EvlimitV1       *ebpf.Map `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.Map `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.Map `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.Map `ebpf:"ipcache6_v1"`
 	MetricsV1       *ebpf.Map `ebpf:"metrics_v1"`
@@ -323,6 +333,7 @@ func (m *CtdMaps) Close() error {
 		m.CtV1,
 		m.EventsV1,
 		m.EvlimitV1,
+		m.EvlistenV1,
 		m.Ipcache4V1,
 		m.Ipcache6V1,
 		m.MetricsV1,

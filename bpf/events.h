@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* events.h: flow and drop events to userspace through a ring buffer, rate
- * limited per CPU so that a flood cannot starve the consumer. */
+/* events.h: flow and drop events to userspace through a ring buffer, written
+ * only while a consumer is registered, rate limited per CPU so that a flood
+ * cannot starve it. */
 #pragma once
 
 #include "common.h"
@@ -18,6 +19,24 @@ struct {
 	__type(key, __u32);
 	__type(value, struct ratelimit);
 } EVLIMIT_MAP SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct evlisten);
+} EVLISTEN_MAP SEC(".maps");
+
+/* listening reports whether a consumer reads events now. An array lookup
+ * (inlined by the verifier) and a compare: with nobody listening, emit
+ * costs this and nothing is reserved, rate limited or counted as lost. */
+static __always_inline int listening(__u64 now)
+{
+	__u32 zero = 0;
+	struct evlisten *l = bpf_map_lookup_elem(&EVLISTEN_MAP, &zero);
+
+	return l && now <= l->until;
+}
 
 /* event_allowed takes one token from this CPU's bucket. The bucket holds at
  * most burst tokens, also right after the limit was lowered; the refill is
@@ -50,14 +69,17 @@ static __always_inline int event_allowed(const struct config *cfg, __u64 now)
 	return 1;
 }
 
-/* emit sends one event; a rate-limited or lost event is counted, never silent.
- * src/dst are the originator's for flow events, the packet's for drops. */
+/* emit sends one event while a consumer listens; then a rate-limited or
+ * lost event is counted, never silent. src/dst are the originator's for flow
+ * events, the packet's for drops. */
 static __always_inline void emit(const struct config *cfg, __u64 now, __u8 type, __u8 reason,
 				 __u32 dir, __u32 ifindex, const struct tuple *t,
 				 __u32 src_id, __u32 dst_id, __u8 state, const struct ct_entry *e)
 {
 	struct event *ev;
 
+	if (!listening(now))
+		return;
 	if (!event_allowed(cfg, now)) {
 		count(dir, M_EVENTS_RATELIMITED, 0);
 		return;

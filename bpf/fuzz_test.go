@@ -157,13 +157,13 @@ func expectedKey(frame []byte) (ctmap.Key, bool) {
 
 	var sport, dport uint16
 	hdr := pkt[l4:end]
-	need := map[layers.IPProtocol]int{layers.IPProtocolTCP: 20, layers.IPProtocolUDP: 8,
+	need := map[layers.IPProtocol]int{layers.IPProtocolTCP: 20, layers.IPProtocolUDP: 8, layers.IPProtocolSCTP: 12,
 		layers.IPProtocolICMPv4: 8, layers.IPProtocolICMPv6: 8}[proto]
 	if len(hdr) < need {
 		return ctmap.Key{}, false
 	}
 	switch proto {
-	case layers.IPProtocolTCP, layers.IPProtocolUDP:
+	case layers.IPProtocolTCP, layers.IPProtocolUDP, layers.IPProtocolSCTP:
 		sport, dport = binary.BigEndian.Uint16(hdr), binary.BigEndian.Uint16(hdr[2:])
 	case layers.IPProtocolICMPv4:
 		switch hdr[0] {

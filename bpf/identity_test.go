@@ -466,3 +466,27 @@ func TestPolicyOtherProtocol(t *testing.T) {
 	other[14+9] = gre
 	d.Expect(t, ingress, other, dptest.Drop, dptest.One(dptest.Key{Dir: ingress, Reason: metricsmap.DropPolicy}))
 }
+
+// SCTP rules match the destination port, as TCP and UDP rules do.
+func TestPolicySCTPPort(t *testing.T) {
+	const sctp = unix.IPPROTO_SCTP
+	for _, tc := range []struct {
+		name  string
+		rules []rule
+		port  uint16
+		want  uint8
+	}{
+		{"sctp/3868 allows its port", []rule{{ingress, peerID, sctp, 3868, dptest.Allow}}, 3868, dptest.Allow},
+		{"sctp/3868 leaves other ports to the default", []rule{{ingress, peerID, sctp, 3868, dptest.Allow}}, 3869, dptest.Deny},
+		{"any/3868 matches sctp", []rule{{ingress, peerID, 0, 3868, dptest.Allow}}, 3868, dptest.Allow},
+		{"sctp/3868 deny beats sctp allow", []rule{{ingress, peerID, sctp, 0, dptest.Allow}, {ingress, peerID, sctp, 3868, dptest.Deny}}, 3868, dptest.Deny},
+		{"tcp/3868 does not match sctp", []rule{{ingress, peerID, unix.IPPROTO_TCP, 3868, dptest.Allow}}, 3868, dptest.Deny},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := policyDatapath(t)
+			setPolicy(t, d, dptest.DenyIn(ingress), tc.rules...)
+			frame := dptest.SCTP(t, netip.AddrPortFrom(peer, 40000), netip.AddrPortFrom(local, tc.port), nil)
+			checkNewFlow(t, d, ingress, frame, tc.want)
+		})
+	}
+}

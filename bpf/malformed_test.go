@@ -50,6 +50,9 @@ func validFrames(tb testing.TB) map[string][]byte {
 		"icmpv6 echo":                 dptest.Echo(tb, orig6.Addr(), resp6.Addr(), 9, false),
 		"icmp error quoting tcp":      dptest.ICMPError(tb, resp4.Addr(), orig4.Addr(), dptest.TCP(tb, orig4, resp4, dptest.SYN, nil)),
 		"icmpv6 error quoting tcp":    dptest.ICMPError(tb, resp6.Addr(), orig6.Addr(), dptest.TCP(tb, orig6, resp6, dptest.SYN, nil)),
+		"sctp4":                       dptest.SCTP(tb, orig4, resp4, dptest.Payload(8)),
+		"sctp6":                       dptest.SCTP(tb, orig6, resp6, dptest.Payload(8)),
+		"icmp error quoting sctp":     dptest.ICMPError(tb, resp4.Addr(), orig4.Addr(), dptest.SCTP(tb, orig4, resp4, nil)),
 	}
 }
 

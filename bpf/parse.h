@@ -75,9 +75,16 @@ static __always_inline void icmp_echo_ports(struct tuple *t, __be16 id, int is_r
 	}
 }
 
-/* Reads TCP/UDP ports (and TCP flags) at off into t; the whole header must
- * lie within the IP packet, which ends at end. Other protocols are tracked by
- * address pair and protocol with zero ports. */
+/* has_ports: the protocols whose header starts with source and destination
+ * port, which conntrack keys and policy matches. */
+static __always_inline int has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* Reads TCP/UDP/SCTP ports (and TCP flags) at off into t; the whole header
+ * must lie within the IP packet, which ends at end. Other protocols are
+ * tracked by address pair and protocol with zero ports. */
 static __always_inline int parse_ports(struct __sk_buff *skb, const int linear, __u32 off, __u32 end, struct tuple *t)
 {
 	__u8 hdr[14];
@@ -90,6 +97,10 @@ static __always_inline int parse_ports(struct __sk_buff *skb, const int linear, 
 		break;
 	case IPPROTO_UDP:
 		if (off + 8 > end || load(skb, linear, off, hdr, 4) < 0)
+			return -1;
+		break;
+	case IPPROTO_SCTP: /* the common header: ports, verification tag, checksum */
+		if (off + 12 > end || load(skb, linear, off, hdr, 4) < 0)
 			return -1;
 		break;
 	default:
@@ -119,6 +130,7 @@ static __always_inline int parse_inner4(struct __sk_buff *skb, const int linear,
 	switch (ip.protocol) {
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
 		if (load(skb, linear, off, l4, 4) < 0)
 			return -1;
 		__builtin_memcpy(&in->sport, &l4[0], 2);
@@ -154,6 +166,7 @@ static __always_inline int parse_inner6(struct __sk_buff *skb, const int linear,
 	switch (ip6.nexthdr) {
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
 		if (load(skb, linear, off, l4, 4) < 0)
 			return -1;
 		__builtin_memcpy(&in->sport, &l4[0], 2);

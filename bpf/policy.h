@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.h"
+#include "parse.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -66,7 +67,7 @@ static __always_inline int policy_verdict(const struct config *cfg, __u32 dir, _
  * flow's first packet for the protocols that have ports, else 0. */
 static __always_inline __u16 policy_port(__u8 proto, __be16 dport)
 {
-	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+	if (has_ports(proto))
 		return bpf_ntohs(dport);
 	return 0;
 }

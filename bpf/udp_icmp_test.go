@@ -14,38 +14,54 @@ import (
 	"github.com/ctd-dev/ctd/test/dptest"
 )
 
-func TestUDP(t *testing.T) {
-	for _, o := range openers {
-		for _, p := range pairs {
-			t.Run(o.name+"/"+p.name, func(t *testing.T) {
-				d := dptest.New(t)
-				m := newModel(t, unix.IPPROTO_UDP, p, o)
-				for i, s := range []struct {
-					from  side
-					data  int
-					state ctmap.State
-				}{
-					{fromOrig, 40, ctmap.StateNew},
-					{fromOrig, 60, ctmap.StateNew},
-					{fromResp, 500, ctmap.StateEstablished},
-					{fromOrig, 0, ctmap.StateEstablished},
-					{fromResp, 1, ctmap.StateEstablished},
-				} {
-					src, dst, dir := p.orig, p.resp, o.origDir
-					if s.from == fromResp {
-						src, dst, dir = p.resp, p.orig, o.respDir
+// UDP and SCTP flows are keyed by their ports: NEW until the first reply,
+// then ESTABLISHED; another source port is another flow.
+func TestPortProtocols(t *testing.T) {
+	for _, proto := range []struct {
+		name  string
+		num   uint8
+		frame func(tb testing.TB, src, dst netip.AddrPort, payload []byte) []byte
+	}{
+		{"udp", unix.IPPROTO_UDP, dptest.UDP},
+		{"sctp", unix.IPPROTO_SCTP, dptest.SCTP},
+	} {
+		for _, o := range openers {
+			for _, p := range pairs {
+				t.Run(proto.name+"/"+o.name+"/"+p.name, func(t *testing.T) {
+					d := dptest.New(t)
+					m := newModel(t, proto.num, p, o)
+					for i, s := range []struct {
+						from  side
+						data  int
+						state ctmap.State
+					}{
+						{fromOrig, 40, ctmap.StateNew},
+						{fromOrig, 60, ctmap.StateNew},
+						{fromResp, 500, ctmap.StateEstablished},
+						{fromOrig, 0, ctmap.StateEstablished},
+						{fromResp, 1, ctmap.StateEstablished},
+					} {
+						src, dst, dir := p.orig, p.resp, o.origDir
+						if s.from == fromResp {
+							src, dst, dir = p.resp, p.orig, o.respDir
+						}
+						frame := proto.frame(t, src, dst, dptest.Payload(s.data))
+						want := dptest.Hit(dir)
+						if i == 0 {
+							want = dptest.NewFlow(dir)
+						}
+						d.Expect(t, dir, frame, dptest.Pass, want)
+						m.account(s.from, len(frame), 0)
+						m.want.State = s.state
+						d.OnlyFlow(t, m.want)
 					}
-					frame := dptest.UDP(t, src, dst, dptest.Payload(s.data))
-					want := dptest.Hit(dir)
-					if i == 0 {
-						want = dptest.NewFlow(dir)
+					other := netip.AddrPortFrom(p.orig.Addr(), p.orig.Port()+1)
+					d.Expect(t, o.origDir, proto.frame(t, other, p.resp, nil), dptest.Pass, dptest.NewFlow(o.origDir))
+					if n := len(d.Flows(t)); n != 2 {
+						t.Fatalf("%d flows after another source port, want 2", n)
 					}
-					d.Expect(t, dir, frame, dptest.Pass, want)
-					m.account(s.from, len(frame), 0)
-					m.want.State = s.state
-					d.OnlyFlow(t, m.want)
-				}
-			})
+				})
+			}
 		}
 	}
 }

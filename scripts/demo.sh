@@ -90,8 +90,11 @@ ctd ipcache add 198.51.100.2/32 id=42
 ctd ipcache add fd00:c7d::2/128 id=42
 
 step "ctd monitor -o json, in the background"
-ctd monitor -o json >"$TMP/monitor.json" 2>"$TMP/monitor.err" &
-PIDS+=($!)
+# nsenter execs ctd, so $! is monitor itself (a shell function run in the
+# background would be a subshell, and killing it would leave monitor running).
+nsenter --net="/var/run/netns/$NS_A" -- "$CTD" --pin-path "$PIN" monitor -o json >"$TMP/monitor.json" 2>"$TMP/monitor.err" &
+MONITOR=$!
+PIDS+=("$MONITOR")
 for i in $(seq 50); do
 	grep -q streaming "$TMP/monitor.err" 2>/dev/null && break
 	[ "$i" -eq 50 ] && { echo "demo.sh: ctd monitor did not start: $(cat "$TMP/monitor.err")" >&2; exit 1; }
@@ -185,3 +188,11 @@ ctd metrics
 
 step "ctd teardown"
 ctd teardown
+
+step "ctd monitor exits by itself once its datapath is torn down"
+for i in $(seq 30); do
+	kill -0 "$MONITOR" 2>/dev/null || break
+	[ "$i" -eq 30 ] && { echo "demo.sh: ctd monitor still runs after the teardown" >&2; exit 1; }
+	sleep 0.1
+done
+tail -n 1 "$TMP/monitor.err"

@@ -18,6 +18,12 @@ PACKAGES=(
 	gcc-multilib
 )
 
+# Debian's etcd 3.4 (etcd-server), the oldest etcd cluster mode supports:
+# `make test` runs the etcd tests against it as well. It is unpacked here,
+# not installed, so that no etcd service is set up or started.
+ETCD34_DIR=${ETCD34_DIR:-/var/cache/ctd/etcd-server}
+ETCD34=$ETCD34_DIR/usr/bin/etcd
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
 	# dpkg -s succeeds for removed-but-configured packages too; check the status line.
@@ -26,7 +32,7 @@ for pkg in "${PACKAGES[@]}"; do
 	fi
 done
 
-if [ "${#missing[@]}" -eq 0 ]; then
+if [ "${#missing[@]}" -eq 0 ] && [ -x "$ETCD34" ]; then
 	exit 0
 fi
 
@@ -35,7 +41,19 @@ if [ "$(id -u)" -ne 0 ]; then
 	exit 1
 fi
 
-echo "deps.sh: installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}"
+if [ "${#missing[@]}" -gt 0 ]; then
+	echo "deps.sh: installing: ${missing[*]}"
+	apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if [ ! -x "$ETCD34" ]; then
+	echo "deps.sh: unpacking etcd-server (etcd 3.4) into $ETCD34_DIR"
+	tmp=$(mktemp -d)
+	chmod 755 "$tmp" # apt-get download fetches as the _apt user
+	trap 'rm -rf "$tmp"' EXIT
+	(cd "$tmp" && apt-get download -qq etcd-server)
+	mkdir -p "$ETCD34_DIR"
+	dpkg-deb -x "$tmp"/etcd-server_*.deb "$ETCD34_DIR"
+	"$ETCD34" --version | head -1
+fi

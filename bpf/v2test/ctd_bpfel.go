@@ -53,6 +53,13 @@ type CtdCtKey struct {
 	Pad    [2]uint8
 }
 
+type CtdEvlisten struct {
+	_     structs.HostLayout
+	Until uint64
+	Pid   uint32
+	Pad   uint32
+}
+
 type CtdIpcache4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -106,6 +113,7 @@ const (
 	CtdMapCtV2            = "ct_v2"
 	CtdMapEventsV1        = "events_v1"
 	CtdMapEvlimitV1       = "evlimit_v1"
+	CtdMapEvlistenV1      = "evlisten_v1"
 	CtdMapIpcache4V1      = "ipcache4_v1"
 	CtdMapIpcache6V1      = "ipcache6_v1"
 	CtdMapMetricsV1       = "metrics_v1"
@@ -171,6 +179,7 @@ type CtdMapSpecs struct {
 	CtV2            *ebpf.MapSpec `ebpf:"ct_v2"`
 	EventsV1        *ebpf.MapSpec `ebpf:"events_v1"`
 	EvlimitV1       *ebpf.MapSpec `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.MapSpec `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.MapSpec `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.MapSpec `ebpf:"ipcache6_v1"`
 	MetricsV1       *ebpf.MapSpec `ebpf:"metrics_v1"`
@@ -210,6 +219,7 @@ type CtdMaps struct {
 	CtV2            *ebpf.Map `ebpf:"ct_v2"`
 	EventsV1        *ebpf.Map `ebpf:"events_v1"`
 	EvlimitV1       *ebpf.Map `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.Map `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.Map `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.Map `ebpf:"ipcache6_v1"`
 	MetricsV1       *ebpf.Map `ebpf:"metrics_v1"`
@@ -223,6 +233,7 @@ func (m *CtdMaps) Close() error {
 		m.CtV2,
 		m.EventsV1,
 		m.EvlimitV1,
+		m.EvlistenV1,
 		m.Ipcache4V1,
 		m.Ipcache6V1,
 		m.MetricsV1,

@@ -22,11 +22,11 @@ type filterFlags struct {
 }
 
 func (f *filterFlags) register(c *cobra.Command) {
-	c.Flags().StringVar(&f.proto, "proto", "", "only flows of this protocol: tcp, udp, icmp, icmpv6 or a number")
+	c.Flags().StringVar(&f.proto, "proto", "", "only flows of this protocol: tcp, udp, icmp, icmpv6, sctp or a number")
 	c.Flags().StringVar(&f.addr, "addr", "", "only flows with this address at either end")
 	c.Flags().StringVar(&f.port, "port", "", "only flows with this port at either end (ICMP echo: the identifier)")
 	_ = c.RegisterFlagCompletionFunc("proto", cobra.FixedCompletions(
-		[]string{"tcp", "udp", "icmp", "icmpv6"}, cobra.ShellCompDirectiveNoFileComp))
+		[]string{"tcp", "udp", "icmp", "icmpv6", "sctp"}, cobra.ShellCompDirectiveNoFileComp))
 	_ = c.RegisterFlagCompletionFunc("addr", cobra.NoFileCompletions)
 	_ = c.RegisterFlagCompletionFunc("port", cobra.NoFileCompletions)
 }

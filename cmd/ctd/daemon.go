@@ -16,6 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/daemon"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
@@ -34,6 +35,7 @@ func newDaemonCmd(a *app) *cobra.Command {
 		logFormat   string
 		cfg         daemon.Config
 		lifetimes   = gc.DefaultLifetimes()
+		node        clusterNode
 	)
 	c := &cobra.Command{
 		Use:   "daemon --iface NAME [--iface NAME...] [--mode auto|tcx|tc] [--ct-max N] [--ct-unconfirmed-max N] [--metrics-addr ADDR]",
@@ -53,7 +55,12 @@ or SIGKILL the next start recovers the same way. It never detaches.
 
 Map sizes default to the size of the pinned map (or the built-in default
 when nothing is pinned); a different --ct-max, --ct-unconfirmed-max or
---ipcache-max resizes.`,
+--ipcache-max resizes.
+
+With --kvstore-endpoints (cluster mode) it also applies the cluster's
+ipcache, policy and endpoints from etcd to this node's store and maps, and
+publishes this node's endpoints ('ctd endpoint') as --node-name under a
+lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 		Args: cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := a.preamble(nil); err != nil {
@@ -113,8 +120,19 @@ when nothing is pinned); a different --ct-max, --ct-unconfirmed-max or
 					return fmt.Errorf("invalid --metrics-addr %q: %w", metricsAddr, err)
 				}
 				defer metricsLn.Close()
+				if w := exposedWarning(metricsLn.Addr()); w != "" {
+					log.Warn(w, "addr", metricsLn.Addr().String())
+				}
 			}
 			cfg.Components = daemonComponents(lifetimes, metricsLn)
+			if a.clusterMode() {
+				agent, closeKV, err := a.clusterAgent(node, log)
+				if err != nil {
+					return err
+				}
+				defer closeKV()
+				cfg.Components = append(cfg.Components, agent.Component())
+			}
 			return runDaemon(c, cfg, log)
 		},
 	}
@@ -124,10 +142,11 @@ when nothing is pinned); a different --ct-max, --ct-unconfirmed-max or
 	c.Flags().Uint32Var(&cfg.CTUnconfirmedMax, "ct-unconfirmed-max", 0, fmt.Sprintf("conntrack table size for flows not yet confirmed (entries); default: the pinned table's size, else %d", loader.DefaultCTUnconfirmedMax))
 	c.Flags().Uint32Var(&cfg.IPCacheMax, "ipcache-max", 0, fmt.Sprintf("ipcache size per family (prefixes); default: the pinned size, else %d", loader.DefaultIPCacheMax))
 	c.Flags().Uint32Var(&cfg.RingBufSize, "ringbuf-size", 0, fmt.Sprintf("event ring buffer size in bytes, a power of two; default: the pinned size, else %d", loader.DefaultRingBufSize))
-	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9090 (off unless set)")
+	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9478 (off unless set; a non-loopback address logs a warning)")
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
 	lifetimes.AddFlags(c.Flags())
+	node.add(c.Flags())
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
 		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))
@@ -180,13 +199,22 @@ func (a *app) detachAndForget(iface string) error {
 // daemonComponents returns the loops the daemon runs beside reconcile:
 // conntrack GC, and the Prometheus endpoint when metrics is a listener.
 func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Component {
-	var runner atomic.Pointer[gc.Runner] // the metrics read the GC's totals
+	var (
+		runner atomic.Pointer[gc.Runner] // the metrics read the GC's totals
+		census *conntrack.TopCensus      // and what its passes counted
+		counts gc.Census                 // census for the runner: nil without metrics
+	)
+	if metricsLn != nil {
+		census = conntrack.NewTopCensus(conntrack.CensusN, conntrack.CensusBys...)
+		counts = census
+	}
 	cs := []daemon.Component{{
 		Name: "conntrack GC",
 		Run: func(ctx context.Context, env *daemon.Env) error {
 			r, err := gc.NewRunner(env.Datapath.Conntrack(), gc.RunnerConfig{
 				Lifetimes: lt,
 				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.Metrics())),
+				Census:    counts,
 				Logger:    env.Logger,
 			})
 			if err != nil {
@@ -206,15 +234,18 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 			if err != nil {
 				return err
 			}
+			gcStats := func() gc.Stats {
+				if r := runner.Load(); r != nil {
+					return r.Stats()
+				}
+				return gc.Stats{}
+			}
 			col := metrics.NewCollector(metrics.Sources{
 				Metrics: metricsmap.New(env.Datapath.Metrics()),
 				Maps:    maps,
-				GC: func() gc.Stats {
-					if r := runner.Load(); r != nil {
-						return r.Stats()
-					}
-					return gc.Stats{}
-				},
+				Entries: metrics.DatapathEntries(ctx, maps, env.Datapath.CT(), gcStats),
+				GC:      gcStats,
+				Top:     census.Tables,
 				Attachments: func() ([]attach.Attachment, error) {
 					var out []attach.Attachment
 					for _, iface := range env.Interfaces {
@@ -233,6 +264,20 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 			return serveMetrics(ctx, metricsLn, col.Handler(), env.Logger)
 		},
 	})
+}
+
+// exposedWarning returns a warning when the metrics listen on an address
+// other hosts can reach (any address, or one that is not loopback), else "".
+func exposedWarning(addr net.Addr) string {
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok || ta.IP.IsLoopback() {
+		return ""
+	}
+	where := "on " + ta.IP.String()
+	if ta.IP.IsUnspecified() {
+		where = "on every address of the host"
+	}
+	return "metrics served " + where + ": anyone who reaches it reads ctd's counters, maps and interfaces; use --metrics-addr 127.0.0.1:PORT unless a scraper on another host needs it"
 }
 
 // serveMetrics serves h at /metrics on ln until ctx is done.

@@ -65,6 +65,9 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterIPCacheAdd(c, e)
+			}
 			t, done, err := table(c)
 			if err != nil {
 				return err
@@ -74,15 +77,7 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 			if err != nil {
 				return fmt.Errorf("ipcache add %v: %w", e.Prefix, err)
 			}
-			w := c.OutOrStdout()
-			switch prev {
-			case 0:
-				fmt.Fprintf(w, "added %v id=%s\n", e.Prefix, idString(e.Identity))
-			case e.Identity:
-				fmt.Fprintf(w, "unchanged %v id=%s\n", e.Prefix, idString(e.Identity))
-			default:
-				fmt.Fprintf(w, "updated %v id=%s (was id=%d)\n", e.Prefix, idString(e.Identity), prev)
-			}
+			printIPCacheAdd(c.OutOrStdout(), e, prev, "")
 			return nil
 		},
 	})
@@ -95,6 +90,9 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 			p, err := ipcache.ParsePrefix(args[0])
 			if err != nil {
 				return err
+			}
+			if a.clusterMode() {
+				return a.clusterIPCacheDel(c, p)
 			}
 			t, done, err := table(c)
 			if err != nil {
@@ -111,6 +109,7 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 	})
 
 	var getOut string
+	var getCluster bool
 	get := &cobra.Command{
 		Use:   "get IP [-o json]",
 		Short: "Resolve an address as the datapath does: the matching prefix and its identity, or world",
@@ -123,6 +122,9 @@ empty (JSON "cidr": "").`,
 			if err := a.preamble(&getOut); err != nil {
 				return err
 			}
+			if getCluster {
+				return a.clusterIPCacheGet(c, args[0], getOut)
+			}
 			m, done, err := a.openPinnedIPCache()
 			if err != nil {
 				return err
@@ -131,10 +133,12 @@ empty (JSON "cidr": "").`,
 			return ipcacheGet(c.OutOrStdout(), m, args[0], getOut)
 		},
 	}
+	get.Flags().BoolVar(&getCluster, "cluster", false, "resolve in the cluster's ipcache in etcd instead of this node's maps")
 	outputFlag(get, &getOut)
 	c.AddCommand(get)
 
 	var listOut string
+	var listCluster bool
 	list := &cobra.Command{
 		Use:   "list [-o json]",
 		Short: "List every prefix and its identity (the text form is a file 'ipcache load' reads)",
@@ -142,6 +146,13 @@ empty (JSON "cidr": "").`,
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := a.preamble(&listOut); err != nil {
 				return err
+			}
+			if listCluster {
+				snap, err := a.clusterSnapshot(c)
+				if err != nil {
+					return err
+				}
+				return writeIPCache(c.OutOrStdout(), sortedEntries(snap.Desired.IPCache), listOut)
 			}
 			m, done, err := a.openPinnedIPCache()
 			if err != nil {
@@ -151,6 +162,7 @@ empty (JSON "cidr": "").`,
 			return ipcacheList(c.OutOrStdout(), m, listOut)
 		},
 	}
+	list.Flags().BoolVar(&listCluster, "cluster", false, "list the cluster's ipcache in etcd (endpoints included) instead of this node's maps")
 	outputFlag(list, &listOut)
 	c.AddCommand(list)
 
@@ -183,6 +195,9 @@ deleted, so a prefix in both the old table and the file is never missing.`,
 			if err != nil {
 				return fmt.Errorf("ipcache load %s: %w (nothing was changed)", name, err)
 			}
+			if a.clusterMode() {
+				return a.clusterIPCacheLoad(c, name, entries, replace)
+			}
 			t, done, err := table(c)
 			if err != nil {
 				return err
@@ -209,6 +224,18 @@ func exactArgs(n int, usage string) cobra.PositionalArgs {
 			return fmt.Errorf("%s: want %d argument(s), got %d: usage: %s", c.CommandPath(), n, len(args), usage)
 		}
 		return nil
+	}
+}
+
+// printIPCacheAdd reports what an add did; where is appended (" (cluster)").
+func printIPCacheAdd(w io.Writer, e ipcache.Entry, prev uint32, where string) {
+	switch prev {
+	case 0:
+		fmt.Fprintf(w, "added %v id=%s%s\n", e.Prefix, idString(e.Identity), where)
+	case e.Identity:
+		fmt.Fprintf(w, "unchanged %v id=%s%s\n", e.Prefix, idString(e.Identity), where)
+	default:
+		fmt.Fprintf(w, "updated %v id=%s (was id=%d)%s\n", e.Prefix, idString(e.Identity), prev, where)
 	}
 }
 
@@ -263,6 +290,10 @@ func ipcacheList(w io.Writer, m *ipcachemap.Map, output string) error {
 	if err != nil {
 		return err
 	}
+	return writeIPCache(w, entries, output)
+}
+
+func writeIPCache(w io.Writer, entries []ipcache.Entry, output string) error {
 	if output == "json" {
 		out := make([]ipcacheListEntry, 0, len(entries))
 		for _, e := range entries {
@@ -289,6 +320,7 @@ func (a *app) openMaps(c *cobra.Command, ipcacheMax uint32) (*loader.Maps, error
 		if err := o.Validate(); err != nil {
 			return nil, err
 		}
+		a.noteSetup()
 		return loader.OpenMaps(o)
 	}
 	maps, err := loader.OpenPinned(a.pinPath)

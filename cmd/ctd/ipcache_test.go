@@ -30,7 +30,7 @@ func newCLIEnv(t *testing.T) *cliEnv {
 
 func (e *cliEnv) run(stdin string, args ...string) (string, error) {
 	e.t.Helper()
-	root := newRootCmd()
+	root := newRootCmd(&app{})
 	var out bytes.Buffer
 	root.SetOut(&out)
 	root.SetErr(&out)

@@ -3,13 +3,22 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
+
+	"github.com/ctd-dev/ctd/control/quote"
 )
 
 func main() {
-	if err := newRootCmd().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "ctd: "+err.Error())
-		os.Exit(1)
+	a := &app{}
+	if err := newRootCmd(a).Execute(); err != nil {
+		err = a.undoFailed(err)
+		fmt.Fprintln(os.Stderr, "ctd: "+quote.Message(err.Error()))
+		code := 1
+		if ee := (*exitError)(nil); errors.As(err, &ee) {
+			code = ee.code
+		}
+		os.Exit(code)
 	}
 }

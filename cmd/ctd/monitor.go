@@ -9,19 +9,58 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/events"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
+	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
 // lostReportInterval is how often monitor reports events the datapath
 // could not deliver.
 const lostReportInterval = 5 * time.Second
+
+// watchInterval is how often monitor checks that its datapath is still the
+// one pinned at the pin path.
+const watchInterval = time.Second
+
+// pinWatch tells whether a pin directory still holds, under a name, the
+// map a process opened.
+type pinWatch struct {
+	dir  pins.Dir
+	name string
+	id   ebpf.MapID
+}
+
+func watchPin(dir pins.Dir, name string, m *ebpf.Map) (*pinWatch, error) {
+	id, err := pins.MapID(m)
+	if err != nil {
+		return nil, fmt.Errorf("inspect %s: %w", dir.Map(name), err)
+	}
+	return &pinWatch{dir: dir, name: name, id: id}, nil
+}
+
+// check fails, in one line, when the pin is gone (the datapath was torn
+// down) or holds another map (it was replaced).
+func (w *pinWatch) check() error {
+	id, err := w.dir.MapID(w.name)
+	switch {
+	case err != nil:
+		return fmt.Errorf("monitor: cannot check the datapath at %s any more: %w", w.dir.Path(), err)
+	case id == 0:
+		return fmt.Errorf("monitor: the datapath at %s was torn down (%s is no longer pinned)", w.dir.Path(), w.name)
+	case id != w.id:
+		return fmt.Errorf("monitor: the datapath at %s was replaced (%s is now another map, e.g. after a resize): run 'ctd monitor' again", w.dir.Path(), w.name)
+	}
+	return nil
+}
 
 func newMonitorCmd(a *app) *cobra.Command {
 	var out, typ, iface string
@@ -37,11 +76,17 @@ originator; drops: the packet), src_identity, dst_identity, iface, ifindex,
 dir, state (flow events) and packets_orig, bytes_orig, packets_reply,
 bytes_reply (flow-closed).
 
-The ring buffer has one reader: run one monitor at a time, or they split
-the events between them. The daemon never reads it. Events written before
-monitor started are skipped. Every 5 seconds monitor reports on stderr the
-events the datapath could not deliver: lost because the ring was full, or
-suppressed by the per-CPU rate limit (see 'ctd events rate').
+The datapath writes events only while a monitor runs: monitor registers
+itself in evlisten_v1 and refreshes that every second, and the registration
+lapses 3 seconds after its last refresh, however monitor ended. The ring
+buffer has one reader: run one monitor at a time, or they split the events
+between them. The daemon never reads it. Events written before monitor
+started are skipped. Every 5 seconds monitor reports on stderr the events
+the datapath could not deliver: lost because the ring was full, or
+suppressed by the per-CPU rate limit (see 'ctd events rate'). When the
+datapath is torn down or replaced (its ring buffer unpinned, or pinned
+anew, e.g. by a resize), monitor exits with one line saying so, within a
+second.
 
 Interface names are those of monitor's own network namespace.`,
 		Args: cobra.NoArgs,
@@ -74,6 +119,17 @@ Interface names are those of monitor's own network namespace.`,
 				return err
 			}
 			defer rd.Close()
+			// The datapath writes events only while a consumer is
+			// registered: from here on, refreshed every second.
+			if l, err := events.GetListener(maps.Listener()); err != nil {
+				return err
+			} else if l.Active(ctmap.Now().Mono()) && l.PID != uint32(os.Getpid()) {
+				fmt.Fprintf(c.ErrOrStderr(), "ctd monitor: warning: another ctd monitor (pid %d) reads the events of %s: each gets a share of them; stop one\n", l.PID, a.pinPath)
+			}
+			if err := events.Listen(maps.Listener(), os.Getpid()); err != nil {
+				return err
+			}
+			defer events.Unlisten(maps.Listener(), os.Getpid())
 			rd.SkipBefore(ctmap.Now().Mono())
 			lim, err := events.GetRateLimit(maps.Config())
 			if err != nil {
@@ -86,11 +142,17 @@ Interface names are those of monitor's own network namespace.`,
 			if err := lost.start(); err != nil {
 				return err
 			}
+			watch, err := watchPin(a.pins(), loader.EventsMap, maps.Events())
+			if err != nil {
+				return err
+			}
 			done := make(chan struct{})
 			defer close(done)
+			var gone atomic.Pointer[error] // why the datapath went away
 			go func() {
-				t := time.NewTicker(lostReportInterval)
+				t := time.NewTicker(watchInterval)
 				defer t.Stop()
+				lastReport := time.Now()
 				for {
 					select {
 					case <-ctx.Done():
@@ -99,7 +161,19 @@ Interface names are those of monitor's own network namespace.`,
 					case <-done:
 						return
 					case <-t.C:
-						lost.report()
+						err := watch.check()
+						if err == nil {
+							err = events.Listen(maps.Listener(), os.Getpid())
+						}
+						if err != nil {
+							gone.Store(&err)
+							rd.Close()
+							return
+						}
+						if time.Since(lastReport) >= lostReportInterval {
+							lost.report()
+							lastReport = time.Now()
+						}
 					}
 				}
 			}()
@@ -109,8 +183,13 @@ Interface names are those of monitor's own network namespace.`,
 			err = stream(rd, w, out == "json", func(ev events.Event) bool {
 				return match(ev.Kind) && (ifindex == 0 || ev.Ifindex == ifindex)
 			})
-			if errors.Is(err, events.ErrClosed) && ctx.Err() != nil {
-				err = nil
+			if errors.Is(err, events.ErrClosed) {
+				if why := gone.Load(); why != nil {
+					return *why
+				}
+				if ctx.Err() != nil {
+					err = nil
+				}
 			}
 			lost.report()
 			return err

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 
@@ -34,7 +35,11 @@ on egress; see 'ctd ipcache'), the protocol and the destination port:
 
   ` + policy.Syntax + `
 
-id=any (or any), protocol any and no port are wildcards. The most specific
+PROTO is any IP protocol: a name from /etc/protocols (tcp, udp, icmp,
+icmpv6, sctp, gre, esp, ...; ctd knows netbase's names when the file is
+missing) or a number 1-255. A port goes only with the protocols that have
+ports (tcp, udp, sctp) or any. id=any (or any), protocol any and no port
+are wildcards. The most specific
 rule wins: a specific identity beats any identity; within one, protocol and
 port beat the protocol alone, which beats any protocol with the port, which
 beats any protocol. Without a matching rule the direction's default verdict
@@ -92,6 +97,12 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				if revokeFlag {
+					return errClusterRevoke
+				}
+				return a.clusterPolicyDefault(c, d, v)
+			}
 			p, done, revoke, err := open(c)
 			if err != nil {
 				return err
@@ -115,6 +126,9 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
+			if a.clusterMode() {
+				return a.clusterPolicyAdd(c, r)
+			}
 			p, done, _, err := open(c)
 			if err != nil {
 				return err
@@ -124,27 +138,25 @@ which 'ctd daemon' restores after a restart.`,
 			if err != nil {
 				return err
 			}
-			w := c.OutOrStdout()
-			switch prev {
-			case policymap.VerdictUnset:
-				fmt.Fprintf(w, "added %s\n", policy.Format(r))
-			case r.Verdict:
-				fmt.Fprintf(w, "unchanged %s\n", policy.Format(r))
-			default:
-				fmt.Fprintf(w, "updated %s (was %v)\n", policy.Format(r), prev)
-			}
+			printPolicyAdd(c.OutOrStdout(), r, prev, "")
 			return nil
 		},
 	})
 
 	c.AddCommand(addRevokeFlag(&cobra.Command{
-		Use:   "del ingress|egress id=N|any [tcp|udp|icmp|icmpv6|any[/PORT]] [allow|deny] [--revoke]",
+		Use:   "del ingress|egress id=N|any [PROTO[/PORT]|any[/PORT]] [allow|deny] [--revoke]",
 		Short: "Delete the rule with this selector (with a verdict: only if the rule has it)",
 		Args:  cobra.ArbitraryArgs,
 		RunE: func(c *cobra.Command, args []string) error {
 			r, err := policy.ParseSelector(args, true)
 			if err != nil {
 				return err
+			}
+			if a.clusterMode() {
+				if revokeFlag {
+					return errClusterRevoke
+				}
+				return a.clusterPolicyDel(c, r)
 			}
 			p, done, revoke, err := open(c)
 			if err != nil {
@@ -161,11 +173,18 @@ which 'ctd daemon' restores after a restart.`,
 	}))
 
 	var listOut string
+	var listCluster bool
 	list := &cobra.Command{
 		Use:   "list [-o json]",
 		Short: "Show the default verdicts and every rule",
 		Args:  exactArgs(0, "ctd policy list [-o json]"),
 		RunE: func(c *cobra.Command, _ []string) error {
+			if listCluster {
+				if err := checkOutput(listOut); err != nil {
+					return err
+				}
+				return a.clusterPolicyList(c, listOut)
+			}
 			if err := a.preamble(&listOut); err != nil {
 				return err
 			}
@@ -181,13 +200,30 @@ which 'ctd daemon' restores after a restart.`,
 			return policyList(c.OutOrStdout(), s, listOut)
 		},
 	}
+	list.Flags().BoolVar(&listCluster, "cluster", false, "show the cluster's policy in etcd instead of this node's maps")
 	outputFlag(list, &listOut)
 	c.AddCommand(list)
 	return c
 }
 
+// errClusterRevoke refuses --revoke in cluster mode: the change reaches
+// each node's datapath through etcd, after the command returns.
+var errClusterRevoke = errors.New("--revoke is not available in cluster mode: the change reaches each node through etcd; run 'ctd ct revoke' on the nodes once it has")
+
 // defaultString shows a default verdict; unset is the allow of a datapath
 // that was never told otherwise.
+// printPolicyAdd reports what an add did; where is appended (" (cluster)").
+func printPolicyAdd(w io.Writer, r policymap.Rule, prev policymap.Verdict, where string) {
+	switch prev {
+	case policymap.VerdictUnset:
+		fmt.Fprintf(w, "added %s%s\n", policy.Format(r), where)
+	case r.Verdict:
+		fmt.Fprintf(w, "unchanged %s%s\n", policy.Format(r), where)
+	default:
+		fmt.Fprintf(w, "updated %s (was %v)%s\n", policy.Format(r), prev, where)
+	}
+}
+
 func defaultString(v policymap.Verdict) string {
 	if v == policymap.VerdictUnset {
 		return "allow, unset"

@@ -50,14 +50,15 @@ func TestPolicyCLI(t *testing.T) {
 
 	for _, tc := range []struct{ args, wantErr string }{
 		{"policy add ingress id=42 tcp/8080", "missing verdict"},
-		{"policy add ingress id=42 icmp/8 allow", "a port is only valid with tcp, udp or any"},
+		{"policy add ingress id=42 icmp/8 allow", "icmp has no ports; a port goes only with tcp, udp, sctp or any"},
+		{"policy add ingress id=42 gre/1 allow", "gre has no ports"},
 		{"policy add ingress id=42 tcp/0 allow", "want a number 1-65535"},
 		{"policy add ingress id=42 tcp/65536 allow", "want a number 1-65535"},
 		{"policy add ingress id=0 allow", "0 is never a valid identity"},
 		{"policy add ingress id=4294967296 allow", "out of range"},
 		{"policy add ingress id=abc allow", `invalid identity "abc"`},
 		{"policy add sideways any allow", `invalid direction "sideways"`},
-		{"policy add ingress any gre allow", `invalid protocol "gre"`},
+		{"policy add ingress any grease allow", `invalid protocol "grease"`},
 		{"policy add ingress any tcp/80 udp/53 allow", `unexpected "udp/53"`},
 		{"policy del ingress id=42 tcp/8080 allow", "is deny, not allow: nothing deleted"},
 		{"policy del ingress id=43 tcp/8080", `no rule "ingress id=43 tcp/8080"`},

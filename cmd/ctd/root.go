@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/datapath/bpffs"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/pins"
 )
@@ -16,7 +17,39 @@ import (
 type app struct {
 	pinPath  string
 	stateDir string
+	kv       kvstoreFlags // cluster mode (cluster.go)
+
+	// undo takes back what a command set up before it failed: main runs it
+	// (in reverse order) when the command returns an error.
+	undo []func() error
 }
+
+// noteSetup records what the pin path holds before the command creates maps
+// or pins in it, so that a failure leaves it as it was: no new pins, and no
+// mount or directory of ctd's where there was none (see bpffs.Before).
+func (a *app) noteSetup() {
+	a.undo = append(a.undo, bpffs.Note(a.pinPath).Undo)
+}
+
+// undoFailed runs the undo functions of a command that failed with err and
+// adds their failures to it.
+func (a *app) undoFailed(err error) error {
+	for i := len(a.undo) - 1; i >= 0; i-- {
+		if uerr := a.undo[i](); uerr != nil {
+			err = fmt.Errorf("%w (and taking back its set-up failed: %v)", err, uerr)
+		}
+	}
+	return err
+}
+
+// exitError makes main exit with code instead of 1.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
 
 func envOr(name, def string) string {
 	if v := os.Getenv(name); v != "" {
@@ -25,8 +58,7 @@ func envOr(name, def string) string {
 	return def
 }
 
-func newRootCmd() *cobra.Command {
-	a := &app{}
+func newRootCmd(a *app) *cobra.Command {
 	root := &cobra.Command{
 		Use:           "ctd",
 		Short:         "Connection tracking, identities and policy for a Linux interface, in eBPF",
@@ -35,6 +67,7 @@ func newRootCmd() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&a.pinPath, "pin-path", envOr("CTD_PIN_PATH", loader.DefaultPinPath), "bpffs directory holding ctd's pinned maps and links (env CTD_PIN_PATH)")
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("CTD_STATE_DIR", "/var/lib/ctd"), "directory of ctd's desired-state store (env CTD_STATE_DIR)")
+	a.kv.add(root.PersistentFlags())
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return fmt.Errorf("%s: %w (see '%s --help')", c.CommandPath(), err, c.CommandPath())
 	})
@@ -42,6 +75,7 @@ func newRootCmd() *cobra.Command {
 		// Commands, one file each.
 		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a), newDaemonCmd(a), newIPCacheCmd(a), newPolicyCmd(a),
 		newMapsCmd(a), newMetricsCmd(a), newMonitorCmd(a), newEventsCmd(a),
+		newClusterCmd(a), newEndpointCmd(a), newIdentityCmd(a),
 	)
 	return root
 }

@@ -50,6 +50,9 @@ func newStatusCmd(a *app) *cobra.Command {
 			if err := a.preamble(&out); err != nil {
 				return err
 			}
+			if err := a.checkDatapath(); err != nil {
+				return &exitError{code: exitNoDatapath, err: err}
+			}
 			r, err := a.status()
 			if err != nil {
 				return err
@@ -62,6 +65,30 @@ func newStatusCmd(a *app) *cobra.Command {
 	}
 	outputFlag(c, &out)
 	return c
+}
+
+// exitNoDatapath is status's exit code when the pin path holds no ctd
+// datapath: 3, "not running", as LSB init scripts' status action has it.
+const exitNoDatapath = 3
+
+// checkDatapath fails when the pin path holds no map of ctd's: a mistyped
+// --pin-path must not look like a healthy, idle datapath.
+func (a *app) checkDatapath() error {
+	fi, err := os.Stat(a.pinPath)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("no ctd datapath at %s: the directory does not exist (check --pin-path or CTD_PIN_PATH; 'ctd attach' creates it)", a.pinPath)
+	case err != nil:
+		return fmt.Errorf("no ctd datapath at %s: %w", a.pinPath, err)
+	case !fi.IsDir():
+		return fmt.Errorf("no ctd datapath at %s: not a directory (check --pin-path or CTD_PIN_PATH)", a.pinPath)
+	}
+	for _, name := range loader.MapNames {
+		if a.pins().Pinned(name) {
+			return nil
+		}
+	}
+	return fmt.Errorf("no ctd datapath at %s: no map of ctd's is pinned there (check --pin-path or CTD_PIN_PATH; 'ctd attach' creates one)", a.pinPath)
 }
 
 func (a *app) status() (*statusReport, error) {

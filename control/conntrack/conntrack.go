@@ -33,7 +33,7 @@ func ParseFilter(proto, addr, port string) (Filter, error) {
 	if proto != "" {
 		p, err := ctmap.ParseProto(strings.ToLower(proto))
 		if err != nil || p == 0 {
-			return Filter{}, fmt.Errorf("invalid --proto %q: valid are tcp, udp, icmp, icmpv6 or a protocol number 1-255", proto)
+			return Filter{}, fmt.Errorf("invalid --proto %q: valid are tcp, udp, icmp, icmpv6, sctp or a protocol number 1-255", proto)
 		}
 		f.Proto = p
 	}
@@ -151,7 +151,7 @@ func Revoke(m *ctmap.Map, rv *ctmap.Revoker, f Filter) (Revoked, error) {
 
 // Row is one flow as ctd prints it in JSON.
 type Row struct {
-	Proto        string   `json:"proto"` // tcp, udp, icmp, icmpv6 or the protocol number
+	Proto        string   `json:"proto"` // tcp, udp, icmp, icmpv6, sctp or the protocol number
 	Src          string   `json:"src"`   // originator: sent the first packet ctd saw
 	Sport        uint16   `json:"sport"`
 	Dst          string   `json:"dst"`

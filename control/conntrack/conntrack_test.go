@@ -27,6 +27,7 @@ func TestParseFilter(t *testing.T) {
 		{proto: "tcp", want: Filter{Proto: unix.IPPROTO_TCP}},
 		{proto: "UDP", want: Filter{Proto: unix.IPPROTO_UDP}},
 		{proto: "icmpv6", want: Filter{Proto: unix.IPPROTO_ICMPV6}},
+		{proto: "sctp", want: Filter{Proto: unix.IPPROTO_SCTP}},
 		{proto: "47", want: Filter{Proto: 47}},
 		{addr: "198.51.100.1", want: Filter{Addr: netip.MustParseAddr("198.51.100.1")}},
 		{addr: "::ffff:198.51.100.1", want: Filter{Addr: netip.MustParseAddr("198.51.100.1")}},

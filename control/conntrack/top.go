@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
@@ -60,29 +61,72 @@ type TopTable struct {
 // Top reads the table once and counts the flows f selects by the value
 // they have in dimension by, largest first (ties by value). n > 0 keeps the
 // n largest rows; n <= 0 keeps them all.
-//
-// Counting runs on integer keys; only the rows kept are turned into
-// strings, so a table of a million flows costs little more than reading it.
 func Top(m *ctmap.Map, f Filter, by By, n int, names *ifnames.Cache) (TopTable, error) {
-	key, err := topKey(by)
+	t, err := NewTally(by)
 	if err != nil {
 		return TopTable{}, err
 	}
-	counts := make(map[uint32]int)
-	total := 0
 	err = List(m, f, func(fl ctmap.Flow) error {
-		total++
-		k1, k2, two := key(fl)
-		counts[k1]++
-		if two {
-			counts[k2]++
-		}
+		t.Add(fl)
 		return nil
 	})
 	if err != nil {
 		return TopTable{}, err
 	}
-	return TopTable{By: by, Rows: topRows(counts, total, n, func(k uint32) string { return topValue(by, k, names) }), Total: total}, nil
+	return t.Tables(n, names)[0], nil
+}
+
+// A Tally counts flows by one or more dimensions at once.
+//
+// Counting runs on integer keys; only the rows a table keeps are turned
+// into strings, so counting a million flows costs little more than reading
+// them.
+type Tally struct {
+	bys    []By
+	keys   []keyFunc
+	counts []map[uint32]int
+	total  int
+}
+
+// keyFunc maps a flow to its key in a dimension, or to two keys (two true)
+// when the flow counts twice in it.
+type keyFunc func(ctmap.Flow) (k1, k2 uint32, two bool)
+
+// NewTally returns an empty tally of the dimensions bys.
+func NewTally(bys ...By) (*Tally, error) {
+	t := &Tally{bys: bys}
+	for _, by := range bys {
+		key, err := topKey(by)
+		if err != nil {
+			return nil, err
+		}
+		t.keys = append(t.keys, key)
+		t.counts = append(t.counts, make(map[uint32]int))
+	}
+	return t, nil
+}
+
+// Add counts fl in every dimension.
+func (t *Tally) Add(fl ctmap.Flow) {
+	t.total++
+	for i, key := range t.keys {
+		k1, k2, two := key(fl)
+		t.counts[i][k1]++
+		if two {
+			t.counts[i][k2]++
+		}
+	}
+}
+
+// Tables returns one table per dimension, in the order NewTally got them,
+// each with its n largest rows (all if n <= 0).
+func (t *Tally) Tables(n int, names *ifnames.Cache) []TopTable {
+	tables := make([]TopTable, len(t.bys))
+	for i, by := range t.bys {
+		tables[i] = TopTable{By: by, Total: t.total,
+			Rows: topRows(t.counts[i], t.total, n, func(k uint32) string { return topValue(by, k, names) })}
+	}
+	return tables
 }
 
 // topRows sorts counts largest first, keeps the first n (all if n <= 0) and
@@ -113,8 +157,8 @@ func topRows(counts map[uint32]int, total, n int, name func(uint32) string) []To
 }
 
 // topKey returns the function that maps a flow to its key(s) in dimension by.
-func topKey(by By) (func(ctmap.Flow) (uint32, uint32, bool), error) {
-	one := func(f func(ctmap.Flow) uint32) func(ctmap.Flow) (uint32, uint32, bool) {
+func topKey(by By) (keyFunc, error) {
+	one := func(f func(ctmap.Flow) uint32) keyFunc {
 		return func(fl ctmap.Flow) (uint32, uint32, bool) { return f(fl), 0, false }
 	}
 	switch by {
@@ -157,4 +201,59 @@ func topValue(by By, k uint32, names *ifnames.Cache) string {
 		return names.Name(k)
 	}
 	return strconv.FormatUint(uint64(k), 10)
+}
+
+// CensusN is how many of each dimension's largest values the daemon
+// exports (ctd_conntrack_top_flows), and CensusBys are those dimensions: at
+// most CensusN × len(CensusBys) series, whatever the table holds. identity
+// is left out: it counts each flow under both its identities.
+const CensusN = 10
+
+// CensusBys: see CensusN.
+var CensusBys = []By{BySrcIdentity, ByDstIdentity, ByDport, ByProto, ByState, ByIface}
+
+// TopCensus keeps the top n values of some dimensions as the conntrack GC
+// counts them in its passes (it is a gc.Census): the tables of the last
+// complete pass stay readable while the next pass counts.
+type TopCensus struct {
+	bys []By
+	n   int
+	cur *Tally // the pass under way; only the GC's goroutine touches it
+
+	mu   sync.Mutex
+	last []TopTable
+}
+
+// NewTopCensus returns a census of the n largest values of each of bys. It
+// panics if one of bys is not a dimension (one of Bys): a programming error.
+func NewTopCensus(n int, bys ...By) *TopCensus {
+	if _, err := NewTally(bys...); err != nil {
+		panic(err)
+	}
+	return &TopCensus{bys: bys, n: n}
+}
+
+// Begin starts counting a pass.
+func (c *TopCensus) Begin() { c.cur, _ = NewTally(c.bys...) }
+
+// Add counts a flow the pass keeps.
+func (c *TopCensus) Add(fl ctmap.Flow) { c.cur.Add(fl) }
+
+// End publishes the pass's tables if the pass read the whole table.
+func (c *TopCensus) End(ok bool) {
+	if ok {
+		tables := c.cur.Tables(c.n, ifnames.New())
+		c.mu.Lock()
+		c.last = tables
+		c.mu.Unlock()
+	}
+	c.cur = nil
+}
+
+// Tables returns the tables of the last complete pass, nil before the
+// first one. The caller must not change them.
+func (c *TopCensus) Tables() []TopTable {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.last
 }

@@ -105,3 +105,38 @@ func TestParseBy(t *testing.T) {
 		t.Errorf("ParseBy(owner) = %v, want an error naming the value and the valid ones", err)
 	}
 }
+
+func TestTopCensus(t *testing.T) {
+	c := NewTopCensus(2, BySrcIdentity, ByProto)
+	if got := c.Tables(); got != nil {
+		t.Errorf("Tables before the first pass = %v, want nil", got)
+	}
+	m := topTable(t)
+	pass := func(ok bool) {
+		c.Begin()
+		if err := List(m, Filter{}, func(fl ctmap.Flow) error { c.Add(fl); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		c.End(ok)
+	}
+	want := []TopTable{
+		{By: BySrcIdentity, Total: 100, Rows: []TopRow{{"100", 60, .6}, {"200", 30, .3}}},
+		{By: ByProto, Total: 100, Rows: []TopRow{{"tcp", 60, .6}, {"udp", 30, .3}}},
+	}
+	pass(true)
+	if got := c.Tables(); !reflect.DeepEqual(got, want) {
+		t.Errorf("Tables after a pass = %v, want %v", got, want)
+	}
+	// A pass that did not read the whole table publishes nothing.
+	if _, err := Flush(m, Filter{Proto: unix.IPPROTO_TCP}); err != nil {
+		t.Fatal(err)
+	}
+	pass(false)
+	if got := c.Tables(); !reflect.DeepEqual(got, want) {
+		t.Errorf("Tables after a failed pass = %v, want the last complete pass's %v", got, want)
+	}
+	pass(true)
+	if got := c.Tables(); got[1].Total != 40 || got[1].Rows[0] != (TopRow{"udp", 30, .75}) {
+		t.Errorf("Tables after the flush = %v, want 40 flows, udp first", got)
+	}
+}

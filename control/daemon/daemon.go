@@ -99,6 +99,10 @@ type Env struct {
 	Interfaces []string // the interfaces the daemon attached to
 	Store      *store.Store
 	Logger     *slog.Logger
+	// Advance tells the daemon that the component itself changed the maps
+	// exactly as the store transaction that took the store from
+	// generation from to to: the reconcile loop need not redo it.
+	Advance func(from, to uint64)
 }
 
 // Ready reports what Start did and how long each step took.
@@ -212,7 +216,7 @@ func (d *Daemon) Start() (Ready, error) {
 	var r Ready
 	t0 := time.Now()
 
-	if err := bpffs.Ensure(d.cfg.PinPath); err != nil {
+	if err := bpffs.Prepare(d.cfg.PinPath); err != nil {
 		return r, err
 	}
 	opts, err := d.options()

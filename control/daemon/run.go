@@ -30,6 +30,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		Interfaces: d.attached(),
 		Store:      d.store,
 		Logger:     d.log,
+		Advance:    d.advance,
 	}
 	var wg sync.WaitGroup
 	for _, c := range d.cfg.Components {
@@ -50,6 +51,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	return nil
+}
+
+// advance moves the generation the maps match from from to to, unless the
+// daemon's own view moved meanwhile (then the reconcile loop catches up).
+func (d *Daemon) advance(from, to uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen == from {
+		d.gen = to
+	}
 }
 
 func (d *Daemon) attached() []string {

@@ -54,6 +54,13 @@ func Sync(st *store.State, maps *loader.Maps) (SyncStats, error) {
 	return s, nil
 }
 
+// SyncPolicy is Sync for the policy rules and default verdicts alone.
+func SyncPolicy(st *store.State, maps *loader.Maps) (SyncStats, error) {
+	var s SyncStats
+	err := syncPolicy(st, policymap.New(maps.Policy(), maps.Config()), &s)
+	return s, err
+}
+
 func syncIPCache(st *store.State, m *ipcachemap.Map, s *SyncStats) error {
 	have, err := m.List()
 	if err != nil {

@@ -1,12 +1,13 @@
 // Package events decodes and streams datapath events.
 //
-// The datapath writes flow-new, flow-closed, drop, ct-insert-failed and ct-midstream-miss
-// records to the ring buffer events_v1. A ring buffer has one consumer: two
-// readers would each get a share of the records. ctd's consumer is 'ctd
-// monitor', for as long as it runs; the daemon never reads events (it learns
-// what it needs from the counters of metrics_v1), so the operator's monitor
-// sees every event. While nobody reads, the ring fills up and the datapath
-// counts the records it cannot write as events-lost; a Reader skips what was
+// The datapath writes flow-new, flow-closed, drop, ct-insert-failed and
+// ct-midstream-miss records to the ring buffer events_v1, but only while a
+// consumer is registered in evlisten_v1 (Listen): with nobody listening it
+// reserves nothing and counts nothing as lost, so events-lost means that a
+// consumer fell behind. A ring buffer has one consumer: two readers would
+// each get a share of the records. ctd's consumer is 'ctd monitor', for as
+// long as it runs; the daemon never reads events (it learns what it needs
+// from the counters of metrics_v1) and never registers. A Reader skips what was
 // written before it started (see Reader.SkipBefore).
 package events
 
@@ -255,6 +256,52 @@ func SetRateLimit(cfg *config.Map, l RateLimit) error {
 		return fmt.Errorf("invalid event burst %d: a burst needs a rate (rate 0 means unlimited)", l.Burst)
 	}
 	return cfg.Update(func(c *config.Values) { c.EventsRate, c.EventsBurst = l.Rate, l.Burst })
+}
+
+// Listener is the consumer registered in evlisten_v1: the datapath writes
+// events only while one is (until its registration expires).
+type Listener struct {
+	Until time.Duration // CLOCK_MONOTONIC_COARSE (ctmap.Clock.Mono); 0: none
+	PID   uint32
+}
+
+// Active reports whether l is registered at now (ctmap.Clock.Mono).
+func (l Listener) Active(now time.Duration) bool { return l.Until != 0 && now <= l.Until }
+
+// ListenTTL is how long a registration lasts: a consumer refreshes it every
+// second (ctd monitor does), so that the datapath stops writing events
+// within seconds of the consumer's end, however it ended.
+const ListenTTL = 3 * time.Second
+
+// Listen registers process pid as the consumer of the events until ListenTTL
+// from now, replacing any other registration. Call it again to refresh.
+func Listen(evlisten *ebpf.Map, pid int) error {
+	l := bpf.CtdEvlisten{Until: uint64(ctmap.Now().Mono() + ListenTTL), Pid: uint32(pid)}
+	if err := evlisten.Put(uint32(0), &l); err != nil {
+		return fmt.Errorf("register as the event consumer in evlisten_v1: %w", err)
+	}
+	return nil
+}
+
+// Unlisten ends pid's registration, unless another consumer holds it now.
+func Unlisten(evlisten *ebpf.Map, pid int) error {
+	l, err := GetListener(evlisten)
+	if err != nil || l.PID != uint32(pid) {
+		return err
+	}
+	if err := evlisten.Put(uint32(0), &bpf.CtdEvlisten{}); err != nil {
+		return fmt.Errorf("unregister the event consumer in evlisten_v1: %w", err)
+	}
+	return nil
+}
+
+// GetListener reads the registration in evlisten_v1.
+func GetListener(evlisten *ebpf.Map) (Listener, error) {
+	var l bpf.CtdEvlisten
+	if err := evlisten.Lookup(uint32(0), &l); err != nil {
+		return Listener{}, fmt.Errorf("read evlisten_v1: %w", err)
+	}
+	return Listener{Until: time.Duration(l.Until), PID: l.Pid}, nil
 }
 
 // String is a readable one-line rendering of e, e.g.

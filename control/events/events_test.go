@@ -17,6 +17,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/events"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/dptest"
 	"github.com/ctd-dev/ctd/test/nettest"
@@ -36,8 +37,10 @@ func setIdentity(t *testing.T, dp *dptest.Datapath, a netip.Addr, id uint32) {
 	}
 }
 
+// newReader registers the test as the event consumer and reads the ring.
 func newReader(t *testing.T, dp *dptest.Datapath) *events.Reader {
 	t.Helper()
+	dp.Listen(t)
 	r, err := events.NewReader(dp.Maps.Events())
 	if err != nil {
 		t.Fatal(err)
@@ -310,5 +313,35 @@ func TestRateLimitLowered(t *testing.T) {
 	}
 	if got := after.Total(metricsmap.EventsRateLimited).Packets - before.Total(metricsmap.EventsRateLimited).Packets; got != 2 {
 		t.Errorf("after lowering the limit to 1/s, burst 1: %d of 3 events rate-limited, want 2", got)
+	}
+}
+
+// Listen registers a consumer for ListenTTL, a refresh extends it, and
+// Unlisten ends only the caller's own registration.
+func TestListen(t *testing.T) {
+	dp := dptest.Load(t, nettest.PinPath(t))
+	m := dp.Listener()
+	if l, err := events.GetListener(m); err != nil || l.Active(ctmap.Now().Mono()) {
+		t.Fatalf("a new datapath has a listener: %+v, %v", l, err)
+	}
+	if err := events.Listen(m, 4242); err != nil {
+		t.Fatal(err)
+	}
+	now := ctmap.Now().Mono()
+	l, err := events.GetListener(m)
+	if err != nil || l.PID != 4242 || !l.Active(now) || l.Active(now+events.ListenTTL+time.Second) {
+		t.Fatalf("after Listen: %+v, %v; want pid 4242, active now and not after %v", l, err, events.ListenTTL)
+	}
+	if err := events.Unlisten(m, 1); err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := events.GetListener(m); l.PID != 4242 {
+		t.Fatalf("Unlisten of another pid ended the registration: %+v", l)
+	}
+	if err := events.Unlisten(m, 4242); err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := events.GetListener(m); l.Active(ctmap.Now().Mono()) {
+		t.Fatalf("after Unlisten: %+v, want nobody", l)
 	}
 }

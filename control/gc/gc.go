@@ -48,14 +48,21 @@ func Pass(m *ctmap.Map, lt Lifetimes, now time.Duration) (Result, error) {
 		return Result{}, fmt.Errorf("conntrack GC: %w", err)
 	}
 	defer x.Close()
-	return pass(m, x, lt, now, nil)
+	return pass(m, x, lt, now, hooks{})
 }
 
-// pass is Pass with the expirer loaded, and a hook for tests that runs
-// after an expired entry was read and before it is handed to the expirer,
-// so that they can refresh, re-create or evict it there as the datapath
-// would.
-func pass(m *ctmap.Map, x *ctmap.Expirer, lt Lifetimes, now time.Duration, beforeDelete func(k *ctmap.Key, seen *ctmap.Entry)) (Result, error) {
+// hooks are what a pass calls besides its own work; nil fields are skipped.
+type hooks struct {
+	// keep sees every flow the pass reads and keeps (not expired).
+	keep func(ctmap.Flow)
+	// beforeDelete runs for tests after an expired entry was read and
+	// before it is handed to the expirer, so that they can refresh,
+	// re-create or evict it there as the datapath would.
+	beforeDelete func(k *ctmap.Key, seen *ctmap.Entry)
+}
+
+// pass is Pass with the expirer loaded, and hooks.
+func pass(m *ctmap.Map, x *ctmap.Expirer, lt Lifetimes, now time.Duration, h hooks) (Result, error) {
 	start := time.Now()
 	var (
 		res      Result
@@ -83,10 +90,13 @@ func pass(m *ctmap.Map, x *ctmap.Expirer, lt Lifetimes, now time.Duration, befor
 	err := m.Iterate(func(k *ctmap.Key, e *ctmap.Entry) bool {
 		res.Scanned++
 		if !lt.Expired(k.Proto, e, now) {
+			if h.keep != nil {
+				h.keep(ctmap.FlowOf(k, e))
+			}
 			return true
 		}
-		if beforeDelete != nil {
-			beforeDelete(k, e)
+		if h.beforeDelete != nil {
+			h.beforeDelete(k, e)
 		}
 		cands = append(cands, ctmap.Candidate{Key: *k, LastSeen: e.LastSeen})
 		if len(cands) == cap(cands) {

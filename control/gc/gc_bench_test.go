@@ -6,6 +6,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
@@ -86,6 +87,35 @@ func BenchmarkPass(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/benchEntries, "ns/entry")
 	b.Logf("GC pass over %d entries (%d expired): %v", last.Scanned, last.Deleted, last.Duration)
+}
+
+// BenchmarkPassCensus is BenchmarkPass with the census the daemon runs
+// when it serves metrics: the top values of the kept flows by the
+// dimensions of ctd_conntrack_top_flows.
+func BenchmarkPassCensus(b *testing.B) {
+	ct := newFilledCT(b, benchEntries)
+	x, err := ct.NewExpirer()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer x.Close()
+	census := conntrack.NewTopCensus(conntrack.CensusN, conntrack.CensusBys...)
+	lt := DefaultLifetimes()
+	for b.Loop() {
+		b.StopTimer()
+		fillHalfExpired(b, ct, benchEntries)
+		b.StartTimer()
+		census.Begin()
+		res, err := pass(ct, x, lt, testNow, hooks{keep: census.Add})
+		census.End(err == nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if t := census.Tables(); res.Deleted != benchEntries/2 || t[0].Total != benchEntries/2 {
+			b.Fatalf("pass %+v, census of %d flows: want %d deleted and counted", res, t[0].Total, benchEntries/2)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/benchEntries, "ns/entry")
 }
 
 // BenchmarkIterate measures one full read of a million entries, decoded to

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -194,7 +195,7 @@ func TestPassRace(t *testing.T) {
 	recreate.PacketsOrig = 1
 
 	var seen []string
-	res, err := pass(ct, x, lt, testNow, func(k *ctmap.Key, _ *ctmap.Entry) {
+	res, err := pass(ct, x, lt, testNow, hooks{beforeDelete: func(k *ctmap.Key, _ *ctmap.Entry) {
 		n := nameOf(k)
 		seen = append(seen, n)
 		switch n {
@@ -212,7 +213,7 @@ func TestPassRace(t *testing.T) {
 				}
 			}
 		}
-	})
+	}})
 	if err != nil {
 		t.Fatalf("pass: %v", err)
 	}
@@ -266,7 +267,7 @@ func TestPassManyBatches(t *testing.T) {
 		}
 	}
 	calls, refreshed := 0, 0
-	res, err := pass(ct, x, lt, testNow, func(k *ctmap.Key, _ *ctmap.Entry) {
+	res, err := pass(ct, x, lt, testNow, hooks{beforeDelete: func(k *ctmap.Key, _ *ctmap.Entry) {
 		calls++
 		if calls%7 == 0 {
 			e := entry(ctmap.StateEstablished, testNow)
@@ -275,7 +276,7 @@ func TestPassManyBatches(t *testing.T) {
 			}
 			refreshed++
 		}
-	})
+	}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -474,5 +475,64 @@ func TestRunnerWakes(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	if st := r.Stats(); st.Runs != 4 || st.Wakes != 3 || st.Errors != 0 {
 		t.Errorf("Stats %+v: want exactly 4 passes, 3 of them woken, no errors", st)
+	}
+}
+
+// censusRecorder is a Census that records what a Runner tells it.
+type censusRecorder struct {
+	mu     sync.Mutex
+	begins int
+	flows  []ctmap.Flow
+	ends   []bool
+}
+
+func (c *censusRecorder) Begin() { c.mu.Lock(); c.begins++; c.flows = nil; c.mu.Unlock() }
+func (c *censusRecorder) Add(fl ctmap.Flow) {
+	c.mu.Lock()
+	c.flows = append(c.flows, fl)
+	c.mu.Unlock()
+}
+func (c *censusRecorder) End(ok bool) { c.mu.Lock(); c.ends = append(c.ends, ok); c.mu.Unlock() }
+
+// TestRunnerCensus: a pass shows its census every flow it keeps, and none
+// it deletes.
+func TestRunnerCensus(t *testing.T) {
+	ct := newCT(t, 1000)
+	now := ctmap.Now().Mono()
+	lt := DefaultLifetimes()
+	for i := range 10 {
+		idle := time.Duration(0)
+		if i%2 == 1 {
+			idle = lt.UDPNew + time.Second
+		}
+		k, e := flowKey(unix.IPPROTO_UDP, i), entry(ctmap.StateNew, now-idle)
+		if err := ct.Put(&k, &e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	census := &censusRecorder{}
+	r, err := NewRunner(ct, RunnerConfig{Interval: time.Hour, MaxInterval: time.Hour, Census: census})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := r.Run(ctx); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	defer func() { cancel(); wg.Wait() }()
+	waitFor(t, "the pass at start", func() bool { return r.Stats().Runs >= 1 })
+
+	census.mu.Lock()
+	defer census.mu.Unlock()
+	if census.begins != 1 || !slices.Equal(census.ends, []bool{true}) || len(census.flows) != 5 {
+		t.Fatalf("census: %d begins, ends %v, %d flows; want 1 begin, one complete end, the 5 live flows", census.begins, census.ends, len(census.flows))
+	}
+	for _, fl := range census.flows {
+		if fl.Proto != unix.IPPROTO_UDP || fl.State != ctmap.StateNew {
+			t.Errorf("census saw %+v, want a UDP flow in state NEW", fl)
+		}
 	}
 }

@@ -76,7 +76,19 @@ type RunnerConfig struct {
 	Signals        func() (Signals, error)
 	SignalInterval time.Duration
 
+	// Census, when set, counts the flows each pass keeps.
+	Census Census
+
 	Logger *slog.Logger // nil: no logging
+}
+
+// A Census counts what the table holds as a pass reads it: Begin when a
+// pass starts, Add for every flow it keeps (reads and does not expire), End
+// when it is over, ok when it read the whole table.
+type Census interface {
+	Begin()
+	Add(ctmap.Flow)
+	End(ok bool)
 }
 
 func (c RunnerConfig) withDefaults() RunnerConfig {
@@ -136,6 +148,7 @@ type Stats struct {
 	LastEnd   time.Time     // when the last pass ended; zero before the first
 	Interval  time.Duration // the interval until the next regular pass
 	Fill      float64       // the table's fill (0-1) after the last pass
+	Entries   int           // entries the last successful pass left (scanned - deleted)
 }
 
 // Runner runs GC passes over a conntrack table at an interval that adapts to
@@ -277,7 +290,15 @@ func (r *Runner) runPass(x *ctmap.Expirer, woken bool) time.Duration {
 		}
 		base = s
 	}
-	res, err := pass(r.m, x, r.cfg.Lifetimes, ctmap.Now().Mono(), nil)
+	var h hooks
+	if c := r.cfg.Census; c != nil {
+		c.Begin()
+		h.keep = c.Add
+	}
+	res, err := pass(r.m, x, r.cfg.Lifetimes, ctmap.Now().Mono(), h)
+	if c := r.cfg.Census; c != nil {
+		c.End(err == nil)
+	}
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -299,6 +320,7 @@ func (r *Runner) runPass(x *ctmap.Expirer, woken bool) time.Duration {
 		return st.Interval
 	}
 	r.left = res.Scanned - res.Deleted
+	st.Entries = r.left
 	st.Fill = EstimateFill(r.left, 0, r.m.MaxEntries())
 	st.Interval = nextInterval(st.Interval, res, st.Fill, r.cfg)
 	r.cfg.Logger.Debug("conntrack GC pass", "scanned", res.Scanned, "deleted", res.Deleted,

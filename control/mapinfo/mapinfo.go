@@ -97,14 +97,28 @@ func (i Info) Warning() string {
 	return fmt.Sprintf("map %s is %.1f%% full (%d of %d %s)%s", i.Name, i.Fill, i.Entries, i.MaxEntries, what, hint)
 }
 
-// Inspect describes one map.
+// Inspect describes one map, counting its entries.
 func Inspect(m Map) (Info, error) {
+	info, err := Describe(m)
+	if err != nil {
+		return Info{}, err
+	}
+	n, err := Count(m.Map)
+	if err != nil {
+		return Info{}, fmt.Errorf("inspect map %s: %w", m.Name, err)
+	}
+	return info.WithEntries(n), nil
+}
+
+// Describe describes one map without counting its entries (Entries and
+// Fill are zero): one system call, whatever the map holds.
+func Describe(m Map) (Info, error) {
 	mi, err := m.Map.Info()
 	if err != nil {
 		return Info{}, fmt.Errorf("inspect map %s: %w", m.Name, err)
 	}
 	memlock, _ := mi.Memlock()
-	info := Info{
+	return Info{
 		Name:       m.Name,
 		Type:       TypeName(mi.Type),
 		KeySize:    mi.KeySize,
@@ -113,15 +127,16 @@ func Inspect(m Map) (Info, error) {
 		Memlock:    memlock,
 		Pin:        m.Pin,
 		kind:       mi.Type,
+	}, nil
+}
+
+// WithEntries returns i with Entries n and the Fill they make.
+func (i Info) WithEntries(n uint64) Info {
+	i.Entries = n
+	if i.MaxEntries > 0 {
+		i.Fill = 100 * float64(n) / float64(i.MaxEntries)
 	}
-	info.Entries, err = Count(m.Map)
-	if err != nil {
-		return Info{}, fmt.Errorf("inspect map %s: %w", m.Name, err)
-	}
-	if info.MaxEntries > 0 {
-		info.Fill = 100 * float64(info.Entries) / float64(info.MaxEntries)
-	}
-	return info, nil
+	return i
 }
 
 // InspectAll describes every map, in order.
@@ -150,6 +165,16 @@ func Sum(infos []Info) Total {
 		t.Memlock += i.Memlock
 	}
 	return t
+}
+
+// Walks reports whether Count reads every entry of a map of type t (hash
+// maps, LPM tries), rather than answering at once (arrays, ring buffers).
+func Walks(t ebpf.MapType) bool {
+	switch t {
+	case ebpf.Array, ebpf.PerCPUArray, ebpf.RingBuf:
+		return false
+	}
+	return true
 }
 
 // Count returns what a map holds now, as Info.Entries describes it.

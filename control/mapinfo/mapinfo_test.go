@@ -96,6 +96,7 @@ func inspect(t *testing.T, dp *dptest.Datapath, pin string) map[string]mapinfo.I
 func TestEntriesExact(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
+	dp.Listen(t) // so that the flow-new event is written
 	fill(t, dp)
 	infos := inspect(t, dp, pin)
 	for name, want := range map[string]uint64{
@@ -107,6 +108,7 @@ func TestEntriesExact(t *testing.T) {
 		loader.ConfigMap:        1, // arrays: every slot
 		loader.MetricsMap:       128,
 		loader.EventLimitMap:    1,
+		loader.ListenerMap:      1,
 		loader.EventsMap:        evSize, // one flow-new event pending
 	} {
 		info := infos[name]

@@ -1,22 +1,28 @@
 // Package metrics serves ctd's Prometheus metrics.
 //
-// Every value is read when Prometheus scrapes: the datapath's per-CPU
-// counters (summed over CPUs), every map's entries (counted exactly),
-// the GC runner's totals and the attach state. Nothing is cached between
-// scrapes, so a scrape of a million-entry conntrack table costs one exact
-// count of it (about as long as 'ctd maps').
+// A scrape reads the datapath's per-CPU counters (summed over CPUs), the GC
+// runner's totals, the attach state and each map's description, but never
+// walks a map: the entries of maps that would have to be walked (hash maps,
+// LPM tries) come from Sources.Entries, which the daemon answers from the
+// last GC pass (the conntrack table) and from counts kept at most a few
+// seconds old (mapinfo.Counts), so that many scrapes of a million-entry
+// table cost no more than one.
 package metrics
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"runtime"
 	"runtime/debug"
+	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/datapath/attach"
@@ -54,6 +60,16 @@ type Sources struct {
 	GC          func() gc.Stats                     // e.g. (*gc.Runner).Stats
 	Attachments func() ([]attach.Attachment, error) // the interfaces ctd manages; Mode "" = not attached
 	Build       BuildInfo
+
+	// Top gives the conntrack table's top values by dimension as the last
+	// GC pass counted them (e.g. (*conntrack.TopCensus).Tables).
+	Top func() []conntrack.TopTable
+
+	// Entries gives the entry count of a map that would have to be walked
+	// to count (mapinfo.Walks), e.g. DatapathEntries; without an answer
+	// (nil, or ok false) the map's entries and pressure are left out. Other
+	// maps are counted on the scrape, which costs nothing.
+	Entries func(mapinfo.Map) (n uint64, ok bool)
 }
 
 // Collector is a prometheus.Collector of ctd's metrics.
@@ -79,7 +95,7 @@ var (
 	eventsLimited    = desc("events_ratelimited_total", "Events the datapath suppressed by its per-CPU rate limit.", "direction")
 	fragments        = desc("fragments_total", "Later IP fragments seen (passed untracked).", "direction")
 
-	mapEntries = desc("map_entries", "Entries in a map, counted exactly; arrays: max entries; ring buffer: bytes not yet consumed.", "map", "type")
+	mapEntries = desc("map_entries", "Entries in a map: the conntrack table's as its last GC pass left it, other hash maps and LPM tries counted exactly at most a few seconds ago; arrays: max entries; ring buffer: bytes not yet consumed.", "map", "type")
 	mapMax     = desc("map_max_entries", "A map's capacity (ring buffer: its size in bytes).", "map", "type")
 	mapFill    = desc("map_pressure", "A map's fill ratio, entries over max entries (0-1), for maps that can run full (not arrays).", "map", "type")
 	mapMemlock = desc("map_memlock_bytes", "Memory the kernel charges for a map.", "map", "type")
@@ -92,6 +108,8 @@ var (
 	gcRefreshed = desc("gc_refreshed_entries_total", "Conntrack entries that expired but were refreshed during a GC pass, and kept.")
 	gcDuration  = desc("gc_duration_seconds", "Time spent in conntrack GC passes.")
 	gcInterval  = desc("gc_interval_seconds", "The adaptive interval until the next regular GC pass.")
+
+	topFlows = desc("conntrack_top_flows", "Flows in the conntrack table that have this value in this dimension, for the largest values of each dimension, as the last complete GC pass counted them.", "by", "value")
 
 	attached  = desc("interface_attached", "1 when ctd's programs are attached to the interface, else 0.", "iface", "mode")
 	buildInfo = desc("build_info", "Always 1; the labels describe the running binary.", "version", "revision", "goversion")
@@ -107,7 +125,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		forwardedPackets, forwardedBytes, droppedPackets, droppedBytes, ctCreated, ctUpdateFailed, ctConfirmed, ctMidstreamMiss,
 		eventsLost, eventsLimited, fragments, mapEntries, mapMax, mapFill, mapMemlock,
 		gcRuns, gcErrors, gcWakes, gcScanned, gcDeleted, gcRefreshed, gcDuration, gcInterval,
-		attached, buildInfo,
+		topFlows, attached, buildInfo,
 	} {
 		ch <- d
 	}
@@ -124,6 +142,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.GC != nil {
 		c.collectGC(ch)
+	}
+	if c.src.Top != nil {
+		for _, t := range c.src.Top() {
+			for _, r := range t.Rows {
+				ch <- gauge(topFlows, float64(r.Flows), string(t.By), r.Value)
+			}
+		}
 	}
 	if c.src.Attachments != nil {
 		c.collectAttachments(ch)
@@ -174,18 +199,44 @@ func gauge(d *prometheus.Desc, v float64, labels ...string) prometheus.Metric {
 
 func (c *Collector) collectMaps(ch chan<- prometheus.Metric) {
 	for _, m := range c.src.Maps {
-		info, err := mapinfo.Inspect(m)
+		info, err := mapinfo.Describe(m)
 		if err != nil {
 			ch <- prometheus.NewInvalidMetric(mapEntries, err)
 			continue
 		}
-		ch <- gauge(mapEntries, float64(info.Entries), info.Name, info.Type)
 		ch <- gauge(mapMax, float64(info.MaxEntries), info.Name, info.Type)
 		ch <- gauge(mapMemlock, float64(info.Memlock), info.Name, info.Type)
+		n, ok, err := c.entries(m)
+		if err != nil {
+			ch <- prometheus.NewInvalidMetric(mapEntries, err)
+			continue
+		}
+		if !ok {
+			continue
+		}
+		info = info.WithEntries(n)
+		ch <- gauge(mapEntries, float64(info.Entries), info.Name, info.Type)
 		if info.CanFill() {
 			ch <- gauge(mapFill, info.Fill/100, info.Name, info.Type)
 		}
 	}
+}
+
+// entries counts a map that needs no walk, and asks Sources.Entries for
+// the others.
+func (c *Collector) entries(m mapinfo.Map) (uint64, bool, error) {
+	if !mapinfo.Walks(m.Map.Type()) {
+		n, err := mapinfo.Count(m.Map)
+		if err != nil {
+			return 0, false, fmt.Errorf("count entries of %s: %w", m.Name, err)
+		}
+		return n, true, nil
+	}
+	if c.src.Entries == nil {
+		return 0, false, nil
+	}
+	n, ok := c.src.Entries(m)
+	return n, ok, nil
 }
 
 func (c *Collector) collectGC(ch chan<- prometheus.Metric) {
@@ -221,4 +272,30 @@ func (c *Collector) Handler() http.Handler {
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(c, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})
+}
+
+// CountAge is how old the daemon lets the entry counts of maps other than
+// the conntrack table get while Prometheus scrapes.
+const CountAge = 5 * time.Second
+
+// DatapathEntries answers Sources.Entries as the daemon does: the conntrack
+// table ct from its GC's last pass (gcStats; no answer before the first
+// successful pass), every other map of maps that must be walked from counts
+// at most CountAge old (mapinfo.Counts), until ctx is done. The conntrack
+// table is never walked for a scrape.
+func DatapathEntries(ctx context.Context, maps []mapinfo.Map, ct *ebpf.Map, gcStats func() gc.Stats) func(mapinfo.Map) (uint64, bool) {
+	var walked []mapinfo.Map
+	for _, m := range maps {
+		if m.Map != ct && mapinfo.Walks(m.Map.Type()) {
+			walked = append(walked, m)
+		}
+	}
+	counts := mapinfo.NewCounts(ctx, walked, CountAge)
+	return func(m mapinfo.Map) (uint64, bool) {
+		if m.Map == ct {
+			st := gcStats()
+			return uint64(st.Entries), st.Runs > st.Errors
+		}
+		return counts.Entries(m.Name)
+	}
 }

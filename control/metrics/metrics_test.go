@@ -15,10 +15,12 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/control/metrics"
 	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/dptest"
 	"github.com/ctd-dev/ctd/test/nettest"
@@ -73,6 +75,7 @@ func scrape(t *testing.T, url string) map[string]float64 {
 func TestScrape(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
+	dp.Listen(t) // so that the events are written: they fill events_v1
 	dp.SetDefault(t, bpf.Ingress, 2)
 
 	a, b := netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80")
@@ -90,13 +93,26 @@ func TestScrape(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	gcStats := func() gc.Stats {
+		return gc.Stats{Runs: 3, Errors: 1, Wakes: 2, Scanned: 30, Deleted: 7, Refreshed: 1,
+			Duration: 1500 * time.Millisecond, Interval: 20 * time.Second, Entries: 1}
+	}
+	// The census as a GC pass fills it: with the table's one flow.
+	census := conntrack.NewTopCensus(conntrack.CensusN, conntrack.CensusBys...)
+	census.Begin()
+	if err := conntrack.List(dp.Conntrack(), conntrack.Filter{}, func(fl ctmap.Flow) error {
+		census.Add(fl)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	census.End(true)
 	c := metrics.NewCollector(metrics.Sources{
 		Metrics: metricsmap.New(dp.Maps.Metrics()),
 		Maps:    maps,
-		GC: func() gc.Stats {
-			return gc.Stats{Runs: 3, Errors: 1, Wakes: 2, Scanned: 30, Deleted: 7, Refreshed: 1,
-				Duration: 1500 * time.Millisecond, Interval: 20 * time.Second}
-		},
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT(), gcStats),
+		GC:      gcStats,
+		Top:     census.Tables,
 		Attachments: func() ([]attach.Attachment, error) {
 			return []attach.Attachment{{Iface: "ctd0", Mode: attach.ModeTCX}, {Iface: "ctd1"}}, nil
 		},
@@ -104,7 +120,7 @@ func TestScrape(t *testing.T) {
 	})
 	srv := httptest.NewServer(c.Handler())
 	defer srv.Close()
-	got := scrape(t, srv.URL+"/metrics")
+	got := scrapeUntil(t, srv.URL+"/metrics", `ctd_map_entries{map="policy_v1",type="hash"}`)
 
 	ctMax := float64(dp.Maps.CT().MaxEntries())
 	for series, want := range map[string]float64{
@@ -137,6 +153,10 @@ func TestScrape(t *testing.T) {
 		`ctd_gc_duration_seconds_sum`:                                        1.5,
 		`ctd_gc_duration_seconds_count`:                                      3,
 		`ctd_gc_interval_seconds`:                                            20,
+		`ctd_conntrack_top_flows{by="dport",value="tcp/80"}`:                 1,
+		`ctd_conntrack_top_flows{by="src-identity",value="2"}`:               1,
+		`ctd_conntrack_top_flows{by="state",value="ESTABLISHED"}`:            1,
+		`ctd_conntrack_top_flows{by="proto",value="tcp"}`:                    1,
 		`ctd_interface_attached{iface="ctd0",mode="tcx"}`:                    1,
 		`ctd_interface_attached{iface="ctd1",mode="none"}`:                   0,
 		`ctd_build_info{goversion="go1.26",revision="abc",version="v1.2.3"}`: 1,
@@ -157,6 +177,53 @@ func TestScrape(t *testing.T) {
 	}
 	if _, ok := got["go_goroutines"]; !ok {
 		t.Error("Go runtime metrics missing")
+	}
+}
+
+// scrapeUntil scrapes url until series is in the scrape (the entry counts
+// of maps other than the conntrack table come a moment after the first
+// scrape asked for them), at most 10s.
+func scrapeUntil(t *testing.T, url, series string) map[string]float64 {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		got := scrape(t, url)
+		if _, ok := got[series]; ok || time.Now().After(deadline) {
+			return got
+		}
+	}
+}
+
+// TestScrapeNeverWalksMaps: a scrape takes the conntrack table's entries
+// from GC's last pass (none before it) and every other hash map's and LPM
+// trie's from counts at most metrics.CountAge old, never counting them
+// itself.
+func TestScrapeNeverWalksMaps(t *testing.T) {
+	pin := nettest.PinPath(t)
+	dp := dptest.Load(t, pin)
+	dp.Run(t, bpf.Egress, dptest.TCP(t, netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80"), dptest.SYN, nil))
+	maps, err := mapinfo.Of(&dp.Maps, pin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stats gc.Stats // no pass yet
+	c := metrics.NewCollector(metrics.Sources{
+		Maps:    maps,
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT(), func() gc.Stats { return stats }),
+	})
+	srv := httptest.NewServer(c.Handler())
+	defer srv.Close()
+	const ct, policy = `ctd_map_entries{map="ct_v1",type="lru_hash"}`, `ctd_map_entries{map="policy_v1",type="hash"}`
+
+	got := scrapeUntil(t, srv.URL, policy)
+	if v, ok := got[ct]; ok {
+		t.Errorf("before any GC pass %s = %v: the scrape counted the table itself", ct, v)
+	}
+	if _, ok := got[`ctd_map_max_entries{map="ct_v1",type="lru_hash"}`]; !ok {
+		t.Error("ct_v1's max entries missing")
+	}
+	stats = gc.Stats{Runs: 1, Entries: 5, LastEnd: time.Now()} // what the pass left, not what the map holds (1)
+	if got := scrape(t, srv.URL); got[ct] != 5 {
+		t.Errorf("after a GC pass that left 5 entries, %s = %v, want 5", ct, got[ct])
 	}
 }
 

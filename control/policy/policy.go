@@ -7,10 +7,9 @@ import (
 	"strconv"
 	"strings"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/ipcache"
+	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
@@ -19,7 +18,7 @@ import (
 type Rule = policymap.Rule
 
 // Syntax is the rule grammar, for messages and help.
-const Syntax = "ingress|egress id=N|any [tcp|udp|icmp|icmpv6|any[/PORT]] allow|deny"
+const Syntax = "ingress|egress id=N|any [PROTO[/PORT]|any[/PORT]] allow|deny"
 
 // ParseDirection parses ingress or egress.
 func ParseDirection(s string) (bpf.Direction, error) {
@@ -43,25 +42,13 @@ func ParseVerdict(s string) (policymap.Verdict, error) {
 	return 0, fmt.Errorf("invalid verdict %q: valid are allow, deny", s)
 }
 
-var protoNames = []struct {
-	name  string
-	proto uint8
-}{
-	{"any", policymap.AnyProto},
-	{"tcp", unix.IPPROTO_TCP},
-	{"udp", unix.IPPROTO_UDP},
-	{"icmp", unix.IPPROTO_ICMP},
-	{"icmpv6", unix.IPPROTO_ICMPV6},
-}
-
-// ProtoName names a rule's protocol: any, tcp, udp, icmp, icmpv6, or its number.
+// ProtoName names a rule's protocol: any, a name (tcp, udp, icmpv6, sctp,
+// gre, ...; see ipproto.Name) or its number.
 func ProtoName(p uint8) string {
-	for _, n := range protoNames {
-		if n.proto == p {
-			return n.name
-		}
+	if p == policymap.AnyProto {
+		return "any"
 	}
-	return strconv.Itoa(int(p))
+	return ipproto.Name(p)
 }
 
 // parseRemote parses id=N, id=world, id=host, id=any or any.
@@ -76,24 +63,25 @@ func parseRemote(s string) (uint32, error) {
 	return ipcache.ParseIdentity(v)
 }
 
-// parsePorts parses tcp, udp, icmp, icmpv6 or any, optionally with /PORT
-// (only for tcp, udp and any).
+// parsePorts parses a protocol (any, a name of /etc/protocols or a number
+// 1-255), optionally with /PORT: only for the protocols with ports (tcp,
+// udp, sctp) and any.
 func parsePorts(s string) (proto uint8, port uint16, err error) {
 	name, portStr, hasPort := strings.Cut(s, "/")
-	found := false
-	for _, n := range protoNames {
-		if n.name == name {
-			proto, found = n.proto, true
+	if name != "any" {
+		protos, err := ipproto.Load(ipproto.File)
+		if err != nil {
+			return 0, 0, err
 		}
-	}
-	if !found {
-		return 0, 0, fmt.Errorf("invalid protocol %q: valid are tcp, udp, icmp, icmpv6, any (with /PORT for tcp, udp, any)", name)
+		if proto, err = protos.Parse(name); err != nil {
+			return 0, 0, fmt.Errorf("%w, or any", err)
+		}
 	}
 	if !hasPort {
 		return proto, policymap.AnyPort, nil
 	}
-	if proto != unix.IPPROTO_TCP && proto != unix.IPPROTO_UDP && proto != policymap.AnyProto {
-		return 0, 0, fmt.Errorf("invalid %q: a port is only valid with tcp, udp or any", s)
+	if proto != policymap.AnyProto && !ipproto.HasPorts(proto) {
+		return 0, 0, fmt.Errorf("invalid %q: %s has no ports; a port goes only with tcp, udp, sctp or any", s, ProtoName(proto))
 	}
 	n, err := strconv.ParseUint(portStr, 10, 16)
 	if err != nil || n == 0 || portStr[0] == '+' {

@@ -49,20 +49,6 @@ func tmpfsDir(t *testing.T) string {
 	return dir
 }
 
-func isMountPoint(t *testing.T, path string) bool {
-	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for line := range strings.SplitSeq(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
-			return true
-		}
-	}
-	return false
-}
-
 func randomName(t *testing.T) string {
 	t.Helper()
 	b := make([]byte, 4)
@@ -169,6 +155,20 @@ func TestEnsure(t *testing.T) {
 			wantErr: "create directory:",
 		},
 		{
+			name: "non-empty plain dir is never mounted over",
+			setup: func(t *testing.T, base string) string {
+				pin := filepath.Join(base, "full")
+				if err := os.Mkdir(pin, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(pin, "notes"), nil, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				return pin
+			},
+			wantErr: "ctd mounts one only on an empty directory: ",
+		},
+		{
 			name:    "empty",
 			setup:   func(*testing.T, string) string { return "" },
 			wantErr: "pin path is empty",
@@ -194,6 +194,9 @@ func TestEnsure(t *testing.T) {
 				if strings.Contains(err.Error(), "\n") {
 					t.Errorf("error is not one line: %q", err)
 				}
+				if pin != "" && nettest.MountedAt(t, pin) {
+					t.Errorf("a failed Ensure(%q) left a mount", pin)
+				}
 				return
 			}
 			if err != nil {
@@ -211,7 +214,7 @@ func TestEnsure(t *testing.T) {
 			if !fi.IsDir() || fi.Mode().Perm() != 0o700 {
 				t.Errorf("%s: mode %v, want a directory with 0700", pin, fi.Mode())
 			}
-			if tt.wantMount != nil && !isMountPoint(t, tt.wantMount(pin)) {
+			if tt.wantMount != nil && !nettest.MountedAt(t, tt.wantMount(pin)) {
 				t.Errorf("expected a bpffs mounted on %s", tt.wantMount(pin))
 			}
 
@@ -249,6 +252,67 @@ func TestIsBPFFS(t *testing.T) {
 			}
 			if got != tt.want {
 				t.Errorf("IsBPFFS(%q) = %v, want %v", tt.path, got, tt.want)
+			}
+		})
+	}
+}
+
+// Prepare records what it did; Release takes back exactly that.
+func TestPrepareRelease(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range []struct {
+		name      string
+		setup     func(t *testing.T, base string) string
+		wantKept  string // "" = removed
+		wantDir   bool   // the directory exists after Release
+		extraFile bool   // an entry ctd did not make is in the pin path
+	}{
+		{name: "created and mounted by ctd", setup: func(t *testing.T, base string) string { return filepath.Join(base, "new") }},
+		{name: "existing empty dir: unmounted, kept", setup: func(t *testing.T, base string) string {
+			pin := filepath.Join(base, "mine")
+			if err := os.Mkdir(pin, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			return pin
+		}, wantKept: "ctd did not create it", wantDir: true},
+		{name: "created on a bpffs", setup: func(t *testing.T, base string) string {
+			fs := filepath.Join(base, "fs")
+			if err := os.Mkdir(fs, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			mount(t, "bpf", fs)
+			return filepath.Join(fs, "ctd")
+		}},
+		{name: "foreign entry keeps everything", setup: func(t *testing.T, base string) string { return filepath.Join(base, "shared") },
+			wantKept: "it holds other, which ctd did not create", wantDir: true, extraFile: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pin := tc.setup(t, tmpfsDir(t))
+			t.Cleanup(func() { unmountAll(t, pin) })
+			if err := Prepare(pin); err != nil {
+				t.Fatal(err)
+			}
+			if err := Prepare(pin); err != nil { // idempotent
+				t.Fatal(err)
+			}
+			if tc.extraFile {
+				if err := os.Mkdir(filepath.Join(pin, "other"), 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			kept, err := Release(pin)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(kept, tc.wantKept) || (tc.wantKept == "") != (kept == "") {
+				t.Errorf("Release kept %q, want %q", kept, tc.wantKept)
+			}
+			_, err = os.Lstat(pin)
+			if exists := err == nil; exists != tc.wantDir {
+				t.Errorf("after Release %s exists: %v, want %v", pin, exists, tc.wantDir)
+			}
+			if !tc.extraFile && nettest.MountedAt(t, pin) {
+				t.Errorf("after Release a filesystem is still mounted on %s", pin)
 			}
 		})
 	}

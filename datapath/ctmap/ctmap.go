@@ -82,6 +82,8 @@ func ProtoName(p uint8) string {
 		return "icmp"
 	case unix.IPPROTO_ICMPV6:
 		return "icmpv6"
+	case unix.IPPROTO_SCTP:
+		return "sctp"
 	}
 	return strconv.Itoa(int(p))
 }
@@ -97,10 +99,12 @@ func ParseProto(s string) (uint8, error) {
 		return unix.IPPROTO_ICMP, nil
 	case "icmpv6":
 		return unix.IPPROTO_ICMPV6, nil
+	case "sctp":
+		return unix.IPPROTO_SCTP, nil
 	}
 	n, err := strconv.ParseUint(s, 10, 8)
 	if err != nil {
-		return 0, fmt.Errorf("invalid protocol %q: valid are tcp, udp, icmp, icmpv6 or a number 0-255", s)
+		return 0, fmt.Errorf("invalid protocol %q: valid are tcp, udp, icmp, icmpv6, sctp or a number 0-255", s)
 	}
 	return uint8(n), nil
 }

@@ -126,12 +126,14 @@ func SplitName(name string) (table string, version int, ok bool) {
 // os.ErrNotExist.
 type NotPinnedError struct {
 	Dir, Map string
-	Older    bool // other maps are pinned: a datapath of an older build
+	// Older: other maps are pinned, so this is the datapath of an older
+	// ctd that lacks a map this version adds.
+	Older bool
 }
 
 func (e *NotPinnedError) Error() string {
 	if e.Older {
-		return fmt.Sprintf("the ctd datapath at %s predates this build (map %s is not pinned): run 'ctd daemon' or 'ctd attach' to upgrade it", e.Dir, e.Map)
+		return fmt.Sprintf("the datapath at %s lacks map %s, which this version of ctd adds: restart 'ctd daemon' (or run 'ctd attach') to add it", e.Dir, e.Map)
 	}
 	return fmt.Sprintf("no ctd datapath at %s (map %s is not pinned): run 'ctd attach' first", e.Dir, e.Map)
 }
@@ -233,9 +235,10 @@ func OpenPinned(pinPath string) (*Maps, error) {
 		pin := filepath.Join(pinPath, name)
 		m, err := ebpf.LoadPinnedMap(pin, nil)
 		if err != nil {
+			partial := len(maps) > 0 // an older ctd's datapath
 			closeAll(maps)
 			if errors.Is(err, os.ErrNotExist) {
-				return nil, &NotPinnedError{Dir: pinPath, Map: name, Older: len(maps) > 0}
+				return nil, &NotPinnedError{Dir: pinPath, Map: name, Older: partial}
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
 		}
@@ -252,7 +255,7 @@ func OpenPinned(pinPath string) (*Maps, error) {
 // openOrCreate returns every map of spec: the pinned one where it exists and is
 // compatible, else a new unpinned one (listed in created).
 func openOrCreate(pinPath string, spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, map[string]bool, error) {
-	if err := bpffs.Ensure(pinPath); err != nil {
+	if err := bpffs.Prepare(pinPath); err != nil {
 		return nil, nil, err
 	}
 	maps := make(map[string]*ebpf.Map, len(MapNames))

@@ -66,8 +66,21 @@ func TestLoadRefusesIncompatiblePin(t *testing.T) {
 }
 
 func TestOpenPinnedMissing(t *testing.T) {
-	if _, err := OpenPinned(testPinPath(t)); err == nil {
-		t.Fatal("OpenPinned on an empty pin path succeeded")
+	pin := testPinPath(t)
+	if _, err := OpenPinned(pin); err == nil || !strings.Contains(err.Error(), "no ctd datapath at "+pin) {
+		t.Fatalf("OpenPinned on an empty pin path: %v, want no ctd datapath", err)
+	}
+	// A datapath pinned by an older ctd lacks the maps a newer one adds.
+	maps, err := OpenMaps(Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	maps.Close()
+	if err := os.Remove(filepath.Join(pin, ListenerMap)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenPinned(pin); err == nil || !strings.Contains(err.Error(), "lacks map evlisten_v1, which this version of ctd adds") {
+		t.Fatalf("OpenPinned on an older datapath: %v", err)
 	}
 }
 

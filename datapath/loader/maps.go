@@ -23,10 +23,11 @@ const (
 	MetricsMap       = bpf.CtdMapMetricsV1
 	EventsMap        = bpf.CtdMapEventsV1
 	EventLimitMap    = bpf.CtdMapEvlimitV1
+	ListenerMap      = bpf.CtdMapEvlistenV1
 )
 
 // MapNames lists every map ctd pins, in a stable order.
-var MapNames = []string{CTMap, CTUnconfirmedMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap}
+var MapNames = []string{CTMap, CTUnconfirmedMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap}
 
 // Maps are the datapath's maps, each by what it holds.
 type Maps struct {
@@ -68,11 +69,16 @@ func (m *Maps) Events() *ebpf.Map { return m.objs.EventsV1 }
 // EventLimit is the per-CPU state of the event rate limit.
 func (m *Maps) EventLimit() *ebpf.Map { return m.objs.EvlimitV1 }
 
+// Listener is where the event consumer registers (events.Listen): the
+// datapath writes events only while one is.
+func (m *Maps) Listener() *ebpf.Map { return m.objs.EvlistenV1 }
+
 // ByName returns the maps by name, in the order of MapNames.
 func (m *Maps) ByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
 		CTMap: m.CT(), CTUnconfirmedMap: m.CTUnconfirmed(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(), PolicyMap: m.Policy(),
 		ConfigMap: m.objs.ConfigV1, MetricsMap: m.Metrics(), EventsMap: m.Events(), EventLimitMap: m.EventLimit(),
+		ListenerMap: m.Listener(),
 	}
 }
 

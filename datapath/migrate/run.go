@@ -25,7 +25,7 @@ type migration struct {
 }
 
 func (m *migration) run() (*ebpf.Collection, error) {
-	if err := bpffs.Ensure(m.pins.Path()); err != nil {
+	if err := bpffs.Prepare(m.pins.Path()); err != nil {
 		return nil, err
 	}
 	atts, err := m.cfg.ifs.Attached()

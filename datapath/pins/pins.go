@@ -4,6 +4,7 @@
 //	<dir>/<map>~migrating           a map a migration has not yet moved to its name
 //	<dir>/links/<iface>/ingress     TCX links (attach pins them there)
 //	<dir>/links/<iface>/egress
+//	<dir>/created-by-ctd, mounted-by-ctd   what ctd set up here (bpffs.Prepare)
 //
 // Everything outside package loader that needs a path below the directory
 // asks a Dir for it; loader, which opens and creates the maps (and which
@@ -21,6 +22,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/bpffs"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
@@ -217,61 +219,40 @@ func (d Dir) Attach(iface string, mode attach.Mode, progs attach.Programs) (atta
 
 // LoadAndAttach loads the datapath against the maps pinned here (creating
 // the missing ones, see loader.Load) and attaches it to iface. If it fails,
-// what this call created is removed again: map pins and directories that
-// did not exist before, and the attachment of an interface that had none.
-func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options) (attach.Attachment, error) {
+// the attachment of an interface that had none is removed again, and so is
+// what this call set up (bpffs.Before.Undo): new pins, and the mount and
+// directory where the directory was not set up before.
+func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options) (at attach.Attachment, err error) {
 	before, err := d.Status(iface)
 	if err != nil {
 		return attach.Attachment{}, err
 	}
-	undo := d.undoCreated()
+	setup := bpffs.Note(d.path)
+	defer func() {
+		if err != nil {
+			if uerr := setup.Undo(); uerr != nil {
+				err = fmt.Errorf("%w (and taking back its set-up failed: %v)", err, uerr)
+			}
+		}
+	}()
 
 	opts.PinPath = d.path
 	dp, err := loader.Load(opts)
 	if err != nil {
-		undo()
 		return attach.Attachment{}, err
 	}
 	defer dp.Close()
 
-	at, err := d.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress})
+	at, err = d.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress})
 	if err != nil {
 		if before.Mode == "" {
 			if derr := d.Detach(iface); derr != nil {
 				err = errors.Join(err, derr)
 			}
-			undo()
 		}
 		return attach.Attachment{}, err
 	}
 	return at, nil
-}
-
-// undoCreated notes which pins exist now and returns a function that
-// removes those that did not: map pins, the links directory and the
-// directory itself (the directories only when empty).
-func (d Dir) undoCreated() func() {
-	exists := func(p string) bool {
-		_, err := os.Lstat(p)
-		return err == nil
-	}
-	var created []string // removed in reverse order
-	if !exists(d.path) {
-		created = append(created, d.path)
-	}
-	if !exists(d.Links()) {
-		created = append(created, d.Links())
-	}
-	for _, name := range loader.MapNames {
-		if p := d.Map(name); !exists(p) {
-			created = append(created, p)
-		}
-	}
-	return func() {
-		for i := len(created) - 1; i >= 0; i-- {
-			os.Remove(created[i])
-		}
-	}
 }
 
 // Repin pins again those of this datapath's maps whose pins are missing

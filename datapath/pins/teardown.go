@@ -6,26 +6,28 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-
-	"golang.org/x/sys/unix"
+	"strings"
 
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 // Teardown is what Dir.Teardown did.
 type Teardown struct {
 	Existed  bool     // false: there was nothing to tear down
 	Detached []string // interfaces ctd was detached from, in order
+	Kept     string   // why the directory was kept ("" when it was removed)
 }
 
 // Teardown detaches the datapath everywhere it can see (every interface
 // with links pinned below Links, attached or stale, and every interface of
 // the calling thread's network namespace this datapath is attached to),
-// then removes every pin and the directory. A directory that does not
-// exist is not an error. If detaching fails, the pins stay, so that a retry
-// finds every attachment again; the interfaces detached so far are in the
-// result.
+// then removes ctd's pins, and the directory and its bpffs mount where ctd
+// made them (bpffs.Release): entries of other tools, and a directory or
+// mount ctd did not make, stay. A directory that does not exist is not an
+// error. If detaching fails, the pins stay, so that a retry finds every
+// attachment again; the interfaces detached so far are in the result.
 func (d Dir) Teardown() (Teardown, error) {
 	var t Teardown
 	if _, err := os.Lstat(d.path); errors.Is(err, os.ErrNotExist) {
@@ -50,7 +52,10 @@ func (d Dir) Teardown() (Teardown, error) {
 		}
 		t.Detached = append(t.Detached, iface)
 	}
-	if err := removeDir(d.path); err != nil {
+	if err := d.removePins(); err != nil {
+		return t, fmt.Errorf("teardown: %w", err)
+	}
+	if t.Kept, err = bpffs.Release(d.path); err != nil {
 		return t, fmt.Errorf("teardown: %w", err)
 	}
 	return t, nil
@@ -75,50 +80,22 @@ func (d Dir) attachedIfaces() ([]string, error) {
 	return slices.Compact(names), nil
 }
 
-// removeDir removes everything below dir, unmounts dir if a bpffs is
-// mounted on it (as bpffs.Ensure does for pin paths outside /sys/fs/bpf),
-// and removes dir.
-func removeDir(dir string) error {
-	mounted, err := isMountPoint(dir)
-	if err != nil {
-		return err
-	}
-	entries, err := os.ReadDir(dir)
+// removePins removes ctd's pins: every map pin of any layout version,
+// temporary pins included, and the links directory. Entries ctd does not
+// name so are left.
+func (d Dir) removePins() error {
+	entries, err := os.ReadDir(d.path)
 	if err != nil {
 		return fmt.Errorf("read pin path: %w", err)
 	}
 	for _, e := range entries {
-		if mounted && isPreloaded(e.Name()) {
-			continue // goes with the unmount
+		name := strings.TrimSuffix(e.Name(), TempSuffix)
+		if _, _, ok := loader.SplitName(name); !ok && e.Name() != filepath.Base(d.Links()) {
+			continue
 		}
-		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+		if err := os.RemoveAll(filepath.Join(d.path, e.Name())); err != nil {
 			return fmt.Errorf("remove pin: %w", err)
 		}
 	}
-	if mounted {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
-			return fmt.Errorf("unmount bpffs at %s: %w", dir, err)
-		}
-	}
-	if err := os.Remove(dir); err != nil {
-		return fmt.Errorf("remove pin path: %w", err)
-	}
 	return nil
-}
-
-// isPreloaded reports whether name is one of the iterators the kernel places
-// at the root of every bpffs mount (bpf_preload); they cannot be unlinked.
-func isPreloaded(name string) bool { return name == "maps.debug" || name == "progs.debug" }
-
-// isMountPoint reports whether dir is on another filesystem than its parent.
-func isMountPoint(dir string) (bool, error) {
-	var st, pst unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		return false, fmt.Errorf("stat %s: %w", dir, err)
-	}
-	parent := filepath.Dir(filepath.Clean(dir))
-	if err := unix.Stat(parent, &pst); err != nil {
-		return false, fmt.Errorf("stat %s: %w", parent, err)
-	}
-	return st.Dev != pst.Dev, nil
 }

@@ -11,7 +11,8 @@ const (
 	// TCPEstablishedReply is an ACK from a tracked flow's responder, on ingress.
 	TCPEstablishedReply
 	// TCPNew is the SYN of a flow ctd has not seen, on ingress: conntrack
-	// miss, two ipcache lookups, policy, insert, counters and a flow-new event.
+	// miss, two ipcache lookups, policy, insert, counters, and a flow-new
+	// event when a consumer listens.
 	TCPNew
 	// UDPEstablished is a datagram of a tracked flow from its originator, on egress.
 	UDPEstablished
@@ -43,8 +44,12 @@ type PacketCase struct {
 	// Hot repeats one packet of one flow inside a single BPF_PROG_TEST_RUN
 	// (instructions with warm caches); otherwise every run is a different
 	// flow drawn from the whole table, one run per syscall.
-	Hot  bool
-	Goal time.Duration // allowed cost over the empty program; 0 when the issue sets none
+	Hot bool
+	// Listener registers an event consumer (as ctd monitor does) with the
+	// event rate limit off, so that every new flow writes its event to the
+	// ring; otherwise nobody listens and the datapath writes no events.
+	Listener bool
+	Goal     time.Duration // allowed cost over the empty program; 0 when the issue sets none
 }
 
 // Units that BenchmarkPacket reports besides ns/op (the ctd program's median).
@@ -70,6 +75,7 @@ var PacketCases = []PacketCase{
 	{Name: "tcp-est-reply/flows=1M", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000000, Prefixes: DefaultPrefixes},
 	{Name: "tcp-new/prefixes=1k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 1000},
 	{Name: "tcp-new/prefixes=10k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Goal: 250 * time.Nanosecond},
+	{Name: "tcp-new-listener/prefixes=10k", Title: "TCP new flow (SYN, ingress), an event consumer registered", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Listener: true},
 	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000},
 	{Name: "tcp-new/flows=1M", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: 1000000, Prefixes: 1000},
 	{Name: "tcp-new-policy/prefixes=10k", Title: "TCP new flow, ingress default deny + allow rules", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Policy: true},
@@ -134,4 +140,9 @@ var ControlCases = []ControlCase{
 	{Name: "gc-pass", Title: "GC pass, 1M entries, half expired", Unit: "s", Goal: time.Second},
 	{Name: "daemon-ready", Title: "daemon start → ready, 100k ct + 100k ipcache entries", Unit: "s", Goal: time.Second},
 	{Name: "ct-memlock", Title: "memlock per conntrack entry (1M-entry table)", Unit: "B/entry"},
+	{Name: "metrics-scrape", Title: "CPU per metrics scrape, 20 concurrent, 1M conntrack entries", Unit: "s", Goal: 50 * time.Millisecond},
+	{Name: "metrics-scrape-counted", Title: "CPU per metrics scrape, 20 concurrent, 1M entries, counting every map (before)", Unit: "s"},
+	{Name: "cluster-ipcache-load", Title: "cluster: ipcache load of 100k prefixes into etcd (3 members)", Unit: "s", Goal: 3 * time.Second},
+	{Name: "cluster-converge", Title: "cluster: new node converges on 100k ipcache entries (start → synced)", Unit: "s", Goal: 2 * time.Second},
+	{Name: "cluster-change-p99", Title: "cluster: one change reaches 10 nodes, p99", Unit: "s", Goal: 100 * time.Millisecond},
 }

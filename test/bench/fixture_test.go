@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/events"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -297,7 +298,26 @@ func (f *fixture) created() (uint64, error) {
 	return total, nil
 }
 
-// drainEvents reads what the ring buffer holds, as the daemon would, so
+// listen registers the benchmark as the event consumer, as ctd monitor
+// does, with the event rate limit off so that every event is written; stop
+// puts both back.
+func (f *fixture) listen() (stop func() error, err error) {
+	lim, err := events.GetRateLimit(f.dp.Config())
+	if err != nil {
+		return nil, err
+	}
+	if err := events.SetRateLimit(f.dp.Config(), events.RateLimit{}); err != nil {
+		return nil, err
+	}
+	if err := f.dp.Listener().Put(uint32(0), bpf.CtdEvlisten{Until: ^uint64(0), Pid: uint32(os.Getpid())}); err != nil {
+		return nil, fmt.Errorf("register as the event consumer: %w", err)
+	}
+	return func() error {
+		return errors.Join(events.Unlisten(f.dp.Listener(), os.Getpid()), events.SetRateLimit(f.dp.Config(), lim))
+	}, nil
+}
+
+// drainEvents reads what the ring buffer holds, as ctd monitor would, so
 // that reservations never start failing.
 func (f *fixture) drainEvents() error {
 	f.events.SetDeadline(time.Now())

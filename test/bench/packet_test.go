@@ -260,7 +260,8 @@ func hotRound(s *packetSource, n int) (roundResult, error) {
 // misses a table of that size costs; the kernel times only the program and
 // one clock read, which the floor has too. New-flow cases send SYNs of
 // distinct flows and delete the entries they create after each round
-// (outside the timed runs), draining the flow-new events as the daemon would.
+// (outside the timed runs), draining the flow-new events as ctd monitor
+// would when the case registers an event consumer (Listener).
 func BenchmarkPacket(b *testing.B) {
 	nettest.RequireRoot(b)
 	var keys []fixtureKey
@@ -302,6 +303,17 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 	s, err := newPacketSource(f, c)
 	if err != nil {
 		b.Fatal(err)
+	}
+	if c.Listener {
+		stop, err := f.listen()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer func() {
+			if err := stop(); err != nil {
+				b.Error(err)
+			}
+		}()
 	}
 	before, err := f.created()
 	if err != nil {

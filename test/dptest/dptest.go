@@ -3,9 +3,11 @@ package dptest
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -42,13 +44,14 @@ func VerdictName(v uint32) string {
 	return fmt.Sprintf("verdict %d", int32(v))
 }
 
-// testedReasons are the counters the tests read: every reason but the
-// events counters (lost, rate limited), since nothing reads the ring buffer
-// in these tests.
+// testedReasons are the counters the tests read: every reason. The events
+// counters (lost, rate limited) move only while an event consumer is
+// registered (Listen), so every Expect of a test that does not listen
+// checks that they stay.
 var testedReasons = []metricsmap.Reason{
 	metricsmap.FwdEstablished, metricsmap.FwdNew, metricsmap.FwdRelated, metricsmap.FwdUntracked, metricsmap.FwdUnparseable,
 	metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse, metricsmap.DropRevoked,
-	metricsmap.CTCreated, metricsmap.CTUpdateFailed, metricsmap.Fragments,
+	metricsmap.CTCreated, metricsmap.CTUpdateFailed, metricsmap.EventsLost, metricsmap.EventsRateLimited, metricsmap.Fragments,
 }
 
 // IsVerdict reports whether r is one of the per-packet verdict reasons, of
@@ -63,8 +66,7 @@ type Key struct {
 
 func (k Key) String() string { return k.Dir.String() + "/" + k.Reason.String() }
 
-// Counts are packets per counter; the events counters (lost, rate limited)
-// are left out since nothing reads the ring buffer in these tests.
+// Counts are packets per counter.
 type Counts map[Key]uint64
 
 // Datapath is a loaded datapath: its programs and maps, and the
@@ -125,6 +127,16 @@ func Load(tb testing.TB, pinPath string) *Datapath {
 func wrap(tb testing.TB, dp *loader.Datapath) *Datapath {
 	tb.Cleanup(func() { dp.Close() })
 	return &Datapath{Datapath: dp, ct: dp.Conntrack()}
+}
+
+// Listen registers the test as the consumer of events for as long as the
+// datapath is loaded: the datapath writes events only while one is
+// registered (as ctd monitor does, refreshing it every second).
+func (d *Datapath) Listen(tb testing.TB) {
+	tb.Helper()
+	if err := d.Listener().Put(uint32(0), bpf.CtdEvlisten{Until: ^uint64(0), Pid: uint32(os.Getpid())}); err != nil {
+		tb.Fatalf("dptest: register as the event consumer: %v", err)
+	}
 }
 
 // SKBContext is the prefix of struct __sk_buff, up to gso_size, that
@@ -421,6 +433,20 @@ func UDP(tb testing.TB, src, dst netip.AddrPort, payload []byte) []byte {
 	udp := &layers.UDP{SrcPort: layers.UDPPort(src.Port()), DstPort: layers.UDPPort(dst.Port())}
 	udp.SetNetworkLayerForChecksum(nl)
 	return Serialize(tb, Ethernet(src.Addr()), ip, udp, gopacket.Payload(payload))
+}
+
+// SCTP is an Ethernet/IP/SCTP frame: the 12-byte common header (ports,
+// verification tag, checksum; not computed: the datapath does not check it)
+// and one DATA chunk carrying payload.
+func SCTP(tb testing.TB, src, dst netip.AddrPort, payload []byte) []byte {
+	tb.Helper()
+	ip, _ := IPHeader(src.Addr(), dst.Addr(), layers.IPProtocolSCTP)
+	hdr := make([]byte, 12+16)
+	binary.BigEndian.PutUint16(hdr[0:], src.Port())
+	binary.BigEndian.PutUint16(hdr[2:], dst.Port())
+	binary.BigEndian.PutUint32(hdr[4:], 0xc7dc7d)
+	binary.BigEndian.PutUint16(hdr[12+2:], uint16(16+len(payload))) // DATA chunk (type 0) length
+	return Serialize(tb, Ethernet(src.Addr()), ip, RawLayer(hdr), gopacket.Payload(payload))
 }
 
 // Echo is an ICMP (v4) or ICMPv6 echo request or reply with id.

@@ -567,6 +567,22 @@ func PinPath(t testing.TB) string {
 	return p
 }
 
+// MountedAt reports whether a filesystem is mounted on path (as
+// /proc/self/mountinfo lists it).
+func MountedAt(tb testing.TB, path string) bool {
+	tb.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
+			return true
+		}
+	}
+	return false
+}
+
 // EnsureBPFFS mounts bpffs on /sys/fs/bpf unless it is mounted already.
 func EnsureBPFFS() error {
 	var st unix.Statfs_t

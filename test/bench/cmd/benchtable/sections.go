@@ -288,8 +288,18 @@ var sources = map[string]source{
 		how: "`control/ipcache` BenchmarkLoad100k/maps+store: as above with 100k prefixes per family (200k in all), the benchmark issue 3 asks for"},
 	"gc-pass": {pkg: "./control/gc", bench: "BenchmarkPass", metric: "ns/op", scale: 1e-9,
 		how: "`control/gc` BenchmarkPass: one pass with batch lookups and deletes over 1M TCP and UDP entries, every other one expired"},
+	"metrics-scrape": {pkg: "./test/bench", bench: "BenchmarkScrape", sub: "daemon", metric: "cpu-ms/scrape", scale: 1e-3,
+		how: "`test/bench` BenchmarkScrape/daemon: process CPU (user + system) of 20 concurrent scrapes of the daemon's collector over 1M conntrack entries, per scrape; the table's entries come from GC's last pass, the other maps' from counts kept in the background at most 5 s old"},
+	"metrics-scrape-counted": {pkg: "./test/bench", bench: "BenchmarkScrape", sub: "count-per-scrape", metric: "cpu-ms/scrape", scale: 1e-3,
+		how: "`test/bench` BenchmarkScrape/count-per-scrape: the same with every map counted on every scrape, as ctd did before"},
 	"daemon-ready": {pkg: "./control/daemon", bench: "BenchmarkStartReady", sub: "restart", metric: "ready-ms", scale: 1e-3,
 		how: "`control/daemon` BenchmarkStartReady/restart: the daemon's own start → ready time over a live datapath with 100k conntrack entries and 100k ipcache prefixes pinned and in the store"},
+	"cluster-ipcache-load": {pkg: "./control/kvstore", bench: "BenchmarkIPCacheLoad100k", metric: "ns/op", scale: 1e-9,
+		how: "`control/kvstore` BenchmarkIPCacheLoad100k: 100k prefixes (50k per family) written as a new ipcache generation into a three-member etcd (embedded, on this machine, fsyncing) and switched to, as `ctd ipcache load --replace` does in cluster mode"},
+	"cluster-converge": {pkg: "./control/cluster", bench: "BenchmarkConverge100k", metric: "converge-ms", scale: 1e-3,
+		how: "`control/cluster` BenchmarkConverge100k: a new node's sync against a three-member etcd holding 100k prefixes, from its start to synced: listed, and written into its empty maps and state store"},
+	"cluster-change-p99": {pkg: "./control/cluster", bench: "BenchmarkChange10Nodes", metric: "p99-ms", scale: 1e-3,
+		how: "`control/cluster` BenchmarkChange10Nodes: 200 ipcache adds, each timed from the write's start until the datapath of the last of 10 nodes (syncers in one process, each with its own maps and store) resolves it, looked up in its ipcache map; p99 over the changes (the benchmark also reports the time until every node committed it to its store, p99-stored-ms)"},
 }
 
 func pattern(name, sub string) string {
