@@ -3,10 +3,8 @@ package test
 import (
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/netip"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -128,61 +126,15 @@ func TestSYNFlood(t *testing.T) {
 	// A opens 20 connections to B; keep both ends of each.
 	conns := make([]*heldConn, 20)
 	for i := range conns {
-		acc := make(chan net.Conn, 1)
-		go func() {
-			c, err := lb.Accept()
-			if err != nil {
-				close(acc)
-				return
-			}
-			acc <- c
-		}()
-		ca, err := dial(a, netip.AddrPortFrom(b.IPv4, bPort))
-		if err != nil {
-			t.Fatalf("connection %d: A -> B: %v", i, err)
-		}
-		cb, ok := <-acc
-		if !ok {
-			t.Fatalf("connection %d: accept on B failed", i)
-		}
-		t.Cleanup(func() { ca.Close(); cb.Close() })
-		conns[i] = &heldConn{name: "connection " + strconv.Itoa(i), a: ca, b: cb}
-		conns[i].mustPass(t)
+		conns[i] = dialFrom(t, "connection "+strconv.Itoa(i), a, lb, netip.AddrPortFrom(b.IPv4, bPort))
 	}
 	active, idle, remoteFirst := conns[:10], conns[10:15], conns[15:]
 	before := ctd.counters()
 
 	// The active ones talk throughout the flood.
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	activeErr := make([]error, len(active))
-	activeRounds := make([]int, len(active))
-	for i, c := range active {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if err := send(c.a, c.b, "a"); err != nil {
-					activeErr[i] = err
-					return
-				}
-				if err := send(c.b, c.a, "b"); err != nil {
-					activeErr[i] = err
-					return
-				}
-				activeRounds[i]++
-				time.Sleep(20 * time.Millisecond)
-			}
-		}()
-	}
+	stop := chatter(active, 20*time.Millisecond)
 	took := synFlood(t, b, netip.AddrPortFrom(a.IPv4, floodPort), 10*ctMax)
-	close(stop)
-	wg.Wait()
+	activeErr, rounds := stop()
 	after := ctd.counters()
 	ent := ctd.entries()
 
@@ -216,10 +168,6 @@ func TestSYNFlood(t *testing.T) {
 	}
 	if n := ent["ct_v1"]; n < 20 {
 		t.Errorf("the confirmed table holds %d entries after the flood, want at least the 20 connections", n)
-	}
-	rounds := 0
-	for _, r := range activeRounds {
-		rounds += r
 	}
 	t.Logf("flood: %d SYNs in %v; connections kept: %d of %d (10 active, %d echo rounds during the flood; 5 idle; 5 remote-first); "+
 		"ct-created +%d, ct-confirmed +%d, ct-midstream-miss +%d (confirmed flows lost), dropped by policy +%d; "+

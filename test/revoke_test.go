@@ -7,47 +7,104 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
-// heldConn is one TCP connection from B to A with both ends in hand, so
-// that the test can make either side send.
+// heldConn is one TCP connection between A (the protected side) and B
+// with both ends in hand, so that the test can make either side send.
 type heldConn struct {
-	name   string
-	b, a   net.Conn // B's end (the client), A's end (the protected server)
-	aPort  uint16
-	bPort  uint16
-	closed bool
+	name         string
+	a, b         net.Conn // A's end, B's end
+	aPort, bPort uint16
 }
 
-// accept opens a connection from B to A's listener l and returns both ends.
-func acceptFrom(t *testing.T, name string, b *nettest.Host, l net.Listener, to netip.AddrPort) *heldConn {
+// connect opens a connection from host `from` to the listener l at `to`
+// and returns both ends: the dialled one and the accepted one.
+func connect(t *testing.T, name string, from *nettest.Host, l net.Listener, to netip.AddrPort) (dialled, accepted net.Conn) {
 	t.Helper()
 	acc := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
-		if err != nil {
-			close(acc)
-			return
+		if err == nil {
+			acc <- c
 		}
-		acc <- c
+		close(acc)
 	}()
-	cb, err := dial(b, to)
+	dialled, err := dial(from, to)
 	if err != nil {
 		t.Fatalf("%s: connect to %v: %v", name, to, err)
 	}
-	ca, ok := <-acc
+	accepted, ok := <-acc
 	if !ok {
-		cb.Close()
+		dialled.Close()
 		t.Fatalf("%s: accept on %v failed", name, to)
 	}
-	t.Cleanup(func() { cb.Close(); ca.Close() })
-	hc := &heldConn{name: name, b: cb, a: ca, aPort: to.Port(), bPort: netip.MustParseAddrPort(cb.LocalAddr().String()).Port()}
+	t.Cleanup(func() { dialled.Close(); accepted.Close() })
+	return dialled, accepted
+}
+
+func port(c net.Conn) uint16 { return netip.MustParseAddrPort(c.LocalAddr().String()).Port() }
+
+// acceptFrom opens a connection from B to A's listener l.
+func acceptFrom(t *testing.T, name string, b *nettest.Host, l net.Listener, to netip.AddrPort) *heldConn {
+	t.Helper()
+	cb, ca := connect(t, name, b, l, to)
+	hc := &heldConn{name: name, a: ca, b: cb, aPort: to.Port(), bPort: port(cb)}
 	hc.mustPass(t)
 	return hc
+}
+
+// dialFrom opens a connection from A to B's listener l.
+func dialFrom(t *testing.T, name string, a *nettest.Host, l net.Listener, to netip.AddrPort) *heldConn {
+	t.Helper()
+	ca, cb := connect(t, name, a, l, to)
+	hc := &heldConn{name: name, a: ca, b: cb, aPort: port(ca), bPort: to.Port()}
+	hc.mustPass(t)
+	return hc
+}
+
+// chatter makes each of conns exchange a message both ways every interval
+// until the returned stop is called, which returns each connection's first
+// error (nil while it worked) and the number of exchanges in all.
+func chatter(conns []*heldConn, interval time.Duration) (stop func() ([]error, int)) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	errs := make([]error, len(conns))
+	rounds := make([]int, len(conns))
+	for i, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				if errs[i] = send(c.a, c.b, "a"); errs[i] != nil {
+					return
+				}
+				if errs[i] = send(c.b, c.a, "b"); errs[i] != nil {
+					return
+				}
+				rounds[i]++
+				time.Sleep(interval)
+			}
+		}()
+	}
+	return func() ([]error, int) {
+		close(done)
+		wg.Wait()
+		n := 0
+		for _, r := range rounds {
+			n += r
+		}
+		return errs, n
+	}
 }
 
 // send writes msg on from and waits up to blockedAfter for it on to.

@@ -1,12 +1,10 @@
 package test
 
 import (
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -39,26 +37,7 @@ func TestAttachUpgradesFirstRelease(t *testing.T) {
 	t.Cleanup(func() { lb.Close() })
 	conns := make([]*heldConn, 4)
 	for i := range conns {
-		acc := make(chan net.Conn, 1)
-		go func() {
-			c, err := lb.Accept()
-			if err == nil {
-				acc <- c
-			}
-			close(acc)
-		}()
-		ca, err := dial(a, netip.AddrPortFrom(b.IPv4, bPort))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cb, ok := <-acc
-		if !ok {
-			t.Fatal("accept on B failed")
-		}
-		t.Cleanup(func() { ca.Close(); cb.Close() })
-		conns[i] = &heldConn{name: "connection " + strconv.Itoa(i), a: ca, b: cb,
-			aPort: netip.MustParseAddrPort(ca.LocalAddr().String()).Port(), bPort: bPort}
-		conns[i].mustPass(t)
+		conns[i] = dialFrom(t, "connection "+strconv.Itoa(i), a, lb, netip.AddrPortFrom(b.IPv4, bPort))
 	}
 	active, quiet := conns[:2], conns[2:]
 	flowsBefore := map[uint16]uint64{}
@@ -68,31 +47,7 @@ func TestAttachUpgradesFirstRelease(t *testing.T) {
 	}
 	dropsBefore := first.counters()["policy"]
 
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make([]error, len(active))
-	for i, c := range active {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if err := send(c.a, c.b, "a"); err != nil {
-					errs[i] = err
-					return
-				}
-				if err := send(c.b, c.a, "b"); err != nil {
-					errs[i] = err
-					return
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-		}()
-	}
+	stop := chatter(active, 10*time.Millisecond)
 	time.Sleep(300 * time.Millisecond)
 	start := time.Now()
 	ctd.run("attach", "--iface", a.Iface)
@@ -121,8 +76,7 @@ func TestAttachUpgradesFirstRelease(t *testing.T) {
 	// Downgrade: the first release's attach over this build's pins.
 	first.run("attach", "--iface", a.Iface)
 	time.Sleep(300 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	errs, _ := stop()
 	for i, err := range errs {
 		if err != nil {
 			t.Errorf("active connection %d broke across the upgrade and downgrade: %v", i, err)

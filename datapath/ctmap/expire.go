@@ -58,16 +58,12 @@ func (m *Map) NewExpirer() (*Expirer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
-	repl := map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m, bpf.CtexpireMapCtUnconfirmedV1: m.unconfirmed}
-	// The program runs against m's tables, whatever their sizes.
-	for name, rm := range repl {
-		spec.Maps[name].MaxEntries = rm.MaxEntries()
-	}
 	var objs bpf.CtexpireObjects
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
+	repl := map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m, bpf.CtexpireMapCtUnconfirmedV1: m.unconfirmed}
+	if err := loadAgainst(spec, repl, &objs); err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
-	objs.CtexpireMaps.Close() // the replacement: m stays open
+	objs.CtexpireMaps.Close() // the replacements: m's tables stay open
 	return &Expirer{prog: objs.CtdCtExpire, buf: make([]byte, ExpireBatch*recSize)}, nil
 }
 
@@ -99,4 +95,13 @@ func (x *Expirer) Delete(cands []Candidate, outcomes []Outcome) error {
 		outcomes[i] = o
 	}
 	return nil
+}
+
+// loadAgainst loads spec into objs with the maps named in repl replaced by
+// the live ones, whatever their sizes.
+func loadAgainst(spec *ebpf.CollectionSpec, repl map[string]*ebpf.Map, objs any) error {
+	for name, m := range repl {
+		spec.Maps[name].MaxEntries = m.MaxEntries()
+	}
+	return spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: repl})
 }

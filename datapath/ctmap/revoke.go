@@ -54,12 +54,8 @@ func (m *Map) NewRevoker(policy, config *ebpf.Map) (*Revoker, error) {
 		bpf.CtrevokeMapPolicyV1:        policy,
 		bpf.CtrevokeMapConfigV1:        config,
 	}
-	// The program runs against the pinned maps, whatever their sizes.
-	for name, rm := range repl {
-		spec.Maps[name].MaxEntries = rm.MaxEntries()
-	}
 	var objs bpf.CtrevokeObjects
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
+	if err := loadAgainst(spec, repl, &objs); err != nil {
 		return nil, fmt.Errorf("load conntrack revoke program: %w", err)
 	}
 	objs.CtrevokeMaps.Close() // the replacements stay open
