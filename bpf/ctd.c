@@ -134,10 +134,10 @@ static __always_inline int ct_revoked(struct __sk_buff *skb, __u32 dir, struct t
 				      struct ct_key *k, int src_is_b, struct ct_entry *e, int confirmed,
 				      __u64 len, __u64 segs, __u64 now)
 {
-	if (t->proto == IPPROTO_TCP && tcp_opens(t->tcp_flags))
-		return ct_new(skb, dir, t, k, src_is_b, confirmed, len, segs, now);
 	int is_orig = src_is_b == e->orig_is_b;
 
+	if (t->proto == IPPROTO_TCP && tcp_opens(t->tcp_flags))
+		return ct_new(skb, dir, t, k, src_is_b, confirmed, len, segs, now);
 	e->last_seen = now;
 	emit(config_get(), now, EV_DROP, M_DROP_REVOKED, dir, skb->ifindex, t,
 	     is_orig ? e->src_identity : e->dst_identity,

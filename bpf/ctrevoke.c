@@ -5,11 +5,12 @@
  * datapath/ctmap's Revoker against the live tables.
  *
  * The input is up to REVOKE_BATCH records back to back. For each the
- * program looks the entry up (in either conntrack table) and judges its flow again, as its first
- * packet would be judged now: same direction, remote identity, protocol
- * and port, through the datapath's own policy_verdict. A flow the policy
- * now denies is marked CT_F_REVOKED in place (not deleted, so that no
- * pickup re-creates it); its counters and state are left to the datapath.
+ * program looks the entry up (in either conntrack table) and judges its
+ * flow again, as its first packet would be judged now: same direction,
+ * remote identity, protocol and port, through the datapath's own
+ * policy_verdict. A flow the policy now denies is marked CT_F_REVOKED in
+ * place (not deleted, so that no pickup re-creates it); its counters and
+ * state are left to the datapath.
  */
 #include "common.h"
 #include "conntrack.h"
