@@ -16,6 +16,7 @@ PACKAGES=(
 	linux-perf
 	linux-libc-dev
 	gcc-multilib
+	time
 )
 
 # Debian's etcd 3.4 (etcd-server), the oldest etcd cluster mode supports:

@@ -40,7 +40,9 @@ func (c *hardenCLI) run(args ...string) cliResult {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	full := append([]string{"--pin-path", c.pin, "--state-dir", c.stateDir}, args...)
+	// A store belongs to one pin path: one state directory per pin path.
+	state := filepath.Join(c.stateDir, strings.ReplaceAll(strings.Trim(c.pin, "/"), "/", "_"))
+	full := append([]string{"--pin-path", c.pin, "--state-dir", state}, args...)
 	return runCmd(c.t, exec.CommandContext(ctx, c.bin, full...))
 }
 

@@ -16,11 +16,13 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/daemon"
 	"github.com/ctd-dev/ctd/control/gc"
 	"github.com/ctd-dev/ctd/control/mapinfo"
 	"github.com/ctd-dev/ctd/control/metrics"
+	"github.com/ctd-dev/ctd/control/policy"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -33,6 +35,7 @@ func newDaemonCmd(a *app) *cobra.Command {
 		mode        string
 		metricsAddr string
 		logFormat   string
+		defaults    [2]string
 		cfg         daemon.Config
 		lifetimes   = gc.DefaultLifetimes()
 		node        clusterNode
@@ -61,7 +64,8 @@ With --kvstore-endpoints (cluster mode) it also applies the cluster's
 ipcache, policy and endpoints from etcd to this node's store and maps, and
 publishes this node's endpoints ('ctd endpoint') as --node-name under a
 lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
-		Args: cobra.NoArgs,
+		Args:        cobra.NoArgs,
+		Annotations: map[string]string{annotationNoFinish: "yes"},
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := a.preamble(nil); err != nil {
 				return err
@@ -83,6 +87,16 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 			}
 			if err := lifetimes.Validate(); err != nil {
 				return err
+			}
+			for d, v := range defaults {
+				if v == "" {
+					continue
+				}
+				verdict, err := policy.ParseVerdict(v)
+				if err != nil {
+					return fmt.Errorf("invalid --default-%s %q: valid are allow, deny", bpf.Direction(d), v)
+				}
+				cfg.Defaults[d] = verdict
 			}
 			if cfg.PollInterval <= 0 {
 				return fmt.Errorf("invalid --poll-interval %v: must be a positive duration, e.g. 1s", cfg.PollInterval)
@@ -108,7 +122,7 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 			cfg.Logger = log
 			cfg.Spec = datapathSpec
 			if len(ifaces) == 0 {
-				if err := requireStoredIfaces(a.stateDir); err != nil {
+				if err := a.requireStoredIfaces(); err != nil {
 					return err
 				}
 			}
@@ -145,6 +159,8 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9478 (off unless set; a non-loopback address logs a warning)")
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format on stderr: text or json")
+	c.Flags().StringVar(&defaults[bpf.Ingress], "default-ingress", "", "default verdict for new ingress flows, allow or deny, recorded where the state store holds none (a new install): bootstrap closed with deny")
+	c.Flags().StringVar(&defaults[bpf.Egress], "default-egress", "", "default verdict for new egress flows, allow or deny, recorded where the state store holds none")
 	lifetimes.AddFlags(c.Flags())
 	node.add(c.Flags())
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
@@ -156,12 +172,12 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 
 // requireStoredIfaces fails when no --iface is given and the store records
 // no interface either: the daemon would protect nothing.
-func requireStoredIfaces(stateDir string) error {
-	path := filepath.Join(stateDir, store.FileName)
+func (a *app) requireStoredIfaces() error {
+	path := filepath.Join(a.stateDir, store.FileName)
 	if _, err := os.Stat(path); err != nil {
 		return fmt.Errorf("missing --iface: there is no state store at %s to take the interfaces from; name one, e.g. --iface eth0", path)
 	}
-	s, err := store.Open(stateDir, nil)
+	s, err := a.openStore()
 	if err != nil {
 		return err
 	}
@@ -177,23 +193,23 @@ func requireStoredIfaces(stateDir string) error {
 
 // detachAndForget detaches ctd from iface and removes iface from the
 // interfaces recorded in the state store (which 'ctd daemon' attaches at
-// every start), in one store transaction: if the detach fails, the store
-// keeps the interface. Without a store file only the detach is done; none is
-// created.
+// every start), as one change (store.Change): if the detach fails, the
+// store keeps the interface. Without a store file only the detach is done;
+// none is created. The detach runs in the calling goroutine, whose network
+// namespace is the command's.
 func (a *app) detachAndForget(iface string) error {
 	if _, err := os.Stat(filepath.Join(a.stateDir, store.FileName)); err != nil {
 		return a.pins().Detach(iface)
 	}
-	s, err := store.Open(a.stateDir, nil)
+	s, err := a.openStore()
 	if err != nil {
 		return err
 	}
-	return s.Update(func(tx *store.Tx) error {
-		if err := tx.DeleteInterface(iface); err != nil {
-			return err
-		}
-		return a.pins().Detach(iface)
-	})
+	return s.Change(store.Change{
+		What:   "detach " + iface,
+		Record: func(tx *store.Tx) error { return tx.DeleteInterface(iface) },
+		Apply:  func() error { return a.pins().Detach(iface) },
+	}, nil)
 }
 
 // daemonComponents returns the loops the daemon runs beside reconcile:

@@ -9,9 +9,10 @@ import (
 func newDetachCmd(a *app) *cobra.Command {
 	var iface string
 	c := &cobra.Command{
-		Use:   "detach --iface NAME",
-		Short: "Remove ctd's programs from one interface; the maps and other interfaces stay",
-		Args:  cobra.NoArgs,
+		Use:         "detach --iface NAME",
+		Short:       "Remove ctd's programs from one interface; the maps and other interfaces stay",
+		Args:        cobra.NoArgs,
+		Annotations: map[string]string{annotationStore: "yes"},
 		RunE: func(c *cobra.Command, _ []string) error {
 			if err := a.preamble(nil); err != nil {
 				return err

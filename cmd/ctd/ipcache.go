@@ -4,11 +4,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/control/ipcache"
-	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -29,31 +29,26 @@ CIDRs are written as 10.0.0.0/8 or fd00::/8; a bare address means /32 or
 Changes go to the pinned maps and to the desired-state store (--state-dir),
 which 'ctd daemon' restores after a restart. The maps are created (and
 pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
+		Annotations: map[string]string{annotationStore: "yes"},
 	}
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
-	open := func(c *cobra.Command) (*ipcachemap.Map, func(), error) {
-		maps, err := a.openMaps(c, ipcacheMax)
-		if err != nil {
-			return nil, nil, err
-		}
-		return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), func() { maps.Close() }, nil
-	}
 	table := func(c *cobra.Command) (ipcache.Table, func(), error) {
 		if err := a.preamble(nil); err != nil {
 			return ipcache.Table{}, nil, err
 		}
 		// The store first: a command that cannot record its change must
 		// not create maps either.
-		st, err := store.Open(a.stateDir, nil)
+		st, err := a.openStore()
 		if err != nil {
 			return ipcache.Table{}, nil, err
 		}
-		m, done, err := open(c)
+		maps, err := a.openMaps(c, ipcacheMax)
 		if err != nil {
 			return ipcache.Table{}, nil, err
 		}
-		return ipcache.Table{Map: m, Store: st}, done, nil
+		t := ipcache.Table{Map: ipcachemap.New(maps.IPCache4(), maps.IPCache6()), Store: st, Finish: finisher(maps)}
+		return t, func() { maps.Close() }, nil
 	}
 
 	c.AddCommand(&cobra.Command{
@@ -180,6 +175,11 @@ prefixes are written first, then the prefixes the file does not have are
 deleted, so a prefix in both the old table and the file is never missing.`,
 		Args: exactArgs(1, "ctd ipcache load FILE|- [--replace]"),
 		RunE: func(c *cobra.Command, args []string) error {
+			if os.Getenv("GOMEMLIMIT") == "" {
+				// A big load is mostly short-lived garbage (lines,
+				// batches): collect it before the heap doubles.
+				debug.SetMemoryLimit(loadMemoryLimit)
+			}
 			name, r := args[0], io.Reader(c.InOrStdin())
 			if name == "-" {
 				name = "stdin"
@@ -216,6 +216,10 @@ deleted, so a prefix in both the old table and the file is never missing.`,
 	c.AddCommand(load)
 	return c
 }
+
+// loadMemoryLimit is the Go GC's soft memory limit for 'ipcache load'
+// (unless GOMEMLIMIT sets one): 500k lines need about 60 MiB live.
+const loadMemoryLimit = 80 << 20
 
 // exactArgs is cobra.ExactArgs with a usage line in its one-line error.
 func exactArgs(n int, usage string) cobra.PositionalArgs {

@@ -10,7 +10,6 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/policy"
-	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
@@ -47,6 +46,7 @@ applies, allow unless set otherwise.
 
 Changes go to the pinned maps and to the desired-state store (--state-dir),
 which 'ctd daemon' restores after a restart.`,
+		Annotations: map[string]string{annotationStore: "yes"},
 	}
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
@@ -58,7 +58,7 @@ which 'ctd daemon' restores after a restart.`,
 		}
 		// The store first: a command that cannot record its change must
 		// not create maps either.
-		st, err := store.Open(a.stateDir, nil)
+		st, err := a.openStore()
 		if err != nil {
 			return policy.Policy{}, nil, nil, err
 		}
@@ -76,7 +76,8 @@ which 'ctd daemon' restores after a restart.`,
 			}
 			return writeRevoked(c.OutOrStdout(), res, "text")
 		}
-		return policy.Policy{Map: policymap.New(maps.Policy(), maps.Config()), Store: st}, func() { maps.Close() }, revoke, nil
+		p := policy.Policy{Map: policymap.New(maps.Policy(), maps.Config()), Store: st, Finish: finisher(maps)}
+		return p, func() { maps.Close() }, revoke, nil
 	}
 	addRevokeFlag := func(c *cobra.Command) *cobra.Command {
 		c.Flags().BoolVar(&revokeFlag, "revoke", false,

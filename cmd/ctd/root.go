@@ -64,6 +64,12 @@ func newRootCmd(a *app) *cobra.Command {
 		Short:         "Connection tracking, identities and policy for a Linux interface, in eBPF",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		PersistentPreRunE: func(c *cobra.Command, _ []string) error {
+			if skipsFinish(c) {
+				return nil
+			}
+			return a.finishPending(c)
+		},
 	}
 	root.PersistentFlags().StringVar(&a.pinPath, "pin-path", envOr("CTD_PIN_PATH", loader.DefaultPinPath), "bpffs directory holding ctd's pinned maps and links (env CTD_PIN_PATH)")
 	root.PersistentFlags().StringVar(&a.stateDir, "state-dir", envOr("CTD_STATE_DIR", "/var/lib/ctd"), "directory of ctd's desired-state store (env CTD_STATE_DIR)")
@@ -74,7 +80,7 @@ func newRootCmd(a *app) *cobra.Command {
 	root.AddCommand(
 		// Commands, one file each.
 		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a), newDaemonCmd(a), newIPCacheCmd(a), newPolicyCmd(a),
-		newMapsCmd(a), newMetricsCmd(a), newMonitorCmd(a), newEventsCmd(a),
+		newMapsCmd(a), newMetricsCmd(a), newMonitorCmd(a), newEventsCmd(a), newStateCmd(a),
 		newClusterCmd(a), newEndpointCmd(a), newIdentityCmd(a),
 	)
 	return root

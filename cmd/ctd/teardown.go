@@ -9,8 +9,9 @@ import (
 
 func newTeardownCmd(a *app) *cobra.Command {
 	return &cobra.Command{
-		Use:   "teardown",
-		Short: "Detach ctd everywhere and remove every pin under the pin path",
+		Use:         "teardown",
+		Short:       "Detach ctd everywhere and remove every pin under the pin path",
+		Annotations: map[string]string{annotationNoFinish: "yes"},
 		Long: `Detach ctd from every interface it is attached to: the TCX links pinned
 below <pin-path>/links and, in the current network namespace, the tc filters
 whose programs use this pin path's maps. Then remove every pin of ctd's below

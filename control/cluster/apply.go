@@ -15,49 +15,56 @@ import (
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
-// Apply makes the node's store and maps enforce a sync update, in one
-// store transaction: the store is the cache the node enforces from while
+// Apply makes the node's store and maps enforce a sync update, as one
+// crash-consistent change (store.Change: the store first, with an intent
+// mark, then the maps): the store is the cache the node enforces from while
 // etcd is away and across restarts, and the daemon's reconcile keeps the
 // maps equal to it. A full update replaces the store's ipcache, rules and
 // defaults (mark and sweep) and then syncs the maps to it, inserting before
-// deleting; a delta changes just the prefixes it names. If the store cannot
-// commit, the maps are put back to what the store holds.
+// deleting; a delta changes just the prefixes it names. If the maps refuse
+// a delta, they are put back to what the store held, and the store too.
 //
 // For a delta that changed the store, Apply reports the store generations
 // it took the store from and to (both zero otherwise): the maps changed
 // exactly as the store did (see daemon.Env.Advance).
 func Apply(s *store.Store, maps *loader.Maps, u kvstore.Update) (from, to uint64, err error) {
+	finish := func(st *store.State) error {
+		_, err := daemon.Sync(st, maps)
+		return err
+	}
 	if u.Full {
-		return 0, 0, s.Update(func(tx *store.Tx) error {
-			st, err := replaceStore(tx, u)
-			if err != nil {
-				return err
-			}
-			_, err = daemon.Sync(st, maps)
-			return err
-		})
+		var st *store.State
+		return 0, 0, s.Change(store.Change{
+			What:   "cluster full update",
+			Record: func(tx *store.Tx) (err error) { st, err = replaceStore(tx, u); return err },
+			Apply:  func() error { return finish(st) },
+		}, finish)
 	}
 	m := ipcachemap.New(maps.IPCache4(), maps.IPCache6())
-	var before uint64
-	var changed bool
-	err = s.Update(func(tx *store.Tx) error {
+	upserts := make([]ipcachemap.Entry, 0, len(u.IPCache))
+	for p, id := range u.IPCache {
+		upserts = append(upserts, ipcachemap.Entry{Prefix: p, Identity: id})
+	}
+	slices.SortFunc(upserts, ipcachemap.Compare)
+	touched := make([]netip.Prefix, 0, len(upserts)+len(u.Removed))
+	for _, e := range upserts {
+		touched = append(touched, e.Prefix)
+	}
+	touched = append(touched, u.Removed...)
+
+	var (
+		before    uint64
+		changed   bool
+		old       *store.State // what the store held of the touched prefixes and the policy
+		oldPolicy bool
+	)
+	record := func(tx *store.Tx) error {
 		before, changed = tx.Generation(), deltaChanges(tx, u)
-		upserts := make([]ipcachemap.Entry, 0, len(u.IPCache))
-		for p, id := range u.IPCache {
-			upserts = append(upserts, ipcachemap.Entry{Prefix: p, Identity: id})
-		}
-		slices.SortFunc(upserts, ipcachemap.Compare)
-		touched := make([]netip.Prefix, 0, len(upserts)+len(u.Removed))
-		for _, e := range upserts {
-			touched = append(touched, e.Prefix)
-		}
-		touched = append(touched, u.Removed...)
-		tx.OnAbort(func() error { return restorePrefixes(tx, m, touched) })
-		if _, err := m.BatchUpdate(upserts); err != nil {
-			return fmt.Errorf("write ipcache: %w", err)
-		}
-		if _, err := m.BatchDelete(u.Removed); err != nil {
-			return fmt.Errorf("delete from ipcache: %w", err)
+		old = &store.State{IPCache: make(map[netip.Prefix]uint32, len(touched)), Defaults: tx.Defaults()}
+		for _, p := range touched {
+			if id, ok := tx.LookupIPCache(p); ok {
+				old.IPCache[p] = id
+			}
 		}
 		for _, e := range upserts {
 			if err := tx.PutIPCache(e.Prefix, e.Identity); err != nil {
@@ -72,16 +79,47 @@ func Apply(s *store.Store, maps *loader.Maps, u kvstore.Update) (from, to uint64
 		if u.Policy == nil {
 			return nil
 		}
-		if err := replacePolicy(tx, u); err != nil {
+		var err error
+		if old.Policy, err = tx.Rules(); err != nil {
 			return err
 		}
-		_, err := daemon.SyncPolicy(&store.State{Policy: u.Policy, Defaults: u.Defaults}, maps)
+		oldPolicy = true
+		return replacePolicy(tx, u)
+	}
+	apply := func() error {
+		err := applyDelta(m, maps, upserts, u)
+		if err == nil {
+			return nil
+		}
+		rerr := restorePrefixes(m, old.IPCache, touched)
+		if oldPolicy {
+			_, perr := daemon.SyncPolicy(old, maps)
+			rerr = errors.Join(rerr, perr)
+		}
+		if rerr != nil {
+			return fmt.Errorf("%w; putting the maps back failed too: %v", err, rerr)
+		}
 		return err
-	})
-	if err != nil || !changed {
+	}
+	if err := s.Change(store.Change{What: "cluster delta", Record: record, Apply: apply}, finish); err != nil || !changed {
 		return 0, 0, err
 	}
 	return before, before + 1, nil
+}
+
+// applyDelta writes a delta into the maps.
+func applyDelta(m *ipcachemap.Map, maps *loader.Maps, upserts []ipcachemap.Entry, u kvstore.Update) error {
+	if _, err := m.BatchUpdate(upserts); err != nil {
+		return fmt.Errorf("write ipcache: %w", err)
+	}
+	if _, err := m.BatchDelete(u.Removed); err != nil {
+		return fmt.Errorf("delete from ipcache: %w", err)
+	}
+	if u.Policy == nil {
+		return nil
+	}
+	_, err := daemon.SyncPolicy(&store.State{Policy: u.Policy, Defaults: u.Defaults}, maps)
+	return err
 }
 
 // deltaChanges reports whether applying delta u changes the store.
@@ -103,12 +141,13 @@ func deltaChanges(tx *store.Tx, u kvstore.Update) bool {
 	return err != nil || !maps.Equal(rules, u.Policy) || tx.Defaults() != u.Defaults
 }
 
-// restorePrefixes puts the maps' prefixes back to what the store holds.
-func restorePrefixes(tx *store.Tx, m *ipcachemap.Map, ps []netip.Prefix) error {
+// restorePrefixes puts the maps' prefixes ps back to the identities in old
+// (deleting those old does not have).
+func restorePrefixes(m *ipcachemap.Map, old map[netip.Prefix]uint32, ps []netip.Prefix) error {
 	var put []ipcachemap.Entry
 	var del []netip.Prefix
 	for _, p := range ps {
-		if id, ok := tx.LookupIPCache(p); ok {
+		if id, ok := old[p]; ok {
 			put = append(put, ipcachemap.Entry{Prefix: p, Identity: id})
 		} else {
 			del = append(del, p)

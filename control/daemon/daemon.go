@@ -22,19 +22,15 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/attach"
@@ -81,6 +77,11 @@ type Config struct {
 	// Spec returns the datapath to load; nil means the one built into
 	// package bpf. Test builds use it to run another build of the programs.
 	Spec func() (*ebpf.CollectionSpec, error)
+
+	// Defaults are the default verdicts by direction to record in the
+	// store where it holds none (VerdictUnset: none given), before the
+	// maps are restored: a new install can start closed.
+	Defaults [2]store.Verdict
 }
 
 // Component is a loop the daemon runs once it is ready, such as conntrack
@@ -113,6 +114,8 @@ type Ready struct {
 	Total     time.Duration
 
 	Restored   bool           // the maps were created empty and filled from the store
+	Finished   *store.Intent  // a change a killed writer left unfinished, finished now
+	Compacted  [2]int64       // store size before and after compaction; zero when not compacted
 	Migration  migrate.Report // maps resized or upgraded to this build's layout
 	Repinned   []string       // maps whose pins were missing, re-pinned from the attached programs
 	Adopted    bool           // the store was empty and took over the maps' ipcache and policy
@@ -123,20 +126,23 @@ type Ready struct {
 
 // Daemon is one run of the agent.
 type Daemon struct {
-	cfg   Config
-	pins  pins.Dir
-	log   *slog.Logger
-	store *store.Store
-	lock  *os.File // LockFile, held until Close
-	dp    *loader.Datapath
+	cfg     Config
+	pins    pins.Dir
+	log     *slog.Logger
+	store   *store.Store
+	lock    *os.File // LockFile, held until Close
+	pinLock *os.File // the pin path directory, flocked by Start until Close
+	dp      *loader.Datapath
 
 	mu     sync.Mutex // guards gen and ifaces against concurrent syncs
 	gen    uint64
 	ifaces map[string]attach.Mode // attached interfaces and their modes
 }
 
-// New checks cfg, opens the store and takes the state directory's lock
-// (one daemon per state); Close releases it.
+// New checks cfg, takes the state directory's lock (one daemon per state),
+// and opens and checks the store: a corrupted store (an empty file
+// included) is refused, as is a store that belongs to another pin path.
+// Close releases the lock.
 func New(cfg Config) (*Daemon, error) {
 	if cfg.Mode == "" {
 		cfg.Mode = attach.ModeAuto
@@ -163,12 +169,16 @@ func New(cfg Config) (*Daemon, error) {
 		}
 		seen[iface] = true
 	}
-	s, err := store.Open(cfg.StateDir, nil)
+	s, err := store.Open(cfg.StateDir, &store.Options{PinPath: cfg.PinPath})
 	if err != nil {
 		return nil, err
 	}
 	lock, err := lockStateDir(cfg.StateDir)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.Check(); err != nil {
+		lock.Close()
 		return nil, err
 	}
 	return &Daemon{
@@ -186,37 +196,32 @@ func New(cfg Config) (*Daemon, error) {
 const LockFile = "daemon.lock"
 
 // lockStateDir makes sure that one daemon at a time acts on a desired state:
-// two would migrate and reconcile the same maps against each other. The
-// kernel drops the lock when the process dies, so a SIGKILL leaves no stale
-// lock behind.
+// two would migrate and reconcile the same maps against each other.
 func lockStateDir(dir string) (*os.File, error) {
-	path := filepath.Join(dir, LockFile)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("daemon lock %s: %w", path, err)
+	f, owner, err := lockPID(filepath.Join(dir, LockFile))
+	if owner != "" {
+		return nil, fmt.Errorf("another ctd daemon (pid %s) runs with the state directory %s: stop it first, one daemon acts on a state at a time", owner, dir)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		defer f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			pid, _ := os.ReadFile(path)
-			return nil, fmt.Errorf("another ctd daemon (pid %s) runs with the state directory %s: stop it first, one daemon acts on a state at a time", strings.TrimSpace(string(pid)), dir)
-		}
-		return nil, fmt.Errorf("daemon lock %s: %w", path, err)
-	}
-	if err := f.Truncate(0); err == nil {
-		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	}
-	return f, nil
+	return f, err
 }
 
 // Start loads the datapath, restores and reconciles the desired state,
 // attaches the programs and records the interfaces, in that order. When it
 // fails, whatever ran before keeps running: it never detaches.
 func (d *Daemon) Start() (Ready, error) {
-	var r Ready
+	var (
+		r   Ready
+		err error
+	)
 	t0 := time.Now()
 
 	if err := bpffs.Prepare(d.cfg.PinPath); err != nil {
+		return r, err
+	}
+	if d.pinLock, err = lockPinPath(d.cfg.PinPath); err != nil {
+		return r, err
+	}
+	if r.Compacted, err = d.store.CompactIfBloated(); err != nil {
 		return r, err
 	}
 	opts, err := d.options()
@@ -237,6 +242,9 @@ func (d *Daemon) Start() (Ready, error) {
 	r.Load = time.Since(t0)
 
 	t1 := time.Now()
+	if r.Finished, err = d.store.Finish(d.finish); err != nil {
+		return r, err
+	}
 	gen, err := d.store.Generation()
 	if err != nil {
 		return r, err
@@ -245,6 +253,9 @@ func (d *Daemon) Start() (Ready, error) {
 		if r.Adopted, err = adopt(d.store, &dp.Maps); err != nil {
 			return r, err
 		}
+	}
+	if err := d.recordDefaults(); err != nil {
+		return r, err
 	}
 	var st *store.State
 	err = d.store.View(func(tx *store.Tx) error {
@@ -276,6 +287,36 @@ func (d *Daemon) Start() (Ready, error) {
 	r.Generation = gen
 	r.Total = time.Since(t0)
 	return r, nil
+}
+
+// finish makes the maps equal to the desired state: it finishes a change
+// whose writer was killed (see store.Change).
+func (d *Daemon) finish(st *store.State) error {
+	_, err := Sync(st, &d.dp.Maps)
+	return err
+}
+
+// recordDefaults records the configured default verdicts in the store for
+// the directions where it holds none.
+func (d *Daemon) recordDefaults() error {
+	if d.cfg.Defaults == [2]store.Verdict{} {
+		return nil
+	}
+	err := d.store.Update(func(tx *store.Tx) error {
+		have := tx.Defaults()
+		for dir, v := range d.cfg.Defaults {
+			if v != store.VerdictUnset && have[dir] == store.VerdictUnset {
+				if err := tx.SetDefault(store.Direction(dir), v); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("record the default verdicts in the state store: %w", err)
+	}
+	return nil
 }
 
 // attachAll attaches the programs to the configured interfaces and to those

@@ -76,19 +76,43 @@ func (d *Daemon) attached() []string {
 }
 
 // reconcileLoop polls the store's generation and reconciles the maps when it
-// changed, and every ResyncInterval regardless. A failed poll or reconcile
-// is logged and retried at the next tick; the datapath keeps running.
+// changed, and every ResyncInterval regardless; four times per poll it
+// finishes a change whose writer was killed, if there is one. A failed poll
+// or reconcile is logged and retried at the next tick; the datapath keeps
+// running. A store operation stuck past its deadline stops the daemon: it
+// may hold the store's lock, which no other ctd process could then take.
 func (d *Daemon) reconcileLoop(ctx context.Context) error {
-	poll := time.NewTicker(d.cfg.PollInterval)
-	defer poll.Stop()
-	lastSync := time.Now()
+	// A killed writer's mark is looked for intentPolls times per poll: a
+	// change it left half-applied is finished well within PollInterval.
+	const intentPolls = 4
+	tick := time.NewTicker(max(d.cfg.PollInterval/intentPolls, time.Millisecond))
+	defer tick.Stop()
+	lastSync, lastPoll := time.Now(), time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-poll.C:
+		case <-tick.C:
 		}
+		in, err := d.store.Finish(d.finish)
+		if errors.Is(err, store.ErrStuck) {
+			return err
+		}
+		if err != nil {
+			d.log.Warn("finish an unfinished change", "err", err)
+			continue
+		}
+		if in != nil {
+			d.log.Warn("finished a change its writer left unfinished", "change", in.What, "pid", in.PID, "started", in.Started)
+		}
+		if time.Since(lastPoll) < d.cfg.PollInterval*(intentPolls-1)/intentPolls {
+			continue
+		}
+		lastPoll = time.Now()
 		gen, err := d.store.Generation()
+		if errors.Is(err, store.ErrStuck) {
+			return err
+		}
 		if err != nil {
 			d.log.Warn("read store generation", "err", err)
 			continue
@@ -100,7 +124,9 @@ func (d *Daemon) reconcileLoop(ctx context.Context) error {
 			continue
 		}
 		lastSync = time.Now()
-		if _, err := d.Reconcile(); err != nil {
+		if _, err := d.Reconcile(); errors.Is(err, store.ErrStuck) {
+			return err
+		} else if err != nil {
 			d.log.Warn("reconcile", "err", err)
 		}
 	}
@@ -160,6 +186,10 @@ func (d *Daemon) Close() error {
 		errs = append(errs, d.lock.Close()) // releases the flock
 		d.lock = nil
 	}
+	if d.pinLock != nil {
+		errs = append(errs, unlockPinPath(d.pinLock))
+		d.pinLock = nil
+	}
 	return errors.Join(errs...)
 }
 
@@ -175,12 +205,22 @@ func LogReady(log *slog.Logger, r Ready) {
 		"reconcile", r.Reconcile.Round(time.Microsecond),
 		"attach", r.Attach.Round(time.Microsecond),
 		"restored", r.Restored,
+		"finished", finished(r.Finished),
+		"compacted", r.Compacted[0] != 0,
 		"adopted", r.Adopted,
 		"repinned", r.Repinned,
 		"migrated", migrated(r.Migration),
 		"generation", r.Generation,
 		"changes", r.Sync,
 		"ifaces", ifaces)
+}
+
+// finished names the change Start finished, or "".
+func finished(in *store.Intent) string {
+	if in == nil {
+		return ""
+	}
+	return fmt.Sprintf("%s (pid %d, %s)", in.What, in.PID, in.Started.Format(time.RFC3339))
 }
 
 // migrated summarises a migration report for the log.

@@ -175,21 +175,42 @@ func syncPolicy(st *store.State, m *policymap.Map, s *SyncStats) error {
 	return m.SyncRuleCount()
 }
 
+// MapsState reads the desired-state part of the maps: ipcache, policy rules
+// and default verdicts (no interfaces, generation 0).
+func MapsState(maps *loader.Maps) (*store.State, error) {
+	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
+	if err != nil {
+		return nil, err
+	}
+	pm := policymap.New(maps.Policy(), maps.Config())
+	rules, err := pm.List()
+	if err != nil {
+		return nil, err
+	}
+	defaults, err := pm.Defaults()
+	if err != nil {
+		return nil, err
+	}
+	st := &store.State{
+		IPCache:  make(map[netip.Prefix]uint32, len(entries)),
+		Policy:   make(map[store.RuleKey]store.Verdict, len(rules)),
+		Defaults: defaults,
+	}
+	for _, e := range entries {
+		st.IPCache[e.Prefix] = e.Identity
+	}
+	for _, r := range rules {
+		st.Policy[keyOf(r)] = r.Verdict
+	}
+	return st, nil
+}
+
 // adopt fills an empty store from the maps' ipcache, policy rules and
 // default verdicts: when a datapath that ran without a store (an older ctd,
 // or a lost state directory) meets the daemon, its state is taken over
 // rather than deleted. It reports whether anything was adopted.
 func adopt(s *store.Store, maps *loader.Maps) (bool, error) {
-	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
-	if err != nil {
-		return false, err
-	}
-	pm := policymap.New(maps.Policy(), maps.Config())
-	rules, err := pm.List()
-	if err != nil {
-		return false, err
-	}
-	defaults, err := pm.Defaults()
+	st, err := MapsState(maps)
 	if err != nil {
 		return false, err
 	}
@@ -199,24 +220,10 @@ func adopt(s *store.Store, maps *loader.Maps) (bool, error) {
 		if tx.Generation() != 0 {
 			return nil // another process wrote the store meanwhile: it rules
 		}
-		for _, e := range entries {
-			if err := tx.PutIPCache(e.Prefix, e.Identity); err != nil {
-				return err
-			}
+		if err := tx.PutState(st); err != nil {
+			return err
 		}
-		for _, r := range rules {
-			if err := tx.PutRule(keyOf(r), store.Verdict(r.Verdict)); err != nil {
-				return err
-			}
-		}
-		for d, v := range defaults {
-			if v != policymap.VerdictUnset {
-				if err := tx.SetDefault(store.Direction(d), store.Verdict(v)); err != nil {
-					return err
-				}
-			}
-		}
-		adopted = len(entries)+len(rules) > 0 || defaults != [2]policymap.Verdict{}
+		adopted = len(st.IPCache)+len(st.Policy) > 0 || st.Defaults != [2]store.Verdict{}
 		return nil
 	})
 	if err != nil {

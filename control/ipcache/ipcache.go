@@ -3,13 +3,13 @@ package ipcache
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"math"
 	"net/netip"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -149,12 +149,12 @@ func ParseEntry(fields []string) (Entry, error) {
 // first bad line, on a prefix given twice with different identities, and on
 // a file without entries. A prefix given twice with the same identity counts
 // once.
+//
+// Parse streams its input: it keeps only the parsed entries (no line
+// text), and finds duplicates by sorting them, not in a map. The entries
+// come back in the store's key order (store.ComparePrefixKeys).
 func Parse(r io.Reader) ([]Entry, error) {
-	type first struct{ index, line int }
-	var (
-		out  []Entry
-		seen = map[netip.Prefix]first{}
-	)
+	var s byKey
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
 	for n := 1; sc.Scan(); n++ {
@@ -167,22 +167,57 @@ func Parse(r io.Reader) ([]Entry, error) {
 		if err != nil {
 			return nil, fmt.Errorf("line %d: %w", n, err)
 		}
-		if f, dup := seen[e.Prefix]; dup {
-			if id := out[f.index].Identity; id != e.Identity {
-				return nil, fmt.Errorf("line %d: %v id=%d conflicts with id=%d on line %d", n, e.Prefix, e.Identity, id, f.line)
-			}
-			continue
-		}
-		seen[e.Prefix] = first{len(out), n}
-		out = append(out, e)
+		s.entries = append(s.entries, e)
+		s.lines = append(s.lines, int32(n))
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("read: %w", err)
 	}
-	if len(out) == 0 {
+	if len(s.entries) == 0 {
 		return nil, errors.New(`no entries: the file must have at least one "CIDR id=N" line`)
 	}
-	return out, nil
+	// By key, and each prefix's lines in file order: the first occurrence
+	// of a prefix comes first, and a conflict is reported at the earliest
+	// line that contradicts an earlier one.
+	sort.Sort(s)
+	out := s.entries[:0]
+	var conflict struct {
+		e           Entry
+		line, first int32
+		was         uint32
+	}
+	for i, e := range s.entries {
+		if n := len(out); n > 0 && out[n-1].Prefix == e.Prefix {
+			if out[n-1].Identity != e.Identity && (conflict.line == 0 || s.lines[i] < conflict.line) {
+				conflict.e, conflict.line, conflict.first, conflict.was = e, s.lines[i], s.lines[n-1], out[n-1].Identity
+			}
+			continue
+		}
+		s.lines[len(out)] = s.lines[i]
+		out = append(out, e)
+	}
+	if c := conflict; c.line != 0 {
+		return nil, fmt.Errorf("line %d: %v id=%d conflicts with id=%d on line %d", c.line, c.e.Prefix, c.e.Identity, c.was, c.first)
+	}
+	return slices.Clip(out), nil
+}
+
+// byKey sorts entries in store key order, and entries of one prefix by line.
+type byKey struct {
+	entries []Entry
+	lines   []int32
+}
+
+func (s byKey) Len() int { return len(s.entries) }
+func (s byKey) Less(i, j int) bool {
+	if c := store.ComparePrefixKeys(s.entries[i].Prefix, s.entries[j].Prefix); c != 0 {
+		return c < 0
+	}
+	return s.lines[i] < s.lines[j]
+}
+func (s byKey) Swap(i, j int) {
+	s.entries[i], s.entries[j] = s.entries[j], s.entries[i]
+	s.lines[i], s.lines[j] = s.lines[j], s.lines[i]
 }
 
 // Result counts what an Apply changed.
@@ -202,20 +237,28 @@ type Options struct {
 
 // Table is the ipcache as operators change it: the datapath's tries and,
 // when Store is set, the desired-state store, which the daemon restores
-// and reconciles the tries from. Each change is made to both inside one
-// store transaction, which also keeps other ctd processes from
-// interleaving: if either part fails, neither keeps the change.
+// and reconciles the tries from. Each change goes through Store.Change:
+// recorded in the store with an intent mark, then applied to the tries, so
+// that a change killed midway is finished by the next ctd process; if the
+// tries refuse it, neither keeps it.
 type Table struct {
 	Map   *ipcachemap.Map
 	Store *store.Store // nil: the tries only
+	// Finish makes the maps equal to the store: it finishes a change
+	// another ctd process left unfinished (see store.Change).
+	Finish store.Finisher
 }
 
-// update runs fn in a store transaction, or with a nil Tx without a store.
-func (t Table) update(fn func(tx *store.Tx) error) error {
+// change records a change with record (run with a nil Tx without a store)
+// and applies it with apply.
+func (t Table) change(what string, record func(tx *store.Tx) error, apply func() error) error {
 	if t.Store == nil {
-		return fn(nil)
+		if err := record(nil); err != nil {
+			return err
+		}
+		return apply()
 	}
-	return t.Store.Update(fn)
+	return t.Store.Change(store.Change{What: what, Record: record, Apply: apply}, t.Finish)
 }
 
 // Load parses a whole ipcache file from r and applies it; nothing is
@@ -243,95 +286,99 @@ func (t Table) Load(r io.Reader, o Options) (Result, error) {
 // kernel still fails midway, Apply restores the table as it read it and
 // reports both. Apply is meant to be the table's only writer while it runs.
 func (t Table) Apply(entries []Entry, o Options) (Result, error) {
-	var res Result
-	err := t.update(func(tx *store.Tx) error {
-		var (
-			undo func() error
-			err  error
-		)
-		res, undo, err = apply(t.Map, entries, o)
-		if err != nil || tx == nil {
-			return err
-		}
-		tx.OnAbort(undo)
-		if o.Replace {
-			if err := tx.ClearIPCache(); err != nil {
-				return err
-			}
-		}
-		for _, e := range storeOrder(entries) {
-			if err := tx.PutIPCache(e.Prefix, e.Identity); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	entries, err := keyOrder(entries)
 	if err != nil {
+		return Result{}, err
+	}
+	what := "ipcache load"
+	if o.Replace {
+		what += " --replace"
+	}
+	var res Result
+	apply := func() (err error) {
+		res, err = apply(t.Map, entries, o)
+		return err
+	}
+	if t.Store == nil {
+		return res, apply()
+	}
+	load := &store.IPCacheLoad{
+		Len:     len(entries),
+		At:      func(i int) (netip.Prefix, uint32) { return entries[i].Prefix, entries[i].Identity },
+		Replace: o.Replace,
+	}
+	if err := t.Store.Change(store.Change{What: what, IPCache: load, Apply: apply}, t.Finish); err != nil {
 		return Result{}, err
 	}
 	return res, nil
 }
 
-// storeOrder sorts entries in the order of the store's keys (the store keys
-// prefixes by netip.Prefix.MarshalBinary): bbolt then appends each key to
-// its page instead of moving the keys after it, which makes a big load
-// linear instead of quadratic.
-func storeOrder(entries []Entry) []Entry {
-	type keyed struct {
-		key []byte
-		e   Entry
+// keyOrder returns entries in the store's key order (Parse's order: then
+// entries is returned as is), and fails on a prefix given twice.
+func keyOrder(entries []Entry) ([]Entry, error) {
+	cmp := func(a, b Entry) int { return store.ComparePrefixKeys(a.Prefix, b.Prefix) }
+	if !slices.IsSortedFunc(entries, cmp) {
+		entries = slices.SortedFunc(slices.Values(entries), cmp)
 	}
-	ks := make([]keyed, len(entries))
-	for i, e := range entries {
-		k, _ := e.Prefix.MarshalBinary() // never fails for a valid prefix
-		ks[i] = keyed{k, e}
+	for i := 1; i < len(entries); i++ {
+		if entries[i].Prefix == entries[i-1].Prefix {
+			return nil, fmt.Errorf("%v is given twice", entries[i].Prefix)
+		}
 	}
-	slices.SortFunc(ks, func(a, b keyed) int { return bytes.Compare(a.key, b.key) })
-	out := make([]Entry, len(ks))
-	for i, k := range ks {
-		out[i] = k.e
-	}
-	return out
+	return entries, nil
 }
 
-// apply changes the tries and returns what undoes the change.
-func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error, error) {
+// apply changes the tries; when it fails it leaves them as they were.
+func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, error) {
 	var res Result
 	for _, e := range entries {
 		if !e.Prefix.IsValid() || e.Prefix.Masked() != e.Prefix || e.Identity == 0 {
-			return res, nil, fmt.Errorf("invalid entry %v id=%d", e.Prefix, e.Identity)
+			return res, fmt.Errorf("invalid entry %v id=%d", e.Prefix, e.Identity)
 		}
 	}
+	// before is in List's order, entries in key order: look up by binary
+	// search rather than in maps, which would cost more memory than the
+	// entries themselves.
 	before, err := m.List()
 	if err != nil {
-		return res, nil, err
+		return res, err
 	}
-	old := make(map[netip.Prefix]uint32, len(before))
-	for _, e := range before {
-		old[e.Prefix] = e.Identity
+	oldID := func(p netip.Prefix) (uint32, bool) { return lookup(before, p) }
+	wanted := func(p netip.Prefix) bool {
+		_, ok := slices.BinarySearchFunc(entries, p, func(e Entry, p netip.Prefix) int { return store.ComparePrefixKeys(e.Prefix, p) })
+		return ok
 	}
-	want := make(map[netip.Prefix]uint32, len(entries))
-	var upserts []Entry
-	for _, e := range entries {
-		if _, dup := want[e.Prefix]; dup {
-			return res, nil, fmt.Errorf("%v is given twice", e.Prefix)
-		}
-		want[e.Prefix] = e.Identity
-		switch id, ok := old[e.Prefix]; {
+	// upserts is entries itself until an unchanged entry is met.
+	var (
+		upserts []Entry
+		copied  bool
+		added   [2]int // by family: IPv4, IPv6
+	)
+	for i, e := range entries {
+		switch id, ok := oldID(e.Prefix); {
 		case !ok:
 			res.Added++
-			upserts = append(upserts, e)
+			added[family(e.Prefix)]++
 		case id != e.Identity:
 			res.Updated++
-			upserts = append(upserts, e)
 		default:
 			res.Unchanged++
+			if !copied {
+				upserts, copied = slices.Clone(entries[:i]), true
+			}
+			continue
 		}
+		if copied {
+			upserts = append(upserts, e)
+		}
+	}
+	if !copied {
+		upserts = entries
 	}
 	var stale []netip.Prefix
 	if o.Replace {
 		for _, e := range before {
-			if _, ok := want[e.Prefix]; !ok {
+			if !wanted(e.Prefix) {
 				stale = append(stale, e.Prefix)
 			}
 		}
@@ -343,17 +390,10 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error,
 	var staleFirst [2]bool
 	for fam, limit := range [2]uint32{max4, max6} {
 		is4 := fam == 0
-		nOld, nAdded, nStale := 0, 0, 0
+		nOld, nAdded, nStale := 0, added[fam], 0
 		for _, e := range before {
 			if e.Prefix.Addr().Is4() == is4 {
 				nOld++
-			}
-		}
-		for _, e := range upserts {
-			if e.Prefix.Addr().Is4() == is4 {
-				if _, ok := old[e.Prefix]; !ok {
-					nAdded++
-				}
 			}
 		}
 		for _, p := range stale {
@@ -363,7 +403,7 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error,
 		}
 		name := map[bool]string{true: "IPv4", false: "IPv6"}[is4]
 		if end := nOld + nAdded - nStale; end > int(limit) {
-			return Result{}, nil, fmt.Errorf("the %s ipcache holds at most %d prefixes (--ipcache-max) but would need %d: nothing was changed", name, limit, end)
+			return Result{}, fmt.Errorf("the %s ipcache holds at most %d prefixes (--ipcache-max) but would need %d: nothing was changed", name, limit, end)
 		}
 		staleFirst[fam] = nOld+nAdded > int(limit)
 	}
@@ -390,28 +430,47 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, func() error,
 		res.Deleted += n
 	}
 	if err != nil {
-		if rerr := restore(m, old, upserts, stale); rerr != nil {
-			return Result{}, nil, fmt.Errorf("apply ipcache changes: %w; restoring the previous table failed too: %v", err, rerr)
+		if rerr := restore(m, before, upserts, stale); rerr != nil {
+			return Result{}, fmt.Errorf("apply ipcache changes: %w; restoring the previous table failed too: %v", err, rerr)
 		}
-		return Result{}, nil, fmt.Errorf("apply ipcache changes: %w (the previous table was restored)", err)
+		return Result{}, fmt.Errorf("apply ipcache changes: %w (the previous table was restored)", err)
 	}
-	return res, func() error { return restore(m, old, upserts, stale) }, nil
+	return res, nil
+}
+
+// lookup finds p's identity in entries sorted as List returns them.
+func lookup(entries []Entry, p netip.Prefix) (uint32, bool) {
+	i, ok := slices.BinarySearchFunc(entries, p, func(e Entry, p netip.Prefix) int { return ipcachemap.ComparePrefix(e.Prefix, p) })
+	if !ok {
+		return 0, false
+	}
+	return entries[i].Identity, true
+}
+
+// family is 0 for IPv4 prefixes, 1 for IPv6.
+func family(p netip.Prefix) int {
+	if p.Addr().Is4() {
+		return 0
+	}
+	return 1
 }
 
 // restore undoes a partial Apply: prefixes it wrote or deleted get their
-// old identity back, prefixes it added are deleted.
-func restore(m *ipcachemap.Map, old map[netip.Prefix]uint32, upserts []Entry, stale []netip.Prefix) error {
+// identity in before (sorted as List returns it) back, prefixes it added
+// are deleted.
+func restore(m *ipcachemap.Map, before []Entry, upserts []Entry, stale []netip.Prefix) error {
 	var put []Entry
 	var del []netip.Prefix
 	for _, e := range upserts {
-		if id, ok := old[e.Prefix]; ok {
+		if id, ok := lookup(before, e.Prefix); ok {
 			put = append(put, Entry{Prefix: e.Prefix, Identity: id})
 		} else {
 			del = append(del, e.Prefix)
 		}
 	}
 	for _, p := range stale {
-		put = append(put, Entry{Prefix: p, Identity: old[p]})
+		id, _ := lookup(before, p)
+		put = append(put, Entry{Prefix: p, Identity: id})
 	}
 	_, derr := m.BatchDelete(del)
 	_, perr := m.BatchUpdate(put)
@@ -424,62 +483,57 @@ func (t Table) Add(e Entry) (previous uint32, err error) {
 	if e.Identity == 0 {
 		return 0, fmt.Errorf("invalid identity 0 for %v", e.Prefix)
 	}
-	err = t.update(func(tx *store.Tx) error {
-		prev, existed, err := t.Map.Get(e.Prefix)
-		if err != nil {
-			return err
-		}
-		if err := t.Map.Put(e.Prefix, e.Identity); err != nil {
-			return err
-		}
-		previous = prev
+	record := func(tx *store.Tx) error {
 		if tx == nil {
 			return nil
 		}
-		tx.OnAbort(func() error {
-			if existed {
-				return t.Map.Put(e.Prefix, prev)
-			}
-			return t.Map.Delete(e.Prefix)
-		})
 		return tx.PutIPCache(e.Prefix, e.Identity)
-	})
-	return previous, err
+	}
+	apply := func() error {
+		prev, _, err := t.Map.Get(e.Prefix)
+		if err != nil {
+			return err
+		}
+		previous = prev
+		return t.Map.Put(e.Prefix, e.Identity)
+	}
+	return previous, t.change("ipcache add", record, apply)
 }
 
 // Delete removes exactly p (not the prefixes it covers) and returns the
 // identity it had. It fails when p is neither in the tries nor in the store.
 func (t Table) Delete(p netip.Prefix) (identity uint32, err error) {
-	err = t.update(func(tx *store.Tx) error {
-		id, inMap, err := t.Map.Get(p)
-		if err != nil {
+	var inMap bool
+	check := func(tx *store.Tx) error {
+		var err error
+		if identity, inMap, err = t.Map.Get(p); err != nil {
 			return err
 		}
 		inStore := false
 		if tx != nil {
 			var sid uint32
 			if sid, inStore = tx.LookupIPCache(p); !inMap {
-				id = sid
+				identity = sid
 			}
 		}
 		if !inMap && !inStore {
 			return fmt.Errorf("%v is not in the ipcache (del removes exactly the prefix given; see 'ctd ipcache list')", p)
 		}
-		if inMap {
-			if err := t.Map.Delete(p); errors.Is(err, ipcachemap.ErrNotFound) {
-				return fmt.Errorf("%v is not in the ipcache (deleted meanwhile)", p)
-			} else if err != nil {
-				return err
-			}
-		}
-		identity = id
 		if tx == nil {
 			return nil
 		}
-		if inMap {
-			tx.OnAbort(func() error { return t.Map.Put(p, id) })
-		}
 		return tx.DeleteIPCache(p)
-	})
-	return identity, err
+	}
+	apply := func() error {
+		if !inMap {
+			return nil
+		}
+		if err := t.Map.Delete(p); errors.Is(err, ipcachemap.ErrNotFound) {
+			return fmt.Errorf("%v is not in the ipcache (deleted meanwhile)", p)
+		} else if err != nil {
+			return err
+		}
+		return nil
+	}
+	return identity, t.change("ipcache del", check, apply)
 }

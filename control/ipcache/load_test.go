@@ -197,10 +197,6 @@ func TestRestore(t *testing.T) {
 	if _, err := m.BatchUpdate(old); err != nil {
 		t.Fatal(err)
 	}
-	oldMap := map[netip.Prefix]uint32{}
-	for _, e := range old {
-		oldMap[e.Prefix] = e.Identity
-	}
 	upserts := []Entry{
 		ent("10.0.0.0/8", 50),
 		ent("203.0.113.0/24", 51),
@@ -214,7 +210,7 @@ func TestRestore(t *testing.T) {
 	if _, err := m.BatchDelete(stale); err != nil {
 		t.Fatal(err)
 	}
-	if err := restore(m, oldMap, upserts, stale); err != nil {
+	if err := restore(m, sorted(old), upserts, stale); err != nil {
 		t.Fatal(err)
 	}
 	if got := list(t, m); !slices.Equal(got, sorted(old)) {

@@ -149,20 +149,30 @@ func Format(r Rule) string { return Selector(r) + " " + r.Verdict.String() }
 
 // Policy is the policy as operators change it: the datapath's maps and,
 // when Store is set, the desired-state store, which the daemon restores and
-// reconciles the maps from. Each change is made to both inside one store
-// transaction, which also keeps other ctd processes from interleaving (the
-// rule count in config_v1 is a read-modify-write): if either part fails,
-// neither keeps the change.
+// reconciles the maps from. Each change goes through Store.Change: recorded
+// in the store with an intent mark, then applied to the maps, under the
+// store's lock, which also keeps other ctd processes from interleaving (the
+// rule count in config_v1 is a read-modify-write). A change killed midway
+// is finished by the next ctd process; if the maps refuse it, neither keeps
+// it.
 type Policy struct {
 	Map   *policymap.Map
 	Store *store.Store // nil: the maps only
+	// Finish makes the maps equal to the store: it finishes a change
+	// another ctd process left unfinished (see store.Change).
+	Finish store.Finisher
 }
 
-func (p Policy) update(fn func(tx *store.Tx) error) error {
+// change records a change with record (run with a nil Tx without a store)
+// and applies it with apply.
+func (p Policy) change(what string, record func(tx *store.Tx) error, apply func() error) error {
 	if p.Store == nil {
-		return fn(nil)
+		if err := record(nil); err != nil {
+			return err
+		}
+		return apply()
 	}
-	return p.Store.Update(fn)
+	return p.Store.Change(store.Change{What: what, Record: record, Apply: apply}, p.Finish)
 }
 
 func keyOf(r Rule) store.RuleKey {
@@ -175,37 +185,34 @@ func (p Policy) Add(r Rule) (previous policymap.Verdict, err error) {
 	if r.Verdict != policymap.Allow && r.Verdict != policymap.Deny {
 		return 0, fmt.Errorf("rule %q has no verdict: want allow or deny", Selector(r))
 	}
-	err = p.update(func(tx *store.Tx) error {
+	record := func(tx *store.Tx) error {
 		old, err := p.Map.Get(r)
-		existed := err == nil
 		if err != nil && !errors.Is(err, policymap.ErrNotFound) {
 			return err
-		}
-		if err := p.Map.Put(r); err != nil {
-			return fmt.Errorf("add rule %q: %w", Format(r), err)
 		}
 		previous = old.Verdict
 		if tx == nil {
 			return nil
 		}
-		tx.OnAbort(func() error {
-			if existed {
-				return p.Map.Put(old)
-			}
-			return p.Map.Delete(r)
-		})
 		return tx.PutRule(keyOf(r), store.Verdict(r.Verdict))
-	})
-	return previous, err
+	}
+	apply := func() error {
+		if err := p.Map.Put(r); err != nil {
+			return fmt.Errorf("add rule %q: %w", Format(r), err)
+		}
+		return nil
+	}
+	return previous, p.change("policy add", record, apply)
 }
 
 // Delete removes the rule with r's selector. If r has a verdict, the rule
 // must have that verdict. It returns the removed rule, and fails when the
 // rule is neither in the map nor in the store.
 func (p Policy) Delete(r Rule) (removed Rule, err error) {
-	err = p.update(func(tx *store.Tx) error {
+	var inMap bool
+	record := func(tx *store.Tx) error {
 		old, err := p.Map.Get(r)
-		inMap := err == nil
+		inMap = err == nil
 		if err != nil && !errors.Is(err, policymap.ErrNotFound) {
 			return err
 		}
@@ -227,49 +234,40 @@ func (p Policy) Delete(r Rule) (removed Rule, err error) {
 		if r.Verdict != policymap.VerdictUnset && old.Verdict != r.Verdict {
 			return fmt.Errorf("rule %q is %v, not %v: nothing deleted", Selector(r), old.Verdict, r.Verdict)
 		}
-		if inMap {
-			if err := p.Map.Delete(r); errors.Is(err, policymap.ErrNotFound) {
-				return fmt.Errorf("no rule %q (deleted meanwhile)", Selector(r))
-			} else if err != nil {
-				return fmt.Errorf("delete rule %q: %w", Selector(r), err)
-			}
-		}
 		removed = old
 		if tx == nil {
 			return nil
 		}
-		if inMap {
-			tx.OnAbort(func() error { return p.Map.Put(old) })
-		}
 		return tx.DeleteRule(keyOf(r))
-	})
-	return removed, err
+	}
+	apply := func() error {
+		if !inMap {
+			return nil
+		}
+		if err := p.Map.Delete(r); errors.Is(err, policymap.ErrNotFound) {
+			return fmt.Errorf("no rule %q (deleted meanwhile)", Selector(r))
+		} else if err != nil {
+			return fmt.Errorf("delete rule %q: %w", Selector(r), err)
+		}
+		return nil
+	}
+	return removed, p.change("policy del", record, apply)
 }
 
 // SetDefault sets a direction's default verdict and returns the one it had.
 func (p Policy) SetDefault(d bpf.Direction, v policymap.Verdict) (previous policymap.Verdict, err error) {
-	err = p.update(func(tx *store.Tx) error {
+	record := func(tx *store.Tx) error {
 		defaults, err := p.Map.Defaults()
 		if err != nil {
-			return err
-		}
-		if err := p.Map.SetDefault(d, v); err != nil {
 			return err
 		}
 		previous = defaults[d]
 		if tx == nil {
 			return nil
 		}
-		tx.OnAbort(func() error {
-			if previous == policymap.VerdictUnset {
-				// SetDefault takes allow or deny; unset allows too.
-				return p.Map.SetDefault(d, policymap.Allow)
-			}
-			return p.Map.SetDefault(d, previous)
-		})
 		return tx.SetDefault(store.Direction(d), store.Verdict(v))
-	})
-	return previous, err
+	}
+	return previous, p.change("policy default", record, func() error { return p.Map.SetDefault(d, v) })
 }
 
 // State is the whole policy: default verdicts and rules.

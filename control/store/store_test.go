@@ -234,49 +234,6 @@ func TestInvalidInput(t *testing.T) {
 	}
 }
 
-// TestAbortUndo checks that a failed transaction leaves the store unchanged
-// and runs the undo functions, last first.
-func TestAbortUndo(t *testing.T) {
-	s := openTemp(t, nil)
-	p := netip.MustParsePrefix("10.1.0.0/16")
-	var order []int
-	boom := errors.New("map write failed")
-	undoErr := errors.New("undo failed")
-	err := s.Update(func(tx *Tx) error {
-		tx.OnAbort(func() error { order = append(order, 1); return nil })
-		if err := tx.PutIPCache(p, 5); err != nil {
-			return err
-		}
-		tx.OnAbort(func() error { order = append(order, 2); return undoErr })
-		return boom
-	})
-	if !errors.Is(err, boom) || !errors.Is(err, undoErr) {
-		t.Fatalf("Update = %v, want both the failure and the undo error", err)
-	}
-	if fmt.Sprint(order) != "[2 1]" {
-		t.Errorf("undo order %v, want [2 1]", order)
-	}
-	st, err := s.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(st.IPCache) != 0 || st.Generation != 0 {
-		t.Errorf("after abort: ipcache %v generation %d, want empty and 0", st.IPCache, st.Generation)
-	}
-
-	// A committed transaction does not run its undo.
-	ran := false
-	if err := s.Update(func(tx *Tx) error {
-		tx.OnAbort(func() error { ran = true; return nil })
-		return tx.PutIPCache(p, 5)
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if ran {
-		t.Error("undo ran after a successful commit")
-	}
-}
-
 // TestLockTimeout checks that a writer waiting longer than LockTimeout gets
 // one clear error, and that readers and writers wait for each other.
 func TestLockTimeout(t *testing.T) {

@@ -47,41 +47,81 @@ type State struct {
 }
 
 // Tx is one store transaction. It is valid only inside the function given
-// to Update or View.
+// to Update or View (or a Change's Record).
 type Tx struct {
 	tx       *bbolt.Tx
+	path     string
 	writable bool
-	wrote    bool
-	undo     []func() error
+	wrote    bool // the desired state changed: the generation goes up
+	// undo, when not nil, collects how to restore what the transaction
+	// overwrites (Change reverts a change whose maps part failed).
+	undo *[]undoOp
 }
 
-// OnAbort registers fn to run if the transaction does not commit: use it to
-// undo a map change made inside the transaction. Functions run last first.
-func (t *Tx) OnAbort(fn func() error) {
-	t.undo = append(t.undo, fn)
-}
-
-func (t *Tx) runUndo() error {
-	var errs []error
-	for _, fn := range slices.Backward(t.undo) {
-		if err := fn(); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	t.undo = nil
-	if len(errs) > 0 {
-		return fmt.Errorf("undo map changes (the daemon's reconcile restores the stored state): %w", errors.Join(errs...))
-	}
-	return nil
+// undoOp restores one key: value nil deletes it.
+type undoOp struct {
+	bucket, key, value []byte
 }
 
 func (t *Tx) checkSchema() error {
 	meta := t.tx.Bucket(bucketMeta)
 	if meta == nil {
-		return fmt.Errorf("state store %s is not a ctd store (no meta bucket)", t.tx.DB().Path())
+		return fmt.Errorf("state store %s is not a ctd store (no meta bucket)", t.path)
 	}
 	if v := meta.Get(keySchema); len(v) != 8 || binary.BigEndian.Uint64(v) != schemaVersion {
-		return fmt.Errorf("state store %s has an unknown schema (this ctd reads schema %d): it was written by another ctd version", t.tx.DB().Path(), schemaVersion)
+		return fmt.Errorf("state store %s has an unknown schema (this ctd reads schema %d): it was written by another ctd version", t.path, schemaVersion)
+	}
+	for _, b := range allBuckets {
+		if t.tx.Bucket(b) == nil {
+			return &CorruptError{Path: t.path, Why: "bucket " + string(b) + " is missing"}
+		}
+	}
+	return nil
+}
+
+// checkPinPath refuses a store that belongs to another datapath than
+// pinPath, and binds an unbound store to pinPath in a write transaction.
+func (t *Tx) checkPinPath(pinPath string) error {
+	if pinPath == "" {
+		return nil
+	}
+	meta := t.tx.Bucket(bucketMeta)
+	have := meta.Get(keyPinPath)
+	switch {
+	case have == nil && t.writable:
+		if err := meta.Put(keyPinPath, []byte(pinPath)); err != nil {
+			return fmt.Errorf("state store %s: record the pin path: %w", t.path, err)
+		}
+	case have != nil && string(have) != pinPath:
+		return fmt.Errorf("state store %s belongs to the datapath at %s, not to --pin-path %s: give that pin path, or another --state-dir for this datapath", t.path, have, pinPath)
+	}
+	return nil
+}
+
+// logUndo records the current value of bucket/key, when undo is collected.
+func (t *Tx) logUndo(bucket, key []byte) {
+	if t.undo == nil {
+		return
+	}
+	var old []byte
+	if v := t.tx.Bucket(bucket).Get(key); v != nil {
+		old = slices.Clone(v)
+	}
+	*t.undo = append(*t.undo, undoOp{bucket: bucket, key: slices.Clone(key), value: old})
+}
+
+// revert applies undo, last first.
+func (t *Tx) revert(undo []undoOp) error {
+	for _, op := range slices.Backward(undo) {
+		var err error
+		if op.value == nil {
+			err = t.del(op.bucket, op.key)
+		} else {
+			err = t.put(op.bucket, op.key, op.value)
+		}
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -100,6 +140,7 @@ func (t *Tx) put(bucket, k, v []byte) error {
 	if !t.writable {
 		return errors.New("state store: write in a read-only transaction")
 	}
+	t.logUndo(bucket, k)
 	if err := t.tx.Bucket(bucket).Put(k, v); err != nil {
 		return fmt.Errorf("state store: write %s: %w", bucket, err)
 	}
@@ -115,6 +156,7 @@ func (t *Tx) del(bucket, k []byte) error {
 	if b.Get(k) == nil {
 		return nil
 	}
+	t.logUndo(bucket, k)
 	if err := b.Delete(k); err != nil {
 		return fmt.Errorf("state store: delete from %s: %w", bucket, err)
 	}
@@ -194,6 +236,14 @@ func (t *Tx) ClearIPCache() error {
 	if k, _ := t.tx.Bucket(bucketIPCache).Cursor().First(); k == nil {
 		return nil
 	}
+	if t.undo != nil {
+		if err := t.tx.Bucket(bucketIPCache).ForEach(func(k, _ []byte) error {
+			t.logUndo(bucketIPCache, k)
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
 	if err := t.tx.DeleteBucket(bucketIPCache); err != nil {
 		return fmt.Errorf("state store: clear ipcache: %w", err)
 	}
@@ -223,7 +273,7 @@ func (t *Tx) ForEachIPCache(fn func(p netip.Prefix, identity uint32) error) erro
 	return t.tx.Bucket(bucketIPCache).ForEach(func(k, v []byte) error {
 		var p netip.Prefix
 		if err := p.UnmarshalBinary(k); err != nil || len(v) != 4 {
-			return fmt.Errorf("state store %s: corrupt ipcache entry %x=%x", t.tx.DB().Path(), k, v)
+			return fmt.Errorf("state store %s: corrupt ipcache entry %x=%x", t.path, k, v)
 		}
 		return fn(p, binary.BigEndian.Uint32(v))
 	})
@@ -271,7 +321,7 @@ func (t *Tx) Rules() (map[RuleKey]Verdict, error) {
 	out := make(map[RuleKey]Verdict)
 	err := t.tx.Bucket(bucketPolicy).ForEach(func(k, v []byte) error {
 		if len(k) != 8 || len(v) != 1 {
-			return fmt.Errorf("state store %s: corrupt policy entry %x=%x", t.tx.DB().Path(), k, v)
+			return fmt.Errorf("state store %s: corrupt policy entry %x=%x", t.path, k, v)
 		}
 		rk := RuleKey{
 			Dir:      Direction(k[0]),
@@ -315,6 +365,32 @@ func (t *Tx) Defaults() [2]Verdict {
 		}
 	}
 	return out
+}
+
+// PutState records all of st (its generation aside) on top of what the store
+// holds.
+func (t *Tx) PutState(st *State) error {
+	for name, mode := range st.Interfaces {
+		if err := t.PutInterface(name, mode); err != nil {
+			return err
+		}
+	}
+	for p, id := range st.IPCache {
+		if err := t.PutIPCache(p, id); err != nil {
+			return err
+		}
+	}
+	for k, v := range st.Policy {
+		if err := t.PutRule(k, v); err != nil {
+			return err
+		}
+	}
+	for d, v := range st.Defaults {
+		if err := t.SetDefault(Direction(d), v); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // State reads the whole desired state.
