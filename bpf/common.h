@@ -51,9 +51,11 @@ enum reserved_identity {
  * change renames the map here (and in datapath/loader, its only Go owner),
  * and the code that uses the map keeps using the macro. */
 #ifndef CT_LAYOUT_V2
-#define CT_MAP       ct_v1
+#define CT_MAP             ct_v1
+#define CT_UNCONFIRMED_MAP ct_unconfirmed_v1
 #else
-#define CT_MAP       ct_v2 /* the test-only layout below gets its own name */
+#define CT_MAP             ct_v2 /* the test-only layout below gets its own names */
+#define CT_UNCONFIRMED_MAP ct_unconfirmed_v2
 #endif
 #define IPCACHE4_MAP ipcache4_v1
 #define IPCACHE6_MAP ipcache6_v1
@@ -71,7 +73,8 @@ union addr {
 	__u64 d[2];
 };
 
-/* ---- conntrack: ct_v1 (LRU hash) ---- */
+/* ---- conntrack: ct_v1 (LRU hash, confirmed flows) and ct_unconfirmed_v1
+ * (LRU hash, flows not yet confirmed), one layout ---- */
 
 enum ct_state {
 	CT_NEW = 0,         /* non-TCP: seen in the originating direction only */
@@ -87,7 +90,10 @@ enum ct_flag {
 	CT_F_OPENED_INGRESS = 0x01, /* first packet was seen on ingress */
 	CT_F_PICKUP = 0x02,         /* TCP flow picked up mid-stream (first packet was not a SYN) */
 	CT_F_RELATED = 0x04,        /* an ICMP error related to this flow was seen */
+	CT_F_REVOKED = 0x08,        /* cut by 'ctd ct revoke': both directions are dropped */
 };
+/* Flag bits are additive: a program that predates a bit ignores it (a build
+ * without CT_F_REVOKED passes a revoked flow again). */
 
 /* The key is canonical: endpoint a is the lower (address, port) of the two, so
  * both directions of a connection hash to the same entry with one lookup.
@@ -205,12 +211,16 @@ enum metric_reason {
 	M_DROP_INVALID = 17,   /* invalid or out-of-state */
 	M_DROP_CT_INSERT = 18, /* conntrack insert failed */
 	M_DROP_PARSE = 19,     /* could not be parsed, dropped (default deny) */
+	M_DROP_REVOKED = 20,   /* packet of a revoked flow (or an ICMP error quoting one) */
 	/* counters that are not verdicts (bytes unused unless noted) */
 	M_CT_CREATED = 32,        /* entries created */
 	M_CT_UPDATE_FAILED = 33,  /* a conntrack map update failed */
 	M_EVENTS_LOST = 34,       /* ring buffer reservation failed */
 	M_EVENTS_RATELIMITED = 35,/* event suppressed by the per-CPU rate limit */
 	M_FRAGMENTS = 36,         /* later fragments seen (also counted as untracked) */
+	M_CT_CONFIRMED = 37,      /* flows promoted to the confirmed table */
+	M_CT_MIDSTREAM_MISS = 38, /* a TCP packet other than SYN or RST found no entry:
+				   * its flow was lost (LRU, flush) or predates ctd */
 	METRIC_MAX = 64,
 };
 
@@ -226,6 +236,7 @@ enum event_type {
 	EV_FLOW_CLOSED = 2,
 	EV_DROP = 3,
 	EV_CT_INSERT_FAILED = 4,
+	EV_CT_MIDSTREAM_MISS = 5, /* as M_CT_MIDSTREAM_MISS */
 };
 
 struct event {

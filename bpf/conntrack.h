@@ -1,5 +1,15 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* conntrack.h: the connection table and the TCP state machine. */
+/* conntrack.h: the connection tables and the TCP state machine.
+ *
+ * Flows live in two LRU tables of one layout. A new flow goes into the
+ * unconfirmed table; it is promoted into the confirmed table (CT_MAP) once
+ * confirmed (ct_confirmed): both sides spoke and, for TCP, the handshake
+ * completed. A flood of new flows (SYNs, spoofed UDP) thus only ever
+ * evicts other unconfirmed flows, never an established connection, like
+ * nf_conntrack's early_drop, which sacrifices unconfirmed entries first. An
+ * established flow costs one lookup, in the confirmed table; only packets
+ * of unconfirmed flows also look in the other.
+ */
 #pragma once
 
 #include "common.h"
@@ -11,6 +21,40 @@ struct {
 	__type(key, struct ct_key);
 	__type(value, struct ct_entry);
 } CT_MAP SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* set by the loader from --ct-unconfirmed-max */
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+} CT_UNCONFIRMED_MAP SEC(".maps");
+
+/* ct_lookup finds k's entry in either table; *confirmed says which. */
+static __always_inline struct ct_entry *ct_lookup(const struct ct_key *k, int *confirmed)
+{
+	struct ct_entry *e = bpf_map_lookup_elem(&CT_MAP, k);
+
+	*confirmed = e != NULL;
+	if (e)
+		return e;
+	return bpf_map_lookup_elem(&CT_UNCONFIRMED_MAP, k);
+}
+
+/* ct_delete removes k from the table it is in. */
+static __always_inline int ct_delete(const struct ct_key *k, int confirmed)
+{
+	if (confirmed)
+		return bpf_map_delete_elem(&CT_MAP, k);
+	return bpf_map_delete_elem(&CT_UNCONFIRMED_MAP, k);
+}
+
+/* ct_confirmed: both sides spoke and the flow is established (for TCP:
+ * the handshake completed, or, picked up mid-stream, the other side
+ * answered). */
+static __always_inline int ct_confirmed(const struct ct_entry *e)
+{
+	return e->packets_reply && e->state == CT_ESTABLISHED;
+}
 
 /* ct_key_of builds the canonical key of t: endpoint a is the lower
  * (address, port). Returns 1 when t's source is endpoint b. */

@@ -3,9 +3,11 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* ctd.c: the TC ingress and egress programs.
  *
- * A packet's way: parse -> conntrack lookup (one, with a canonical key) ->
- * hit: advance state and counters, pass -> miss: resolve both identities
- * through the ipcache, judge policy, create the entry or drop.
+ * A packet's way: parse -> conntrack lookup (one in the confirmed table,
+ * with a canonical key; on a miss one in the unconfirmed table) -> hit:
+ * advance state and counters, promote a flow just confirmed, pass -> miss:
+ * resolve both identities through the ipcache, judge policy, create the
+ * entry in the unconfirmed table or drop (see conntrack.h).
  */
 #include "common.h"
 #include "parse.h"
@@ -59,22 +61,30 @@ static __always_inline void ct_account(struct ct_entry *e, int is_orig, __u8 tcp
 	e->last_seen = now;
 }
 
-/* ct_new judges a flow that has no entry and, if allowed, creates one. */
+/* ct_new judges a flow that has no entry (or a SYN that reuses the tuple
+ * of a closed or revoked one, replaced: in the confirmed table if
+ * confirmed) and, if allowed, creates its entry in the unconfirmed table. */
 static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple *t,
-				  struct ct_key *k, int src_is_b, __u64 len, __u64 segs, __u64 now)
+				  struct ct_key *k, int src_is_b, int confirmed,
+				  __u64 len, __u64 segs, __u64 now)
 {
 	struct config *cfg = config_get();
 	struct ct_entry e = {};
 	__u32 src_id, dst_id;
-	__u16 port = 0;
 	int err;
 
 	src_id = identity_of(&t->src, t->family);
 	dst_id = identity_of(&t->dst, t->family);
-	if (has_ports(t->proto))
-		port = bpf_ntohs(t->dport);
 
-	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto, port) != VERDICT_ALLOW) {
+	/* Mid-stream TCP without an entry: a flow lost to the LRU (or flushed,
+	 * or older than ctd). Visible before the policy judges it. */
+	if (t->proto == IPPROTO_TCP && !(t->tcp_flags & (TCPF_SYN | TCPF_RST))) {
+		count(dir, M_CT_MIDSTREAM_MISS, 0);
+		emit(cfg, now, EV_CT_MIDSTREAM_MISS, 0, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
+	}
+
+	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto,
+			   policy_port(t->proto, t->dport)) != VERDICT_ALLOW) {
 		emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
 		return verdict_drop(dir, M_DROP_POLICY, len);
 	}
@@ -102,7 +112,9 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	ct_account(&e, 1, t->tcp_flags, len, segs, now);
 	ct_update_state(&e, t->proto, t->tcp_flags, 1);
 
-	err = bpf_map_update_elem(&CT_MAP, k, &e, BPF_ANY);
+	if (confirmed)
+		bpf_map_delete_elem(&CT_MAP, k);
+	err = bpf_map_update_elem(&CT_UNCONFIRMED_MAP, k, &e, BPF_ANY);
 	if (err) {
 		count(dir, M_CT_UPDATE_FAILED, 0);
 		emit(cfg, now, EV_CT_INSERT_FAILED, M_DROP_CT_INSERT, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
@@ -114,6 +126,25 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	return CTD_PASS;
 }
 
+/* ct_revoked handles a packet of a revoked flow: it is dropped, whichever
+ * its direction, and refreshes the entry so that the flow stays cut while
+ * either side keeps trying (a pickup cannot re-create it). Only a SYN that
+ * the policy in force allows opens a new flow in its place. */
+static __always_inline int ct_revoked(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+				      struct ct_key *k, int src_is_b, struct ct_entry *e, int confirmed,
+				      __u64 len, __u64 segs, __u64 now)
+{
+	int is_orig = src_is_b == e->orig_is_b;
+
+	if (t->proto == IPPROTO_TCP && tcp_opens(t->tcp_flags))
+		return ct_new(skb, dir, t, k, src_is_b, confirmed, len, segs, now);
+	e->last_seen = now;
+	emit(config_get(), now, EV_DROP, M_DROP_REVOKED, dir, skb->ifindex, t,
+	     is_orig ? e->src_identity : e->dst_identity,
+	     is_orig ? e->dst_identity : e->src_identity, e->state, NULL);
+	return verdict_drop(dir, M_DROP_REVOKED, len);
+}
+
 /* related handles an ICMP error: it passes when it quotes a tracked flow, and
  * is otherwise judged like a new flow without creating an entry. */
 static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
@@ -122,9 +153,12 @@ static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt 
 	struct ct_entry *e;
 	struct config *cfg;
 	__u32 src_id;
+	int confirmed;
 
 	ct_key_of(&p->inner, &k);
-	e = bpf_map_lookup_elem(&CT_MAP, &k);
+	e = ct_lookup(&k, &confirmed);
+	if (e && (e->flags & CT_F_REVOKED))
+		return verdict_drop(dir, M_DROP_REVOKED, len);
 	if (e) {
 		e->flags |= CT_F_RELATED;
 		count(dir, M_FWD_RELATED, len);
@@ -141,14 +175,63 @@ static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt 
 	return CTD_PASS;
 }
 
+/* ct_promote moves a flow just confirmed into the confirmed table. Should
+ * the insert fail, the flow stays where it is, and is counted. */
+static __always_inline void ct_promote(__u32 dir, const struct ct_key *k, struct ct_entry *e)
+{
+	if (bpf_map_update_elem(&CT_MAP, k, e, BPF_ANY)) {
+		count(dir, M_CT_UPDATE_FAILED, 0);
+		return;
+	}
+	bpf_map_delete_elem(&CT_UNCONFIRMED_MAP, k);
+	count(dir, M_CT_CONFIRMED, 0);
+}
+
+/* ct_hit handles a packet of a tracked flow, whose entry e is in the
+ * confirmed table or not. */
+static __always_inline int ct_hit(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+				  struct ct_key *k, int src_is_b, struct ct_entry *e, int confirmed,
+				  __u64 len, __u64 segs, __u64 now)
+{
+	int is_orig;
+	__u8 old;
+
+	if (e->flags & CT_F_REVOKED)
+		return ct_revoked(skb, dir, t, k, src_is_b, e, confirmed, len, segs, now);
+
+	/* A SYN on a closed connection reuses its tuple: a new flow. */
+	if (t->proto == IPPROTO_TCP && e->state == CT_CLOSED && tcp_opens(t->tcp_flags))
+		return ct_new(skb, dir, t, k, src_is_b, confirmed, len, segs, now);
+
+	is_orig = src_is_b == e->orig_is_b;
+	old = e->state;
+	ct_account(e, is_orig, t->tcp_flags, len, segs, now);
+	ct_update_state(e, t->proto, t->tcp_flags, is_orig);
+	if (e->state == CT_CLOSED && old != CT_CLOSED) {
+		struct tuple orig = *t;
+
+		if (!is_orig) {
+			orig.src = t->dst;
+			orig.dst = t->src;
+			orig.sport = t->dport;
+			orig.dport = t->sport;
+		}
+		emit(config_get(), now, EV_FLOW_CLOSED, 0, dir, e->ifindex, &orig,
+		     e->src_identity, e->dst_identity, CT_CLOSED, e);
+	}
+	if (!confirmed && ct_confirmed(e))
+		ct_promote(dir, k, e);
+	count(dir, M_FWD_ESTABLISHED, len);
+	return CTD_PASS;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 {
 	struct pkt p = {};
 	struct ct_key k;
 	struct ct_entry *e;
 	__u64 len = skb->len, segs = skb->gso_segs ? skb->gso_segs : 1, now;
-	int kind, src_is_b, is_orig;
-	__u8 old;
+	int kind, src_is_b, confirmed;
 
 	kind = parse(skb, &p);
 	switch (kind) {
@@ -181,32 +264,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 
 	now = bpf_ktime_get_coarse_ns();
 	src_is_b = ct_key_of(&p.t, &k);
-	e = bpf_map_lookup_elem(&CT_MAP, &k);
+	e = ct_lookup(&k, &confirmed);
 	if (!e)
-		return ct_new(skb, dir, &p.t, &k, src_is_b, len, segs, now);
-
-	/* A SYN on a closed connection reuses its tuple: a new flow. */
-	if (p.t.proto == IPPROTO_TCP && e->state == CT_CLOSED && tcp_opens(p.t.tcp_flags))
-		return ct_new(skb, dir, &p.t, &k, src_is_b, len, segs, now);
-
-	is_orig = src_is_b == e->orig_is_b;
-	old = e->state;
-	ct_account(e, is_orig, p.t.tcp_flags, len, segs, now);
-	ct_update_state(e, p.t.proto, p.t.tcp_flags, is_orig);
-	if (e->state == CT_CLOSED && old != CT_CLOSED) {
-		struct tuple orig = p.t;
-
-		if (!is_orig) {
-			orig.src = p.t.dst;
-			orig.dst = p.t.src;
-			orig.sport = p.t.dport;
-			orig.dport = p.t.sport;
-		}
-		emit(config_get(), now, EV_FLOW_CLOSED, 0, dir, e->ifindex, &orig,
-		     e->src_identity, e->dst_identity, CT_CLOSED, e);
-	}
-	count(dir, M_FWD_ESTABLISHED, len);
-	return CTD_PASS;
+		return ct_new(skb, dir, &p.t, &k, src_is_b, 0, len, segs, now);
+	return ct_hit(skb, dir, &p.t, &k, src_is_b, e, confirmed, len, segs, now);
 }
 
 SEC("tc")

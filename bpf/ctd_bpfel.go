@@ -47,6 +47,7 @@ const (
 	CtdCtFlagCT_F_OPENED_INGRESS CtdCtFlag = 1
 	CtdCtFlagCT_F_PICKUP         CtdCtFlag = 2
 	CtdCtFlagCT_F_RELATED        CtdCtFlag = 4
+	CtdCtFlagCT_F_REVOKED        CtdCtFlag = 8
 )
 
 type CtdCtKey struct {
@@ -106,10 +107,11 @@ type CtdEvent struct {
 type CtdEventType uint32
 
 const (
-	CtdEventTypeEV_FLOW_NEW         CtdEventType = 1
-	CtdEventTypeEV_FLOW_CLOSED      CtdEventType = 2
-	CtdEventTypeEV_DROP             CtdEventType = 3
-	CtdEventTypeEV_CT_INSERT_FAILED CtdEventType = 4
+	CtdEventTypeEV_FLOW_NEW          CtdEventType = 1
+	CtdEventTypeEV_FLOW_CLOSED       CtdEventType = 2
+	CtdEventTypeEV_DROP              CtdEventType = 3
+	CtdEventTypeEV_CT_INSERT_FAILED  CtdEventType = 4
+	CtdEventTypeEV_CT_MIDSTREAM_MISS CtdEventType = 5
 )
 
 type CtdEvlisten struct {
@@ -149,11 +151,14 @@ const (
 	CtdMetricReasonM_DROP_INVALID       CtdMetricReason = 17
 	CtdMetricReasonM_DROP_CT_INSERT     CtdMetricReason = 18
 	CtdMetricReasonM_DROP_PARSE         CtdMetricReason = 19
+	CtdMetricReasonM_DROP_REVOKED       CtdMetricReason = 20
 	CtdMetricReasonM_CT_CREATED         CtdMetricReason = 32
 	CtdMetricReasonM_CT_UPDATE_FAILED   CtdMetricReason = 33
 	CtdMetricReasonM_EVENTS_LOST        CtdMetricReason = 34
 	CtdMetricReasonM_EVENTS_RATELIMITED CtdMetricReason = 35
 	CtdMetricReasonM_FRAGMENTS          CtdMetricReason = 36
+	CtdMetricReasonM_CT_CONFIRMED       CtdMetricReason = 37
+	CtdMetricReasonM_CT_MIDSTREAM_MISS  CtdMetricReason = 38
 	CtdMetricReasonMETRIC_MAX           CtdMetricReason = 64
 )
 
@@ -203,19 +208,20 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CtdMapConfigV1    = "config_v1"
-	CtdMapCtV1        = "ct_v1"
-	CtdMapEventsV1    = "events_v1"
-	CtdMapEvlimitV1   = "evlimit_v1"
-	CtdMapEvlistenV1  = "evlisten_v1"
-	CtdMapIpcache4V1  = "ipcache4_v1"
-	CtdMapIpcache6V1  = "ipcache6_v1"
-	CtdMapMetricsV1   = "metrics_v1"
-	CtdMapPolicyV1    = "policy_v1"
-	CtdProgCtdEgress  = "ctd_egress"
-	CtdProgCtdIngress = "ctd_ingress"
-	CtdVarUnusedEnums = "unused_enums"
-	CtdVarUnusedEvent = "unused_event"
+	CtdMapConfigV1        = "config_v1"
+	CtdMapCtUnconfirmedV1 = "ct_unconfirmed_v1"
+	CtdMapCtV1            = "ct_v1"
+	CtdMapEventsV1        = "events_v1"
+	CtdMapEvlimitV1       = "evlimit_v1"
+	CtdMapEvlistenV1      = "evlisten_v1"
+	CtdMapIpcache4V1      = "ipcache4_v1"
+	CtdMapIpcache6V1      = "ipcache6_v1"
+	CtdMapMetricsV1       = "metrics_v1"
+	CtdMapPolicyV1        = "policy_v1"
+	CtdProgCtdEgress      = "ctd_egress"
+	CtdProgCtdIngress     = "ctd_ingress"
+	CtdVarUnusedEnums     = "unused_enums"
+	CtdVarUnusedEvent     = "unused_event"
 )
 
 // LoadCtd returns the embedded CollectionSpec for Ctd.
@@ -268,15 +274,16 @@ type CtdProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdMapSpecs struct {
-	ConfigV1   *ebpf.MapSpec `ebpf:"config_v1"`
-	CtV1       *ebpf.MapSpec `ebpf:"ct_v1"`
-	EventsV1   *ebpf.MapSpec `ebpf:"events_v1"`
-	EvlimitV1  *ebpf.MapSpec `ebpf:"evlimit_v1"`
-	EvlistenV1 *ebpf.MapSpec `ebpf:"evlisten_v1"`
-	Ipcache4V1 *ebpf.MapSpec `ebpf:"ipcache4_v1"`
-	Ipcache6V1 *ebpf.MapSpec `ebpf:"ipcache6_v1"`
-	MetricsV1  *ebpf.MapSpec `ebpf:"metrics_v1"`
-	PolicyV1   *ebpf.MapSpec `ebpf:"policy_v1"`
+	ConfigV1        *ebpf.MapSpec `ebpf:"config_v1"`
+	CtUnconfirmedV1 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v1"`
+	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
+	EventsV1        *ebpf.MapSpec `ebpf:"events_v1"`
+	EvlimitV1       *ebpf.MapSpec `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.MapSpec `ebpf:"evlisten_v1"`
+	Ipcache4V1      *ebpf.MapSpec `ebpf:"ipcache4_v1"`
+	Ipcache6V1      *ebpf.MapSpec `ebpf:"ipcache6_v1"`
+	MetricsV1       *ebpf.MapSpec `ebpf:"metrics_v1"`
+	PolicyV1        *ebpf.MapSpec `ebpf:"policy_v1"`
 }
 
 // CtdVariableSpecs contains global variables before they are loaded into the kernel.
@@ -307,20 +314,22 @@ func (o *CtdObjects) Close() error {
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdMaps struct {
-	ConfigV1   *ebpf.Map `ebpf:"config_v1"`
-	CtV1       *ebpf.Map `ebpf:"ct_v1"`
-	EventsV1   *ebpf.Map `ebpf:"events_v1"`
-	EvlimitV1  *ebpf.Map `ebpf:"evlimit_v1"`
-	EvlistenV1 *ebpf.Map `ebpf:"evlisten_v1"`
-	Ipcache4V1 *ebpf.Map `ebpf:"ipcache4_v1"`
-	Ipcache6V1 *ebpf.Map `ebpf:"ipcache6_v1"`
-	MetricsV1  *ebpf.Map `ebpf:"metrics_v1"`
-	PolicyV1   *ebpf.Map `ebpf:"policy_v1"`
+	ConfigV1        *ebpf.Map `ebpf:"config_v1"`
+	CtUnconfirmedV1 *ebpf.Map `ebpf:"ct_unconfirmed_v1"`
+	CtV1            *ebpf.Map `ebpf:"ct_v1"`
+	EventsV1        *ebpf.Map `ebpf:"events_v1"`
+	EvlimitV1       *ebpf.Map `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.Map `ebpf:"evlisten_v1"`
+	Ipcache4V1      *ebpf.Map `ebpf:"ipcache4_v1"`
+	Ipcache6V1      *ebpf.Map `ebpf:"ipcache6_v1"`
+	MetricsV1       *ebpf.Map `ebpf:"metrics_v1"`
+	PolicyV1        *ebpf.Map `ebpf:"policy_v1"`
 }
 
 func (m *CtdMaps) Close() error {
 	return _CtdClose(
 		m.ConfigV1,
+		m.CtUnconfirmedV1,
 		m.CtV1,
 		m.EventsV1,
 		m.EvlimitV1,

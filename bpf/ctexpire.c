@@ -5,7 +5,7 @@
  * BPF_PROG_TEST_RUN by datapath/ctmap's Expirer against the live table.
  *
  * The input is up to EXPIRE_BATCH records back to back. For each the
- * program looks the entry up, compares its last_seen with the one GC read,
+ * program looks the entry up (in either conntrack table), compares its last_seen with the one GC read,
  * and deletes it only if they are equal, all in the kernel: a packet that
  * refreshed the entry at any time before the comparison keeps it. It
  * writes what it did into the record, which BPF_PROG_TEST_RUN copies back.
@@ -51,10 +51,11 @@ int ctd_ct_expire(struct __sk_buff *skb)
 	for (int i = 0; i < EXPIRE_BATCH; i++) {
 		struct expire_rec *r = data + i * sizeof(struct expire_rec);
 		struct ct_entry *e;
+		int confirmed;
 
 		if ((void *)(r + 1) > end)
 			break;
-		e = bpf_map_lookup_elem(&CT_MAP, &r->key);
+		e = ct_lookup(&r->key, &confirmed);
 		if (!e) {
 			r->outcome = EXPIRE_MISSING;
 			continue;
@@ -63,7 +64,7 @@ int ctd_ct_expire(struct __sk_buff *skb)
 			r->outcome = EXPIRE_REFRESHED;
 			continue;
 		}
-		r->outcome = bpf_map_delete_elem(&CT_MAP, &r->key) ? EXPIRE_MISSING : EXPIRE_DELETED;
+		r->outcome = ct_delete(&r->key, confirmed) ? EXPIRE_MISSING : EXPIRE_DELETED;
 	}
 	return 0;
 }

@@ -69,6 +69,7 @@ type CtexpireExpireRec struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	CtexpireMapCtUnconfirmedV1   = "ct_unconfirmed_v1"
 	CtexpireMapCtV1              = "ct_v1"
 	CtexpireProgCtdCtExpire      = "ctd_ct_expire"
 	CtexpireVarUnusedExpireTypes = "unused_expire_types"
@@ -123,7 +124,8 @@ type CtexpireProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtexpireMapSpecs struct {
-	CtV1 *ebpf.MapSpec `ebpf:"ct_v1"`
+	CtUnconfirmedV1 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v1"`
+	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
 }
 
 // CtexpireVariableSpecs contains global variables before they are loaded into the kernel.
@@ -153,11 +155,13 @@ func (o *CtexpireObjects) Close() error {
 //
 // It can be passed to LoadCtexpireObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtexpireMaps struct {
-	CtV1 *ebpf.Map `ebpf:"ct_v1"`
+	CtUnconfirmedV1 *ebpf.Map `ebpf:"ct_unconfirmed_v1"`
+	CtV1            *ebpf.Map `ebpf:"ct_v1"`
 }
 
 func (m *CtexpireMaps) Close() error {
 	return _CtexpireClose(
+		m.CtUnconfirmedV1,
 		m.CtV1,
 	)
 }

@@ -6,3 +6,6 @@ package bpf
 
 // The conntrack GC's compare-and-delete program (datapath/ctmap's Expirer).
 //go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -type expire_rec -type expire_limit -type expire_outcome Ctexpire ctexpire.c
+
+// 'ctd ct revoke': re-judges entries against the policy in force and marks those it denies (datapath/ctmap's Revoker).
+//go:generate go tool bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror -mcpu=v3 -I/usr/include/x86_64-linux-gnu" -target bpfel -type revoke_rec -type revoke_limit -type revoke_outcome Ctrevoke ctrevoke.c

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.h"
+#include "parse.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -60,4 +61,13 @@ static __always_inline int policy_verdict(const struct config *cfg, __u32 dir, _
 	if (cfg && cfg->default_verdict[dir & 1] == VERDICT_DENY)
 		return VERDICT_DENY;
 	return VERDICT_ALLOW;
+}
+
+/* policy_port is the port policy matches: the destination port of the
+ * flow's first packet for the protocols that have ports, else 0. */
+static __always_inline __u16 policy_port(__u8 proto, __be16 dport)
+{
+	if (has_ports(proto))
+		return bpf_ntohs(dport);
+	return 0;
 }

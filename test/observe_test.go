@@ -94,7 +94,7 @@ func TestObservabilityCLI(t *testing.T) {
 	bin := nettest.BuildCtd(t)
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
-	ct := ctmap.New(dp.Maps.CT())
+	ct := dp.Maps.Conntrack()
 	ctMax := int(dp.Maps.CT().MaxEntries())
 
 	// ctd maps: exactly N after N inserts, at every step.
@@ -168,6 +168,7 @@ func TestObservabilityCLI(t *testing.T) {
 		"egress/forwarded/established":  {1, uint64(len(data))},
 		"ingress/dropped/policy":        {1, uint64(len(denied))},
 		"egress/counter/ct-created":     {1, 0},
+		"egress/counter/ct-confirmed":   {1, 0}, // by the ACK after the SYN/ACK
 	}
 	var rows []struct {
 		Dir, Kind, Reason string

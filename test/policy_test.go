@@ -37,6 +37,17 @@ type policyCLI struct {
 // test unless it exits 0.
 func (c *policyCLI) run(args ...string) string {
 	c.t.Helper()
+	return c.exec(true, args...)
+}
+
+// quiet is run without logging the output (for reads of counters).
+func (c *policyCLI) quiet(args ...string) string {
+	c.t.Helper()
+	return c.exec(false, args...)
+}
+
+func (c *policyCLI) exec(logOutput bool, args ...string) string {
+	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	full := append([]string{"--pin-path", c.pin, "--state-dir", c.stateDir}, args...)
@@ -44,7 +55,9 @@ func (c *policyCLI) run(args ...string) string {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
-	c.t.Logf("$ ctd %s\n%s%s", strings.Join(args, " "), stdout.String(), stderr.String())
+	if logOutput {
+		c.t.Logf("$ ctd %s\n%s%s", strings.Join(args, " "), stdout.String(), stderr.String())
+	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		c.t.Fatalf("ctd %s: exit %d: %s", strings.Join(args, " "), ee.ExitCode(), strings.TrimSpace(stderr.String()))

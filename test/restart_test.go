@@ -48,9 +48,11 @@ const (
 
 // TestRestartKeepsConnections runs TCP, UDP and ICMP traffic from the
 // protected side A (ingress default deny, so replies pass only through
-// conntrack) while the daemon on A's interface is stopped by SIGTERM 5
-// times and by SIGKILL twice, upgraded to a different build of the programs
-// once, and restarted with another --ct-max once. No connection may reset
+// conntrack) while the daemon on A's interface, started from the first
+// release (built from git history, test/first-release.commit), is upgraded
+// to this build, stopped by SIGTERM 5 times and by SIGKILL twice, upgraded
+// to a different build of the programs once, and restarted with another
+// --ct-max once. No connection may reset
 // or stall for a second, no datagram or echo may be lost, and every
 // conntrack entry of before must be there after with counters that only
 // grew.
@@ -59,6 +61,7 @@ func TestRestartKeepsConnections(t *testing.T) {
 	nettest.RequireTool(t, "nsenter", "util-linux")
 	bin := nettest.BuildCtd(t)
 	upgradeBin := buildCtdWithTags(t, restartUpgradeTag)
+	firstBin := buildFirstRelease(t)
 	d := &restartDaemon{
 		t:        t,
 		host:     pair.A,
@@ -67,16 +70,17 @@ func TestRestartKeepsConnections(t *testing.T) {
 	}
 	t.Cleanup(d.kill)
 
-	d.start(bin, "--metrics-addr", restartMetricsAddr)
+	d.start(firstBin, "--metrics-addr", restartMetricsAddr)
 	requireMetrics(t, pair.A)
-	d.cli(bin, "policy", "default", "ingress", "deny")
+	d.cli(firstBin, "policy", "default", "ingress", "deny")
 	requireDenied(t, pair, "before traffic")
 
 	dropsBefore := d.drops()
 	tr := startTraffic(t, pair)
 	time.Sleep(restartDwell)
-	before := d.ctList(bin)
-	progsBefore := d.progTags()
+	before := d.ctList(firstBin)
+	progsFirst := d.progTags()
+	var progsBefore [2]string // this build's
 
 	type step struct {
 		name string
@@ -85,6 +89,16 @@ func TestRestartKeepsConnections(t *testing.T) {
 	sigterm := func() { d.stop(syscall.SIGTERM); d.start(bin) }
 	sigkill := func() { d.stop(syscall.SIGKILL); d.start(bin) }
 	steps := []step{
+		{"upgrade from the first release", func() {
+			d.stop(syscall.SIGTERM)
+			d.start(bin)
+			if progsBefore = d.progTags(); progsBefore == progsFirst {
+				t.Errorf("upgrade from the first release: the attached programs still have tags %v", progsBefore)
+			}
+			if _, err := os.Stat(filepath.Join(d.pinPath, "ct_unconfirmed_v1")); err != nil {
+				t.Errorf("upgrade from the first release: %v", err)
+			}
+		}},
 		{"SIGTERM 1", sigterm},
 		{"SIGKILL 1", sigkill},
 		{"SIGTERM 2", sigterm},
@@ -423,7 +437,7 @@ func (d *restartDaemon) drops() uint64 {
 		d.t.Fatal(err)
 	}
 	var n uint64
-	for _, r := range []metricsmap.Reason{metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse} {
+	for _, r := range []metricsmap.Reason{metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse, metricsmap.DropRevoked} {
 		n += snap.Total(r).Packets
 	}
 	return n

@@ -8,7 +8,10 @@ import (
 // Converters are the converters into this build's layouts: ct_v1 to ct_v2.
 // The owner of a layout provides them, as a real layout change would.
 func Converters() []loader.Converter {
-	return []loader.Converter{{From: bpf.CtdMapCtV1, To: CtdMapCtV2, Convert: loader.Typed(CtV1ToV2)}}
+	return []loader.Converter{
+		{From: bpf.CtdMapCtV1, To: CtdMapCtV2, Convert: loader.Typed(CtV1ToV2)},
+		{From: bpf.CtdMapCtUnconfirmedV1, To: CtdMapCtUnconfirmedV2, Convert: loader.Typed(CtV1ToV2)},
+	}
 }
 
 // CtV1ToV2 converts one conntrack entry; converted entries have Origin 1.

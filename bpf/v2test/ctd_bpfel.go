@@ -108,19 +108,20 @@ type CtdRatelimit struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CtdMapConfigV1    = "config_v1"
-	CtdMapCtV2        = "ct_v2"
-	CtdMapEventsV1    = "events_v1"
-	CtdMapEvlimitV1   = "evlimit_v1"
-	CtdMapEvlistenV1  = "evlisten_v1"
-	CtdMapIpcache4V1  = "ipcache4_v1"
-	CtdMapIpcache6V1  = "ipcache6_v1"
-	CtdMapMetricsV1   = "metrics_v1"
-	CtdMapPolicyV1    = "policy_v1"
-	CtdProgCtdEgress  = "ctd_egress"
-	CtdProgCtdIngress = "ctd_ingress"
-	CtdVarUnusedEnums = "unused_enums"
-	CtdVarUnusedEvent = "unused_event"
+	CtdMapConfigV1        = "config_v1"
+	CtdMapCtUnconfirmedV2 = "ct_unconfirmed_v2"
+	CtdMapCtV2            = "ct_v2"
+	CtdMapEventsV1        = "events_v1"
+	CtdMapEvlimitV1       = "evlimit_v1"
+	CtdMapEvlistenV1      = "evlisten_v1"
+	CtdMapIpcache4V1      = "ipcache4_v1"
+	CtdMapIpcache6V1      = "ipcache6_v1"
+	CtdMapMetricsV1       = "metrics_v1"
+	CtdMapPolicyV1        = "policy_v1"
+	CtdProgCtdEgress      = "ctd_egress"
+	CtdProgCtdIngress     = "ctd_ingress"
+	CtdVarUnusedEnums     = "unused_enums"
+	CtdVarUnusedEvent     = "unused_event"
 )
 
 // LoadCtd returns the embedded CollectionSpec for Ctd.
@@ -173,15 +174,16 @@ type CtdProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdMapSpecs struct {
-	ConfigV1   *ebpf.MapSpec `ebpf:"config_v1"`
-	CtV2       *ebpf.MapSpec `ebpf:"ct_v2"`
-	EventsV1   *ebpf.MapSpec `ebpf:"events_v1"`
-	EvlimitV1  *ebpf.MapSpec `ebpf:"evlimit_v1"`
-	EvlistenV1 *ebpf.MapSpec `ebpf:"evlisten_v1"`
-	Ipcache4V1 *ebpf.MapSpec `ebpf:"ipcache4_v1"`
-	Ipcache6V1 *ebpf.MapSpec `ebpf:"ipcache6_v1"`
-	MetricsV1  *ebpf.MapSpec `ebpf:"metrics_v1"`
-	PolicyV1   *ebpf.MapSpec `ebpf:"policy_v1"`
+	ConfigV1        *ebpf.MapSpec `ebpf:"config_v1"`
+	CtUnconfirmedV2 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v2"`
+	CtV2            *ebpf.MapSpec `ebpf:"ct_v2"`
+	EventsV1        *ebpf.MapSpec `ebpf:"events_v1"`
+	EvlimitV1       *ebpf.MapSpec `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.MapSpec `ebpf:"evlisten_v1"`
+	Ipcache4V1      *ebpf.MapSpec `ebpf:"ipcache4_v1"`
+	Ipcache6V1      *ebpf.MapSpec `ebpf:"ipcache6_v1"`
+	MetricsV1       *ebpf.MapSpec `ebpf:"metrics_v1"`
+	PolicyV1        *ebpf.MapSpec `ebpf:"policy_v1"`
 }
 
 // CtdVariableSpecs contains global variables before they are loaded into the kernel.
@@ -212,20 +214,22 @@ func (o *CtdObjects) Close() error {
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdMaps struct {
-	ConfigV1   *ebpf.Map `ebpf:"config_v1"`
-	CtV2       *ebpf.Map `ebpf:"ct_v2"`
-	EventsV1   *ebpf.Map `ebpf:"events_v1"`
-	EvlimitV1  *ebpf.Map `ebpf:"evlimit_v1"`
-	EvlistenV1 *ebpf.Map `ebpf:"evlisten_v1"`
-	Ipcache4V1 *ebpf.Map `ebpf:"ipcache4_v1"`
-	Ipcache6V1 *ebpf.Map `ebpf:"ipcache6_v1"`
-	MetricsV1  *ebpf.Map `ebpf:"metrics_v1"`
-	PolicyV1   *ebpf.Map `ebpf:"policy_v1"`
+	ConfigV1        *ebpf.Map `ebpf:"config_v1"`
+	CtUnconfirmedV2 *ebpf.Map `ebpf:"ct_unconfirmed_v2"`
+	CtV2            *ebpf.Map `ebpf:"ct_v2"`
+	EventsV1        *ebpf.Map `ebpf:"events_v1"`
+	EvlimitV1       *ebpf.Map `ebpf:"evlimit_v1"`
+	EvlistenV1      *ebpf.Map `ebpf:"evlisten_v1"`
+	Ipcache4V1      *ebpf.Map `ebpf:"ipcache4_v1"`
+	Ipcache6V1      *ebpf.Map `ebpf:"ipcache6_v1"`
+	MetricsV1       *ebpf.Map `ebpf:"metrics_v1"`
+	PolicyV1        *ebpf.Map `ebpf:"policy_v1"`
 }
 
 func (m *CtdMaps) Close() error {
 	return _CtdClose(
 		m.ConfigV1,
+		m.CtUnconfirmedV2,
 		m.CtV2,
 		m.EventsV1,
 		m.EvlimitV1,

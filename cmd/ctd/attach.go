@@ -14,9 +14,10 @@ func newAttachCmd(a *app) *cobra.Command {
 		iface string
 		mode  string
 		opts  = loader.Options{
-			CTMax:       loader.DefaultCTMax,
-			IPCacheMax:  loader.DefaultIPCacheMax,
-			RingBufSize: loader.DefaultRingBufSize,
+			CTMax:            loader.DefaultCTMax,
+			CTUnconfirmedMax: loader.DefaultCTUnconfirmedMax,
+			IPCacheMax:       loader.DefaultIPCacheMax,
+			RingBufSize:      loader.DefaultRingBufSize,
 		}
 	)
 	c := &cobra.Command{
@@ -56,7 +57,9 @@ size is refused (run 'ctd teardown' to start empty).`,
 	}
 	c.Flags().StringVar(&iface, "iface", "", "interface to attach to (required)")
 	c.Flags().StringVar(&mode, "mode", string(attach.ModeAuto), "attach mode: auto (tcx where the kernel has it, else tc), tcx, or tc (clsact + cls_bpf)")
-	c.Flags().Uint32Var(&opts.CTMax, "ct-max", opts.CTMax, "conntrack table size (entries)")
+	c.Flags().Uint32Var(&opts.CTMax, "ct-max", opts.CTMax, "conntrack table size for confirmed flows (entries)")
+	c.Flags().Uint32Var(&opts.CTUnconfirmedMax, "ct-unconfirmed-max", opts.CTUnconfirmedMax,
+		"conntrack table size for flows not yet confirmed (entries): a flood of new flows evicts only these")
 	c.Flags().Uint32Var(&opts.IPCacheMax, "ipcache-max", opts.IPCacheMax, "ipcache size per family (prefixes)")
 	c.Flags().Uint32Var(&opts.RingBufSize, "ringbuf-size", opts.RingBufSize, "event ring buffer size in bytes (a power of two)")
 	_ = c.MarkFlagRequired("iface")

@@ -9,10 +9,10 @@ import (
 func newCTCmd(a *app) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "ct",
-		Short: "List and flush the conntrack table",
+		Short: "List, flush and revoke the conntrack table's flows",
 		Args:  cobra.NoArgs,
 	}
-	c.AddCommand(newCTListCmd(a), newCTTopCmd(a), newCTFlushCmd(a), newCTGCCmd(a))
+	c.AddCommand(newCTListCmd(a), newCTTopCmd(a), newCTFlushCmd(a), newCTRevokeCmd(a), newCTGCCmd(a))
 	return c
 }
 

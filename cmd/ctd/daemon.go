@@ -25,7 +25,6 @@ import (
 	"github.com/ctd-dev/ctd/control/policy"
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/attach"
-	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 )
@@ -42,7 +41,7 @@ func newDaemonCmd(a *app) *cobra.Command {
 		node        clusterNode
 	)
 	c := &cobra.Command{
-		Use:   "daemon --iface NAME [--iface NAME...] [--mode auto|tcx|tc] [--ct-max N] [--metrics-addr ADDR]",
+		Use:   "daemon --iface NAME [--iface NAME...] [--mode auto|tcx|tc] [--ct-max N] [--ct-unconfirmed-max N] [--metrics-addr ADDR]",
 		Short: "Run ctd's agent: adopt the pinned datapath, restore the desired state, attach, and keep it reconciled",
 		Long: `Run ctd's long-lived agent. On start it reopens the maps pinned at
 --pin-path (creating them when missing), restores the desired state kept in
@@ -58,7 +57,8 @@ exits 0 and leaves the programs attached and the maps pinned; after a crash
 or SIGKILL the next start recovers the same way. It never detaches.
 
 Map sizes default to the size of the pinned map (or the built-in default
-when nothing is pinned); a different --ct-max or --ipcache-max resizes.
+when nothing is pinned); a different --ct-max, --ct-unconfirmed-max or
+--ipcache-max resizes.
 
 With --kvstore-endpoints (cluster mode) it also applies the cluster's
 ipcache, policy and endpoints from etcd to this node's store and maps, and
@@ -74,13 +74,13 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 			if err != nil {
 				return err
 			}
-			for _, f := range []string{"ct-max", "ipcache-max"} {
+			for _, f := range []string{"ct-max", "ct-unconfirmed-max", "ipcache-max"} {
 				if fl := c.Flags().Lookup(f); fl.Changed && fl.Value.String() == "0" {
 					return fmt.Errorf("invalid --%s 0: must be at least 1", f)
 				}
 			}
 			if fl := c.Flags().Lookup("ringbuf-size"); fl.Changed {
-				o := loader.Options{CTMax: 1, IPCacheMax: 1, RingBufSize: cfg.RingBufSize}
+				o := loader.Options{CTMax: 1, CTUnconfirmedMax: 1, IPCacheMax: 1, RingBufSize: cfg.RingBufSize}
 				if err := o.Validate(); err != nil {
 					return err
 				}
@@ -152,7 +152,8 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 	}
 	c.Flags().StringArrayVar(&ifaces, "iface", nil, "interface to attach to (repeatable; default: the interfaces recorded in the state store)")
 	c.Flags().StringVar(&mode, "mode", string(attach.ModeAuto), "attach mode for --iface: auto (tcx where the kernel has it, else tc), tcx, or tc")
-	c.Flags().Uint32Var(&cfg.CTMax, "ct-max", 0, fmt.Sprintf("conntrack table size (entries); default: the pinned table's size, else %d", loader.DefaultCTMax))
+	c.Flags().Uint32Var(&cfg.CTMax, "ct-max", 0, fmt.Sprintf("conntrack table size for confirmed flows (entries); default: the pinned table's size, else %d", loader.DefaultCTMax))
+	c.Flags().Uint32Var(&cfg.CTUnconfirmedMax, "ct-unconfirmed-max", 0, fmt.Sprintf("conntrack table size for flows not yet confirmed (entries); default: the pinned table's size, else %d", loader.DefaultCTUnconfirmedMax))
 	c.Flags().Uint32Var(&cfg.IPCacheMax, "ipcache-max", 0, fmt.Sprintf("ipcache size per family (prefixes); default: the pinned size, else %d", loader.DefaultIPCacheMax))
 	c.Flags().Uint32Var(&cfg.RingBufSize, "ringbuf-size", 0, fmt.Sprintf("event ring buffer size in bytes, a power of two; default: the pinned size, else %d", loader.DefaultRingBufSize))
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9478 (off unless set; a non-loopback address logs a warning)")
@@ -226,7 +227,7 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 	cs := []daemon.Component{{
 		Name: "conntrack GC",
 		Run: func(ctx context.Context, env *daemon.Env) error {
-			r, err := gc.NewRunner(ctmap.New(env.Datapath.CT()), gc.RunnerConfig{
+			r, err := gc.NewRunner(env.Datapath.Conntrack(), gc.RunnerConfig{
 				Lifetimes: lt,
 				Signals:   gc.SignalsFrom(metricsmap.New(env.Datapath.Metrics())),
 				Census:    counts,

@@ -73,5 +73,14 @@ func (a *app) openCT(out *string) (*ctmap.Map, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return ctmap.New(m), func() { m.Close() }, nil
+	u, err := a.pins().OpenMap(loader.CTUnconfirmedMap, &ebpf.LoadPinOptions{})
+	if err != nil {
+		m.Close()
+		var np *loader.NotPinnedError
+		if errors.As(err, &np) {
+			np.Older = true // ct_v1 is pinned
+		}
+		return nil, nil, err
+	}
+	return ctmap.New(m, u), func() { m.Close(); u.Close() }, nil
 }

@@ -25,8 +25,8 @@ func newMetricsCmd(a *app) *cobra.Command {
 		Short: "Show the datapath's counters: packets and bytes by direction and verdict or reason",
 		Long: `Show the datapath's counters, summed over CPUs, for each direction:
 packets and bytes forwarded (established, new, related, untracked,
-unparseable) and dropped (policy, invalid, ct-insert-failed, parse-error),
-and the counters beside the verdicts: conntrack entries created
+unparseable) and dropped (policy, invalid, ct-insert-failed, parse-error,
+revoked), and the counters beside the verdicts: conntrack entries created
 (ct-created), failed conntrack updates (ct-update-failed), events the ring
 buffer had no room for (events-lost) or the rate limit suppressed
 (events-ratelimited), and later IP fragments (fragments). Bytes are frame

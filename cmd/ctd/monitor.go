@@ -99,7 +99,7 @@ Interface names are those of monitor's own network namespace.`,
 			case "drop":
 				match = events.Type.IsDrop
 			default:
-				return fmt.Errorf("invalid --type %q: valid types are flow (flow-new, flow-closed) and drop (drop, ct-insert-failed)", typ)
+				return fmt.Errorf("invalid --type %q: valid types are flow (flow-new, flow-closed, ct-midstream-miss) and drop (drop, ct-insert-failed)", typ)
 			}
 			var ifindex uint32
 			if iface != "" {
@@ -196,7 +196,7 @@ Interface names are those of monitor's own network namespace.`,
 		},
 	}
 	outputFlag(c, &out)
-	c.Flags().StringVar(&typ, "type", "", "only events of this kind: flow (flow-new, flow-closed) or drop (drop, ct-insert-failed)")
+	c.Flags().StringVar(&typ, "type", "", "only events of this kind: flow (flow-new, flow-closed, ct-midstream-miss) or drop (drop, ct-insert-failed)")
 	c.Flags().StringVar(&iface, "iface", "", "only events of this interface")
 	_ = c.RegisterFlagCompletionFunc("type", cobra.FixedCompletions([]string{"flow", "drop"}, cobra.ShellCompDirectiveNoFileComp))
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)

@@ -1,26 +1,33 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 
 	"github.com/spf13/cobra"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/policy"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 )
 
 func newPolicyCmd(a *app) *cobra.Command {
-	var ipcacheMax uint32
+	var (
+		ipcacheMax uint32
+		revokeFlag bool
+	)
 	c := &cobra.Command{
 		Use:   "policy",
 		Short: "Identity-aware policy: which new flows each direction allows",
 		Long: `Policy decides the first packet of a new flow; replies and later packets
 of an allowed flow pass through conntrack without a policy lookup, and
-established flows are not re-judged when policy changes ('ctd ct flush'
-makes them be).
+established flows are not re-judged when policy changes: 'ctd ct revoke'
+(or --revoke on 'policy del' and 'policy default') cuts those the changed
+policy denies; 'ctd ct flush' makes them be tracked again from their next
+packet.
 
 A rule matches the remote identity (the source on ingress, the destination
 on egress; see 'ctd ipcache'), the protocol and the destination port:
@@ -43,28 +50,45 @@ which 'ctd daemon' restores after a restart.`,
 	}
 	c.PersistentFlags().Uint32Var(&ipcacheMax, "ipcache-max", loader.DefaultIPCacheMax,
 		"ipcache size per family (prefixes) if the maps are created now; must match attach's")
-	open := func(c *cobra.Command) (policy.Policy, func(), error) {
+	// open opens the store and the maps; revoke, when asked for, cuts the
+	// tracked flows the changed policy denies.
+	open := func(c *cobra.Command) (policy.Policy, func(), func() error, error) {
 		if err := a.preamble(nil); err != nil {
-			return policy.Policy{}, nil, err
+			return policy.Policy{}, nil, nil, err
 		}
 		// The store first: a command that cannot record its change must
 		// not create maps either.
 		st, err := a.openStore()
 		if err != nil {
-			return policy.Policy{}, nil, err
+			return policy.Policy{}, nil, nil, err
 		}
 		maps, err := a.openMaps(c, ipcacheMax)
 		if err != nil {
-			return policy.Policy{}, nil, err
+			return policy.Policy{}, nil, nil, err
+		}
+		revoke := func() error {
+			if !revokeFlag {
+				return nil
+			}
+			res, err := revokeFlows(maps, conntrack.Filter{})
+			if err != nil {
+				return fmt.Errorf("the policy changed, but revoking the flows it denies failed (run 'ctd ct revoke'): %w", err)
+			}
+			return writeRevoked(c.OutOrStdout(), res, "text")
 		}
 		p := policy.Policy{Map: policymap.New(maps.Policy(), maps.Config()), Store: st, Finish: finisher(maps)}
-		return p, func() { maps.Close() }, nil
+		return p, func() { maps.Close() }, revoke, nil
+	}
+	addRevokeFlag := func(c *cobra.Command) *cobra.Command {
+		c.Flags().BoolVar(&revokeFlag, "revoke", false,
+			"also cut the tracked flows the changed policy denies, as 'ctd ct revoke' does")
+		return c
 	}
 
-	c.AddCommand(&cobra.Command{
-		Use:   "default ingress|egress allow|deny",
+	c.AddCommand(addRevokeFlag(&cobra.Command{
+		Use:   "default ingress|egress allow|deny [--revoke]",
 		Short: "Set the verdict for new flows no rule matches",
-		Args:  exactArgs(2, "ctd policy default ingress|egress allow|deny"),
+		Args:  exactArgs(2, "ctd policy default ingress|egress allow|deny [--revoke]"),
 		RunE: func(c *cobra.Command, args []string) error {
 			d, err := policy.ParseDirection(args[0])
 			if err != nil {
@@ -75,9 +99,12 @@ which 'ctd daemon' restores after a restart.`,
 				return err
 			}
 			if a.clusterMode() {
+				if revokeFlag {
+					return errClusterRevoke
+				}
 				return a.clusterPolicyDefault(c, d, v)
 			}
-			p, done, err := open(c)
+			p, done, revoke, err := open(c)
 			if err != nil {
 				return err
 			}
@@ -87,9 +114,9 @@ which 'ctd daemon' restores after a restart.`,
 				return fmt.Errorf("policy default %v %v: %w", d, v, err)
 			}
 			fmt.Fprintf(c.OutOrStdout(), "default %v %v (was %s)\n", d, v, defaultString(prev))
-			return nil
+			return revoke()
 		},
-	})
+	}))
 
 	c.AddCommand(&cobra.Command{
 		Use:   "add " + policy.Syntax,
@@ -103,7 +130,7 @@ which 'ctd daemon' restores after a restart.`,
 			if a.clusterMode() {
 				return a.clusterPolicyAdd(c, r)
 			}
-			p, done, err := open(c)
+			p, done, _, err := open(c)
 			if err != nil {
 				return err
 			}
@@ -117,8 +144,8 @@ which 'ctd daemon' restores after a restart.`,
 		},
 	})
 
-	c.AddCommand(&cobra.Command{
-		Use:   "del ingress|egress id=N|any [PROTO[/PORT]|any[/PORT]] [allow|deny]",
+	c.AddCommand(addRevokeFlag(&cobra.Command{
+		Use:   "del ingress|egress id=N|any [PROTO[/PORT]|any[/PORT]] [allow|deny] [--revoke]",
 		Short: "Delete the rule with this selector (with a verdict: only if the rule has it)",
 		Args:  cobra.ArbitraryArgs,
 		RunE: func(c *cobra.Command, args []string) error {
@@ -127,9 +154,12 @@ which 'ctd daemon' restores after a restart.`,
 				return err
 			}
 			if a.clusterMode() {
+				if revokeFlag {
+					return errClusterRevoke
+				}
 				return a.clusterPolicyDel(c, r)
 			}
-			p, done, err := open(c)
+			p, done, revoke, err := open(c)
 			if err != nil {
 				return err
 			}
@@ -139,9 +169,9 @@ which 'ctd daemon' restores after a restart.`,
 				return err
 			}
 			fmt.Fprintf(c.OutOrStdout(), "deleted %s\n", policy.Format(old))
-			return nil
+			return revoke()
 		},
-	})
+	}))
 
 	var listOut string
 	var listCluster bool
@@ -176,6 +206,10 @@ which 'ctd daemon' restores after a restart.`,
 	c.AddCommand(list)
 	return c
 }
+
+// errClusterRevoke refuses --revoke in cluster mode: the change reaches
+// each node's datapath through etcd, after the command returns.
+var errClusterRevoke = errors.New("--revoke is not available in cluster mode: the change reaches each node through etcd; run 'ctd ct revoke' on the nodes once it has")
 
 // defaultString shows a default verdict; unset is the allow of a datapath
 // that was never told otherwise.

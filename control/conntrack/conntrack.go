@@ -2,6 +2,7 @@
 package conntrack
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -102,6 +103,52 @@ func Flush(m *ctmap.Map, f Filter) (int, error) {
 	return m.Delete(keys)
 }
 
+// Revoked says what Revoke did: Revoked flows are cut (including those
+// cut before), Kept flows the policy in force still allows.
+type Revoked struct {
+	Revoked int `json:"revoked"`
+	Kept    int `json:"kept"`
+}
+
+// Revoke judges every flow of m that f selects again against the policy in
+// force, and marks those it now denies revoked: the datapath drops both
+// directions of a revoked flow and no pickup re-creates it (see
+// ctmap.Revoker). Flows created while it runs are judged at creation.
+func Revoke(m *ctmap.Map, rv *ctmap.Revoker, f Filter) (Revoked, error) {
+	var (
+		res      Revoked
+		keys     = make([]ctmap.Key, 0, ctmap.RevokeBatch)
+		verdicts = make([]ctmap.Verdict, ctmap.RevokeBatch)
+		runErr   error
+	)
+	flush := func() bool {
+		if runErr = rv.Revoke(keys, verdicts); runErr != nil {
+			return false
+		}
+		for _, v := range verdicts[:len(keys)] {
+			switch v {
+			case ctmap.Revoked, ctmap.AlreadyRevoked:
+				res.Revoked++
+			case ctmap.Kept:
+				res.Kept++
+			}
+		}
+		keys = keys[:0]
+		return true
+	}
+	err := m.Iterate(func(k *ctmap.Key, e *ctmap.Entry) bool {
+		if !f.Match(ctmap.FlowOf(k, e)) {
+			return true
+		}
+		keys = append(keys, *k)
+		return len(keys) < ctmap.RevokeBatch || flush()
+	})
+	if err == nil && runErr == nil {
+		flush()
+	}
+	return res, errors.Join(err, runErr)
+}
+
 // Row is one flow as ctd prints it in JSON.
 type Row struct {
 	Proto        string   `json:"proto"` // tcp, udp, icmp, icmpv6, sctp or the protocol number
@@ -119,7 +166,7 @@ type Row struct {
 	Iface        string   `json:"iface"`      // name, or the ifindex where no interface has it
 	SrcIdentity  uint32   `json:"src_identity"`
 	DstIdentity  uint32   `json:"dst_identity"`
-	Flags        []string `json:"flags"` // opened_ingress, pickup, related
+	Flags        []string `json:"flags"` // opened_ingress, pickup, related, revoked
 }
 
 var flagNames = []struct {
@@ -129,6 +176,7 @@ var flagNames = []struct {
 	{ctmap.FlagOpenedIngress, "opened_ingress"},
 	{ctmap.FlagPickup, "pickup"},
 	{ctmap.FlagRelated, "related"},
+	{ctmap.FlagRevoked, "revoked"},
 }
 
 // FlagNames names the flags set in f (ctmap.Flag*), unknown bits as hex.

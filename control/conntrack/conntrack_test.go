@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/control/ifnames"
@@ -177,16 +176,12 @@ func newTable(t *testing.T) *ctmap.Map {
 func newEmptyTable(t *testing.T, size uint32) *ctmap.Map {
 	t.Helper()
 	nettest.RequireRoot(t)
-	spec, err := loader.Options{CTMax: size, IPCacheMax: 1, RingBufSize: 4096}.Spec()
+	ct, closeCT, err := loader.NewConntrack(loader.Options{CTMax: size})
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return ctmap.New(m)
+	t.Cleanup(closeCT)
+	return ct
 }
 
 func flowIndexes(t *testing.T, m *ctmap.Map, f Filter) []int {

@@ -51,7 +51,7 @@ func prefill(b *testing.B, e *testEnv, n int) {
 			b.Fatal(err)
 		}
 	}
-	if c, err := ctmap.New(d.dp.CT()).Count(); err != nil || c != n {
+	if c, err := d.dp.Conntrack().Count(); err != nil || c != n {
 		b.Fatalf("conntrack holds %d entries (%v), want %d", c, err, n)
 	}
 }

@@ -61,7 +61,7 @@ type Config struct {
 	// Map sizes. Zero keeps the size of the pinned map, or uses the
 	// loader's default when nothing is pinned; a size that differs from
 	// the pinned map's is a resize.
-	CTMax, IPCacheMax, RingBufSize uint32
+	CTMax, CTUnconfirmedMax, IPCacheMax, RingBufSize uint32
 
 	// PollInterval is how often the store's generation is checked;
 	// ResyncInterval how often the maps are reconciled even without a

@@ -217,7 +217,7 @@ func TestRestartKeepsState(t *testing.T) {
 	before := e.status(t)
 
 	// Conntrack entries and drift in the maps, as if written by hand.
-	ct := ctmap.New(d.dp.CT())
+	ct := d.dp.Conntrack()
 	var keys []ctmap.Key
 	for i := range 100 {
 		k, _ := ctmap.KeyOf(6, netip.MustParseAddr("198.51.100.1"), uint16(10000+i), netip.MustParseAddr("198.51.100.2"), 80)
@@ -254,7 +254,7 @@ func TestRestartKeepsState(t *testing.T) {
 	}
 	sameDesired(t, mapState(t, &d.dp.Maps), st)
 
-	ct = ctmap.New(d.dp.CT())
+	ct = d.dp.Conntrack()
 	for i, k := range keys {
 		got, err := ct.Lookup(&k)
 		if err != nil || got.PacketsOrig != uint64(i+1) {
@@ -382,7 +382,7 @@ func TestRepinFromAttached(t *testing.T) {
 	e := newTestEnv(t)
 	d, _ := e.start(t, e.config())
 	k, _ := ctmap.KeyOf(17, netip.MustParseAddr("198.51.100.1"), 5353, netip.MustParseAddr("198.51.100.2"), 53)
-	if err := ctmap.New(d.dp.CT()).Put(&k, &ctmap.Entry{PacketsOrig: 77}); err != nil {
+	if err := d.dp.Conntrack().Put(&k, &ctmap.Entry{PacketsOrig: 77}); err != nil {
 		t.Fatal(err)
 	}
 	d.Close()
@@ -395,7 +395,7 @@ func TestRepinFromAttached(t *testing.T) {
 	if !slices.Equal(r.Repinned, []string{loader.CTMap}) || r.Restored {
 		t.Errorf("Ready: repinned %v restored %v; want [%s] and not restored", r.Repinned, r.Restored, loader.CTMap)
 	}
-	got, err := ctmap.New(d.dp.CT()).Lookup(&k)
+	got, err := d.dp.Conntrack().Lookup(&k)
 	if err != nil || got.PacketsOrig != 77 {
 		t.Errorf("conntrack entry after re-pinning: %+v, %v; want packets_orig 77", got, err)
 	}
@@ -521,7 +521,7 @@ func TestResizeAndUpgrade(t *testing.T) {
 	cfg := e.config()
 	cfg.CTMax = 4096
 	d, _ := e.start(t, cfg)
-	ct := ctmap.New(d.dp.CT())
+	ct := d.dp.Conntrack()
 	var keys []ctmap.Key
 	for i := range 1000 {
 		k, _ := ctmap.KeyOf(6, netip.MustParseAddr("198.51.100.1"), uint16(20000+i), netip.MustParseAddr("198.51.100.2"), 443)
@@ -533,7 +533,7 @@ func TestResizeAndUpgrade(t *testing.T) {
 	d.Close()
 	check := func(step string, d *Daemon) {
 		t.Helper()
-		ct := ctmap.New(d.dp.CT())
+		ct := d.dp.Conntrack()
 		for i, k := range keys {
 			got, err := ct.Lookup(&k)
 			if err != nil || got.PacketsOrig != uint64(i+1) {

@@ -15,16 +15,18 @@ import (
 // else the defaults.
 func (d *Daemon) options() (loader.Options, error) {
 	o := loader.Options{
-		PinPath:     d.cfg.PinPath,
-		CTMax:       d.cfg.CTMax,
-		IPCacheMax:  d.cfg.IPCacheMax,
-		RingBufSize: d.cfg.RingBufSize,
+		PinPath:          d.cfg.PinPath,
+		CTMax:            d.cfg.CTMax,
+		CTUnconfirmedMax: d.cfg.CTUnconfirmedMax,
+		IPCacheMax:       d.cfg.IPCacheMax,
+		RingBufSize:      d.cfg.RingBufSize,
 	}
 	for _, f := range []struct {
 		size *uint32
 		name string
 	}{
 		{&o.CTMax, loader.CTMap},
+		{&o.CTUnconfirmedMax, loader.CTUnconfirmedMap},
 		{&o.IPCacheMax, loader.IPCache4Map},
 		{&o.RingBufSize, loader.EventsMap},
 	} {

@@ -1,13 +1,13 @@
 // Package events decodes and streams datapath events.
 //
-// The datapath writes flow-new, flow-closed, drop and ct-insert-failed
-// records to the ring buffer events_v1, but only while a consumer is
-// registered in evlisten_v1 (Listen): with nobody listening it reserves
-// nothing and counts nothing as lost, so events-lost means that a consumer
-// fell behind. A ring buffer has one consumer: two readers would each get a
-// share of the records. ctd's consumer is 'ctd monitor', for as long as it
-// runs; the daemon never reads events (it learns what it needs from the
-// counters of metrics_v1) and never registers. A Reader skips what was
+// The datapath writes flow-new, flow-closed, drop, ct-insert-failed and
+// ct-midstream-miss records to the ring buffer events_v1, but only while a
+// consumer is registered in evlisten_v1 (Listen): with nobody listening it
+// reserves nothing and counts nothing as lost, so events-lost means that a
+// consumer fell behind. A ring buffer has one consumer: two readers would
+// each get a share of the records. ctd's consumer is 'ctd monitor', for as
+// long as it runs; the daemon never reads events (it learns what it needs
+// from the counters of metrics_v1) and never registers. A Reader skips what was
 // written before it started (see Reader.SkipBefore).
 package events
 
@@ -40,6 +40,10 @@ const (
 	FlowClosed     = Type(bpf.CtdEventTypeEV_FLOW_CLOSED)
 	Drop           = Type(bpf.CtdEventTypeEV_DROP)
 	CTInsertFailed = Type(bpf.CtdEventTypeEV_CT_INSERT_FAILED)
+	// CTMidstreamMiss: a TCP packet other than SYN or RST found no
+	// conntrack entry; its flow was lost to the LRU (or flushed, or is
+	// older than ctd).
+	CTMidstreamMiss = Type(bpf.CtdEventTypeEV_CT_MIDSTREAM_MISS)
 )
 
 // recordSize is the size of struct event.
@@ -55,12 +59,15 @@ func (t Type) String() string {
 		return "drop"
 	case CTInsertFailed:
 		return "ct-insert-failed"
+	case CTMidstreamMiss:
+		return "ct-midstream-miss"
 	}
 	return "type" + strconv.Itoa(int(t))
 }
 
-// IsFlow reports whether t is about a flow's life: flow-new, flow-closed.
-func (t Type) IsFlow() bool { return t == FlowNew || t == FlowClosed }
+// IsFlow reports whether t is about a flow's life: flow-new, flow-closed,
+// ct-midstream-miss.
+func (t Type) IsFlow() bool { return t == FlowNew || t == FlowClosed || t == CTMidstreamMiss }
 
 // IsDrop reports whether t is about a dropped packet: drop, ct-insert-failed.
 func (t Type) IsDrop() bool { return t == Drop || t == CTInsertFailed }
@@ -68,7 +75,7 @@ func (t Type) IsDrop() bool { return t == Drop || t == CTInsertFailed }
 // Event is one datapath event as ctd prints it.
 type Event struct {
 	Time        time.Time     `json:"time"`             // wall clock, RFC 3339
-	Type        string        `json:"type"`             // flow-new, flow-closed, drop, ct-insert-failed
+	Type        string        `json:"type"`             // flow-new, flow-closed, drop, ct-insert-failed, ct-midstream-miss
 	Reason      string        `json:"reason,omitempty"` // drops: policy, ct-insert-failed
 	Proto       string        `json:"proto"`
 	Src         netip.Addr    `json:"src"` // flow events: the originator; drops: the packet's source

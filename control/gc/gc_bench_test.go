@@ -4,7 +4,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
@@ -50,14 +49,13 @@ func fillHalfExpired(tb testing.TB, ct *ctmap.Map, n int) {
 // newFilledCT returns a table holding n entries, half of them expired. Its
 // capacity is the next power of two, as the kernel sizes the hash's buckets
 // for --ct-max n, with room to spare so that the LRU evicts nothing.
-func newFilledCT(b *testing.B, n int) (*ctmap.Map, *ebpf.Map) {
+func newFilledCT(b *testing.B, n int) *ctmap.Map {
 	b.Helper()
 	capacity := uint32(1)
 	for capacity < uint32(n) {
 		capacity <<= 1
 	}
-	m := newCTMap(b, capacity)
-	ct := ctmap.New(m)
+	ct := newCT(b, capacity)
 	fillHalfExpired(b, ct, n)
 	got, err := ct.Count()
 	if err != nil {
@@ -66,12 +64,12 @@ func newFilledCT(b *testing.B, n int) (*ctmap.Map, *ebpf.Map) {
 	if got != n {
 		b.Fatalf("filled %d entries, the table holds %d", n, got)
 	}
-	return ct, m
+	return ct
 }
 
 // BenchmarkPass measures one GC pass over a million entries, half expired.
 func BenchmarkPass(b *testing.B) {
-	ct, _ := newFilledCT(b, benchEntries)
+	ct := newFilledCT(b, benchEntries)
 	lt := DefaultLifetimes()
 	var last Result
 	for b.Loop() {
@@ -95,7 +93,7 @@ func BenchmarkPass(b *testing.B) {
 // when it serves metrics: the top values of the kept flows by the
 // dimensions of ctd_conntrack_top_flows.
 func BenchmarkPassCensus(b *testing.B) {
-	ct, _ := newFilledCT(b, benchEntries)
+	ct := newFilledCT(b, benchEntries)
 	x, err := ct.NewExpirer()
 	if err != nil {
 		b.Fatal(err)
@@ -123,7 +121,7 @@ func BenchmarkPassCensus(b *testing.B) {
 // BenchmarkIterate measures one full read of a million entries, decoded to
 // flows as 'ctd ct list' does.
 func BenchmarkIterate(b *testing.B) {
-	ct, _ := newFilledCT(b, benchEntries)
+	ct := newFilledCT(b, benchEntries)
 	var n int
 	for b.Loop() {
 		n = 0
@@ -149,11 +147,11 @@ func BenchmarkIterate(b *testing.B) {
 // BenchmarkCount measures counting a million entries exactly, as 'ctd maps'
 // does for the conntrack table.
 func BenchmarkCount(b *testing.B) {
-	_, m := newFilledCT(b, benchEntries)
+	ct := newFilledCT(b, benchEntries)
 	var n uint64
 	for b.Loop() {
 		var err error
-		n, err = mapinfo.Count(m)
+		n, err = mapinfo.Count(ct.Confirmed())
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -28,22 +28,13 @@ const testNow = 100 * time.Hour
 // newCT creates an unpinned conntrack table with the datapath's layout.
 func newCT(tb testing.TB, maxEntries uint32) *ctmap.Map {
 	tb.Helper()
-	return ctmap.New(newCTMap(tb, maxEntries))
-}
-
-func newCTMap(tb testing.TB, maxEntries uint32) *ebpf.Map {
-	tb.Helper()
 	nettest.RequireRoot(tb)
-	spec, err := loader.Options{CTMax: maxEntries}.WithDefaults().Spec()
+	ct, closeCT, err := loader.NewConntrack(loader.Options{CTMax: maxEntries})
 	if err != nil {
 		tb.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
-	if err != nil {
-		tb.Fatalf("create conntrack map: %v", err)
-	}
-	tb.Cleanup(func() { m.Close() })
-	return m
+	tb.Cleanup(closeCT)
+	return ct
 }
 
 // flowKey returns a distinct key of protocol proto for each i.

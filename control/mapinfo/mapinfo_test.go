@@ -28,14 +28,15 @@ const (
 )
 
 // fill puts known numbers of entries into a test datapath's maps and one
-// flow-new event into its ring buffer (whose flow is one more ct entry).
+// flow-new event into its ring buffer (whose flow, not confirmed, is the
+// one entry of the unconfirmed table).
 func fill(t *testing.T, dp *dptest.Datapath) {
 	t.Helper()
 	f := dptest.UDP(t, netip.MustParseAddrPort("198.51.100.1:5000"), netip.MustParseAddrPort("198.51.100.2:53"), nil)
 	if v := dp.Run(t, bpf.Egress, f); v != dptest.Pass {
 		t.Fatalf("verdict %#x", v)
 	}
-	ct := ctmap.New(dp.Maps.CT())
+	ct := dp.Maps.Conntrack()
 	keys := make([]ctmap.Key, nCT-1)
 	vals := make([]ctmap.Entry, nCT-1)
 	for i := range keys {
@@ -99,15 +100,16 @@ func TestEntriesExact(t *testing.T) {
 	fill(t, dp)
 	infos := inspect(t, dp, pin)
 	for name, want := range map[string]uint64{
-		loader.CTMap:         nCT,
-		loader.PolicyMap:     nPol,
-		loader.IPCache4Map:   nIP4,
-		loader.IPCache6Map:   nIP6,
-		loader.ConfigMap:     1, // arrays: every slot
-		loader.MetricsMap:    128,
-		loader.EventLimitMap: 1,
-		loader.ListenerMap:   1,
-		loader.EventsMap:     evSize, // one flow-new event pending
+		loader.CTMap:            nCT - 1,
+		loader.CTUnconfirmedMap: 1,
+		loader.PolicyMap:        nPol,
+		loader.IPCache4Map:      nIP4,
+		loader.IPCache6Map:      nIP6,
+		loader.ConfigMap:        1, // arrays: every slot
+		loader.MetricsMap:       128,
+		loader.EventLimitMap:    1,
+		loader.ListenerMap:      1,
+		loader.EventsMap:        evSize, // one flow-new event pending
 	} {
 		info := infos[name]
 		if info.Entries != want {
@@ -173,7 +175,7 @@ func TestBpftoolDumpsFieldNames(t *testing.T) {
 	dp := dptest.Load(t, pin)
 	k, _ := ctmap.KeyOf(unix.IPPROTO_UDP, netip.MustParseAddr("198.51.100.7"), 7777, netip.MustParseAddr("198.51.100.8"), 53)
 	e := ctmap.Entry{PacketsOrig: 3, LastSeen: 123456789, State: uint8(ctmap.StateEstablished)}
-	if err := ctmap.New(dp.Maps.CT()).Put(&k, &e); err != nil {
+	if err := dp.Maps.Conntrack().Put(&k, &e); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(pin, loader.CTMap)

@@ -89,6 +89,8 @@ var (
 	droppedBytes     = desc("dropped_bytes_total", "Bytes dropped by the datapath (skb length, L2 included), by direction and reason.", labelsDirReason...)
 	ctCreated        = desc("conntrack_created_total", "Conntrack entries created by the datapath.", "direction")
 	ctUpdateFailed   = desc("conntrack_update_failed_total", "Conntrack map updates that failed in the datapath.", "direction")
+	ctConfirmed      = desc("conntrack_confirmed_total", "Flows promoted from the unconfirmed to the confirmed conntrack table.", "direction")
+	ctMidstreamMiss  = desc("conntrack_midstream_miss_total", "TCP packets other than SYN or RST that found no conntrack entry: flows lost to the LRU (or flushed, or older than ctd).", "direction")
 	eventsLost       = desc("events_lost_total", "Events the datapath could not write because the ring buffer was full.", "direction")
 	eventsLimited    = desc("events_ratelimited_total", "Events the datapath suppressed by its per-CPU rate limit.", "direction")
 	fragments        = desc("fragments_total", "Later IP fragments seen (passed untracked).", "direction")
@@ -120,7 +122,7 @@ func desc(name, help string, labels ...string) *prometheus.Desc {
 // Describe sends every metric's description.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
-		forwardedPackets, forwardedBytes, droppedPackets, droppedBytes, ctCreated, ctUpdateFailed,
+		forwardedPackets, forwardedBytes, droppedPackets, droppedBytes, ctCreated, ctUpdateFailed, ctConfirmed, ctMidstreamMiss,
 		eventsLost, eventsLimited, fragments, mapEntries, mapMax, mapFill, mapMemlock,
 		gcRuns, gcErrors, gcWakes, gcScanned, gcDeleted, gcRefreshed, gcDuration, gcInterval,
 		topFlows, attached, buildInfo,
@@ -164,6 +166,8 @@ func (c *Collector) collectDatapath(ch chan<- prometheus.Metric) {
 	counters := map[metricsmap.Reason]*prometheus.Desc{
 		metricsmap.CTCreated:         ctCreated,
 		metricsmap.CTUpdateFailed:    ctUpdateFailed,
+		metricsmap.CTConfirmed:       ctConfirmed,
+		metricsmap.CTMidstreamMiss:   ctMidstreamMiss,
 		metricsmap.EventsLost:        eventsLost,
 		metricsmap.EventsRateLimited: eventsLimited,
 		metricsmap.Fragments:         fragments,

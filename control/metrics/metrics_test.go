@@ -100,7 +100,7 @@ func TestScrape(t *testing.T) {
 	// The census as a GC pass fills it: with the table's one flow.
 	census := conntrack.NewTopCensus(conntrack.CensusN, conntrack.CensusBys...)
 	census.Begin()
-	if err := conntrack.List(ctmap.New(dp.CT()), conntrack.Filter{}, func(fl ctmap.Flow) error {
+	if err := conntrack.List(dp.Conntrack(), conntrack.Filter{}, func(fl ctmap.Flow) error {
 		census.Add(fl)
 		return nil
 	}); err != nil {

@@ -1,4 +1,4 @@
-// Package ctmap reads and edits the conntrack table (ct_v1) as flows.
+// Package ctmap reads and edits the conntrack tables (ct_v1, ct_unconfirmed_v1) as flows.
 package ctmap
 
 import (
@@ -41,6 +41,7 @@ const (
 	FlagOpenedIngress = uint8(bpf.CtdCtFlagCT_F_OPENED_INGRESS)
 	FlagPickup        = uint8(bpf.CtdCtFlagCT_F_PICKUP)
 	FlagRelated       = uint8(bpf.CtdCtFlagCT_F_RELATED)
+	FlagRevoked       = uint8(bpf.CtdCtFlagCT_F_REVOKED)
 )
 
 // Key and Entry are the map's raw layout.
@@ -182,13 +183,21 @@ func le64(b []byte) uint64 {
 	return v
 }
 
-// Map is the conntrack table.
+// Map is the conntrack table: the confirmed flows (ct_v1) and those not
+// yet confirmed (ct_unconfirmed_v1), one layout. A flow is in one of them
+// (for an instant, while the datapath promotes it, in both).
 type Map struct {
-	m *ebpf.Map
+	m           *ebpf.Map // confirmed
+	unconfirmed *ebpf.Map
 }
 
-// New wraps the ct_v1 map.
-func New(m *ebpf.Map) *Map { return &Map{m: m} }
+// New wraps the confirmed and unconfirmed tables.
+func New(confirmed, unconfirmed *ebpf.Map) *Map { return &Map{m: confirmed, unconfirmed: unconfirmed} }
+
+// Confirmed is the confirmed table's map.
+func (m *Map) Confirmed() *ebpf.Map { return m.m }
+
+func (m *Map) tables() [2]*ebpf.Map { return [2]*ebpf.Map{m.m, m.unconfirmed} }
 
 // BatchSize is how many entries one batch syscall moves.
 const BatchSize = 4096
@@ -216,30 +225,32 @@ func (m *Map) Iterate(fn func(k *Key, e *Entry) bool) error {
 	done := make(chan error, 1)
 	go func() {
 		defer close(full)
-		var cursor ebpf.MapBatchCursor
-		for {
-			var b *batch
-			select {
-			case b = <-free:
-			case <-stop:
-				done <- nil
-				return
-			}
-			n, err := m.m.BatchLookup(&cursor, b.keys, b.vals, nil)
-			if b.n = n; n > 0 {
-				full <- b
-			} else {
-				free <- b
-			}
-			if errors.Is(err, ebpf.ErrKeyNotExist) {
-				done <- nil
-				return
-			}
-			if err != nil {
-				done <- fmt.Errorf("read conntrack table: %w", err)
-				return
+		for _, table := range m.tables() {
+			var cursor ebpf.MapBatchCursor
+			for {
+				var b *batch
+				select {
+				case b = <-free:
+				case <-stop:
+					done <- nil
+					return
+				}
+				n, err := table.BatchLookup(&cursor, b.keys, b.vals, nil)
+				if b.n = n; n > 0 {
+					full <- b
+				} else {
+					free <- b
+				}
+				if errors.Is(err, ebpf.ErrKeyNotExist) {
+					break
+				}
+				if err != nil {
+					done <- fmt.Errorf("read conntrack table %s: %w", m.tableName(table), err)
+					return
+				}
 			}
 		}
+		done <- nil
 	}()
 	for b := range full {
 		for i := range b.n {
@@ -263,29 +274,49 @@ func (m *Map) Count() (int, error) {
 	return n, err
 }
 
-// Delete removes keys in batches; keys already gone (evicted or deleted
-// meanwhile) are not an error. It returns how many it deleted.
+// Delete removes keys from the table that holds each, in batches; keys
+// already gone (evicted or deleted meanwhile) are not an error. It returns
+// how many it deleted.
+//
+// A key a table lacks costs a system call of its own (a batch stops at the
+// first missing key), so each key is tried in one table and, only if it
+// is missing there, in the other. The unconfirmed table goes first: the
+// keys deleted in bulk right after their creation (the benchmark's new
+// flows) are all there.
 func (m *Map) Delete(keys []Key) (int, error) {
 	deleted := 0
-	for len(keys) > 0 {
-		chunk := keys[:min(len(keys), BatchSize)]
-		n, err := m.m.BatchDelete(chunk, nil)
+	for _, table := range [2]*ebpf.Map{m.unconfirmed, m.m} {
+		n, missing, err := deleteFrom(table, keys)
 		deleted += n
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			// The batch stops at the first missing key: skip it, go on.
-			chunk = chunk[n+1:]
-			keys = keys[n+1:]
-			continue
-		}
 		if err != nil {
-			return deleted, fmt.Errorf("delete conntrack entries: %w", err)
+			return deleted, fmt.Errorf("delete conntrack entries from %s: %w", m.tableName(table), err)
 		}
-		keys = keys[len(chunk):]
+		keys = missing
 	}
 	return deleted, nil
 }
 
-// Put writes an entry (for tests and migrations).
+// deleteFrom deletes keys from table and returns the keys it lacks.
+func deleteFrom(table *ebpf.Map, keys []Key) (deleted int, missing []Key, err error) {
+	for len(keys) > 0 {
+		chunk := keys[:min(len(keys), BatchSize)]
+		n, err := table.BatchDelete(chunk, nil)
+		deleted += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			// The batch stops at the first missing key: skip it, go on.
+			missing = append(missing, keys[n])
+			keys = keys[n+1:]
+			continue
+		}
+		if err != nil {
+			return deleted, missing, err
+		}
+		keys = keys[len(chunk):]
+	}
+	return deleted, missing, nil
+}
+
+// Put writes an entry into the confirmed table (for tests and migrations).
 func (m *Map) Put(k *Key, e *Entry) error {
 	if err := m.m.Put(k, e); err != nil {
 		return fmt.Errorf("write conntrack entry: %w", err)
@@ -293,14 +324,18 @@ func (m *Map) Put(k *Key, e *Entry) error {
 	return nil
 }
 
-// Lookup reads one entry.
+// Lookup reads one entry, from the confirmed table or else the unconfirmed one.
 func (m *Map) Lookup(k *Key) (Entry, error) {
 	var e Entry
 	err := m.m.Lookup(k, &e)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		err = m.unconfirmed.Lookup(k, &e)
+	}
 	return e, err
 }
 
-// PutBatch writes entries in batches (for tests, benchmarks and migrations).
+// PutBatch writes entries into the confirmed table in batches (for tests,
+// benchmarks and migrations).
 func (m *Map) PutBatch(keys []Key, entries []Entry) error {
 	if len(keys) != len(entries) {
 		return fmt.Errorf("write conntrack entries: %d keys but %d entries", len(keys), len(entries))
@@ -315,8 +350,18 @@ func (m *Map) PutBatch(keys []Key, entries []Entry) error {
 	return nil
 }
 
-// MaxEntries is the table's capacity.
+// MaxEntries is the confirmed table's capacity.
 func (m *Map) MaxEntries() uint32 { return m.m.MaxEntries() }
+
+// UnconfirmedMaxEntries is the unconfirmed table's capacity.
+func (m *Map) UnconfirmedMaxEntries() uint32 { return m.unconfirmed.MaxEntries() }
+
+func (m *Map) tableName(t *ebpf.Map) string {
+	if t == m.m {
+		return bpf.CtdMapCtV1
+	}
+	return bpf.CtdMapCtUnconfirmedV1
+}
 
 // Clock converts the datapath's timestamps to wall-clock time. The datapath
 // stamps with bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC_COARSE, a tick-granular

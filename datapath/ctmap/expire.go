@@ -58,14 +58,12 @@ func (m *Map) NewExpirer() (*Expirer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
-	// The program runs against m, whatever its size.
-	spec.Maps[bpf.CtexpireMapCtV1].MaxEntries = m.m.MaxEntries()
 	var objs bpf.CtexpireObjects
-	err = spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m}})
-	if err != nil {
+	repl := map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m, bpf.CtexpireMapCtUnconfirmedV1: m.unconfirmed}
+	if err := loadAgainst(spec, repl, &objs); err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
-	objs.CtexpireMaps.Close() // the replacement: m stays open
+	objs.CtexpireMaps.Close() // the replacements: m's tables stay open
 	return &Expirer{prog: objs.CtdCtExpire, buf: make([]byte, ExpireBatch*recSize)}, nil
 }
 
@@ -97,4 +95,13 @@ func (x *Expirer) Delete(cands []Candidate, outcomes []Outcome) error {
 		outcomes[i] = o
 	}
 	return nil
+}
+
+// loadAgainst loads spec into objs with the maps named in repl replaced by
+// the live ones, whatever their sizes.
+func loadAgainst(spec *ebpf.CollectionSpec, repl map[string]*ebpf.Map, objs any) error {
+	for name, m := range repl {
+		spec.Maps[name].MaxEntries = m.MaxEntries()
+	}
+	return spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: repl})
 }

@@ -16,16 +16,12 @@ import (
 func newTable(t *testing.T) *ctmap.Map {
 	t.Helper()
 	nettest.RequireRoot(t)
-	spec, err := loader.Options{CTMax: 1024}.WithDefaults().Spec()
+	ct, closeCT, err := loader.NewConntrack(loader.Options{CTMax: 1024})
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := ebpf.NewMap(spec.Maps[loader.CTMap])
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return ctmap.New(m)
+	t.Cleanup(closeCT)
+	return ct
 }
 
 // TestExpirer decides a full batch of candidates: a third unchanged (deleted),

@@ -19,20 +19,22 @@ import (
 
 // Defaults for Options.
 const (
-	DefaultPinPath     = "/sys/fs/bpf/ctd"
-	DefaultCTMax       = 262144
-	DefaultIPCacheMax  = 512000
-	DefaultRingBufSize = 8 << 20
+	DefaultPinPath          = "/sys/fs/bpf/ctd"
+	DefaultCTMax            = 262144
+	DefaultCTUnconfirmedMax = 65536
+	DefaultIPCacheMax       = 512000
+	DefaultRingBufSize      = 8 << 20
 )
 
 // Options size the datapath's maps and say where they are pinned. Sizes are
 // what the operator asked for, never derived from anything that can change
 // between runs, so a restart reopens the same maps.
 type Options struct {
-	PinPath     string
-	CTMax       uint32
-	IPCacheMax  uint32
-	RingBufSize uint32
+	PinPath          string
+	CTMax            uint32
+	CTUnconfirmedMax uint32
+	IPCacheMax       uint32
+	RingBufSize      uint32
 }
 
 // WithDefaults fills zero fields with their defaults.
@@ -42,6 +44,9 @@ func (o Options) WithDefaults() Options {
 	}
 	if o.CTMax == 0 {
 		o.CTMax = DefaultCTMax
+	}
+	if o.CTUnconfirmedMax == 0 {
+		o.CTUnconfirmedMax = DefaultCTUnconfirmedMax
 	}
 	if o.IPCacheMax == 0 {
 		o.IPCacheMax = DefaultIPCacheMax
@@ -56,6 +61,9 @@ func (o Options) WithDefaults() Options {
 func (o Options) Validate() error {
 	if o.CTMax < 1 {
 		return fmt.Errorf("invalid --ct-max %d: must be at least 1", o.CTMax)
+	}
+	if o.CTUnconfirmedMax < 1 {
+		return fmt.Errorf("invalid --ct-unconfirmed-max %d: must be at least 1", o.CTUnconfirmedMax)
 	}
 	if o.IPCacheMax < 1 {
 		return fmt.Errorf("invalid --ipcache-max %d: must be at least 1", o.IPCacheMax)
@@ -88,6 +96,8 @@ func (o Options) SizeSpec(spec *ebpf.CollectionSpec) {
 		switch table {
 		case "ct":
 			ms.MaxEntries = o.CTMax
+		case "ct_unconfirmed":
+			ms.MaxEntries = o.CTUnconfirmedMax
 		case "ipcache4", "ipcache6":
 			ms.MaxEntries = o.IPCacheMax
 		case "events":
@@ -112,7 +122,8 @@ func SplitName(name string) (table string, version int, ok bool) {
 }
 
 // NotPinnedError says that a map the caller needs is not pinned: there is
-// no datapath here (yet). It matches os.ErrNotExist.
+// no datapath here (yet), or one of an older build (Older). It matches
+// os.ErrNotExist.
 type NotPinnedError struct {
 	Dir, Map string
 	// Older: other maps are pinned, so this is the datapath of an older

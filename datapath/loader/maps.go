@@ -7,25 +7,27 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/config"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
 // The names of the datapath's maps. The version in a name is its layout's
 // (the *_MAP macros in bpf/common.h): a layout change renames the map here
 // and in the header, and the code that uses the map keeps its accessor.
 const (
-	CTMap         = bpf.CtdMapCtV1
-	IPCache4Map   = bpf.CtdMapIpcache4V1
-	IPCache6Map   = bpf.CtdMapIpcache6V1
-	PolicyMap     = bpf.CtdMapPolicyV1
-	ConfigMap     = bpf.CtdMapConfigV1
-	MetricsMap    = bpf.CtdMapMetricsV1
-	EventsMap     = bpf.CtdMapEventsV1
-	EventLimitMap = bpf.CtdMapEvlimitV1
-	ListenerMap   = bpf.CtdMapEvlistenV1
+	CTMap            = bpf.CtdMapCtV1
+	CTUnconfirmedMap = bpf.CtdMapCtUnconfirmedV1
+	IPCache4Map      = bpf.CtdMapIpcache4V1
+	IPCache6Map      = bpf.CtdMapIpcache6V1
+	PolicyMap        = bpf.CtdMapPolicyV1
+	ConfigMap        = bpf.CtdMapConfigV1
+	MetricsMap       = bpf.CtdMapMetricsV1
+	EventsMap        = bpf.CtdMapEventsV1
+	EventLimitMap    = bpf.CtdMapEvlimitV1
+	ListenerMap      = bpf.CtdMapEvlistenV1
 )
 
 // MapNames lists every map ctd pins, in a stable order.
-var MapNames = []string{CTMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap}
+var MapNames = []string{CTMap, CTUnconfirmedMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap}
 
 // Maps are the datapath's maps, each by what it holds.
 type Maps struct {
@@ -45,6 +47,8 @@ func (m *Maps) assign(coll *ebpf.Collection, pinPath string) error {
 
 // CT is the conntrack table.
 func (m *Maps) CT() *ebpf.Map { return m.objs.CtV1 }
+
+func (m *Maps) CTUnconfirmed() *ebpf.Map { return m.objs.CtUnconfirmedV1 }
 
 // IPCache4 and IPCache6 are the ipcache's LPM tries, by family.
 func (m *Maps) IPCache4() *ebpf.Map { return m.objs.Ipcache4V1 }
@@ -72,7 +76,7 @@ func (m *Maps) Listener() *ebpf.Map { return m.objs.EvlistenV1 }
 // ByName returns the maps by name, in the order of MapNames.
 func (m *Maps) ByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		CTMap: m.CT(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(), PolicyMap: m.Policy(),
+		CTMap: m.CT(), CTUnconfirmedMap: m.CTUnconfirmed(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(), PolicyMap: m.Policy(),
 		ConfigMap: m.objs.ConfigV1, MetricsMap: m.Metrics(), EventsMap: m.Events(), EventLimitMap: m.EventLimit(),
 		ListenerMap: m.Listener(),
 	}
@@ -80,3 +84,25 @@ func (m *Maps) ByName() map[string]*ebpf.Map {
 
 // Close closes the maps' file descriptors; the pins stay.
 func (m *Maps) Close() error { return m.objs.Close() }
+
+// Conntrack is the conntrack table: the confirmed and unconfirmed tables as flows.
+func (m *Maps) Conntrack() *ctmap.Map { return ctmap.New(m.CT(), m.CTUnconfirmed()) }
+
+// NewConntrack creates an unpinned conntrack table (both of its maps),
+// sized by o, for tests and benchmarks; close releases it.
+func NewConntrack(o Options) (ct *ctmap.Map, close func(), err error) {
+	spec, err := o.WithDefaults().Spec()
+	if err != nil {
+		return nil, nil, err
+	}
+	confirmed, err := ebpf.NewMap(spec.Maps[CTMap])
+	if err != nil {
+		return nil, nil, fmt.Errorf("create map %s: %w", CTMap, err)
+	}
+	unconfirmed, err := ebpf.NewMap(spec.Maps[CTUnconfirmedMap])
+	if err != nil {
+		confirmed.Close()
+		return nil, nil, fmt.Errorf("create map %s: %w", CTUnconfirmedMap, err)
+	}
+	return ctmap.New(confirmed, unconfirmed), func() { confirmed.Close(); unconfirmed.Close() }, nil
+}

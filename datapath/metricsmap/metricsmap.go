@@ -25,12 +25,15 @@ const (
 	DropInvalid  = Reason(bpf.CtdMetricReasonM_DROP_INVALID)
 	DropCTInsert = Reason(bpf.CtdMetricReasonM_DROP_CT_INSERT)
 	DropParse    = Reason(bpf.CtdMetricReasonM_DROP_PARSE)
+	DropRevoked  = Reason(bpf.CtdMetricReasonM_DROP_REVOKED)
 
 	CTCreated         = Reason(bpf.CtdMetricReasonM_CT_CREATED)
 	CTUpdateFailed    = Reason(bpf.CtdMetricReasonM_CT_UPDATE_FAILED)
 	EventsLost        = Reason(bpf.CtdMetricReasonM_EVENTS_LOST)
 	EventsRateLimited = Reason(bpf.CtdMetricReasonM_EVENTS_RATELIMITED)
 	Fragments         = Reason(bpf.CtdMetricReasonM_FRAGMENTS)
+	CTConfirmed       = Reason(bpf.CtdMetricReasonM_CT_CONFIRMED)
+	CTMidstreamMiss   = Reason(bpf.CtdMetricReasonM_CT_MIDSTREAM_MISS)
 
 	// ReasonsPerDirection is METRIC_MAX: the map's index is dir*64 + reason.
 	ReasonsPerDirection = int(bpf.CtdMetricReasonMETRIC_MAX)
@@ -61,18 +64,21 @@ var reasons = map[Reason]reasonInfo{
 	DropInvalid:       {"invalid", Dropped},
 	DropCTInsert:      {"ct-insert-failed", Dropped},
 	DropParse:         {"parse-error", Dropped},
+	DropRevoked:       {"revoked", Dropped},
 	CTCreated:         {"ct-created", Counter},
 	CTUpdateFailed:    {"ct-update-failed", Counter},
 	EventsLost:        {"events-lost", Counter},
 	EventsRateLimited: {"events-ratelimited", Counter},
 	Fragments:         {"fragments", Counter},
+	CTConfirmed:       {"ct-confirmed", Counter},
+	CTMidstreamMiss:   {"ct-midstream-miss", Counter},
 }
 
 // Reasons lists every reason the datapath counts, in index order.
 var Reasons = []Reason{
 	FwdEstablished, FwdNew, FwdRelated, FwdUntracked, FwdUnparseable,
-	DropPolicy, DropInvalid, DropCTInsert, DropParse,
-	CTCreated, CTUpdateFailed, EventsLost, EventsRateLimited, Fragments,
+	DropPolicy, DropInvalid, DropCTInsert, DropParse, DropRevoked,
+	CTCreated, CTUpdateFailed, EventsLost, EventsRateLimited, Fragments, CTConfirmed, CTMidstreamMiss,
 }
 
 // String names the reason as ctd prints it, e.g. "ct-insert-failed".

@@ -91,6 +91,10 @@ func TestReadSumsWhatWasSent(t *testing.T) {
 			}
 		})
 		count(bpf.Egress, metricsmap.CTCreated, 2, 0) // the TCP and the UDP flow
+		// Both confirmed by their first reply: the TCP flow by its SYN/ACK
+		// then the ACK, the UDP flow by its reply.
+		count(bpf.Egress, metricsmap.CTConfirmed, 1, 0)
+		count(bpf.Ingress, metricsmap.CTConfirmed, 1, 0)
 	}
 
 	snap, err := m.Read()
@@ -130,6 +134,7 @@ func TestReasonNames(t *testing.T) {
 		{metricsmap.DropPolicy, "policy", metricsmap.Dropped},
 		{metricsmap.DropCTInsert, "ct-insert-failed", metricsmap.Dropped},
 		{metricsmap.DropParse, "parse-error", metricsmap.Dropped},
+		{metricsmap.DropRevoked, "revoked", metricsmap.Dropped},
 		{metricsmap.EventsLost, "events-lost", metricsmap.Counter},
 		{metricsmap.EventsRateLimited, "events-ratelimited", metricsmap.Counter},
 		{metricsmap.Reason(50), "reason50", metricsmap.Counter},

@@ -150,17 +150,22 @@ func TestUpgradeV1ToV2(t *testing.T) {
 		t.Fatalf("LoadSpec(v2): %v", err)
 	}
 	defer coll.Close()
-	wantRep := []MapReport{{Map: v2test.CtdMapCtV2, From: bpf.CtdMapCtV1, Action: Upgrade, OldMaxEntries: 1024, MaxEntries: 1024, Copied: 500}}
+	wantRep := []MapReport{
+		{Map: v2test.CtdMapCtUnconfirmedV2, From: bpf.CtdMapCtUnconfirmedV1, Action: Upgrade, OldMaxEntries: loader.DefaultCTUnconfirmedMax, MaxEntries: loader.DefaultCTUnconfirmedMax},
+		{Map: v2test.CtdMapCtV2, From: bpf.CtdMapCtV1, Action: Upgrade, OldMaxEntries: 1024, MaxEntries: 1024, Copied: 500},
+	}
 	if !slices.Equal(rep.Maps, wantRep) {
 		t.Errorf("report %+v, want %+v", rep.Maps, wantRep)
 	}
 
 	after := pinnedIDs(t, o.PinPath)
-	if _, ok := after[bpf.CtdMapCtV1]; ok {
-		t.Errorf("old pin %s not retired", bpf.CtdMapCtV1)
+	for _, name := range []string{bpf.CtdMapCtV1, bpf.CtdMapCtUnconfirmedV1} {
+		if _, ok := after[name]; ok {
+			t.Errorf("old pin %s not retired", name)
+		}
 	}
 	for name, id := range before {
-		if name != bpf.CtdMapCtV1 && after[name] != id {
+		if name != bpf.CtdMapCtV1 && name != bpf.CtdMapCtUnconfirmedV1 && after[name] != id {
 			t.Errorf("%s was replaced although its layout did not change", name)
 		}
 	}
@@ -193,10 +198,11 @@ func TestUpgradeV1ToV2(t *testing.T) {
 	if !errors.As(err, &inc) || !strings.Contains(err.Error(), "ct_v2") {
 		t.Errorf("loader.Load (v1) on v2 pins: want IncompatibleError naming ct_v2, got %v", err)
 	}
-	// And there is no way back: no converter from ct_v2 to ct_v1.
+	// And there is no way back: no converter from v2 to v1 (the first
+	// table planned, in name order, says so).
 	_, _, err = Load(o, none)
 	var me *Error
-	if !errors.As(err, &me) || !strings.Contains(err.Error(), "no converter from ct_v2 to ct_v1") {
+	if !errors.As(err, &me) || !strings.Contains(err.Error(), "no converter from ct_unconfirmed_v2 to ct_unconfirmed_v1") {
 		t.Errorf("downgrade: want *Error about the missing converter, got %v", err)
 	}
 }
@@ -220,7 +226,7 @@ func TestCannotMigrate(t *testing.T) {
 		{
 			name: "unknown layout",
 			pin:  map[string]*ebpf.MapSpec{"ct_v0": {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 72, MaxEntries: 64}},
-			want: "this build has no converter from ct_v0 to ct_v1 (it converts ct_v1 to ct_v2)",
+			want: "this build has no converter from ct_v0 to ct_v1 (it converts ct_v1 to ct_v2, ct_unconfirmed_v1 to ct_unconfirmed_v2)",
 		},
 		{
 			name: "several layouts",

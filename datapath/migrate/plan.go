@@ -236,6 +236,8 @@ func sizeFlag(table string) string {
 	switch table {
 	case "ct":
 		return "--ct-max"
+	case "ct_unconfirmed":
+		return "--ct-unconfirmed-max"
 	case "ipcache4", "ipcache6":
 		return "--ipcache-max"
 	case "events":

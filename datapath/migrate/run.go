@@ -178,7 +178,7 @@ func (m *migration) prepare() (*ebpf.Collection, attach.Programs, error) {
 			return nil, attach.Programs{}, fmt.Errorf("create map %s: %w", p.name, err)
 		}
 		p.new = nm
-		if p.table == "ct" {
+		if p.table == "ct" || p.table == "ct_unconfirmed" { // written by the datapath
 			mg, err := newCTMerger(p.new, p.spec)
 			if err != nil {
 				return nil, attach.Programs{}, fmt.Errorf("map %s: %w", p.name, err)

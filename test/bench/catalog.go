@@ -49,7 +49,10 @@ type PacketCase struct {
 	// event rate limit off, so that every new flow writes its event to the
 	// ring; otherwise nobody listens and the datapath writes no events.
 	Listener bool
-	Goal     time.Duration // allowed cost over the empty program; 0 when the issue sets none
+	// Flood fills the unconfirmed conntrack table with half-open flows
+	// first, as a SYN flood leaves it.
+	Flood bool
+	Goal  time.Duration // allowed cost over the empty program; 0 when the issue sets none
 }
 
 // Units that BenchmarkPacket reports besides ns/op (the ctd program's median).
@@ -76,13 +79,16 @@ var PacketCases = []PacketCase{
 	{Name: "tcp-new/prefixes=1k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 1000},
 	{Name: "tcp-new/prefixes=10k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Goal: 250 * time.Nanosecond},
 	{Name: "tcp-new-listener/prefixes=10k", Title: "TCP new flow (SYN, ingress), an event consumer registered", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Listener: true},
-	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000},
+	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000, Goal: 250 * time.Nanosecond},
 	{Name: "tcp-new/flows=1M", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: 1000000, Prefixes: 1000},
 	{Name: "tcp-new-policy/prefixes=10k", Title: "TCP new flow, ingress default deny + allow rules", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Policy: true},
 	{Name: "udp-est/flows=1k", Title: "UDP established, originator (egress)", Kind: UDPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
 	{Name: "icmp-est/flows=1k", Title: "ICMP echo request, established (egress)", Kind: ICMPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
-	{Name: "tcp6-est-orig/flows=1k", Title: "IPv6 TCP established, originator (egress)", Kind: TCP6EstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes},
-	{Name: "tcp6-new/prefixes=10k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 10000},
+	{Name: "tcp6-est-orig/flows=1k", Title: "IPv6 TCP established, originator (egress)", Kind: TCP6EstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Goal: 80 * time.Nanosecond},
+	{Name: "tcp6-new/prefixes=10k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 10000, Goal: 300 * time.Nanosecond},
+	{Name: "tcp6-new/prefixes=100k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 100000, Goal: 300 * time.Nanosecond},
+	{Name: "tcp-est-orig-flood/flows=1k", Title: "TCP established, originator, unconfirmed table full (SYN flood)", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Flood: true},
+	{Name: "tcp-new-flood/prefixes=10k", Title: "TCP new flow (SYN), unconfirmed table full: evicts a half-open flow", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Flood: true},
 }
 
 // Setup is one configuration of the receiving side in the real-traffic runs.

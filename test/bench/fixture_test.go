@@ -35,10 +35,11 @@ const (
 type fixtureKey struct {
 	flows, prefixes int
 	policy          bool
+	flood           bool // the unconfirmed table is full
 }
 
 func (k fixtureKey) String() string {
-	return fmt.Sprintf("%d flows, %d prefixes, policy %v", k.flows, k.prefixes, k.policy)
+	return fmt.Sprintf("%d flows, %d prefixes, policy %v, flood %v", k.flows, k.prefixes, k.policy, k.flood)
 }
 
 // fixture is a loaded ctd datapath with prefilled tables, pinned under its
@@ -79,7 +80,7 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 	if err != nil {
 		return f, err
 	}
-	f.ct = ctmap.New(f.dp.CT())
+	f.ct = f.dp.Conntrack()
 	f.floor, err = ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name: "empty_tc",
 		Type: ebpf.SchedCLS,
@@ -99,6 +100,11 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 	f.perClass = k.flows / classes
 	if err := FillConntrack(f.dp.CT(), k.flows); err != nil {
 		return f, err
+	}
+	if k.flood {
+		if err := FillFlood(f.dp.CTUnconfirmed(), int(f.dp.CTUnconfirmed().MaxEntries())); err != nil {
+			return f, err
+		}
 	}
 	if err := f.fillIPCache(); err != nil {
 		return f, err

@@ -266,7 +266,7 @@ func BenchmarkPacket(b *testing.B) {
 	nettest.RequireRoot(b)
 	var keys []fixtureKey
 	for _, c := range PacketCases {
-		k := fixtureKey{c.Flows, c.Prefixes, c.Policy}
+		k := fixtureKey{c.Flows, c.Prefixes, c.Policy, c.Flood}
 		if !slices.Contains(keys, k) {
 			keys = append(keys, k)
 		}
@@ -286,7 +286,7 @@ func BenchmarkPacket(b *testing.B) {
 			return f
 		}
 		for _, c := range PacketCases {
-			if (fixtureKey{c.Flows, c.Prefixes, c.Policy}) != k {
+			if (fixtureKey{c.Flows, c.Prefixes, c.Policy, c.Flood}) != k {
 				continue
 			}
 			b.Run(c.Name, func(b *testing.B) { benchCase(b, get(b), c) })

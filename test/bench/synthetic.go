@@ -26,9 +26,10 @@ var (
 
 // Ports and identities of the synthetic tables.
 const (
-	estPortTCP   = 80  // server port of the prefilled TCP flows
-	estPortUDP   = 53  // server port of the prefilled UDP flows
-	newPort      = 443 // server port of new flows (never prefilled)
+	estPortTCP   = 80   // server port of the prefilled TCP flows
+	estPortUDP   = 53   // server port of the prefilled UDP flows
+	newPort      = 443  // server port of new flows (never prefilled)
+	floodPort    = 8080 // server port of the flood's half-open flows (FillFlood)
 	newPortBase  = 20000
 	clientPort0  = 1024
 	portsPerAddr = 16384
@@ -140,4 +141,33 @@ func FillConntrack(ct *ebpf.Map, n int) error {
 		}
 	}
 	return flush()
+}
+
+// FillFlood fills an unconfirmed conntrack table with n half-open flows, as
+// a SYN flood leaves it: SYNs from distinct addresses of space4 to a server
+// port of its own (floodPort), answered by nobody.
+func FillFlood(m *ebpf.Map, n int) error {
+	now := uint64(ctmap.Now().Mono())
+	keys := make([]ctmap.Key, 0, n)
+	vals := make([]ctmap.Entry, 0, n)
+	base := space4.Addr().As4()
+	for i := range n {
+		src := netip.AddrFrom4([4]byte{base[0], base[1] + byte(i>>16&1), byte(i >> 8), byte(i)})
+		k, origIsB := ctmap.KeyOf(unix.IPPROTO_TCP, src, clientPort0, server4, floodPort)
+		e := ctmap.Entry{PacketsOrig: 1, BytesOrig: 54, FirstSeen: now, LastSeen: now,
+			SrcIdentity: hostIdentity0, DstIdentity: serverIdentity, Ifindex: 1,
+			State: uint8(ctmap.StateSynSent), TcpFlagsOrig: 0x02, Flags: ctmap.FlagOpenedIngress}
+		if origIsB {
+			e.OrigIsB = 1
+		}
+		keys, vals = append(keys, k), append(vals, e)
+	}
+	done, err := m.BatchUpdate(keys, vals, nil)
+	if err != nil {
+		return fmt.Errorf("fill the unconfirmed table: %w", err)
+	}
+	if done != n {
+		return fmt.Errorf("fill the unconfirmed table: wrote %d of %d entries", done, n)
+	}
+	return nil
 }

@@ -20,7 +20,6 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 
-	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
@@ -191,7 +190,7 @@ func setUpCtd(b *testing.B, p *nettest.Pair, deny bool) func() error {
 			return err
 		}
 		defer maps.Close()
-		n, err := ctmap.New(maps.CT()).Count()
+		n, err := maps.Conntrack().Count()
 		if err != nil {
 			return err
 		}

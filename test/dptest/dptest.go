@@ -19,6 +19,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -49,7 +50,7 @@ func VerdictName(v uint32) string {
 // checks that they stay.
 var testedReasons = []metricsmap.Reason{
 	metricsmap.FwdEstablished, metricsmap.FwdNew, metricsmap.FwdRelated, metricsmap.FwdUntracked, metricsmap.FwdUnparseable,
-	metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse,
+	metricsmap.DropPolicy, metricsmap.DropInvalid, metricsmap.DropCTInsert, metricsmap.DropParse, metricsmap.DropRevoked,
 	metricsmap.CTCreated, metricsmap.CTUpdateFailed, metricsmap.EventsLost, metricsmap.EventsRateLimited, metricsmap.Fragments,
 }
 
@@ -77,8 +78,9 @@ type Datapath struct {
 
 // Map sizes of New's datapath: small, but roomy enough for the property test.
 const (
-	testCTMax      = 1024
-	testIPCacheMax = 16384
+	testCTMax       = 1024
+	testCTUnconfMax = 256
+	testIPCacheMax  = 16384
 )
 
 // New loads the datapath's programs with maps of their own, not pinned,
@@ -96,7 +98,7 @@ func New(tb testing.TB) *Datapath {
 func NewFrom(tb testing.TB, spec *ebpf.CollectionSpec) *Datapath {
 	tb.Helper()
 	nettest.RequireRoot(tb)
-	loader.Options{CTMax: testCTMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().SizeSpec(spec)
+	loader.Options{CTMax: testCTMax, CTUnconfirmedMax: testCTUnconfMax, IPCacheMax: testIPCacheMax, RingBufSize: 4096}.WithDefaults().SizeSpec(spec)
 	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
 		tb.Fatalf("dptest: load datapath: %v", err)
@@ -124,7 +126,7 @@ func Load(tb testing.TB, pinPath string) *Datapath {
 
 func wrap(tb testing.TB, dp *loader.Datapath) *Datapath {
 	tb.Cleanup(func() { dp.Close() })
-	return &Datapath{Datapath: dp, ct: ctmap.New(dp.CT())}
+	return &Datapath{Datapath: dp, ct: dp.Conntrack()}
 }
 
 // Listen registers the test as the consumer of events for as long as the
@@ -525,4 +527,20 @@ func (d *Datapath) SetDefault(tb testing.TB, dir bpf.Direction, verdict uint8) {
 	if err := d.Config().Update(func(c *config.Values) { c.DefaultVerdict[dir] = verdict }); err != nil {
 		tb.Fatal(err)
 	}
+}
+
+// Revoke judges every flow again against the policy in force (as 'ctd ct
+// revoke' does) and returns how many it revoked and kept.
+func (d *Datapath) Revoke(tb testing.TB) (revoked, kept int) {
+	tb.Helper()
+	rv, err := d.ct.NewRevoker(d.Policy(), d.ByName()[loader.ConfigMap])
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer rv.Close()
+	res, err := conntrack.Revoke(d.ct, rv, conntrack.Filter{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return res.Revoked, res.Kept
 }

@@ -78,7 +78,7 @@ func (rep *report) markdown() string {
 	for _, m := range e.Mitigations {
 		p("| %s | %s |\n", m[0], cell(m[1]))
 	}
-	p("\nEvery figure stands next to a baseline measured in the same run, interleaved with it; the machine is shared and noisy, so each figure is a median over repeated runs. Goals are issue 6's. No timing is asserted in `go test`: this table is the only judge.\n\n")
+	p("\nEvery figure stands next to a baseline measured in the same run, interleaved with it; the machine is shared and noisy, so each figure is a median over repeated runs. Goals are issue 6's and issue 11's. No timing is asserted in `go test`: this table is the only judge.\n\n")
 
 	p("## Goals\n\n| goal | measured | result |\n|---|---|---|\n")
 	for _, r := range rep.Packet {
@@ -325,7 +325,7 @@ func plural(n int, what string) string {
 func (rep *report) hotTwin(c bench.PacketCase) (packetRow, bool) {
 	for _, r := range rep.Packet {
 		h := r.Case
-		if h.Hot && !c.Hot && h.Kind == c.Kind && h.Flows == c.Flows && h.Prefixes == c.Prefixes && h.Policy == c.Policy && h.Listener == c.Listener && r.Err == "" {
+		if h.Hot && !c.Hot && h.Kind == c.Kind && h.Flows == c.Flows && h.Prefixes == c.Prefixes && h.Policy == c.Policy && h.Listener == c.Listener && h.Flood == c.Flood && r.Err == "" {
 			return r, true
 		}
 	}

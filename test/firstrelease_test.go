@@ -1,0 +1,57 @@
+package test
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+// firstReleaseFile records the commit of ctd's first release (datapath
+// layout v1), which the upgrade tests build from git history and upgrade
+// from.
+const firstReleaseFile = "first-release.commit"
+
+// buildFirstRelease builds cmd/ctd of the first release from git history
+// (git archive of the recorded commit into a temporary directory, then go
+// build there) and returns the binary.
+func buildFirstRelease(t *testing.T) string {
+	t.Helper()
+	raw, err := os.ReadFile(firstReleaseFile)
+	if err != nil {
+		t.Fatalf("read %s: %v", firstReleaseFile, err)
+	}
+	commit := strings.TrimSpace(string(raw))
+	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
+	if err != nil {
+		t.Fatalf("find the repository (the test needs a clone with history): %v", err)
+	}
+	src := t.TempDir()
+	// From the top: git archive in a subdirectory archives only that.
+	archive := exec.Command("git", "archive", "--format=tar", commit)
+	archive.Dir = strings.TrimSpace(string(top))
+	var tarball, stderr bytes.Buffer
+	archive.Stdout, archive.Stderr = &tarball, &stderr
+	if err := archive.Run(); err != nil {
+		t.Fatalf("git archive %s (the test needs a clone with history): %v: %s", commit, err, stderr.String())
+	}
+	untar := exec.Command("tar", "-x", "-C", src)
+	untar.Stdin = &tarball
+	if out, err := untar.CombinedOutput(); err != nil {
+		t.Fatalf("unpack %s: %v: %s", commit, err, out)
+	}
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	bin := filepath.Join(t.TempDir(), "ctd-"+commit[:7])
+	build := exec.Command(goBin, "build", "-o", bin, "./cmd/ctd")
+	build.Dir = src
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the first release (%s): %v\n%s", commit, err, out)
+	}
+	return bin
+}
