@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/dptest"
@@ -129,7 +130,7 @@ func (r rule) String() string {
 		id = fmt.Sprint(r.id)
 	}
 	if r.proto != 0 {
-		proto = ctmap.ProtoName(r.proto)
+		proto = ipproto.Name(r.proto)
 	}
 	v := "allow"
 	if r.verdict == dptest.Deny {

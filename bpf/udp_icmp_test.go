@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
+	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
 	"github.com/ctd-dev/ctd/test/dptest"
@@ -145,7 +146,7 @@ func TestICMPErrorRelated(t *testing.T) {
 	for _, o := range openers {
 		for _, p := range pairs {
 			for _, proto := range []uint8{unix.IPPROTO_TCP, unix.IPPROTO_UDP} {
-				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, ctmap.ProtoName(proto)), func(t *testing.T) {
+				t.Run(fmt.Sprintf("%s/%s/%s", o.name, p.name, ipproto.Name(proto)), func(t *testing.T) {
 					d := dptest.New(t)
 					var m *flowModel
 					var origPkt, respPkt []byte

@@ -22,7 +22,7 @@ type filterFlags struct {
 }
 
 func (f *filterFlags) register(c *cobra.Command) {
-	c.Flags().StringVar(&f.proto, "proto", "", "only flows of this protocol: tcp, udp, icmp, icmpv6, sctp or a number")
+	c.Flags().StringVar(&f.proto, "proto", "", "only flows of this protocol: a name (tcp, udp, icmp, icmpv6, sctp, gre, ...) or a number")
 	c.Flags().StringVar(&f.addr, "addr", "", "only flows with this address at either end")
 	c.Flags().StringVar(&f.port, "port", "", "only flows with this port at either end (ICMP echo: the identifier)")
 	_ = c.RegisterFlagCompletionFunc("proto", cobra.FixedCompletions(

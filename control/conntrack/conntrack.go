@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ctd-dev/ctd/control/ifnames"
+	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -31,9 +32,13 @@ type Filter struct {
 func ParseFilter(proto, addr, port string) (Filter, error) {
 	var f Filter
 	if proto != "" {
-		p, err := ctmap.ParseProto(strings.ToLower(proto))
-		if err != nil || p == 0 {
-			return Filter{}, fmt.Errorf("invalid --proto %q: valid are tcp, udp, icmp, icmpv6, sctp or a protocol number 1-255", proto)
+		protos, err := ipproto.Load(ipproto.File)
+		if err != nil {
+			return Filter{}, err
+		}
+		p, err := protos.Parse(proto)
+		if err != nil {
+			return Filter{}, fmt.Errorf("invalid --proto %q: valid are a protocol name (tcp, udp, icmp, icmpv6, sctp, gre, ...) or a number 1-255", proto)
 		}
 		f.Proto = p
 	}
@@ -198,7 +203,7 @@ func FlagNames(f uint8) []string {
 // time and names its interface.
 func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *ifnames.Cache) Row {
 	return Row{
-		Proto:        ctmap.ProtoName(fl.Proto),
+		Proto:        ipproto.Name(fl.Proto),
 		Src:          fl.Src.String(),
 		Sport:        fl.Sport,
 		Dst:          fl.Dst.String(),
@@ -224,7 +229,7 @@ func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *ifnames.Cache) Row {
 func Line(fl ctmap.Flow, names *ifnames.Cache) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s %s src=%s dst=%s sport=%d dport=%d packets=%d bytes=%d | packets=%d bytes=%d id=%d->%d iface=%s",
-		ctmap.ProtoName(fl.Proto), fl.State, fl.Src, fl.Dst, fl.Sport, fl.Dport,
+		ipproto.Name(fl.Proto), fl.State, fl.Src, fl.Dst, fl.Sport, fl.Dport,
 		fl.PacketsOrig, fl.BytesOrig, fl.PacketsReply, fl.BytesReply,
 		fl.SrcIdentity, fl.DstIdentity, names.Name(fl.Ifindex))
 	if f := FlagNames(fl.Flags); len(f) > 0 {

@@ -29,6 +29,8 @@ func TestParseFilter(t *testing.T) {
 		{proto: "icmpv6", want: Filter{Proto: unix.IPPROTO_ICMPV6}},
 		{proto: "sctp", want: Filter{Proto: unix.IPPROTO_SCTP}},
 		{proto: "47", want: Filter{Proto: 47}},
+		{proto: "gre", want: Filter{Proto: 47}},
+		{proto: "SCTP", want: Filter{Proto: unix.IPPROTO_SCTP}},
 		{addr: "198.51.100.1", want: Filter{Addr: netip.MustParseAddr("198.51.100.1")}},
 		{addr: "::ffff:198.51.100.1", want: Filter{Addr: netip.MustParseAddr("198.51.100.1")}},
 		{addr: "fd00:c7d::2", want: Filter{Addr: netip.MustParseAddr("fd00:c7d::2")}},

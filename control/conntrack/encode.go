@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/ctd-dev/ctd/control/ifnames"
+	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -31,7 +32,7 @@ func NewEncoder(bt ctmap.Clock, names *ifnames.Cache) *Encoder {
 // AppendJSON appends fl as one JSON object (the keys of Row, in its order).
 func (e *Encoder) AppendJSON(b []byte, fl ctmap.Flow) []byte {
 	b = append(b, `{"proto":`...)
-	b = appendString(b, ctmap.ProtoName(fl.Proto))
+	b = appendString(b, ipproto.Name(fl.Proto))
 	b = append(b, `,"src":"`...)
 	b = fl.Src.AppendTo(b)
 	b = append(b, `","sport":`...)
@@ -72,7 +73,7 @@ func (e *Encoder) AppendJSON(b []byte, fl ctmap.Flow) []byte {
 
 // AppendLine appends fl in the text form of Line.
 func (e *Encoder) AppendLine(b []byte, fl ctmap.Flow) []byte {
-	b = append(b, ctmap.ProtoName(fl.Proto)...)
+	b = append(b, ipproto.Name(fl.Proto)...)
 	b = append(b, ' ')
 	b = append(b, fl.State.String()...)
 	b = append(b, " src="...)

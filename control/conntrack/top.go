@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/ctd-dev/ctd/control/ifnames"
+	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -190,11 +191,11 @@ func topValue(by By, k uint32, names *ifnames.Cache) string {
 		// port) have destination port 0 and are shown by protocol alone.
 		proto, port := uint8(k>>16), uint16(k)
 		if port == 0 {
-			return ctmap.ProtoName(proto)
+			return ipproto.Name(proto)
 		}
-		return ctmap.ProtoName(proto) + "/" + strconv.Itoa(int(port))
+		return ipproto.Name(proto) + "/" + strconv.Itoa(int(port))
 	case ByProto:
-		return ctmap.ProtoName(uint8(k))
+		return ipproto.Name(uint8(k))
 	case ByState:
 		return ctmap.State(k).String()
 	case ByIface:

@@ -25,6 +25,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/ifnames"
+	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/byteorder"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
@@ -136,7 +137,7 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 	ev := Event{
 		Time:        d.clock.Wall(stamp),
 		Type:        t.String(),
-		Proto:       ctmap.ProtoName(r.Proto),
+		Proto:       ipproto.Name(r.Proto),
 		Src:         byteorder.Addr(r.Src, r.Family),
 		Sport:       byteorder.Swap16(r.Sport),
 		Dst:         byteorder.Addr(r.Dst, r.Family),

@@ -55,14 +55,19 @@ var builtin = []struct {
 // Name names protocol p as the built-in table does (tcp, udp, icmpv6,
 // sctp, gre, ...), or gives its number: the same on every host, and read
 // back by Parse.
-func Name(p uint8) string {
-	for _, b := range builtin {
-		if b.num == p {
-			return b.name
-		}
+func Name(p uint8) string { return names[p] }
+
+// names is Name's answer for every protocol number, computed once: Name
+// runs for every flow `ct list` prints.
+var names = func() (n [256]string) {
+	for p := range n {
+		n[p] = strconv.Itoa(p)
 	}
-	return strconv.Itoa(int(p))
-}
+	for i := len(builtin) - 1; i >= 0; i-- { // the first name of a number wins
+		n[builtin[i].num] = builtin[i].name
+	}
+	return n
+}()
 
 // Table maps protocol names to numbers 1-255.
 type Table struct {

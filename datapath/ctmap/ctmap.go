@@ -71,44 +71,6 @@ type Flow struct {
 	TCPFlagsReply uint8
 }
 
-// ProtoName names the common protocols as conntrack-tools does, others by number.
-func ProtoName(p uint8) string {
-	switch p {
-	case unix.IPPROTO_TCP:
-		return "tcp"
-	case unix.IPPROTO_UDP:
-		return "udp"
-	case unix.IPPROTO_ICMP:
-		return "icmp"
-	case unix.IPPROTO_ICMPV6:
-		return "icmpv6"
-	case unix.IPPROTO_SCTP:
-		return "sctp"
-	}
-	return strconv.Itoa(int(p))
-}
-
-// ParseProto is the inverse of ProtoName; it also accepts numbers 0-255.
-func ParseProto(s string) (uint8, error) {
-	switch s {
-	case "tcp":
-		return unix.IPPROTO_TCP, nil
-	case "udp":
-		return unix.IPPROTO_UDP, nil
-	case "icmp":
-		return unix.IPPROTO_ICMP, nil
-	case "icmpv6":
-		return unix.IPPROTO_ICMPV6, nil
-	case "sctp":
-		return unix.IPPROTO_SCTP, nil
-	}
-	n, err := strconv.ParseUint(s, 10, 8)
-	if err != nil {
-		return 0, fmt.Errorf("invalid protocol %q: valid are tcp, udp, icmp, icmpv6, sctp or a number 0-255", s)
-	}
-	return uint8(n), nil
-}
-
 // FlowOf decodes a raw key and entry.
 func FlowOf(k *Key, e *Entry) Flow {
 	f := Flow{
