@@ -59,6 +59,8 @@ enum reserved_identity {
 #endif
 #define IPCACHE4_MAP ipcache4_v1
 #define IPCACHE6_MAP ipcache6_v1
+#define IPHOST4_MAP  iphost4_v1
+#define IPHOST6_MAP  iphost6_v1
 #define POLICY_MAP   policy_v1
 #define CONFIG_MAP   config_v1
 #define METRICS_MAP  metrics_v1
@@ -150,7 +152,18 @@ struct ct_entry {
 };
 #endif
 
-/* ---- ipcache: ipcache4_v1 / ipcache6_v1 (LPM trie) ---- */
+/* ---- ipcache: host entries (/32, /128) in iphost4_v1 / iphost6_v1 (hash,
+ * keyed by the address), CIDRs in ipcache4_v1 / ipcache6_v1 (LPM trie); one
+ * value layout. A datapath pinned before the hashes existed has its host
+ * entries in the tries, which resolve them the same until they are moved. ---- */
+
+struct iphost4_key {
+	__u8 addr[4];
+};
+
+struct iphost6_key {
+	__u8 addr[16];
+};
 
 struct ipcache4_key {
 	__u32 prefixlen;

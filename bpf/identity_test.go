@@ -2,6 +2,8 @@ package bpf_test
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"net/netip"
 	"testing"
 
@@ -88,6 +90,68 @@ func TestIdentitiesLongestPrefix(t *testing.T) {
 	}
 }
 
+// Host entries resolve the same from the hashes (where ctd writes them),
+// from the tries (where a datapath pinned before the hashes holds them),
+// and across MoveHosts, which moves them: the longest match throughout. A
+// host entry in both resolves to the hash's identity, the one written later.
+func TestIdentitiesHostEntriesMoved(t *testing.T) {
+	hostInBoth := netip.MustParsePrefix("198.51.100.9/32")
+	for _, where := range []string{"hash", "trie", "trie, moved"} {
+		t.Run(where, func(t *testing.T) {
+			d := dptest.New(t)
+			for p, id := range lpmPrefixes {
+				if where == "hash" {
+					d.SetIdentity(t, p, id)
+				} else {
+					d.SetTrieIdentity(t, p, id)
+				}
+			}
+			d.SetTrieIdentity(t, hostInBoth, 500)
+			d.SetIdentity(t, hostInBoth, 501)
+			want := maps.Clone(lpmAddrs)
+			want[hostInBoth.Addr()] = 501
+			if where == "trie, moved" {
+				n, err := d.IPCache().MoveHosts()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if n != 3 {
+					t.Errorf("MoveHosts moved %d host entries, want 3", n)
+				}
+				// The tries hold CIDRs only now.
+				for _, h := range []netip.Prefix{hostInBoth, netip.MustParsePrefix("198.51.100.7/32")} {
+					var v bpf.CtdIpcacheValue
+					k := bpf.CtdIpcache4Key{Prefixlen: 32, Addr: h.Addr().As4()}
+					if err := d.IPCache4().Lookup(&k, &v); err == nil && v.Identity != 300 {
+						t.Errorf("after MoveHosts the trie still resolves %v to %d", h, v.Identity)
+					}
+				}
+			}
+			peer4, peer6 := netip.MustParseAddrPort("203.0.113.1:53"), netip.MustParseAddrPort("[2001:db8::1]:53")
+			port := uint16(2000)
+			for a, id := range want {
+				port++
+				peer := peer4
+				if a.Is6() {
+					peer = peer6
+				}
+				if a == peer.Addr() {
+					continue
+				}
+				s := netip.AddrPortFrom(a, port)
+				d.Expect(t, egress, dptest.UDP(t, s, peer, dptest.Payload(10)), dptest.Pass, dptest.NewFlow(egress))
+				i := slices.IndexFunc(d.Flows(t), func(f ctmap.Flow) bool { return f.Src == a && f.Sport == port })
+				if i < 0 {
+					t.Fatalf("no entry for the flow from %v", s)
+				}
+				if got := d.Flows(t)[i].SrcIdentity; got != id {
+					t.Errorf("%v resolved to %d, want %d", a, got, id)
+				}
+			}
+		})
+	}
+}
+
 // A flow's identities are resolved when it is created: a later ipcache change
 // applies to new flows only.
 func TestIdentitiesResolvedAtCreation(t *testing.T) {
@@ -98,7 +162,7 @@ func TestIdentitiesResolvedAtCreation(t *testing.T) {
 	d.SetIdentity(t, hostPrefix, 400)
 
 	d.Expect(t, egress, dptest.TCP(t, host, peer, dptest.SYN, nil), dptest.Pass, dptest.NewFlow(egress))
-	if err := d.IPCache4().Delete(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: host.Addr().As4()}); err != nil {
+	if err := d.IPCache().Delete(hostPrefix); err != nil {
 		t.Fatal(err)
 	}
 	d.Expect(t, ingress, dptest.TCP(t, peer, host, dptest.SYN|dptest.ACK, nil), dptest.Pass, dptest.Hit(ingress))

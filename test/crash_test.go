@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/ctd-dev/ctd/control/store"
-	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
@@ -64,7 +63,7 @@ func (e *crashEnv) ipcache() map[netip.Prefix]uint32 {
 		e.t.Fatal(err)
 	}
 	defer maps.Close()
-	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
+	entries, err := maps.IPCache().List()
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -77,6 +77,16 @@ type CtdIpcacheValue struct {
 	Flags    uint32
 }
 
+type CtdIphost4Key struct {
+	_    structs.HostLayout
+	Addr [4]uint8
+}
+
+type CtdIphost6Key struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+}
+
 type CtdMetricValue struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -115,6 +125,8 @@ const (
 	CtdMapEvlistenV1      = "evlisten_v1"
 	CtdMapIpcache4V1      = "ipcache4_v1"
 	CtdMapIpcache6V1      = "ipcache6_v1"
+	CtdMapIphost4V1       = "iphost4_v1"
+	CtdMapIphost6V1       = "iphost6_v1"
 	CtdMapMetricsV1       = "metrics_v1"
 	CtdMapPolicyV1        = "policy_v1"
 	CtdProgCtdEgress      = "ctd_egress"
@@ -181,6 +193,8 @@ type CtdMapSpecs struct {
 	EvlistenV1      *ebpf.MapSpec `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.MapSpec `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.MapSpec `ebpf:"ipcache6_v1"`
+	Iphost4V1       *ebpf.MapSpec `ebpf:"iphost4_v1"`
+	Iphost6V1       *ebpf.MapSpec `ebpf:"iphost6_v1"`
 	MetricsV1       *ebpf.MapSpec `ebpf:"metrics_v1"`
 	PolicyV1        *ebpf.MapSpec `ebpf:"policy_v1"`
 }
@@ -221,6 +235,8 @@ type CtdMaps struct {
 	EvlistenV1      *ebpf.Map `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.Map `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.Map `ebpf:"ipcache6_v1"`
+	Iphost4V1       *ebpf.Map `ebpf:"iphost4_v1"`
+	Iphost6V1       *ebpf.Map `ebpf:"iphost6_v1"`
 	MetricsV1       *ebpf.Map `ebpf:"metrics_v1"`
 	PolicyV1        *ebpf.Map `ebpf:"policy_v1"`
 }
@@ -235,6 +251,8 @@ func (m *CtdMaps) Close() error {
 		m.EvlistenV1,
 		m.Ipcache4V1,
 		m.Ipcache6V1,
+		m.Iphost4V1,
+		m.Iphost6V1,
 		m.MetricsV1,
 		m.PolicyV1,
 	)

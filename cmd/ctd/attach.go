@@ -5,6 +5,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
@@ -52,7 +53,7 @@ size is refused (run 'ctd teardown' to start empty).`,
 			}
 			fmt.Fprintf(c.OutOrStdout(), "attached ctd to %s (%s): ingress prog %d, egress prog %d\n",
 				at.Iface, at.Mode, at.IngressProgID, at.EgressProgID)
-			return nil
+			return a.moveHosts(c)
 		},
 	}
 	c.Flags().StringVar(&iface, "iface", "", "interface to attach to (required)")
@@ -60,11 +61,48 @@ size is refused (run 'ctd teardown' to start empty).`,
 	c.Flags().Uint32Var(&opts.CTMax, "ct-max", opts.CTMax, "conntrack table size for confirmed flows (entries)")
 	c.Flags().Uint32Var(&opts.CTUnconfirmedMax, "ct-unconfirmed-max", opts.CTUnconfirmedMax,
 		"conntrack table size for flows not yet confirmed (entries): a flood of new flows evicts only these")
-	c.Flags().Uint32Var(&opts.IPCacheMax, "ipcache-max", opts.IPCacheMax, "ipcache size per family (prefixes)")
+	c.Flags().Uint32Var(&opts.IPCacheMax, "ipcache-max", opts.IPCacheMax, "ipcache size per family, for host entries (/32, /128) and for CIDRs each (prefixes)")
 	c.Flags().Uint32Var(&opts.RingBufSize, "ringbuf-size", opts.RingBufSize, "event ring buffer size in bytes (a power of two)")
 	_ = c.MarkFlagRequired("iface")
 	_ = c.RegisterFlagCompletionFunc("iface", completeIfaces)
 	_ = c.RegisterFlagCompletionFunc("mode", cobra.FixedCompletions(
 		[]string{string(attach.ModeAuto), string(attach.ModeTCX), string(attach.ModeTC)}, cobra.ShellCompDirectiveNoFileComp))
 	return c
+}
+
+// moveHosts moves the ipcache's host entries an older datapath left in the
+// tries into the host hashes (pins.Dir.MoveHosts), holding the store's lock
+// where there is a store, so that no ipcache change interleaves.
+func (a *app) moveHosts(c *cobra.Command) error {
+	maps, err := loader.OpenPinned(a.pinPath)
+	if err != nil {
+		return err
+	}
+	defer maps.Close()
+	var (
+		moved   int
+		waiting string
+	)
+	move := func(*store.Tx) (err error) {
+		moved, waiting, err = a.pins().MoveHosts(maps)
+		return err
+	}
+	if store.Exists(a.stateDir) {
+		var st *store.Store
+		if st, err = a.openStore(); err == nil {
+			err = st.View(move)
+		}
+	} else {
+		err = move(nil)
+	}
+	if err != nil {
+		return fmt.Errorf("attached, but moving the ipcache's host entries into %s and %s failed (they resolve the same from the tries; run attach again): %w", loader.IPHost4Map, loader.IPHost6Map, err)
+	}
+	if moved > 0 {
+		fmt.Fprintf(c.OutOrStdout(), "moved %d ipcache host entries from the tries into %s and %s\n", moved, loader.IPHost4Map, loader.IPHost6Map)
+	}
+	if waiting != "" {
+		fmt.Fprintf(c.ErrOrStderr(), "ipcache host entries stay in the tries, where they resolve the same, until every attached program reads %s: %s\n", loader.IPHost4Map, waiting)
+	}
+	return nil
 }

@@ -154,7 +154,7 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 	c.Flags().StringVar(&mode, "mode", string(attach.ModeAuto), "attach mode for --iface: auto (tcx where the kernel has it, else tc), tcx, or tc")
 	c.Flags().Uint32Var(&cfg.CTMax, "ct-max", 0, fmt.Sprintf("conntrack table size for confirmed flows (entries); default: the pinned table's size, else %d", loader.DefaultCTMax))
 	c.Flags().Uint32Var(&cfg.CTUnconfirmedMax, "ct-unconfirmed-max", 0, fmt.Sprintf("conntrack table size for flows not yet confirmed (entries); default: the pinned table's size, else %d", loader.DefaultCTUnconfirmedMax))
-	c.Flags().Uint32Var(&cfg.IPCacheMax, "ipcache-max", 0, fmt.Sprintf("ipcache size per family (prefixes); default: the pinned size, else %d", loader.DefaultIPCacheMax))
+	c.Flags().Uint32Var(&cfg.IPCacheMax, "ipcache-max", 0, fmt.Sprintf("ipcache size per family, for host entries (/32, /128) and for CIDRs each (prefixes); default: the pinned size, else %d", loader.DefaultIPCacheMax))
 	c.Flags().Uint32Var(&cfg.RingBufSize, "ringbuf-size", 0, fmt.Sprintf("event ring buffer size in bytes, a power of two; default: the pinned size, else %d", loader.DefaultRingBufSize))
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9478 (off unless set; a non-loopback address logs a warning)")
 	c.Flags().DurationVar(&cfg.PollInterval, "poll-interval", daemon.DefaultPollInterval, "how often to check the state store for changes")

@@ -47,7 +47,7 @@ pinned) when missing, so the ipcache can be filled before 'ctd attach'.`,
 		if err != nil {
 			return ipcache.Table{}, nil, err
 		}
-		t := ipcache.Table{Map: ipcachemap.New(maps.IPCache4(), maps.IPCache6()), Store: st, Finish: finisher(maps)}
+		t := ipcache.Table{Map: maps.IPCache(), Store: st, Finish: finisher(maps)}
 		return t, func() { maps.Close() }, nil
 	}
 
@@ -357,5 +357,5 @@ func (a *app) openPinnedIPCache() (*ipcachemap.Map, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), func() { maps.Close() }, nil
+	return maps.IPCache(), func() { maps.Close() }, nil
 }

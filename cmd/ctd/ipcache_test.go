@@ -262,8 +262,10 @@ func TestOpenMapsSize(t *testing.T) {
 	e := newCLIEnv(t)
 	e.must("ipcache", "add", "10.0.0.0/8", "id=5", "--ipcache-max", "100")
 	m := e.ipcache()
-	if v4, v6 := m.MaxEntries(); v4 != 100 || v6 != 100 {
-		t.Fatalf("created tries hold %d and %d prefixes, want 100", v4, v6)
+	for table, n := range m.MaxEntries() {
+		if n != 100 {
+			t.Fatalf("created %s table holds %d prefixes, want 100", ipcachemap.TableName(table), n)
+		}
 	}
 	e.must("ipcache", "add", "10.1.0.0/16", "id=6")
 	e.must("policy", "add", "ingress", "id=5", "allow")

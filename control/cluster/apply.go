@@ -40,7 +40,7 @@ func Apply(s *store.Store, maps *loader.Maps, u kvstore.Update) (from, to uint64
 			Apply:  func() error { return finish(st) },
 		}, finish)
 	}
-	m := ipcachemap.New(maps.IPCache4(), maps.IPCache6())
+	m := maps.IPCache()
 	upserts := make([]ipcachemap.Entry, 0, len(u.IPCache))
 	for p, id := range u.IPCache {
 		upserts = append(upserts, ipcachemap.Entry{Prefix: p, Identity: id})

@@ -9,7 +9,6 @@ import (
 	"github.com/ctd-dev/ctd/control/cluster"
 	"github.com/ctd-dev/ctd/control/kvstore"
 	"github.com/ctd-dev/ctd/control/store"
-	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/policymap"
 	"github.com/ctd-dev/ctd/test/nettest"
@@ -43,7 +42,7 @@ func check(t *testing.T, when string, s *store.Store, m *loader.Maps, ipc map[ne
 	if !maps.Equal(st.IPCache, ipc) || !maps.Equal(st.Policy, rules) || st.Defaults != defaults {
 		t.Errorf("%s: store holds %v %v %v, want %v %v %v", when, st.IPCache, st.Policy, st.Defaults, ipc, rules, defaults)
 	}
-	entries, err := ipcachemap.New(m.IPCache4(), m.IPCache6()).List()
+	entries, err := m.IPCache().List()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +86,7 @@ func TestApply(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ipcachemap.New(m.IPCache4(), m.IPCache6()).Put(pfx("10.0.0.0/8"), 9); err != nil {
+	if err := m.IPCache().Put(pfx("10.0.0.0/8"), 9); err != nil {
 		t.Fatal(err)
 	}
 

@@ -43,7 +43,7 @@ func newBenchNode(b *testing.B) benchNode {
 	if err != nil {
 		b.Fatal(err)
 	}
-	return benchNode{ipcache: ipcachemap.New(m.IPCache4(), m.IPCache6()), apply: func(u kvstore.Update) error {
+	return benchNode{ipcache: m.IPCache(), apply: func(u kvstore.Update) error {
 		_, _, err := cluster.Apply(s, m, u)
 		return err
 	}}

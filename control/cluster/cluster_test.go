@@ -13,7 +13,6 @@ import (
 	"github.com/ctd-dev/ctd/control/cluster"
 	"github.com/ctd-dev/ctd/control/daemon"
 	"github.com/ctd-dev/ctd/control/kvstore"
-	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/test/etcdtest"
 )
@@ -63,7 +62,7 @@ func (n *agentNode) start() {
 
 func (n *agentNode) lookup(ip string) uint32 {
 	n.t.Helper()
-	e, ok, err := ipcachemap.New(n.env.Datapath.IPCache4(), n.env.Datapath.IPCache6()).Lookup(netip.MustParseAddr(ip))
+	e, ok, err := n.env.Datapath.IPCache().Lookup(netip.MustParseAddr(ip))
 	if err != nil {
 		n.t.Fatal(err)
 	}

@@ -8,7 +8,6 @@ import (
 
 	"github.com/ctd-dev/ctd/control/store"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
-	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 )
 
 const benchEntries = 100_000
@@ -111,7 +110,7 @@ func BenchmarkStartReady(b *testing.B) {
 }
 
 func ipcacheCount(d *Daemon) (int, int, error) {
-	return ipcachemap.New(d.dp.IPCache4(), d.dp.IPCache6()).Count()
+	return d.dp.IPCache().Count()
 }
 
 func addReady(sum *Ready, r Ready) {

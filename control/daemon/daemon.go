@@ -119,9 +119,13 @@ type Ready struct {
 	Migration  migrate.Report // maps resized or upgraded to this build's layout
 	Repinned   []string       // maps whose pins were missing, re-pinned from the attached programs
 	Adopted    bool           // the store was empty and took over the maps' ipcache and policy
-	Sync       SyncStats
-	Attached   []attach.Attachment
-	Generation uint64 // store generation the maps match
+	HostsMoved int            // ipcache host entries moved from the tries into the host hashes
+	// HostsWaiting says why host entries an older datapath left in the
+	// tries stay there (a program that predates the hashes is attached).
+	HostsWaiting string
+	Sync         SyncStats
+	Attached     []attach.Attachment
+	Generation   uint64 // store generation the maps match
 }
 
 // Daemon is one run of the agent.
@@ -274,6 +278,16 @@ func (d *Daemon) Start() (Ready, error) {
 	t2 := time.Now()
 	if r.Attached, err = d.attachAll(st.Interfaces, true); err != nil {
 		return r, err
+	}
+	// Now that this build's programs run, the host entries an older
+	// datapath left in the ipcache tries can move into the hashes; under
+	// the store's lock, so that no ipcache change interleaves.
+	err = d.store.View(func(*store.Tx) (err error) {
+		r.HostsMoved, r.HostsWaiting, err = d.pins.MoveHosts(&dp.Maps)
+		return err
+	})
+	if err != nil {
+		return r, fmt.Errorf("move the ipcache's host entries into the host hashes: %w", err)
 	}
 	gen, err = d.record(st.Generation)
 	if err != nil {

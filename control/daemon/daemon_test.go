@@ -137,7 +137,7 @@ func mapState(tb testing.TB, maps *loader.Maps) *store.State {
 func readMapState(tb testing.TB, maps *loader.Maps) (*store.State, uint32) {
 	tb.Helper()
 	st := &store.State{IPCache: map[netip.Prefix]uint32{}, Policy: map[store.RuleKey]store.Verdict{}}
-	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
+	entries, err := maps.IPCache().List()
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -239,7 +239,7 @@ func TestRestartKeepsState(t *testing.T) {
 		}
 		keys = append(keys, k)
 	}
-	ipc := ipcachemap.New(d.dp.IPCache4(), d.dp.IPCache6())
+	ipc := d.dp.IPCache()
 	pm := policymap.New(d.dp.Policy(), d.dp.Config())
 	if err := errors.Join(
 		ipc.Put(netip.MustParsePrefix("203.0.113.0/24"), 7), // stale
@@ -290,7 +290,7 @@ func TestSyncNeverMissesDesired(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer maps.Close()
-	ipc := ipcachemap.New(maps.IPCache4(), maps.IPCache6())
+	ipc := maps.IPCache()
 
 	const n = 20000
 	st := &store.State{IPCache: map[netip.Prefix]uint32{}}
@@ -359,7 +359,7 @@ func TestAdoptIntoEmptyStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ipc := ipcachemap.New(maps.IPCache4(), maps.IPCache6())
+	ipc := maps.IPCache()
 	pm := policymap.New(maps.Policy(), maps.Config())
 	if err := errors.Join(
 		ipc.Put(p4b, 42),

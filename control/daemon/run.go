@@ -209,6 +209,8 @@ func LogReady(log *slog.Logger, r Ready) {
 		"compacted", r.Compacted[0] != 0,
 		"adopted", r.Adopted,
 		"repinned", r.Repinned,
+		"ipcache_hosts_moved", r.HostsMoved,
+		"ipcache_hosts_waiting", r.HostsWaiting,
 		"migrated", migrated(r.Migration),
 		"generation", r.Generation,
 		"changes", r.Sync,

@@ -45,7 +45,7 @@ func (s SyncStats) LogValue() slog.Value {
 // CLI write interleaves.
 func Sync(st *store.State, maps *loader.Maps) (SyncStats, error) {
 	var s SyncStats
-	if err := syncIPCache(st, ipcachemap.New(maps.IPCache4(), maps.IPCache6()), &s); err != nil {
+	if err := syncIPCache(st, maps.IPCache(), &s); err != nil {
 		return s, err
 	}
 	if err := syncPolicy(st, policymap.New(maps.Policy(), maps.Config()), &s); err != nil {
@@ -178,7 +178,7 @@ func syncPolicy(st *store.State, m *policymap.Map, s *SyncStats) error {
 // MapsState reads the desired-state part of the maps: ipcache, policy rules
 // and default verdicts (no interfaces, generation 0).
 func MapsState(maps *loader.Maps) (*store.State, error) {
-	entries, err := ipcachemap.New(maps.IPCache4(), maps.IPCache6()).List()
+	entries, err := maps.IPCache().List()
 	if err != nil {
 		return nil, err
 	}

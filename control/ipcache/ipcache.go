@@ -352,13 +352,13 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, error) {
 	var (
 		upserts []Entry
 		copied  bool
-		added   [2]int // by family: IPv4, IPv6
+		added   [ipcachemap.Tables]int // by table (ipcachemap.TableOf)
 	)
 	for i, e := range entries {
 		switch id, ok := oldID(e.Prefix); {
 		case !ok:
 			res.Added++
-			added[family(e.Prefix)]++
+			added[ipcachemap.TableOf(e.Prefix)]++
 		case id != e.Identity:
 			res.Updated++
 		default:
@@ -384,37 +384,27 @@ func apply(m *ipcachemap.Map, entries []Entry, o Options) (Result, error) {
 		}
 	}
 
-	// Capacity, per family: the peak is old+added, unless stale prefixes
-	// are deleted first.
-	max4, max6 := m.MaxEntries()
-	var staleFirst [2]bool
-	for fam, limit := range [2]uint32{max4, max6} {
-		is4 := fam == 0
-		nOld, nAdded, nStale := 0, added[fam], 0
-		for _, e := range before {
-			if e.Prefix.Addr().Is4() == is4 {
-				nOld++
-			}
+	// Capacity, per table (the host entries' hash and the CIDRs' trie of
+	// each family): the peak is old+added, unless stale prefixes are
+	// deleted first.
+	var nOld, nStale [ipcachemap.Tables]int
+	for _, e := range before {
+		nOld[ipcachemap.TableOf(e.Prefix)]++
+	}
+	for _, p := range stale {
+		nStale[ipcachemap.TableOf(p)]++
+	}
+	var staleFirst [ipcachemap.Tables]bool
+	for t, limit := range m.MaxEntries() {
+		if end := nOld[t] + added[t] - nStale[t]; end > int(limit) {
+			return Result{}, fmt.Errorf("the %s ipcache holds at most %d prefixes (--ipcache-max) but would need %d: nothing was changed", ipcachemap.TableName(t), limit, end)
 		}
-		for _, p := range stale {
-			if p.Addr().Is4() == is4 {
-				nStale++
-			}
-		}
-		name := map[bool]string{true: "IPv4", false: "IPv6"}[is4]
-		if end := nOld + nAdded - nStale; end > int(limit) {
-			return Result{}, fmt.Errorf("the %s ipcache holds at most %d prefixes (--ipcache-max) but would need %d: nothing was changed", name, limit, end)
-		}
-		staleFirst[fam] = nOld+nAdded > int(limit)
+		staleFirst[t] = nOld[t]+added[t] > int(limit)
 	}
 
 	var firstDel, lastDel []netip.Prefix
 	for _, p := range stale {
-		fam := 0
-		if !p.Addr().Is4() {
-			fam = 1
-		}
-		if staleFirst[fam] {
+		if staleFirst[ipcachemap.TableOf(p)] {
 			firstDel = append(firstDel, p)
 		} else {
 			lastDel = append(lastDel, p)
@@ -445,14 +435,6 @@ func lookup(entries []Entry, p netip.Prefix) (uint32, bool) {
 		return 0, false
 	}
 	return entries[i].Identity, true
-}
-
-// family is 0 for IPv4 prefixes, 1 for IPv6.
-func family(p netip.Prefix) int {
-	if p.Addr().Is4() {
-		return 0
-	}
-	return 1
 }
 
 // restore undoes a partial Apply: prefixes it wrote or deleted get their

@@ -40,7 +40,7 @@ func openTestMaps(t testing.TB, ipcacheMax uint32) (*ipcachemap.Map, string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { maps.Close() })
-	return ipcachemap.New(maps.IPCache4(), maps.IPCache6()), pin
+	return maps.IPCache(), pin
 }
 
 func list(t testing.TB, m *ipcachemap.Map) []Entry {
@@ -155,7 +155,7 @@ func TestLoadCapacity(t *testing.T) {
 	before := list(t, m)
 	// Two more do not fit: refused before anything is written.
 	_, err := tbl.Apply(four[2:6], Options{})
-	if err == nil || !strings.Contains(err.Error(), "IPv4 ipcache holds at most 4 prefixes") {
+	if err == nil || !strings.Contains(err.Error(), "IPv4 CIDR ipcache holds at most 4 prefixes") {
 		t.Fatalf("over capacity: %v", err)
 	}
 	if got := list(t, m); !slices.Equal(got, before) {

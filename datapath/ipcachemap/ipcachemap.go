@@ -1,4 +1,4 @@
-// Package ipcachemap gives typed access to the ipcache LPM tries (ipcache4_v1, ipcache6_v1).
+// Package ipcachemap gives typed access to the ipcache: host entries in hashes (iphost4_v1, iphost6_v1), CIDRs in LPM tries (ipcache4_v1, ipcache6_v1).
 package ipcachemap
 
 import (
@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -23,9 +24,11 @@ const (
 
 // Raw layouts of the maps.
 type (
-	Key4  = bpf.CtdIpcache4Key
-	Key6  = bpf.CtdIpcache6Key
-	Value = bpf.CtdIpcacheValue
+	Key4     = bpf.CtdIpcache4Key
+	Key6     = bpf.CtdIpcache6Key
+	HostKey4 = bpf.CtdIphost4Key
+	HostKey6 = bpf.CtdIphost6Key
+	Value    = bpf.CtdIpcacheValue
 )
 
 // Entry is one prefix of the ipcache and its identity.
@@ -42,9 +45,10 @@ var (
 	ErrFull = errors.New("ipcache is full")
 )
 
-// wrapFull names a full trie, which the kernel reports as ENOSPC.
+// wrapFull names a full map, which the kernel reports as ENOSPC (trie) or
+// E2BIG (hash).
 func wrapFull(tm *ebpf.Map, err error) error {
-	if errors.Is(err, unix.ENOSPC) {
+	if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.E2BIG) {
 		return fmt.Errorf("%w: %s holds at most %d prefixes (--ipcache-max)", ErrFull, tm, tm.MaxEntries())
 	}
 	return err
@@ -53,16 +57,77 @@ func wrapFull(tm *ebpf.Map, err error) error {
 // BatchSize is how many entries one batch syscall moves.
 const BatchSize = 4096
 
-// Map is the pair of per-family ipcache tries.
+// Map is the ipcache: per family, a hash of host entries (/32, /128), which
+// the datapath consults first, and an LPM trie of CIDRs, walked on a hash
+// miss. Every method routes a prefix to the map that holds it and reads both
+// as one table.
+//
+// A datapath pinned before the hashes existed holds its host entries in the
+// tries, where they resolve the same (the trie's /32 is the longest match).
+// MoveHosts moves them into the hashes; until then every method also finds
+// them there: Get and Lookup fall back to the trie, Delete removes a host
+// entry from both, and List shows it once (the hash's identity, which the
+// datapath sees first, when both hold it).
 type Map struct {
-	v4, v6 *ebpf.Map
+	v4, v6         *ebpf.Map // LPM tries: CIDRs
+	hosts4, hosts6 *ebpf.Map // hashes: host entries
 }
 
-// New wraps the ipcache4_v1 and ipcache6_v1 maps.
-func New(v4, v6 *ebpf.Map) *Map { return &Map{v4: v4, v6: v6} }
+// New wraps the tries ipcache4_v1 and ipcache6_v1 and the hashes iphost4_v1
+// and iphost6_v1.
+func New(v4, v6, hosts4, hosts6 *ebpf.Map) *Map {
+	return &Map{v4: v4, v6: v6, hosts4: hosts4, hosts6: hosts6}
+}
 
-// MaxEntries returns the capacity of the IPv4 and the IPv6 trie.
-func (m *Map) MaxEntries() (v4, v6 uint32) { return m.v4.MaxEntries(), m.v6.MaxEntries() }
+// IsHost reports whether p is a host entry (/32 or /128), which the hashes hold.
+func IsHost(p netip.Prefix) bool { return p.Bits() == p.Addr().BitLen() }
+
+// Tables is the number of maps the ipcache is split into; TableOf numbers them.
+const Tables = 4
+
+// TableOf returns the index (0 to Tables-1) of the map that holds p.
+func TableOf(p netip.Prefix) int {
+	t := 0
+	if !p.Addr().Is4() {
+		t = 1
+	}
+	if IsHost(p) {
+		t += 2
+	}
+	return t
+}
+
+// TableName names a table of TableOf for messages.
+func TableName(t int) string {
+	return [Tables]string{"IPv4 CIDR", "IPv6 CIDR", "IPv4 host", "IPv6 host"}[t]
+}
+
+// MaxEntries returns the capacity of each table, by TableOf.
+func (m *Map) MaxEntries() [Tables]uint32 {
+	return [Tables]uint32{m.v4.MaxEntries(), m.v6.MaxEntries(), m.hosts4.MaxEntries(), m.hosts6.MaxEntries()}
+}
+
+// hostMap returns the hash of a's family and the key of a.
+func (m *Map) hostMap(a netip.Addr) (*ebpf.Map, any) {
+	if a.Is4() {
+		return m.hosts4, &HostKey4{Addr: a.As4()}
+	}
+	return m.hosts6, &HostKey6{Addr: a.As16()}
+}
+
+// lookupHost returns the identity of host entry a in the hash.
+func (m *Map) lookupHost(a netip.Addr) (uint32, bool, error) {
+	hm, k := m.hostMap(a)
+	var v Value
+	err := hm.Lookup(k, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("look up %v in %s: %w", a, hm, err)
+	}
+	return v.Identity, true, nil
+}
 
 // checkPrefix accepts what the trie can hold as given: a valid prefix
 // without host bits, of an IPv4 or plain IPv6 address.
@@ -115,6 +180,9 @@ func (m *Map) Put(p netip.Prefix, identity uint32) error {
 		return fmt.Errorf("put %v: identity 0 is not valid", p)
 	}
 	tm, k := m.trie(p)
+	if IsHost(p) {
+		tm, k = m.hostMap(p.Addr())
+	}
 	if err := tm.Put(k, &Value{Identity: identity}); err != nil {
 		return fmt.Errorf("put %v: %w", p, wrapFull(tm, err))
 	}
@@ -122,25 +190,44 @@ func (m *Map) Put(p netip.Prefix, identity uint32) error {
 }
 
 // Delete removes exactly p (not the prefixes it covers); it wraps
-// ErrNotFound when p is not in the map.
+// ErrNotFound when p is not in the map. A host entry goes from the hash
+// first, then from the trie, where an older datapath may have left it.
 func (m *Map) Delete(p netip.Prefix) error {
 	if err := checkPrefix(p); err != nil {
 		return err
 	}
-	tm, k := m.trie(p)
-	err := tm.Delete(k)
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete %v: %w", p, ErrNotFound)
+	found := false
+	if IsHost(p) {
+		hm, k := m.hostMap(p.Addr())
+		ok, err := deleteKey(hm, k)
+		if err != nil {
+			return fmt.Errorf("delete %v from %s: %w", p, hm, err)
+		}
+		found = ok
 	}
+	tm, k := m.trie(p)
+	ok, err := deleteKey(tm, k)
 	if err != nil {
 		return fmt.Errorf("delete %v from %s: %w", p, tm, err)
+	}
+	if !found && !ok {
+		return fmt.Errorf("delete %v: %w", p, ErrNotFound)
 	}
 	return nil
 }
 
-// Lookup resolves an address as the datapath does: the identity is the
-// kernel's longest-prefix-match answer for the full-length key (/32 or
-// /128). found is false when no prefix matches; the address then belongs to
+// deleteKey deletes k from tm; ok is false when it was not there.
+func deleteKey(tm *ebpf.Map, k any) (bool, error) {
+	err := tm.Delete(k)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Lookup resolves an address as the datapath does: its host entry in the
+// hash, else the kernel's longest-prefix-match answer of the trie for the
+// full-length key (/32 or /128). found is false when no prefix matches; the address then belongs to
 // IdentityWorld, which Lookup returns with an invalid Prefix.
 //
 // The kernel's LPM lookup returns only a value, so the matching prefix is
@@ -161,6 +248,11 @@ func (m *Map) Lookup(a netip.Addr) (e Entry, found bool, err error) {
 		tm = m.v4
 	}
 	for range 5 {
+		// In the loop: a host entry moved from the trie into the hash
+		// (MoveHosts) meanwhile is found there.
+		if id, ok, err := m.lookupHost(a); err != nil || ok {
+			return Entry{Prefix: netip.PrefixFrom(a, a.BitLen()), Identity: id}, ok, err
+		}
 		id, ok, err := lookupLPM(tm, netip.PrefixFrom(a, a.BitLen()))
 		if err != nil {
 			return Entry{}, false, err
@@ -244,6 +336,11 @@ func (m *Map) Get(p netip.Prefix) (identity uint32, ok bool, err error) {
 	if err := checkPrefix(p); err != nil {
 		return 0, false, err
 	}
+	if IsHost(p) {
+		if id, ok, err := m.lookupHost(p.Addr()); err != nil || ok {
+			return id, ok, err
+		}
+	}
 	tm, _ := m.trie(p)
 	for range 5 {
 		first, ok, err := nextKey(tm, p.Addr().Is4(), nil)
@@ -297,24 +394,38 @@ func nextKey(tm *ebpf.Map, is4 bool, after *netip.Prefix) (netip.Prefix, bool, e
 
 // List returns every entry, IPv4 before IPv6, each family ordered by
 // address and then prefix length. It reads with batch lookups where the
-// kernel supports them for LPM tries, else with BPF_MAP_GET_NEXT_KEY
+// kernel supports them for the map type, else with BPF_MAP_GET_NEXT_KEY
 // iteration. Entries changed while it runs may or may not be seen.
 func (m *Map) List() ([]Entry, error) {
 	var out []Entry
-	err := listTrie(m.v4, func(k *Key4, v *Value) {
+	err := listMap(m.hosts4, func(k *HostKey4, v *Value) {
+		out = append(out, Entry{Prefix: netip.PrefixFrom(netip.AddrFrom4(k.Addr), 32), Identity: v.Identity})
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = listMap(m.hosts6, func(k *HostKey6, v *Value) {
+		out = append(out, Entry{Prefix: netip.PrefixFrom(netip.AddrFrom16(k.Addr), 128), Identity: v.Identity})
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = listMap(m.v4, func(k *Key4, v *Value) {
 		out = append(out, Entry{Prefix: prefix4(k), Identity: v.Identity})
 	})
 	if err != nil {
 		return nil, err
 	}
-	err = listTrie(m.v6, func(k *Key6, v *Value) {
+	err = listMap(m.v6, func(k *Key6, v *Value) {
 		out = append(out, Entry{Prefix: prefix6(k), Identity: v.Identity})
 	})
 	if err != nil {
 		return nil, err
 	}
-	slices.SortFunc(out, Compare)
-	// An iteration that restarted (a key deleted under it) repeats keys.
+	// Stable: of a host entry both a hash and a trie hold, the hash's
+	// (listed first) stays. An iteration that restarted (a key deleted
+	// under it) repeats keys.
+	slices.SortStableFunc(out, Compare)
 	return slices.CompactFunc(out, func(a, b Entry) bool { return a.Prefix == b.Prefix }), nil
 }
 
@@ -334,7 +445,7 @@ func ComparePrefix(a, b netip.Prefix) int {
 	return cmp.Compare(a.Bits(), b.Bits())
 }
 
-func listTrie[K any](tm *ebpf.Map, fn func(*K, *Value)) error {
+func listMap[K any](tm *ebpf.Map, fn func(*K, *Value)) error {
 	keys := make([]K, BatchSize)
 	vals := make([]Value, BatchSize)
 	var cursor ebpf.MapBatchCursor
@@ -367,7 +478,7 @@ func listTrie[K any](tm *ebpf.Map, fn func(*K, *Value)) error {
 	return nil
 }
 
-// Count returns the number of entries of the IPv4 and the IPv6 trie.
+// Count returns the number of IPv4 and of IPv6 entries.
 func (m *Map) Count() (v4, v6 int, err error) {
 	all, err := m.List()
 	if err != nil {
@@ -385,14 +496,15 @@ func (m *Map) Count() (v4, v6 int, err error) {
 
 // BatchUpdate inserts or replaces entries with batch updates, falling back
 // to one update per entry where the kernel has no batch ops for LPM tries.
-// It is not atomic: on error, the returned count says how many entries (in
-// the order given, IPv4 and IPv6 each in their order) were written.
+// It is not atomic: on error, the returned count says how many entries
+// were written (table by table in TableOf's order, each in the order given).
 func (m *Map) BatchUpdate(entries []Entry) (int, error) {
 	var (
 		k4 []Key4
 		k6 []Key6
-		v4 []Value
-		v6 []Value
+		h4 []HostKey4
+		h6 []HostKey6
+		v  [Tables][]Value
 	)
 	for _, e := range entries {
 		if err := checkPrefix(e.Prefix); err != nil {
@@ -401,20 +513,33 @@ func (m *Map) BatchUpdate(entries []Entry) (int, error) {
 		if e.Identity == 0 {
 			return 0, fmt.Errorf("put %v: identity 0 is not valid", e.Prefix)
 		}
-		if e.Prefix.Addr().Is4() {
+		t := TableOf(e.Prefix)
+		v[t] = append(v[t], Value{Identity: e.Identity})
+		switch a := e.Prefix.Addr(); t {
+		case 0:
 			k4 = append(k4, key4(e.Prefix))
-			v4 = append(v4, Value{Identity: e.Identity})
-		} else {
+		case 1:
 			k6 = append(k6, key6(e.Prefix))
-			v6 = append(v6, Value{Identity: e.Identity})
+		case 2:
+			h4 = append(h4, HostKey4{Addr: a.As4()})
+		default:
+			h6 = append(h6, HostKey6{Addr: a.As16()})
 		}
 	}
-	n4, err := batchUpdate(m.v4, k4, v4)
-	if err != nil {
-		return n4, err
+	done := 0
+	for _, put := range []func() (int, error){
+		func() (int, error) { return batchUpdate(m.v4, k4, v[0]) },
+		func() (int, error) { return batchUpdate(m.v6, k6, v[1]) },
+		func() (int, error) { return batchUpdate(m.hosts4, h4, v[2]) },
+		func() (int, error) { return batchUpdate(m.hosts6, h6, v[3]) },
+	} {
+		n, err := put()
+		done += n
+		if err != nil {
+			return done, err
+		}
 	}
-	n6, err := batchUpdate(m.v6, k6, v6)
-	return n4 + n6, err
+	return done, nil
 }
 
 func batchUpdate[K any](tm *ebpf.Map, keys []K, vals []Value) (int, error) {
@@ -440,33 +565,64 @@ func batchUpdate[K any](tm *ebpf.Map, keys []K, vals []Value) (int, error) {
 
 // BatchDelete removes exactly the given prefixes with batch deletes,
 // falling back to one delete per prefix where the kernel has no batch ops
-// for LPM tries. Prefixes already gone are skipped, not an error. It
+// for the map type. Prefixes already gone are skipped, not an error. It
 // returns how many it deleted.
 func (m *Map) BatchDelete(prefixes []netip.Prefix) (int, error) {
 	var (
 		k4 []Key4
 		k6 []Key6
+		h4 []HostKey4
+		h6 []HostKey6
 	)
 	for _, p := range prefixes {
 		if err := checkPrefix(p); err != nil {
 			return 0, err
 		}
-		if p.Addr().Is4() {
+		switch a := p.Addr(); TableOf(p) {
+		case 0:
 			k4 = append(k4, key4(p))
-		} else {
+		case 1:
 			k6 = append(k6, key6(p))
+		case 2:
+			h4 = append(h4, HostKey4{Addr: a.As4()})
+		default:
+			h6 = append(h6, HostKey6{Addr: a.As16()})
 		}
 	}
-	n4, err := batchDelete(m.v4, k4)
-	if err != nil {
-		return n4, err
+	// Host entries missing from the hash may be in the trie, where an
+	// older datapath left them.
+	var (
+		missing4 []HostKey4
+		missing6 []HostKey6
+	)
+	deleted := 0
+	for _, del := range []func() (int, error){
+		func() (n int, err error) { n, missing4, err = batchDelete(m.hosts4, h4); return },
+		func() (n int, err error) { n, missing6, err = batchDelete(m.hosts6, h6); return },
+		func() (int, error) {
+			for _, k := range missing4 {
+				k4 = append(k4, Key4{Prefixlen: 32, Addr: k.Addr})
+			}
+			for _, k := range missing6 {
+				k6 = append(k6, Key6{Prefixlen: 128, Addr: k.Addr})
+			}
+			return 0, nil
+		},
+		func() (n int, err error) { n, _, err = batchDelete(m.v4, k4); return },
+		func() (n int, err error) { n, _, err = batchDelete(m.v6, k6); return },
+	} {
+		n, err := del()
+		deleted += n
+		if err != nil {
+			return deleted, err
+		}
 	}
-	n6, err := batchDelete(m.v6, k6)
-	return n4 + n6, err
+	return deleted, nil
 }
 
-func batchDelete[K any](tm *ebpf.Map, keys []K) (int, error) {
-	deleted := 0
+// batchDelete deletes keys from tm and returns how many it deleted and the
+// keys that were not there.
+func batchDelete[K any](tm *ebpf.Map, keys []K) (deleted int, missing []K, err error) {
 	for len(keys) > 0 {
 		chunk := keys[:min(len(keys), BatchSize)]
 		n, err := tm.BatchDelete(chunk, nil)
@@ -475,24 +631,75 @@ func batchDelete[K any](tm *ebpf.Map, keys []K) (int, error) {
 			for i := range keys {
 				err := tm.Delete(&keys[i])
 				if errors.Is(err, ebpf.ErrKeyNotExist) {
+					missing = append(missing, keys[i])
 					continue
 				}
 				if err != nil {
-					return deleted, fmt.Errorf("delete from %s: %w", tm, err)
+					return deleted, missing, fmt.Errorf("delete from %s: %w", tm, err)
 				}
 				deleted++
 			}
-			return deleted, nil
+			return deleted, missing, nil
 		case errors.Is(err, ebpf.ErrKeyNotExist):
 			// The batch stops at the first missing key: skip it, go on.
 			deleted += n
+			missing = append(missing, keys[n])
 			keys = keys[n+1:]
 		case err != nil:
-			return deleted + n, fmt.Errorf("batch delete from %s: %w", tm, err)
+			return deleted + n, missing, fmt.Errorf("batch delete from %s: %w", tm, err)
 		default:
 			deleted += n
 			keys = keys[len(chunk):]
 		}
 	}
-	return deleted, nil
+	return deleted, missing, nil
 }
+
+// MoveHosts moves the host entries that a datapath pinned before the hashes
+// existed holds in the tries into the hashes, and returns how many it
+// moved. Call it only once every program attached over these maps reads
+// the hashes: a program of such a datapath reads only the tries.
+//
+// First every entry is put into its hash, unless the hash already has it
+// (then the hash's identity was written later and is the one in force);
+// then, after hashWait, every one is deleted from its trie. A program
+// resolves an address with the hash lookup and then the trie lookup, a few
+// hundred nanoseconds apart, so none can have missed the hash before the
+// first phase and still read the trie after the second: an address
+// resolves to the same identity at every moment. It may be run again:
+// after a crash it moves the rest.
+func (m *Map) MoveHosts() (int, error) {
+	var moved []Entry
+	collect := func(p netip.Prefix, v *Value) {
+		if IsHost(p) {
+			moved = append(moved, Entry{Prefix: p, Identity: v.Identity})
+		}
+	}
+	if err := listMap(m.v4, func(k *Key4, v *Value) { collect(prefix4(k), v) }); err != nil {
+		return 0, err
+	}
+	if err := listMap(m.v6, func(k *Key6, v *Value) { collect(prefix6(k), v) }); err != nil {
+		return 0, err
+	}
+	if len(moved) == 0 {
+		return 0, nil
+	}
+	for _, e := range moved {
+		hm, hk := m.hostMap(e.Prefix.Addr())
+		err := hm.Update(hk, &Value{Identity: e.Identity}, ebpf.UpdateNoExist)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+			return 0, fmt.Errorf("move %v into %s: %w", e.Prefix, hm, wrapFull(hm, err))
+		}
+	}
+	time.Sleep(hashWait)
+	for i, e := range moved {
+		tm, k := m.trie(e.Prefix)
+		if _, err := deleteKey(tm, k); err != nil {
+			return i, fmt.Errorf("move %v: delete it from %s: %w", e.Prefix, tm, err)
+		}
+	}
+	return len(moved), nil
+}
+
+// hashWait separates MoveHosts' two phases: far longer than a program's run.
+const hashWait = 10 * time.Millisecond

@@ -10,7 +10,6 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 // newTestMap creates unpinned ipcache tries of the given size; they go away
@@ -22,7 +21,7 @@ func newTestMap(t testing.TB, size uint32) *Map {
 		t.Fatal(err)
 	}
 	var maps []*ebpf.Map
-	for _, name := range []string{loader.IPCache4Map, loader.IPCache6Map} {
+	for _, name := range []string{bpf.CtdMapIpcache4V1, bpf.CtdMapIpcache6V1, bpf.CtdMapIphost4V1, bpf.CtdMapIphost6V1} {
 		ms := spec.Maps[name].Copy()
 		ms.MaxEntries = size
 		m, err := ebpf.NewMap(ms)
@@ -32,7 +31,7 @@ func newTestMap(t testing.TB, size uint32) *Map {
 		t.Cleanup(func() { m.Close() })
 		maps = append(maps, m)
 	}
-	return New(maps[0], maps[1])
+	return New(maps[0], maps[1], maps[2], maps[3])
 }
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }

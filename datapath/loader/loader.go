@@ -85,7 +85,7 @@ func (o Options) Spec() (*ebpf.CollectionSpec, error) {
 }
 
 // SizeSpec sizes the maps of spec as o says, whatever their layout version:
-// ct_vN by CTMax, ipcache4_vN and ipcache6_vN by IPCacheMax, events_vN by
+// ct_vN by CTMax, ipcache4_vN, ipcache6_vN, iphost4_vN and iphost6_vN by IPCacheMax, events_vN by
 // RingBufSize. Other maps keep the size they were built with.
 func (o Options) SizeSpec(spec *ebpf.CollectionSpec) {
 	for name, ms := range spec.Maps {
@@ -98,7 +98,7 @@ func (o Options) SizeSpec(spec *ebpf.CollectionSpec) {
 			ms.MaxEntries = o.CTMax
 		case "ct_unconfirmed":
 			ms.MaxEntries = o.CTUnconfirmedMax
-		case "ipcache4", "ipcache6":
+		case "ipcache4", "ipcache6", "iphost4", "iphost6":
 			ms.MaxEntries = o.IPCacheMax
 		case "events":
 			ms.MaxEntries = o.RingBufSize

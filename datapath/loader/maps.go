@@ -8,6 +8,7 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/ipcachemap"
 )
 
 // The names of the datapath's maps. The version in a name is its layout's
@@ -18,6 +19,8 @@ const (
 	CTUnconfirmedMap = bpf.CtdMapCtUnconfirmedV1
 	IPCache4Map      = bpf.CtdMapIpcache4V1
 	IPCache6Map      = bpf.CtdMapIpcache6V1
+	IPHost4Map       = bpf.CtdMapIphost4V1
+	IPHost6Map       = bpf.CtdMapIphost6V1
 	PolicyMap        = bpf.CtdMapPolicyV1
 	ConfigMap        = bpf.CtdMapConfigV1
 	MetricsMap       = bpf.CtdMapMetricsV1
@@ -27,7 +30,7 @@ const (
 )
 
 // MapNames lists every map ctd pins, in a stable order.
-var MapNames = []string{CTMap, CTUnconfirmedMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap}
+var MapNames = []string{CTMap, CTUnconfirmedMap, IPCache4Map, IPCache6Map, IPHost4Map, IPHost6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap}
 
 // Maps are the datapath's maps, each by what it holds.
 type Maps struct {
@@ -50,9 +53,18 @@ func (m *Maps) CT() *ebpf.Map { return m.objs.CtV1 }
 
 func (m *Maps) CTUnconfirmed() *ebpf.Map { return m.objs.CtUnconfirmedV1 }
 
-// IPCache4 and IPCache6 are the ipcache's LPM tries, by family.
+// IPCache4 and IPCache6 are the ipcache's LPM tries (CIDRs), by family.
 func (m *Maps) IPCache4() *ebpf.Map { return m.objs.Ipcache4V1 }
 func (m *Maps) IPCache6() *ebpf.Map { return m.objs.Ipcache6V1 }
+
+// IPHost4 and IPHost6 are the ipcache's hashes of host entries, by family.
+func (m *Maps) IPHost4() *ebpf.Map { return m.objs.Iphost4V1 }
+func (m *Maps) IPHost6() *ebpf.Map { return m.objs.Iphost6V1 }
+
+// IPCache is the ipcache: the tries and the hashes as one table.
+func (m *Maps) IPCache() *ipcachemap.Map {
+	return ipcachemap.New(m.IPCache4(), m.IPCache6(), m.IPHost4(), m.IPHost6())
+}
 
 // Policy is the policy rules' hash.
 func (m *Maps) Policy() *ebpf.Map { return m.objs.PolicyV1 }
@@ -76,7 +88,8 @@ func (m *Maps) Listener() *ebpf.Map { return m.objs.EvlistenV1 }
 // ByName returns the maps by name, in the order of MapNames.
 func (m *Maps) ByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		CTMap: m.CT(), CTUnconfirmedMap: m.CTUnconfirmed(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(), PolicyMap: m.Policy(),
+		CTMap: m.CT(), CTUnconfirmedMap: m.CTUnconfirmed(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(),
+		IPHost4Map: m.IPHost4(), IPHost6Map: m.IPHost6(), PolicyMap: m.Policy(),
 		ConfigMap: m.objs.ConfigV1, MetricsMap: m.Metrics(), EventsMap: m.Events(), EventLimitMap: m.EventLimit(),
 		ListenerMap: m.Listener(),
 	}

@@ -319,3 +319,38 @@ func (d Dir) repinProgramMaps(id ebpf.ProgramID, want []string) ([]string, error
 	}
 	return done, nil
 }
+
+// MoveHosts moves the ipcache's host entries that a datapath pinned before
+// the host hashes existed left in the tries into the hashes
+// (ipcachemap.Map.MoveHosts), once every program this datapath has
+// attached reads the hashes. While one does not (an older ctd still
+// attached to another interface), it moves nothing and says so with
+// waiting: the entries resolve the same where they are, only slower.
+func (d Dir) MoveHosts(m *loader.Maps) (moved int, waiting string, err error) {
+	var want [2]ebpf.MapID
+	for i, hm := range []*ebpf.Map{m.IPHost4(), m.IPHost6()} {
+		if want[i], err = MapID(hm); err != nil {
+			return 0, "", fmt.Errorf("ID of map %s: %w", hm, err)
+		}
+	}
+	ats, err := d.Attachments()
+	if err != nil {
+		return 0, "", err
+	}
+	for _, at := range ats {
+		for _, id := range []ebpf.ProgramID{at.IngressProgID, at.EgressProgID} {
+			if id == 0 {
+				continue
+			}
+			ids, err := attach.ProgramMaps(id)
+			if err != nil {
+				return 0, "", err
+			}
+			if !slices.Contains(ids, want[0]) || !slices.Contains(ids, want[1]) {
+				return 0, fmt.Sprintf("the programs attached to %s predate the host hashes", at.Iface), nil
+			}
+		}
+	}
+	moved, err = m.IPCache().MoveHosts()
+	return moved, "", err
+}

@@ -313,8 +313,18 @@ func (d *Datapath) SetConfig(tb testing.TB, c bpf.CtdConfig) {
 	}
 }
 
-// SetIdentity maps a prefix to an identity in the ipcache of its family.
+// SetIdentity maps a prefix to an identity in the ipcache as ctd writes
+// it: a host entry into its family's hash, a CIDR into its family's trie.
 func (d *Datapath) SetIdentity(tb testing.TB, p netip.Prefix, id uint32) {
+	tb.Helper()
+	if err := d.IPCache().Put(p, id); err != nil {
+		tb.Fatalf("ipcache add %s id=%d: %v", p, id, err)
+	}
+}
+
+// SetTrieIdentity maps a prefix to an identity in its family's LPM trie,
+// host entries too, as a datapath pinned before the host hashes holds them.
+func (d *Datapath) SetTrieIdentity(tb testing.TB, p netip.Prefix, id uint32) {
 	tb.Helper()
 	v := bpf.CtdIpcacheValue{Identity: id}
 	var err error
@@ -324,7 +334,7 @@ func (d *Datapath) SetIdentity(tb testing.TB, p netip.Prefix, id uint32) {
 		err = d.IPCache6().Put(bpf.CtdIpcache6Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()}, v)
 	}
 	if err != nil {
-		tb.Fatalf("ipcache add %s id=%d: %v", p, id, err)
+		tb.Fatalf("ipcache add %s id=%d to the trie: %v", p, id, err)
 	}
 }
 
