@@ -29,15 +29,20 @@ func (r lpmReference) lookup(a netip.Addr) uint32 {
 	return identityWorld
 }
 
-// ipcacheLookup is the datapath's own question: the address as a host key.
+// ipcacheLookup is the datapath's own question: the address's host entry
+// in its hash, else the address as a full-length key of the trie.
 func ipcacheLookup(tb testing.TB, d *dptest.Datapath, a netip.Addr) uint32 {
 	tb.Helper()
 	var v bpf.CtdIpcacheValue
 	var err error
 	if a.Is4() {
-		err = d.IPCache4().Lookup(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: a.As4()}, &v)
+		if err = d.IPHost4().Lookup(bpf.CtdIphost4Key{Addr: a.As4()}, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
+			err = d.IPCache4().Lookup(bpf.CtdIpcache4Key{Prefixlen: 32, Addr: a.As4()}, &v)
+		}
 	} else {
-		err = d.IPCache6().Lookup(bpf.CtdIpcache6Key{Prefixlen: 128, Addr: a.As16()}, &v)
+		if err = d.IPHost6().Lookup(bpf.CtdIphost6Key{Addr: a.As16()}, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
+			err = d.IPCache6().Lookup(bpf.CtdIpcache6Key{Prefixlen: 128, Addr: a.As16()}, &v)
+		}
 	}
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return identityWorld
@@ -50,13 +55,7 @@ func ipcacheLookup(tb testing.TB, d *dptest.Datapath, a netip.Addr) uint32 {
 
 func delIdentity(tb testing.TB, d *dptest.Datapath, p netip.Prefix) {
 	tb.Helper()
-	var err error
-	if p.Addr().Is4() {
-		err = d.IPCache4().Delete(bpf.CtdIpcache4Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()})
-	} else {
-		err = d.IPCache6().Delete(bpf.CtdIpcache6Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()})
-	}
-	if err != nil {
+	if err := d.IPCache().Delete(p); err != nil {
 		tb.Fatalf("ipcache del %s: %v", p, err)
 	}
 }

@@ -30,7 +30,7 @@ func TestResize(t *testing.T) {
 		{"ct shrinks", [2]uint32{4096, 2048}, [2]uint32{1024, 1024}, 1000, 100,
 			[]string{bpf.CtdMapCtV1}, []string{bpf.CtdMapIpcache4V1, bpf.CtdMapConfigV1}},
 		{"ipcache grows", [2]uint32{1024, 1024}, [2]uint32{1024, 4096}, 500, 1000,
-			[]string{bpf.CtdMapIpcache4V1, bpf.CtdMapIpcache6V1}, []string{bpf.CtdMapCtV1, bpf.CtdMapEvlimitV1}},
+			[]string{bpf.CtdMapIpcache4V1, bpf.CtdMapIpcache6V1, bpf.CtdMapIphost4V1, bpf.CtdMapIphost6V1}, []string{bpf.CtdMapCtV1, bpf.CtdMapEvlimitV1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := setup(t, loader.Options{CTMax: tc.ct[0], IPCacheMax: tc.ip[0]})
