@@ -22,6 +22,8 @@ const (
 	TCP6EstablishedOrig
 	// TCP6New is TCPNew over IPv6.
 	TCP6New
+	// TCP6EstablishedReply is TCPEstablishedReply over IPv6.
+	TCP6EstablishedReply
 )
 
 // New reports whether every packet of the kind opens a flow.
@@ -52,13 +54,21 @@ type PacketCase struct {
 	// Flood fills the unconfirmed conntrack table with half-open flows
 	// first, as a SYN flood leaves it.
 	Flood bool
-	Goal  time.Duration // allowed cost over the empty program; 0 when the issue sets none
+	// V1 runs the first release's datapath (test/first-release.commit,
+	// layout v1) on the same packets in the same rounds, filled the same
+	// (its one conntrack table holds the flood's half-open flows too; its
+	// tries hold the host entries too), and reports it beside ctd's.
+	V1   bool
+	Goal time.Duration // allowed cost over the empty program; 0 when the issue sets none
 }
 
 // Units that BenchmarkPacket reports besides ns/op (the ctd program's median).
 const (
 	UnitFloor = "floor-ns/op" // the empty TC program's median on the same packets
 	UnitOver  = "over-ns/op"  // median over rounds of (ctd median - floor median)
+	// The first release's datapath on the same packets (PacketCase.V1).
+	UnitV1     = "v1-ns/op"
+	UnitV1Over = "v1-over-ns/op"
 )
 
 // Table sizes used by the per-packet cases.
@@ -69,26 +79,27 @@ const (
 
 // PacketCases lists the per-packet figures in table order.
 var PacketCases = []PacketCase{
-	{Name: "tcp-est-orig/flows=1k", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Goal: 60 * time.Nanosecond},
-	{Name: "tcp-est-reply/flows=1k", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000, Prefixes: DefaultPrefixes, Goal: 60 * time.Nanosecond},
+	{Name: "tcp-est-orig/flows=1k", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, V1: true, Goal: 60 * time.Nanosecond},
+	{Name: "tcp-est-reply/flows=1k", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000, Prefixes: DefaultPrefixes, V1: true, Goal: 60 * time.Nanosecond},
 	{Name: "tcp-est-orig-hot/flows=1k", Title: "TCP established, originator, one flow repeated in-kernel", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Hot: true},
 	{Name: "tcp-est-orig/flows=100k", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 100000, Prefixes: DefaultPrefixes},
 	{Name: "tcp-est-reply/flows=100k", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 100000, Prefixes: DefaultPrefixes},
 	{Name: "tcp-est-orig/flows=1M", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 1000000, Prefixes: DefaultPrefixes},
 	{Name: "tcp-est-reply/flows=1M", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000000, Prefixes: DefaultPrefixes},
 	{Name: "tcp-new/prefixes=1k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 1000},
-	{Name: "tcp-new/prefixes=10k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Goal: 250 * time.Nanosecond},
+	{Name: "tcp-new/prefixes=10k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, V1: true, Goal: 250 * time.Nanosecond},
 	{Name: "tcp-new-listener/prefixes=10k", Title: "TCP new flow (SYN, ingress), an event consumer registered", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Listener: true},
-	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000, Goal: 250 * time.Nanosecond},
+	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000, V1: true, Goal: 250 * time.Nanosecond},
 	{Name: "tcp-new/flows=1M", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: 1000000, Prefixes: 1000},
 	{Name: "tcp-new-policy/prefixes=10k", Title: "TCP new flow, ingress default deny + allow rules", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Policy: true},
 	{Name: "udp-est/flows=1k", Title: "UDP established, originator (egress)", Kind: UDPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
 	{Name: "icmp-est/flows=1k", Title: "ICMP echo request, established (egress)", Kind: ICMPEstablished, Flows: 1000, Prefixes: DefaultPrefixes},
-	{Name: "tcp6-est-orig/flows=1k", Title: "IPv6 TCP established, originator (egress)", Kind: TCP6EstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Goal: 80 * time.Nanosecond},
-	{Name: "tcp6-new/prefixes=10k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 10000, Goal: 300 * time.Nanosecond},
-	{Name: "tcp6-new/prefixes=100k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 100000, Goal: 300 * time.Nanosecond},
-	{Name: "tcp-est-orig-flood/flows=1k", Title: "TCP established, originator, unconfirmed table full (SYN flood)", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Flood: true},
-	{Name: "tcp-new-flood/prefixes=10k", Title: "TCP new flow (SYN), unconfirmed table full: evicts a half-open flow", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Flood: true},
+	{Name: "tcp6-est-orig/flows=1k", Title: "IPv6 TCP established, originator (egress)", Kind: TCP6EstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, V1: true, Goal: 80 * time.Nanosecond},
+	{Name: "tcp6-est-reply/flows=1k", Title: "IPv6 TCP established, reply (ingress)", Kind: TCP6EstablishedReply, Flows: 1000, Prefixes: DefaultPrefixes, V1: true, Goal: 80 * time.Nanosecond},
+	{Name: "tcp6-new/prefixes=10k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 10000, V1: true, Goal: 300 * time.Nanosecond},
+	{Name: "tcp6-new/prefixes=100k", Title: "IPv6 TCP new flow (SYN, ingress)", Kind: TCP6New, Flows: DefaultFlows, Prefixes: 100000, V1: true, Goal: 300 * time.Nanosecond},
+	{Name: "tcp-est-orig-flood/flows=1k", Title: "TCP established, originator, unconfirmed table full (SYN flood)", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Flood: true, V1: true},
+	{Name: "tcp-new-flood/prefixes=10k", Title: "TCP new flow (SYN), unconfirmed table full: evicts a half-open flow", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Flood: true, V1: true},
 }
 
 // Setup is one configuration of the receiving side in the real-traffic runs.

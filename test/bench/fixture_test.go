@@ -55,6 +55,10 @@ type fixture struct {
 	perClass int
 	// sources4 and sources6 are the ipcache host entries new flows come from.
 	sources4, sources6 []netip.Addr
+	ipcache            ipcacheSet
+	// v1 is the first release's datapath filled the same, for the cases
+	// measured beside it (PacketCase.V1); nil until one asks (v1Twin).
+	v1 *v1Datapath
 }
 
 // ctMax sizes the conntrack table for a number of flows as an operator
@@ -120,6 +124,9 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 // Close releases everything and removes the pins.
 func (f *fixture) Close() error {
 	var errs []error
+	if f.v1 != nil {
+		errs = append(errs, f.v1.Close())
+	}
 	if f.events != nil {
 		errs = append(errs, f.events.Close())
 	}
@@ -228,42 +235,36 @@ func putEach(m *ebpf.Map, keys, vals any) error {
 	return nil
 }
 
-// fillIPCache writes key.prefixes prefixes into each family's trie.
+// fillIPCache writes key.prefixes prefixes per family into the ipcache as
+// ctd writes it: host entries into the hashes, CIDRs into the tries.
 func (f *fixture) fillIPCache() error {
-	rnd := mrand.New(mrand.NewPCG(uint64(f.key.prefixes), 4))
-	set4, hosts4, err := prefixSet(f.key.prefixes, space4, serverNet4, 18, 30, rnd)
+	set, err := newIPCacheSet(f.key.prefixes)
 	if err != nil {
 		return err
 	}
-	set6, hosts6, err := prefixSet(f.key.prefixes, space6, serverNet6, 48, 120, rnd)
+	n, err := f.dp.IPCache().BatchUpdate(set.entries)
 	if err != nil {
-		return err
+		return fmt.Errorf("prefill ipcache: %w", err)
 	}
-
-	var k4 []bpf.CtdIpcache4Key
-	var v4 []bpf.CtdIpcacheValue
-	for p, id := range set4 {
-		k4 = append(k4, bpf.CtdIpcache4Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As4()})
-		v4 = append(v4, bpf.CtdIpcacheValue{Identity: id})
+	if n != len(set.entries) {
+		return fmt.Errorf("prefill ipcache: wrote %d of %d entries", n, len(set.entries))
 	}
-	if err := putAll(f.dp.IPCache4(), k4, v4, len(k4)); err != nil {
-		return fmt.Errorf("prefill ipcache4: %w", err)
-	}
-	var k6 []bpf.CtdIpcache6Key
-	var v6 []bpf.CtdIpcacheValue
-	for p, id := range set6 {
-		k6 = append(k6, bpf.CtdIpcache6Key{Prefixlen: uint32(p.Bits()), Addr: p.Addr().As16()})
-		v6 = append(v6, bpf.CtdIpcacheValue{Identity: id})
-	}
-	if err := putAll(f.dp.IPCache6(), k6, v6, len(k6)); err != nil {
-		return fmt.Errorf("prefill ipcache6: %w", err)
-	}
-
-	f.sources4, f.sources6 = hosts4, hosts6
-	if len(f.sources4) == 0 || len(f.sources6) == 0 {
-		return fmt.Errorf("prefill ipcache: no host entries to send new flows from (%d prefixes)", f.key.prefixes)
-	}
+	f.ipcache = set
+	f.sources4, f.sources6 = set.sources4, set.sources6
 	return nil
+}
+
+// v1Twin returns the first release's datapath filled as f, loading it the
+// first time it is asked for.
+func (f *fixture) v1Twin() (*v1Datapath, error) {
+	if f.v1 == nil {
+		v, err := newV1Datapath(f, f.ipcache)
+		if err != nil {
+			return nil, fmt.Errorf("fixture with %v: %w", f.key, err)
+		}
+		f.v1 = v
+	}
+	return f.v1, nil
 }
 
 // setPolicy makes ingress default deny with one rule per host identity
@@ -325,11 +326,13 @@ func (f *fixture) listen() (stop func() error, err error) {
 
 // drainEvents reads what the ring buffer holds, as ctd monitor would, so
 // that reservations never start failing.
-func (f *fixture) drainEvents() error {
-	f.events.SetDeadline(time.Now())
+func (f *fixture) drainEvents() error { return drain(f.events) }
+
+func drain(r *ringbuf.Reader) error {
+	r.SetDeadline(time.Now())
 	var rec ringbuf.Record
 	for {
-		err := f.events.ReadInto(&rec)
+		err := r.ReadInto(&rec)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return nil
 		}

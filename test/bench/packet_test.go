@@ -112,12 +112,18 @@ type packetSource struct {
 	prog *ebpf.Program
 	rnd  *mrand.Rand
 	buf  []byte
+	// v1 and v1prog are the first release's datapath and program, run on
+	// the same packets when the case is measured beside it (PacketCase.V1).
+	v1     *v1Datapath
+	v1prog *ebpf.Program
+	// last is the flow of the last new-flow packet.
+	last flow
 }
 
 func newPacketSource(f *fixture, c PacketCase) (*packetSource, error) {
 	s := &packetSource{f: f, c: c, rnd: mrand.New(mrand.NewPCG(uint64(c.Kind), uint64(c.Flows)))}
 	switch c.Kind {
-	case TCPEstablishedReply, TCPNew, TCP6New:
+	case TCPEstablishedReply, TCP6EstablishedReply, TCPNew, TCP6New:
 		s.prog = f.dp.CtdIngress
 	default:
 		s.prog = f.dp.CtdEgress
@@ -142,7 +148,7 @@ func (s *packetSource) packet(i int) ([]byte, ctmap.Key) {
 		class = classUDP4
 	case ICMPEstablished:
 		class = classICMP4
-	case TCP6EstablishedOrig:
+	case TCP6EstablishedOrig, TCP6EstablishedReply:
 		class = classTCP6
 	case TCPNew, TCP6New:
 		src := s.f.sources4
@@ -153,6 +159,7 @@ func (s *packetSource) packet(i int) ([]byte, ctmap.Key) {
 		client := src[s.rnd.IntN(len(src))]
 		sport := uint16(newPortBase + i)
 		s.buf = frame(s.buf, client, srv, unix.IPPROTO_TCP, tcpHeader(sport, newPort, tcpSYN))
+		s.last = flow{unix.IPPROTO_TCP, client, sport, srv, newPort}
 		k, _ := ctmap.KeyOf(unix.IPPROTO_TCP, client, sport, srv, newPort)
 		return s.buf, k
 	}
@@ -166,7 +173,7 @@ func (s *packetSource) packet(i int) ([]byte, ctmap.Key) {
 	switch s.c.Kind {
 	case TCPEstablishedOrig, TCP6EstablishedOrig:
 		s.buf = frame(s.buf, fl.client, fl.server, fl.proto, tcpHeader(fl.cport, fl.sport, tcpACK))
-	case TCPEstablishedReply:
+	case TCPEstablishedReply, TCP6EstablishedReply:
 		s.buf = frame(s.buf, fl.server, fl.client, fl.proto, tcpHeader(fl.sport, fl.cport, tcpACK))
 	case UDPEstablished:
 		s.buf = frame(s.buf, fl.client, fl.server, fl.proto, udpDatagram(fl.cport, fl.sport))
@@ -189,35 +196,40 @@ func run(prog *ebpf.Program, pkt []byte, repeat int) (float64, error) {
 }
 
 // roundResult is one round's median time per packet of each program.
-type roundResult struct{ ctd, floor float64 }
+type roundResult struct{ ctd, floor, v1 float64 }
 
 // coldRound runs n packets, each a different flow, once through each
-// program, alternating which goes first. New flows are deleted afterwards.
+// program (ctd's, the floor, and the first release's when the case has it),
+// rotating which goes first. New flows are deleted afterwards.
 func coldRound(s *packetSource, n int) (roundResult, error) {
-	ctd := make([]float64, 0, n)
-	floor := make([]float64, 0, n)
-	var keys []ctmap.Key
+	progs := []*ebpf.Program{s.prog, s.f.floor}
+	if s.v1 != nil {
+		progs = append(progs, s.v1prog)
+	}
+	times := make([][]float64, len(progs))
+	var (
+		keys  []ctmap.Key
+		flows []flow
+	)
 	for i := range n {
 		pkt, k := s.packet(i)
 		if s.c.Kind.New() {
 			keys = append(keys, k)
+			flows = append(flows, s.last)
 		}
-		progs := [2]*ebpf.Program{s.prog, s.f.floor}
-		if i%2 == 1 {
-			progs[0], progs[1] = progs[1], progs[0]
-		}
-		var d [2]float64
-		for j, p := range progs {
-			var err error
-			if d[j], err = run(p, pkt, 1); err != nil {
+		for r := range progs {
+			j := (i + r) % len(progs)
+			d, err := run(progs[j], pkt, 1)
+			if err != nil {
 				return roundResult{}, err
 			}
+			times[j] = append(times[j], d)
 		}
-		if i%2 == 1 {
-			d[0], d[1] = d[1], d[0]
+	}
+	if s.v1 != nil && s.c.Kind.New() {
+		if err := s.v1.forget(flows); err != nil {
+			return roundResult{}, err
 		}
-		ctd = append(ctd, d[0])
-		floor = append(floor, d[1])
 	}
 	if s.c.Kind.New() {
 		deleted, err := s.f.ct.Delete(keys)
@@ -231,7 +243,11 @@ func coldRound(s *packetSource, n int) (roundResult, error) {
 			return roundResult{}, err
 		}
 	}
-	return roundResult{ctd: Median(ctd), floor: Median(floor)}, nil
+	r := roundResult{ctd: Median(times[0]), floor: Median(times[1])}
+	if s.v1 != nil {
+		r.v1 = Median(times[2])
+	}
+	return r, nil
 }
 
 // hotRound runs one packet n times inside one BPF_PROG_TEST_RUN per program.
@@ -315,15 +331,30 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 			}
 		}()
 	}
+	if c.V1 && c.Hot {
+		b.Fatalf("case %s: the first release runs beside cold cases only", c.Name)
+	}
+	if c.V1 && *packetV1 {
+		if s.v1, err = f.v1Twin(); err != nil {
+			b.Fatal(err)
+		}
+		s.v1prog = s.v1.program(f, s.prog)
+	}
 	before, err := f.created()
 	if err != nil {
 		b.Fatal(err)
+	}
+	var v1Before uint64
+	if s.v1 != nil {
+		if v1Before, err = s.v1.created(); err != nil {
+			b.Fatal(err)
+		}
 	}
 	size := roundSize
 	if c.Hot {
 		size = hotRepeat
 	}
-	var ctd, floor, over []float64
+	var ctd, floor, over, v1, v1Over []float64
 	packets := 0
 	for done := 0; done < b.N; {
 		n := min(size, b.N-done)
@@ -339,6 +370,8 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 		ctd = append(ctd, r.ctd)
 		floor = append(floor, r.floor)
 		over = append(over, r.ctd-r.floor)
+		v1 = append(v1, r.v1)
+		v1Over = append(v1Over, r.v1-r.floor)
 		done += n
 		packets += n
 	}
@@ -352,6 +385,17 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 	}
 	if got := after - before; got != want {
 		b.Fatalf("case %s: %d packets created %d conntrack entries, want %d", c.Name, packets, got, want)
+	}
+	if s.v1 != nil {
+		v1After, err := s.v1.created()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if got := v1After - v1Before; got != want {
+			b.Fatalf("case %s: %d packets created %d conntrack entries in the first release's datapath, want %d", c.Name, packets, got, want)
+		}
+		b.ReportMetric(Median(v1), UnitV1)
+		b.ReportMetric(Median(v1Over), UnitV1Over)
 	}
 	b.ReportMetric(Median(ctd), "ns/op")
 	b.ReportMetric(Median(floor), UnitFloor)

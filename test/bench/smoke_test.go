@@ -19,6 +19,7 @@ type smokeReport struct {
 	Packet []struct {
 		Name  string  `json:"name"`
 		CtdNs float64 `json:"ctd_ns"`
+		V1Ns  float64 `json:"first_release_ns"`
 		Error string  `json:"error"`
 	} `json:"packet"`
 	Traffic []struct {
@@ -84,6 +85,9 @@ func TestSmoke(t *testing.T) {
 		r := rep.Packet[i]
 		if r.Name != c.Name || r.Error != "" || r.CtdNs <= 0 {
 			t.Errorf("per-packet row %d: %+v, want %s measured", i, r, c.Name)
+		}
+		if c.V1 != (r.V1Ns > 0) {
+			t.Errorf("per-packet row %d (%s): first release %v ns, want a figure exactly for the rows marked V1", i, c.Name, r.V1Ns)
 		}
 		if !strings.Contains(text, "| "+c.Title+" |") {
 			t.Errorf("the table has no row %q", c.Title)

@@ -155,6 +155,7 @@ func run(smoke bool, out, jsonOut string, quiet bool) error {
 // environment is what the figures were measured on.
 type environment struct {
 	Date, Kernel, CPU, GoVersion, Commit, Load string
+	FirstRelease                               string // the commit the first-release column measures
 	Cores                                      int
 	Mitigations                                [][2]string // name, state
 }
@@ -167,6 +168,11 @@ func probeEnvironment(root string) environment {
 		CPU:       "unknown",
 		Commit:    "unknown",
 		Load:      "unknown",
+	}
+	if b, err := os.ReadFile(filepath.Join(root, "test", "first-release.commit")); err == nil {
+		if c := strings.TrimSpace(string(b)); len(c) >= 7 {
+			e.FirstRelease = c[:7]
+		}
 	}
 	var u unix.Utsname
 	if unix.Uname(&u) == nil {

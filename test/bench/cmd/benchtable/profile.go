@@ -73,7 +73,8 @@ func profileCase(g *goTest, s *scratch, p plan, row packetRow) profile {
 		pat += "/^" + regexp.QuoteMeta(part) + "$"
 	}
 	rec := exec.Command(perf, "record", "-q", "-e", "cpu-clock", "-F", "10000", "-g", "-o", data, "--",
-		testBin, "-test.run", "^$", "-test.bench", pat, "-test.benchtime", strconv.Itoa(p.profileSamples)+"x", "-test.count", "1")
+		testBin, "-test.run", "^$", "-test.bench", pat, "-test.benchtime", strconv.Itoa(p.profileSamples)+"x", "-test.count", "1",
+		"-packet.v1=false") // the first release's programs have the same names
 	rec.Dir = filepath.Join(g.root, "test", "bench")
 	fmt.Fprintf(g.log, "+ perf record ... %s -test.bench %s\n", filepath.Base(testBin), pat)
 	if out, err := rec.CombinedOutput(); err != nil {

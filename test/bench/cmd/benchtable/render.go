@@ -34,6 +34,11 @@ func count(n int) string {
 
 func ns(v float64) string { return fmt.Sprintf("%.0f", v) }
 
+// nsRange is a median with the range it was taken over.
+func nsRange(median, lo, hi float64) string {
+	return fmt.Sprintf("%s (%s–%s)", ns(median), ns(lo), ns(hi))
+}
+
 func seconds(v float64) string {
 	if v < 1 {
 		return fmt.Sprintf("%.0f ms", v*1000)
@@ -90,7 +95,11 @@ func (rep *report) markdown() string {
 			p("| %s | %s | not measured |\n", cell(desc), cell(r.Err))
 			continue
 		}
-		p("| %s | %s ns | %s |\n", cell(desc), ns(r.Over), packetResult(r))
+		measured := ns(r.Over) + " ns"
+		if r.V1 > 0 {
+			measured += fmt.Sprintf(" (first release: %s ns)", ns(r.V1Over))
+		}
+		p("| %s | %s | %s |\n", cell(desc), measured, packetResult(r))
 	}
 	for _, g := range rep.TGoals {
 		p("| %s: %s | %s | %s |\n", cell(g.Setup.Title), cell(g.Desc), cell(g.Measured), g.Result)
@@ -111,11 +120,12 @@ func (rep *report) markdown() string {
 	p("\n## Per packet (BPF_PROG_TEST_RUN)\n\n")
 	p("The real `ctd_ingress`/`ctd_egress` programs, loaded by `loader.Load` against maps pinned for the run, and an empty TC program (`r0 = -1; exit`: TC_ACT_UNSPEC, as ctd passes) run on the same packets, interleaved packet by packet; the figure is ctd's time over that floor. ")
 	p("Unless marked \"repeated in-kernel\", every run is one `BPF_PROG_TEST_RUN` with repeat 1 on a flow drawn at random from the whole table, so the figures include the cache and TLB misses a table of that size costs; the kernel times the program plus one clock read, which the floor has too. ")
-	p("New-flow rows send SYNs of flows ctd has not seen (distinct source ports from /32 ipcache hosts, to a server covered by a /24): conntrack miss, both identities through the ipcache tries, policy, insert, counters and a flow-new event; after every %d packets the entries they created are deleted and the events drained, outside the timed runs. ", 2048)
+	p("New-flow rows send SYNs of flows ctd has not seen (distinct source ports from /32 ipcache hosts, to a server covered by a /24): conntrack miss, both identities through the ipcache (the source's host entry in its hash; the server's address misses the hash and matches its CIDR in the trie), policy, insert, counters and a flow-new event; after every %d packets the entries they created are deleted and the events drained, outside the timed runs. ", 2048)
 	p("The datapath runs in its default configuration (config_v1 as `loader.Load` creates it: default allow, no rules, the default event rate limit, so in a long run most flow-new events are rate-limited, as in a burst of new flows), except where a row says otherwise. ")
 	p("Conntrack tables are sized as an operator would (`--ct-max` the default 262144, or twice the flows) and prefilled with synthetic established flows with batch updates; the ipcache holds the given number of prefixes per family (80%% host entries, the rest CIDRs) in 198.18.0.0/15 and fd00:bec::/32. ")
-	p("Each row: median over %s of %d packets per program (each run the median of rounds of 2048).\n\n", plural(rep.Plan.packetCount, "run"), rep.Plan.packetSamples)
-	p("| figure | conntrack flows | ipcache prefixes | ctd (ns/packet) | empty TC (ns/packet) | ctd over floor (ns) | goal | result |\n|---|---|---|---|---|---|---|---|\n")
+	p("Rows with a first-release column also run the datapath of ctd's first release (%s, layout v1: one conntrack table for both families and for unconfirmed flows, host entries in the LPM tries), loaded from its object in git history with maps of its own, filled with the same flows and prefixes (a flood's half-open flows go into its one table), on the same packets, interleaved with ctd's and the floor's, packet by packet in rotating order; the goal judges ctd's figure. ", rep.Env.FirstRelease)
+	p("Each row: median over %s of %d packets per program (each run the median of rounds of 2048), with the range over runs in brackets.\n\n", plural(rep.Plan.packetCount, "run"), rep.Plan.packetSamples)
+	p("| figure | conntrack flows | ipcache prefixes | ctd (ns/packet) | empty TC (ns/packet) | ctd over floor (ns) | first release over floor (ns) | goal | result |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rep.Packet {
 		c := r.Case
 		title := c.Title
@@ -124,10 +134,15 @@ func (rep *report) markdown() string {
 			goal = fmt.Sprintf("≤ %d", c.Goal.Nanoseconds())
 		}
 		if r.Err != "" {
-			p("| %s | %s | %s | %s | | | %s | not measured |\n", cell(title), count(c.Flows), count(c.Prefixes), cell(r.Err), goal)
+			p("| %s | %s | %s | %s | | | | %s | not measured |\n", cell(title), count(c.Flows), count(c.Prefixes), cell(r.Err), goal)
 			continue
 		}
-		p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", cell(title), count(c.Flows), count(c.Prefixes), ns(r.Ctd), ns(r.Floor), ns(r.Over), goal, packetResult(r))
+		v1 := "—"
+		if r.V1 > 0 {
+			v1 = nsRange(r.V1Over, r.V1OverMin, r.V1OverMax)
+		}
+		p("| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", cell(title), count(c.Flows), count(c.Prefixes), ns(r.Ctd), ns(r.Floor),
+			nsRange(r.Over, r.OverMin, r.OverMax), v1, goal, packetResult(r))
 	}
 
 	p("\n## Real traffic over a veth pair\n\n")
@@ -249,13 +264,15 @@ type jsonReport struct {
 }
 
 type jsonPacket struct {
-	Name    string  `json:"name"`
-	CtdNs   float64 `json:"ctd_ns"`
-	FloorNs float64 `json:"floor_ns"`
-	OverNs  float64 `json:"over_ns"`
-	GoalNs  int64   `json:"goal_ns,omitempty"`
-	Met     *bool   `json:"met,omitempty"`
-	Error   string  `json:"error,omitempty"`
+	Name     string  `json:"name"`
+	CtdNs    float64 `json:"ctd_ns"`
+	FloorNs  float64 `json:"floor_ns"`
+	OverNs   float64 `json:"over_ns"`
+	V1Ns     float64 `json:"first_release_ns,omitempty"`
+	V1OverNs float64 `json:"first_release_over_ns,omitempty"`
+	GoalNs   int64   `json:"goal_ns,omitempty"`
+	Met      *bool   `json:"met,omitempty"`
+	Error    string  `json:"error,omitempty"`
 }
 
 type jsonTraffic struct {
@@ -282,7 +299,8 @@ type jsonControl struct {
 func (rep *report) json() jsonReport {
 	out := jsonReport{Smoke: rep.Plan.smoke, Errors: rep.Errors}
 	for _, r := range rep.Packet {
-		j := jsonPacket{Name: r.Case.Name, CtdNs: r.Ctd, FloorNs: r.Floor, OverNs: r.Over, GoalNs: r.Case.Goal.Nanoseconds(), Error: r.Err}
+		j := jsonPacket{Name: r.Case.Name, CtdNs: r.Ctd, FloorNs: r.Floor, OverNs: r.Over, V1Ns: r.V1, V1OverNs: r.V1Over,
+			GoalNs: r.Case.Goal.Nanoseconds(), Error: r.Err}
 		if r.Case.Goal > 0 && r.Err == "" {
 			met := r.Met()
 			j.Met = &met

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -49,8 +50,12 @@ func smokePlan() plan {
 type packetRow struct {
 	Case             bench.PacketCase
 	Ctd, Floor, Over float64 // medians over runs, ns
-	Runs             int
-	Err              string // why the row has no figures
+	OverMin, OverMax float64 // the runs' range of Over
+	// V1 and V1Over are the first release's figures on the same packets
+	// (bench.PacketCase.V1), with the runs' range of V1Over; 0 without.
+	V1, V1Over, V1OverMin, V1OverMax float64
+	Runs                             int
+	Err                              string // why the row has no figures
 }
 
 // Met reports whether the row has a goal and meets it.
@@ -61,7 +66,7 @@ func packetSection(g *goTest, p plan) ([]packetRow, error) {
 	rows := make([]packetRow, len(bench.PacketCases))
 	for i, c := range bench.PacketCases {
 		rows[i].Case = c
-		var ctd, floor, over []float64
+		var ctd, floor, over, v1, v1Over []float64
 		for _, r := range res {
 			if r.Base() != "BenchmarkPacket/"+c.Name {
 				continue
@@ -69,6 +74,10 @@ func packetSection(g *goTest, p plan) ([]packetRow, error) {
 			ctd = append(ctd, r.Metrics["ns/op"])
 			floor = append(floor, r.Metrics[bench.UnitFloor])
 			over = append(over, r.Metrics[bench.UnitOver])
+			if _, ok := r.Metrics[bench.UnitV1]; ok {
+				v1 = append(v1, r.Metrics[bench.UnitV1])
+				v1Over = append(v1Over, r.Metrics[bench.UnitV1Over])
+			}
 		}
 		if len(ctd) == 0 {
 			rows[i].Err = "not measured: BenchmarkPacket/" + c.Name + " reported nothing"
@@ -78,6 +87,11 @@ func packetSection(g *goTest, p plan) ([]packetRow, error) {
 			continue
 		}
 		rows[i].Ctd, rows[i].Floor, rows[i].Over = bench.Median(ctd), bench.Median(floor), bench.Median(over)
+		rows[i].OverMin, rows[i].OverMax = slices.Min(over), slices.Max(over)
+		if len(v1) > 0 {
+			rows[i].V1, rows[i].V1Over = bench.Median(v1), bench.Median(v1Over)
+			rows[i].V1OverMin, rows[i].V1OverMax = slices.Min(v1Over), slices.Max(v1Over)
+		}
 		rows[i].Runs = len(ctd)
 	}
 	return rows, runErr
