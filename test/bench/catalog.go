@@ -163,3 +163,34 @@ var ControlCases = []ControlCase{
 	{Name: "cluster-converge", Title: "cluster: new node converges on 100k ipcache entries (start → synced)", Unit: "s", Goal: 2 * time.Second},
 	{Name: "cluster-change-p99", Title: "cluster: one change reaches 10 nodes, p99", Unit: "s", Goal: 100 * time.Millisecond},
 }
+
+// LookupVariant is one way of resolving an address to its identity that
+// BenchmarkIPCacheLookup measures, reported as its metric Unit.
+type LookupVariant struct {
+	Unit  string
+	Title string
+}
+
+// LookupVariants are the alternatives BenchmarkIPCacheLookup compares, each
+// on every one of LookupCases.
+var LookupVariants = []LookupVariant{
+	{"trie-host-over-ns", "host entry, one LPM trie of every prefix (first release)"},
+	{"hash-host-over-ns", "host entry, host hash (this build)"},
+	{"trie-cidr-over-ns", "address under a CIDR, one LPM trie of every prefix (first release)"},
+	{"hash-miss-cidr-over-ns", "address under a CIDR, host hash miss then the trie of CIDRs (this build)"},
+}
+
+// LookupCase is one ipcache BenchmarkIPCacheLookup resolves addresses in.
+type LookupCase struct {
+	Name     string // sub-benchmark of BenchmarkIPCacheLookup
+	IPv4     bool   // the family of the addresses
+	Prefixes int    // ipcache prefixes of the family, 80% host entries, as the per-packet cases
+}
+
+// LookupCases lists the ipcaches of BenchmarkIPCacheLookup in table order.
+var LookupCases = []LookupCase{
+	{Name: "ipv4/prefixes=10k", IPv4: true, Prefixes: 10000},
+	{Name: "ipv6/prefixes=10k", Prefixes: 10000},
+	{Name: "ipv4/prefixes=100k", IPv4: true, Prefixes: 100000},
+	{Name: "ipv6/prefixes=100k", Prefixes: 100000},
+}

@@ -85,17 +85,8 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 		return f, err
 	}
 	f.ct = f.dp.Conntrack()
-	f.floor, err = ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name: "empty_tc",
-		Type: ebpf.SchedCLS,
-		Instructions: asm.Instructions{
-			asm.Mov.Imm(asm.R0, -1), // TC_ACT_UNSPEC, as ctd passes
-			asm.Return(),
-		},
-		License: "GPL",
-	})
-	if err != nil {
-		return f, fmt.Errorf("load empty TC program: %w", err)
+	if f.floor, err = emptyProgram(); err != nil {
+		return f, err
 	}
 	f.events, err = ringbuf.NewReader(f.dp.Events())
 	if err != nil {
@@ -119,6 +110,24 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 		}
 	}
 	return f, nil
+}
+
+// emptyProgram loads the floor: a TC program that returns TC_ACT_UNSPEC,
+// as ctd does for the packets it passes.
+func emptyProgram() (*ebpf.Program, error) {
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name: "empty_tc",
+		Type: ebpf.SchedCLS,
+		Instructions: asm.Instructions{
+			asm.Mov.Imm(asm.R0, -1), // TC_ACT_UNSPEC, as ctd passes
+			asm.Return(),
+		},
+		License: "GPL",
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load empty TC program: %w", err)
+	}
+	return p, nil
 }
 
 // Close releases everything and removes the pins.

@@ -57,11 +57,15 @@ func (s ipcacheSet) writeTries(v4, v6 *ebpf.Map) error {
 			k6, i6 = append(k6, bpf.CtdIpcache6Key{Prefixlen: uint32(e.Prefix.Bits()), Addr: a.As16()}), append(i6, v)
 		}
 	}
-	if err := putAll(v4, k4, i4, len(k4)); err != nil {
-		return fmt.Errorf("prefill ipcache4: %w", err)
+	if len(k4) > 0 {
+		if err := putAll(v4, k4, i4, len(k4)); err != nil {
+			return fmt.Errorf("prefill ipcache4: %w", err)
+		}
 	}
-	if err := putAll(v6, k6, i6, len(k6)); err != nil {
-		return fmt.Errorf("prefill ipcache6: %w", err)
+	if len(k6) > 0 {
+		if err := putAll(v6, k6, i6, len(k6)); err != nil {
+			return fmt.Errorf("prefill ipcache6: %w", err)
+		}
 	}
 	return nil
 }

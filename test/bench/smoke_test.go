@@ -73,7 +73,7 @@ func TestSmoke(t *testing.T) {
 
 	// Every row, in the table and in the JSON.
 	text := string(doc)
-	for _, want := range []string{"## Goals", "## Per packet", "## Real traffic", "## Control plane", "| kernel |", "| CPU |"} {
+	for _, want := range []string{"## Goals", "## Per packet", "## Identity resolution", "## Real traffic", "## Control plane", "| kernel |", "| CPU |"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("the table has no %q", want)
 		}
@@ -92,6 +92,9 @@ func TestSmoke(t *testing.T) {
 		if !strings.Contains(text, "| "+c.Title+" |") {
 			t.Errorf("the table has no row %q", c.Title)
 		}
+	}
+	if strings.Contains(text, "BenchmarkIPCacheLookup/") {
+		t.Errorf("an identity resolution row was not measured")
 	}
 	if len(rep.Traffic) != len(Setups) {
 		t.Fatalf("%d traffic rows, want %d", len(rep.Traffic), len(Setups))

@@ -91,6 +91,10 @@ func run(smoke bool, out, jsonOut string, quiet bool) error {
 	rep.Packet, perr = packetSection(g, p)
 	fail("per packet", perr)
 
+	var lerr error
+	rep.Lookup, lerr = lookupSection(g, p)
+	fail("identity resolution", lerr)
+
 	var terr error
 	rep.Traffic, rep.TGoals, terr = trafficSection(g, p)
 	fail("real traffic", terr)

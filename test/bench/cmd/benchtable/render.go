@@ -14,6 +14,7 @@ type report struct {
 	Env      environment
 	Plan     plan
 	Packet   []packetRow
+	Lookup   []lookupRow
 	Traffic  []trafficRow
 	TGoals   []trafficGoal
 	Control  []controlRow
@@ -143,6 +144,30 @@ func (rep *report) markdown() string {
 		}
 		p("| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", cell(title), count(c.Flows), count(c.Prefixes), ns(r.Ctd), ns(r.Floor),
 			nsRange(r.Over, r.OverMin, r.OverMax), v1, goal, packetResult(r))
+	}
+
+	p("\n## Identity resolution (per lookup)\n\n")
+	p("What resolving one address costs, apart from the rest of a new flow: a small TC program reads an address from its packet and resolves it as the datapath does (this build: its host hash, and on a miss the full-length key in the trie of CIDRs; the first release: the full-length key in one LPM trie of every prefix), against maps created as the loader creates them (`--ipcache-max` the default) and filled with the per-packet rows' ipcache (80%% host entries). ")
+	p("Every run is one `BPF_PROG_TEST_RUN` with repeat 1 on an address drawn at random (a host entry's, or one under a CIDR that no host entry covers), the four programs and the empty TC program interleaved run by run in rotating order; the figure is the median over %s of %d lookups each of the time over the floor (ns).\n\n", plural(rep.Plan.packetCount, "run"), rep.Plan.lookupSamples)
+	p("| family | ipcache prefixes |")
+	for _, v := range bench.LookupVariants {
+		p(" %s |", cell(v.Title))
+	}
+	p("\n|---|---|%s\n", strings.Repeat("---|", len(bench.LookupVariants)))
+	for _, r := range rep.Lookup {
+		fam := "IPv6"
+		if r.Case.IPv4 {
+			fam = "IPv4"
+		}
+		p("| %s | %s |", fam, count(r.Case.Prefixes))
+		if r.Err != "" {
+			p(" %s |%s\n", cell(r.Err), strings.Repeat(" |", len(bench.LookupVariants)-1))
+			continue
+		}
+		for _, v := range r.Over {
+			p(" %s |", ns(v))
+		}
+		p("\n")
 	}
 
 	p("\n## Real traffic over a veth pair\n\n")

@@ -17,6 +17,7 @@ type plan struct {
 	smoke           bool
 	packetSamples   int // packets per program per case and run (-benchtime Nx)
 	packetCount     int // runs per case (-count)
+	lookupSamples   int // lookups per variant per ipcache and run
 	trafficRounds   int
 	trafficDuration time.Duration
 	trafficWarmup   time.Duration
@@ -28,7 +29,7 @@ type plan struct {
 
 func fullPlan() plan {
 	return plan{
-		packetSamples: 65536, packetCount: 5,
+		packetSamples: 65536, packetCount: 5, lookupSamples: 16384,
 		trafficRounds: 12, trafficDuration: time.Second, trafficWarmup: 200 * time.Millisecond,
 		controlCount: 3, ctListRuns: 3, profileSamples: 524288,
 		benchTimeout: 20 * time.Minute,
@@ -38,7 +39,7 @@ func fullPlan() plan {
 func smokePlan() plan {
 	return plan{
 		smoke:         true,
-		packetSamples: 2048, packetCount: 1,
+		packetSamples: 2048, packetCount: 1, lookupSamples: 2048,
 		trafficRounds: 1, trafficDuration: 300 * time.Millisecond, trafficWarmup: 100 * time.Millisecond,
 		controlCount: 1, ctListRuns: 1, profileSamples: 4096,
 		benchTimeout: 10 * time.Minute,
@@ -93,6 +94,41 @@ func packetSection(g *goTest, p plan) ([]packetRow, error) {
 			rows[i].V1OverMin, rows[i].V1OverMax = slices.Min(v1Over), slices.Max(v1Over)
 		}
 		rows[i].Runs = len(ctd)
+	}
+	return rows, runErr
+}
+
+// ---- identity resolution ----
+
+type lookupRow struct {
+	Case bench.LookupCase
+	Over []float64 // by bench.LookupVariants: medians over runs, ns over the floor
+	Runs int
+	Err  string
+}
+
+func lookupSection(g *goTest, p plan) ([]lookupRow, error) {
+	res, runErr := g.bench("./test/bench", "^BenchmarkIPCacheLookup$", strconv.Itoa(p.lookupSamples)+"x", p.packetCount, p.benchTimeout)
+	rows := make([]lookupRow, len(bench.LookupCases))
+	for i, c := range bench.LookupCases {
+		rows[i].Case = c
+		over := make([][]float64, len(bench.LookupVariants))
+		for _, r := range res {
+			if r.Base() != "BenchmarkIPCacheLookup/"+c.Name {
+				continue
+			}
+			rows[i].Runs++
+			for j, v := range bench.LookupVariants {
+				over[j] = append(over[j], r.Metrics[v.Unit])
+			}
+		}
+		if rows[i].Runs == 0 {
+			rows[i].Err = "not measured: BenchmarkIPCacheLookup/" + c.Name + " reported nothing"
+			continue
+		}
+		for _, o := range over {
+			rows[i].Over = append(rows[i].Over, bench.Median(o))
+		}
 	}
 	return rows, runErr
 }
