@@ -38,9 +38,9 @@ var categories = []struct {
 	what string
 	re   *regexp.Regexp
 }{
-	{"ipcache LPM trie lookups (trie_lookup_elem)", regexp.MustCompile(`^trie_lookup_elem`)},
+	{"ipcache LPM trie lookups, CIDRs (trie_lookup_elem)", regexp.MustCompile(`^trie_lookup_elem`)},
 	{"conntrack insert (htab_lru_map_update_elem: LRU free-list pop, copy, link)", regexp.MustCompile(`^htab_lru_map_update_elem|^bpf_lru_|^prealloc_lru_pop`)},
-	{"hash lookups (conntrack, and policy when rules exist: jhash of the key, bucket walk)", regexp.MustCompile(`^__htab_map_lookup_elem|^htab_.*lookup|^htab_map_hash|^lookup_nulls_elem_raw`)},
+	{"hash lookups (conntrack, ipcache host entries, and policy when rules exist: jhash of the key, bucket walk)", regexp.MustCompile(`^__htab_map_lookup_elem|^htab_.*lookup|^htab_map_hash|^lookup_nulls_elem_raw`)},
 	{"packet reads (bpf_skb_load_bytes)", regexp.MustCompile(`skb_load_bytes|skb_header_pointer`)},
 	{"clock (bpf_ktime_get_*)", regexp.MustCompile(`ktime_get|read_tsc`)},
 	{"events (ring buffer reserve/submit)", regexp.MustCompile(`ringbuf|irq_work`)},
