@@ -3,8 +3,8 @@ package bpf_test
 import (
 	"fmt"
 	"maps"
-	"slices"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"golang.org/x/sys/unix"
