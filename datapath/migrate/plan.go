@@ -238,7 +238,7 @@ func sizeFlag(table string) string {
 		return "--ct-max"
 	case "ct_unconfirmed":
 		return "--ct-unconfirmed-max"
-	case "ipcache4", "ipcache6":
+	case "ipcache4", "ipcache6", "iphost4", "iphost6":
 		return "--ipcache-max"
 	case "events":
 		return "--ringbuf-size"
