@@ -8,6 +8,8 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // firstReleaseFile records the commit of ctd's first release (datapath
@@ -54,4 +56,18 @@ func buildFirstRelease(t *testing.T) string {
 		t.Fatalf("build the first release (%s): %v\n%s", commit, err, out)
 	}
 	return bin
+}
+
+// upgradeCLIs builds the first release and this build, and returns a fresh
+// namespace pair with a CLI of each on A, sharing one pin path and state
+// directory: the first release's datapath, then this build over it.
+func upgradeCLIs(t *testing.T) (pair *nettest.Pair, first, ctd *policyCLI) {
+	t.Helper()
+	firstBin := buildFirstRelease(t)
+	bin := nettest.BuildCtd(t)
+	pair = nettest.NewPair(t)
+	first = &policyCLI{t: t, bin: firstBin, pin: nettest.PinPath(t), stateDir: t.TempDir(), host: pair.A}
+	this := *first
+	this.bin = bin
+	return pair, first, &this
 }

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/ctd-dev/ctd/datapath/loader"
-	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // TestAttachMovesIPCacheHosts upgrades a datapath attached by the first
@@ -22,13 +21,8 @@ import (
 // the host entries are in the host hashes, not in the tries, and ipcache
 // get still names them.
 func TestAttachMovesIPCacheHosts(t *testing.T) {
-	firstBin := buildFirstRelease(t)
-	bin := nettest.BuildCtd(t)
-	pair := nettest.NewPair(t)
+	pair, first, ctd := upgradeCLIs(t)
 	a, b := pair.A, pair.B
-	first := &policyCLI{t: t, bin: firstBin, pin: nettest.PinPath(t), stateDir: t.TempDir(), host: a}
-	ctd := *first
-	ctd.bin = bin
 
 	const port = 9097
 	first.run("attach", "--iface", a.Iface)

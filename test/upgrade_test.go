@@ -7,8 +7,6 @@ import (
 	"strconv"
 	"testing"
 	"time"
-
-	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // TestAttachUpgradesFirstRelease: 'ctd attach' of this build over a
@@ -19,13 +17,8 @@ import (
 // every flow keeps its entry, its counters growing. Attaching the first
 // release again (a downgrade) keeps the confirmed flows too.
 func TestAttachUpgradesFirstRelease(t *testing.T) {
-	firstBin := buildFirstRelease(t)
-	bin := nettest.BuildCtd(t)
-	pair := nettest.NewPair(t)
+	pair, first, ctd := upgradeCLIs(t)
 	a, b := pair.A, pair.B
-	first := &policyCLI{t: t, bin: firstBin, pin: nettest.PinPath(t), stateDir: t.TempDir(), host: a}
-	ctd := *first
-	ctd.bin = bin
 
 	first.run("attach", "--iface", a.Iface)
 	first.run("policy", "default", "ingress", "deny")
