@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -93,11 +94,11 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 		return f, fmt.Errorf("open events ring buffer: %w", err)
 	}
 	f.perClass = k.flows / classes
-	if err := FillConntrack(f.dp.CT(), k.flows); err != nil {
+	if err := FillConntrack(f.dp.Conntrack(), k.flows); err != nil {
 		return f, err
 	}
 	if k.flood {
-		if err := FillFlood(f.dp.CTUnconfirmed(), int(f.dp.CTUnconfirmed().MaxEntries())); err != nil {
+		if err := FillFlood(f.dp.Conntrack(), int(f.dp.CT4Unconfirmed().MaxEntries())); err != nil {
 			return f, err
 		}
 	}
@@ -265,9 +266,9 @@ func (f *fixture) fillIPCache() error {
 
 // v1Twin returns the first release's datapath filled as f, loading it the
 // first time it is asked for.
-func (f *fixture) v1Twin() (*v1Datapath, error) {
+func (f *fixture) v1Twin(tb testing.TB) (*v1Datapath, error) {
 	if f.v1 == nil {
-		v, err := newV1Datapath(f, f.ipcache)
+		v, err := newV1Datapath(tb, f, f.ipcache)
 		if err != nil {
 			return nil, fmt.Errorf("fixture with %v: %w", f.key, err)
 		}

@@ -335,7 +335,7 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 		b.Fatalf("case %s: the first release runs beside cold cases only", c.Name)
 	}
 	if c.V1 && *packetV1 {
-		if s.v1, err = f.v1Twin(); err != nil {
+		if s.v1, err = f.v1Twin(b); err != nil {
 			b.Fatal(err)
 		}
 		s.v1prog = s.v1.program(f, s.prog)

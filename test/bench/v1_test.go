@@ -1,14 +1,11 @@
 package bench
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
-	"os"
-	"os/exec"
-	"strings"
+	"testing"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
@@ -16,16 +13,12 @@ import (
 
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/loader"
+	"github.com/ctd-dev/ctd/test/nettest"
 )
 
 // packetV1 turns the first release's column off: a profile of ctd's
 // program must not sample the first release's programs of the same name.
 var packetV1 = flag.Bool("packet.v1", true, "BenchmarkPacket: run the first release's datapath beside the cases marked V1")
-
-// firstReleaseFile records the commit of ctd's first release (datapath
-// layout v1), whose datapath the v1 column measures; the upgrade tests
-// build the same commit.
-const firstReleaseFile = "../first-release.commit"
 
 // The first release's layouts and constants (bpf/common.h at that commit),
 // written here because this build's generated types are of its own layout.
@@ -96,39 +89,19 @@ type v1Datapath struct {
 	events          *ringbuf.Reader
 }
 
-// firstReleaseObject reads the first release's datapath object from git history.
-func firstReleaseObject() ([]byte, error) {
-	raw, err := os.ReadFile(firstReleaseFile)
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", firstReleaseFile, err)
-	}
-	commit := strings.TrimSpace(string(raw))
-	var stderr bytes.Buffer
-	cmd := exec.Command("git", "show", commit+":bpf/ctd_bpfel.o")
-	cmd.Stderr = &stderr
-	obj, err := cmd.Output()
-	if err != nil {
-		return nil, fmt.Errorf("git show %s:bpf/ctd_bpfel.o (the v1 figures need a clone with history): %v: %s", commit, err, strings.TrimSpace(stderr.String()))
-	}
-	return obj, nil
-}
-
 // newV1Datapath loads the first release's datapath for the fixture f: its
 // one conntrack table sized as f's confirmed table and filled with the same
 // established flows (and, for a flood fixture, as many half-open flows as
-// f's unconfirmed table holds), its tries with the same prefixes (host
+// f's IPv4 unconfirmed table holds), its tries with the same prefixes (host
 // entries too: v1 has no hashes), and its configuration as its loader
 // created it (default allow, the default event rate limit).
-func newV1Datapath(f *fixture, set ipcacheSet) (v *v1Datapath, err error) {
-	obj, err := firstReleaseObject()
-	if err != nil {
-		return nil, err
+func newV1Datapath(tb testing.TB, f *fixture, set ipcacheSet) (v *v1Datapath, err error) {
+	spec := nettest.FirstReleaseSpec(tb)
+	ct, ok := spec.Maps["ct_v1"]
+	if !ok {
+		return nil, errors.New("the first release's datapath has no ct_v1")
 	}
-	spec, err := ebpf.LoadCollectionSpecFromReader(bytes.NewReader(obj))
-	if err != nil {
-		return nil, fmt.Errorf("first release's datapath object: %w", err)
-	}
-	loader.Options{CTMax: ctMax(f.key.flows)}.WithDefaults().SizeSpec(spec)
+	ct.MaxEntries = ctMax(f.key.flows)
 	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
 		return nil, fmt.Errorf("load the first release's datapath: %w", err)
@@ -190,7 +163,7 @@ func (v *v1Datapath) fillConntrack(f *fixture) error {
 		keys, vals = append(keys, k), append(vals, e)
 	}
 	if f.key.flood {
-		for _, fl := range floodFlows(int(f.dp.CTUnconfirmed().MaxEntries())) {
+		for _, fl := range floodFlows(int(f.dp.CT4Unconfirmed().MaxEntries())) {
 			k, origIsB := v1KeyOf(fl)
 			e := v1Entry{PacketsOrig: 1, BytesOrig: 54, FirstSeen: now, LastSeen: now,
 				SrcIdentity: hostIdentity0, DstIdentity: serverIdentity, Ifindex: 1,
