@@ -2,13 +2,11 @@ package explain_test
 
 import (
 	"errors"
-	"fmt"
-	"net/netip"
+		"net/netip"
 	"os"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/google/go-cmp/cmp"
 
@@ -120,44 +118,6 @@ func newPolicyDatapath(t *testing.T) *dptest.Datapath {
 	return dp
 }
 
-// state is everything a packet can change: each map's content (the
-// per-CPU ones on every CPU), raw.
-type state map[string]map[string]string
-
-func snapshot(t *testing.T, dp *dptest.Datapath) state {
-	t.Helper()
-	s := state{}
-	for name, m := range dp.ByName() {
-		if m.Type() == ebpf.RingBuf {
-			continue // read as the event stream
-		}
-		s[name] = dump(t, m)
-	}
-	return s
-}
-
-func dump(t *testing.T, m *ebpf.Map) map[string]string {
-	t.Helper()
-	out := map[string]string{}
-	var k []byte
-	it := m.Iterate()
-	if m.Type() == ebpf.PerCPUArray || m.Type() == ebpf.PerCPUHash || m.Type() == ebpf.LRUCPUHash {
-		var v [][]byte
-		for it.Next(&k, &v) {
-			out[fmt.Sprintf("%x", k)] = fmt.Sprintf("%x", v)
-		}
-	} else {
-		var v []byte
-		for it.Next(&k, &v) {
-			out[fmt.Sprintf("%x", k)] = fmt.Sprintf("%x", v)
-		}
-	}
-	if err := it.Err(); err != nil {
-		t.Fatalf("dump %v: %v", m, err)
-	}
-	return out
-}
-
 // events reads the records in the ring buffer until none arrives for a
 // while.
 func events(t *testing.T, rd *ringbuf.Reader) int {
@@ -246,7 +206,7 @@ func TestDryRun(t *testing.T) {
 
 	// The dry runs, all of them before any of the real runs: they must
 	// leave every map and the event stream as they were.
-	before := snapshot(t, dp)
+	before := dptest.State(t, dp.ByName())
 	for _, tc := range cases {
 		prog := dp.CtdIngress
 		if tc.dir == bpf.Egress {
@@ -262,7 +222,7 @@ func TestDryRun(t *testing.T) {
 			t.Errorf("%s: answer (-want +got):\n%s", tc.name, diff)
 		}
 	}
-	if diff := cmp.Diff(before, snapshot(t, dp)); diff != "" {
+	if diff := cmp.Diff(before, dptest.State(t, dp.ByName())); diff != "" {
 		t.Errorf("the dry runs changed maps (-before +after):\n%s", diff)
 	}
 	if n := events(t, rd); n != 0 {
