@@ -76,6 +76,15 @@ struct explain_result {
 #define EXPLAIN_OFF(f) (offsetof(struct __sk_buff, cb) + offsetof(struct explain_result, f))
 _Static_assert(sizeof(struct explain_result) == sizeof(((struct __sk_buff *)0)->cb), "the result fills cb[]");
 
+#ifdef CTD_NO_DRY_RUN
+/* Test-only build (bpf/nodryrun): no dry run, so that the compiler removes
+ * every test of x; test/bench's BenchmarkDryRunCheck measures against it
+ * what the check costs real packets. */
+static __always_inline struct __sk_buff *explain_requested(struct __sk_buff *skb)
+{
+	return NULL;
+}
+#else
 /* explain_requested returns skb, its result cleared, when it asks for a
  * dry run; NULL for a real packet. */
 static __always_inline struct __sk_buff *explain_requested(struct __sk_buff *skb)
@@ -92,6 +101,7 @@ static __always_inline struct __sk_buff *explain_requested(struct __sk_buff *skb
 		     ::"r"(skb), "i"(offsetof(struct __sk_buff, cb)), "r"(0ULL) : "memory");
 	return skb;
 }
+#endif
 
 /* tally counts (dir, reason), or, in a dry run, notes the verdict's reason
  * instead (the verdicts are the reasons below M_CT_CREATED). */
