@@ -149,8 +149,9 @@ func TestDryRun(t *testing.T) {
 	t.Cleanup(func() { rd.Close() })
 	lo := int(dptest.LoIfindex(t))
 
-	// An established flow, by real packets: client:40001 -> server:80.
-	const estPort = 40001
+	// An established flow, by real packets: client:40001 -> server:80,
+	// and one whose handshake lacks its last ACK: client:40002.
+	const estPort, halfPort = 40001, 40002
 	for _, step := range []struct {
 		dir   bpf.Direction
 		p     explain.Packet
@@ -159,6 +160,8 @@ func TestDryRun(t *testing.T) {
 		{bpf.Ingress, tcp(client4, estPort, server4, 80, explain.SYN), dptest.NewFlow(bpf.Ingress)},
 		{bpf.Egress, tcp(server4, 80, client4, estPort, explain.SYN|explain.ACK), dptest.Hit(bpf.Egress)},
 		{bpf.Ingress, tcp(client4, estPort, server4, 80, explain.ACK), dptest.Hit(bpf.Ingress)},
+		{bpf.Ingress, tcp(client4, halfPort, server4, 80, explain.SYN), dptest.NewFlow(bpf.Ingress)},
+		{bpf.Egress, tcp(server4, 80, client4, halfPort, explain.SYN|explain.ACK), dptest.Hit(bpf.Egress)},
 	} {
 		dp.Expect(t, step.dir, frame(t, step.p), dptest.Pass, step.count)
 	}
@@ -199,6 +202,15 @@ func TestDryRun(t *testing.T) {
 		{"established, reply", bpf.Egress, tcp(server4, 80, client4, estPort, explain.ACK),
 			explain.Answer{Verdict: "allow", Reason: "established", SrcIdentity: serverID, DstIdentity: clientID, CTState: "ESTABLISHED", CTTable: "confirmed", CTFlags: []string{"opened_ingress"}},
 			dptest.Hit(bpf.Egress)},
+		{"completing a handshake (would promote the flow)", bpf.Ingress, tcp(client4, halfPort, server4, 80, explain.ACK),
+			explain.Answer{Verdict: "allow", Reason: "established", SrcIdentity: clientID, DstIdentity: serverID, CTState: "SYN_RECV", CTTable: "unconfirmed", CTFlags: []string{"opened_ingress"}},
+			dptest.Hit(bpf.Ingress)},
+		{"mid-stream, no entry", bpf.Ingress, tcp(client4, 40003, server4, 80, explain.ACK),
+			explain.Answer{Verdict: "allow", Reason: "new", SrcIdentity: clientID, DstIdentity: serverID, Rule: allowRule, CTState: "new"},
+			dptest.NewFlow(bpf.Ingress)},
+		{"RST, no entry", bpf.Ingress, tcp(client4, 40004, server4, 80, explain.RST),
+			explain.Answer{Verdict: "allow", Reason: "new", SrcIdentity: clientID, DstIdentity: serverID, Rule: allowRule, CTState: "new"},
+			dptest.One(dptest.Key{Dir: bpf.Ingress, Reason: metricsmap.FwdNew})},
 		{"invalid flags", bpf.Ingress, tcp(client4, 40000, server4, 80, explain.SYN|explain.FIN),
 			explain.Answer{Verdict: "drop", Reason: "invalid", CTState: "untracked"},
 			dptest.One(dptest.Key{Dir: bpf.Ingress, Reason: metricsmap.DropInvalid})},
@@ -240,6 +252,41 @@ func TestDryRun(t *testing.T) {
 	}
 	if n := events(t, rd); n == 0 {
 		t.Error("the real packets wrote no event")
+	}
+}
+
+// TestDryRunRevoked: a packet of a revoked flow is dropped, and its dry
+// run does not refresh the entry as the real packet does.
+func TestDryRunRevoked(t *testing.T) {
+	dp := newPolicyDatapath(t)
+	syn := tcp(client4, 40001, server4, 80, explain.SYN)
+	dp.Expect(t, bpf.Ingress, frame(t, syn), dptest.Pass, dptest.NewFlow(bpf.Ingress))
+	pm := policymap.New(dp.Policy(), dp.Config())
+	if err := pm.Delete(policymap.Rule{Dir: bpf.Ingress, Identity: clientID, Proto: ipproto.TCP, Port: 80}); err != nil {
+		t.Fatal(err)
+	}
+	if revoked, _ := dp.Revoke(t); revoked != 1 {
+		t.Fatalf("revoked %d flows, want 1", revoked)
+	}
+	time.Sleep(10 * time.Millisecond) // a real packet would move last_seen
+
+	ack := tcp(client4, 40001, server4, 80, explain.ACK)
+	before := dptest.State(t, dp.ByName())
+	r, err := explain.Run(dp.CtdIngress, int(dptest.LoIfindex(t)), frame(t, ack))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := explain.Answer{Dir: "ingress", Verdict: "drop", Reason: "revoked", SrcIdentity: clientID, DstIdentity: serverID,
+		CTState: "SYN_SENT", CTTable: "unconfirmed", CTFlags: []string{"opened_ingress", "revoked"}}
+	if diff := cmp.Diff(want, explain.AnswerOf(explain.Request{Dir: bpf.Ingress, Packet: ack}, r)); diff != "" {
+		t.Errorf("answer (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(before, dptest.State(t, dp.ByName())); diff != "" {
+		t.Errorf("the dry run changed maps (-before +after):\n%s", diff)
+	}
+	dp.Expect(t, bpf.Ingress, frame(t, ack), dptest.Drop, dptest.One(dptest.Key{Dir: bpf.Ingress, Reason: metricsmap.DropRevoked}))
+	if diff := cmp.Diff(before, dptest.State(t, dp.ByName())); diff == "" {
+		t.Error("the real packet changed no map either: the comparison cannot fail")
 	}
 }
 
