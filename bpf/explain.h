@@ -4,12 +4,15 @@
  * ctd explain runs the attached program with BPF_PROG_TEST_RUN on a packet
  * it builds, and asks for a dry run with a magic in the __sk_buff's cb[0]
  * and cb[1] (ctx_in). handle() reads it once, and passes the request down
- * as a pointer that is NULL for every real packet. In a dry run the program
- * takes each decision as it would for real, and has no side effect: no
- * conntrack entry is created, changed, promoted or deleted, nothing is
- * counted, no event is written and no rate-limit token is taken. What
- * decided goes into cb[] instead (struct explain_result), which
- * BPF_PROG_TEST_RUN hands back in ctx_out.
+ * as x: the skb itself in a dry run, NULL for every real packet. In a dry
+ * run the program takes each decision as it would for real, and has no
+ * side effect: no conntrack entry is created, changed, promoted or deleted,
+ * nothing is counted, no event is written and no rate-limit token is
+ * taken (the LRU marks the entry a lookup finds as used, as for any
+ * lookup). What decided goes into cb[] instead (struct explain_result),
+ * which BPF_PROG_TEST_RUN hands back in ctx_out. ctd explain runs only
+ * programs of its own build (their tag), never an older one that would
+ * take the packet for real.
  *
  * At TC, cb[] is the qdisc layer's scratch space; the kernel leaves there
  * pointers, lengths and counters, never this magic. The check costs real
