@@ -166,6 +166,44 @@ type CtdEvlisten struct {
 	Pad   uint32
 }
 
+type CtdExplainBy uint32
+
+const (
+	CtdExplainByEXPLAIN_BY_NONE    CtdExplainBy = 0
+	CtdExplainByEXPLAIN_BY_RULE    CtdExplainBy = 1
+	CtdExplainByEXPLAIN_BY_DEFAULT CtdExplainBy = 2
+)
+
+type CtdExplainCt uint32
+
+const (
+	CtdExplainCtEXPLAIN_CT_NONE        CtdExplainCt = 0
+	CtdExplainCtEXPLAIN_CT_NEW         CtdExplainCt = 1
+	CtdExplainCtEXPLAIN_CT_UNCONFIRMED CtdExplainCt = 2
+	CtdExplainCtEXPLAIN_CT_CONFIRMED   CtdExplainCt = 3
+)
+
+type CtdExplainMagic uint32
+
+const (
+	CtdExplainMagicEXPLAIN_MAGIC_LO CtdExplainMagic = 1819310181
+	CtdExplainMagicEXPLAIN_MAGIC_HI CtdExplainMagic = 979661923
+)
+
+type CtdExplainResult struct {
+	_            structs.HostLayout
+	SrcIdentity  uint32
+	DstIdentity  uint32
+	RuleIdentity uint32
+	RulePort     uint16
+	RuleProto    uint8
+	By           uint8
+	Reason       uint8
+	Ct           uint8
+	CtState      uint8
+	CtFlags      uint8
+}
+
 type CtdIpcache4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -263,25 +301,26 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CtdMapConfigV1         = "config_v1"
-	CtdMapCt4UnconfirmedV2 = "ct4_unconfirmed_v2"
-	CtdMapCt4V2            = "ct4_v2"
-	CtdMapCt6UnconfirmedV2 = "ct6_unconfirmed_v2"
-	CtdMapCt6V2            = "ct6_v2"
-	CtdMapCtV2             = "ct_v2"
-	CtdMapEventsV1         = "events_v1"
-	CtdMapEvlimitV1        = "evlimit_v1"
-	CtdMapEvlistenV1       = "evlisten_v1"
-	CtdMapIpcache4V1       = "ipcache4_v1"
-	CtdMapIpcache6V1       = "ipcache6_v1"
-	CtdMapIphost4V1        = "iphost4_v1"
-	CtdMapIphost6V1        = "iphost6_v1"
-	CtdMapMetricsV1        = "metrics_v1"
-	CtdMapPolicyV1         = "policy_v1"
-	CtdProgCtdEgress       = "ctd_egress"
-	CtdProgCtdIngress      = "ctd_ingress"
-	CtdVarUnusedEnums      = "unused_enums"
-	CtdVarUnusedEvent      = "unused_event"
+	CtdMapConfigV1           = "config_v1"
+	CtdMapCt4UnconfirmedV2   = "ct4_unconfirmed_v2"
+	CtdMapCt4V2              = "ct4_v2"
+	CtdMapCt6UnconfirmedV2   = "ct6_unconfirmed_v2"
+	CtdMapCt6V2              = "ct6_v2"
+	CtdMapCtV2               = "ct_v2"
+	CtdMapEventsV1           = "events_v1"
+	CtdMapEvlimitV1          = "evlimit_v1"
+	CtdMapEvlistenV1         = "evlisten_v1"
+	CtdMapIpcache4V1         = "ipcache4_v1"
+	CtdMapIpcache6V1         = "ipcache6_v1"
+	CtdMapIphost4V1          = "iphost4_v1"
+	CtdMapIphost6V1          = "iphost6_v1"
+	CtdMapMetricsV1          = "metrics_v1"
+	CtdMapPolicyV1           = "policy_v1"
+	CtdProgCtdEgress         = "ctd_egress"
+	CtdProgCtdIngress        = "ctd_ingress"
+	CtdVarUnusedEnums        = "unused_enums"
+	CtdVarUnusedEvent        = "unused_event"
+	CtdVarUnusedExplainTypes = "unused_explain_types"
 )
 
 // LoadCtd returns the embedded CollectionSpec for Ctd.
@@ -355,8 +394,9 @@ type CtdMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdVariableSpecs struct {
-	UnusedEnums *ebpf.VariableSpec `ebpf:"unused_enums"`
-	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedEnums        *ebpf.VariableSpec `ebpf:"unused_enums"`
+	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedExplainTypes *ebpf.VariableSpec `ebpf:"unused_explain_types"`
 }
 
 // CtdObjects contains all objects after they have been loaded into the kernel.
@@ -420,8 +460,9 @@ func (m *CtdMaps) Close() error {
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdVariables struct {
-	UnusedEnums *ebpf.Variable `ebpf:"unused_enums"`
-	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
+	UnusedEnums        *ebpf.Variable `ebpf:"unused_enums"`
+	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
+	UnusedExplainTypes *ebpf.Variable `ebpf:"unused_explain_types"`
 }
 
 // CtdPrograms contains all programs after they have been loaded into the kernel.

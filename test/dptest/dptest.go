@@ -554,3 +554,44 @@ func (d *Datapath) Revoke(tb testing.TB) (revoked, kept int) {
 	}
 	return res.Revoked, res.Kept
 }
+
+// MapState is the content of maps, by name, raw: every key and value in
+// hex, the per-CPU values of every CPU. Ring buffers are left out (read
+// them as an event stream).
+type MapState map[string]map[string]string
+
+// State reads maps as MapState.
+func State(tb testing.TB, maps map[string]*ebpf.Map) MapState {
+	tb.Helper()
+	s := MapState{}
+	for name, m := range maps {
+		if m.Type() == ebpf.RingBuf {
+			continue
+		}
+		s[name] = dump(tb, m)
+	}
+	return s
+}
+
+func dump(tb testing.TB, m *ebpf.Map) map[string]string {
+	tb.Helper()
+	out := map[string]string{}
+	var k []byte
+	it := m.Iterate()
+	switch m.Type() {
+	case ebpf.PerCPUArray, ebpf.PerCPUHash, ebpf.LRUCPUHash:
+		var v [][]byte
+		for it.Next(&k, &v) {
+			out[fmt.Sprintf("%x", k)] = fmt.Sprintf("%x", v)
+		}
+	default:
+		var v []byte
+		for it.Next(&k, &v) {
+			out[fmt.Sprintf("%x", k)] = fmt.Sprintf("%x", v)
+		}
+	}
+	if err := it.Err(); err != nil {
+		tb.Fatalf("dump %v: %v", m, err)
+	}
+	return out
+}
