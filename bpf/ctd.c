@@ -16,6 +16,7 @@
 #include "policy.h"
 #include "metrics.h"
 #include "events.h"
+#include "owner.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -31,6 +32,8 @@ struct shared_enums {
 	enum event_type type;
 };
 const struct shared_enums *unused_enums __attribute__((unused));
+/* Anchors struct owner (the value of OWNER_MAP) for bpf2go -type. */
+const struct owner *unused_owner __attribute__((unused));
 
 static __always_inline struct config *config_get(void)
 {

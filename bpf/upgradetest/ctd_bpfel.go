@@ -16,7 +16,8 @@ import (
 type CtdConfig struct {
 	_              structs.HostLayout
 	DefaultVerdict [2]uint8
-	Pad            [2]uint8
+	OwnerOff       uint8
+	Pad            uint8
 	PolicyRules    uint32
 	EventsRate     uint32
 	EventsBurst    uint32
@@ -83,6 +84,14 @@ type CtdMetricValue struct {
 	Bytes   uint64
 }
 
+type CtdOwner struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Pid      uint32
+	Pad      uint32
+	Comm     [16]int8
+}
+
 type CtdPolicyKey struct {
 	_        structs.HostLayout
 	Identity uint32
@@ -110,17 +119,20 @@ const (
 	CtdMapConfigV1        = "config_v1"
 	CtdMapCtUnconfirmedV1 = "ct_unconfirmed_v1"
 	CtdMapCtV1            = "ct_v1"
-	CtdMapEventsV1        = "events_v1"
+	CtdMapEventsV2        = "events_v2"
 	CtdMapEvlimitV1       = "evlimit_v1"
 	CtdMapEvlistenV1      = "evlisten_v1"
 	CtdMapIpcache4V1      = "ipcache4_v1"
 	CtdMapIpcache6V1      = "ipcache6_v1"
 	CtdMapMetricsV1       = "metrics_v1"
+	CtdMapOwnerV1         = "owner_v1"
 	CtdMapPolicyV1        = "policy_v1"
 	CtdProgCtdEgress      = "ctd_egress"
 	CtdProgCtdIngress     = "ctd_ingress"
+	CtdProgCtdSockCreate  = "ctd_sock_create"
 	CtdVarUnusedEnums     = "unused_enums"
 	CtdVarUnusedEvent     = "unused_event"
+	CtdVarUnusedOwner     = "unused_owner"
 )
 
 // LoadCtd returns the embedded CollectionSpec for Ctd.
@@ -165,8 +177,9 @@ type CtdSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdProgramSpecs struct {
-	CtdEgress  *ebpf.ProgramSpec `ebpf:"ctd_egress"`
-	CtdIngress *ebpf.ProgramSpec `ebpf:"ctd_ingress"`
+	CtdEgress     *ebpf.ProgramSpec `ebpf:"ctd_egress"`
+	CtdIngress    *ebpf.ProgramSpec `ebpf:"ctd_ingress"`
+	CtdSockCreate *ebpf.ProgramSpec `ebpf:"ctd_sock_create"`
 }
 
 // CtdMapSpecs contains maps before they are loaded into the kernel.
@@ -176,12 +189,13 @@ type CtdMapSpecs struct {
 	ConfigV1        *ebpf.MapSpec `ebpf:"config_v1"`
 	CtUnconfirmedV1 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v1"`
 	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
-	EventsV1        *ebpf.MapSpec `ebpf:"events_v1"`
+	EventsV2        *ebpf.MapSpec `ebpf:"events_v2"`
 	EvlimitV1       *ebpf.MapSpec `ebpf:"evlimit_v1"`
 	EvlistenV1      *ebpf.MapSpec `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.MapSpec `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.MapSpec `ebpf:"ipcache6_v1"`
 	MetricsV1       *ebpf.MapSpec `ebpf:"metrics_v1"`
+	OwnerV1         *ebpf.MapSpec `ebpf:"owner_v1"`
 	PolicyV1        *ebpf.MapSpec `ebpf:"policy_v1"`
 }
 
@@ -191,6 +205,7 @@ type CtdMapSpecs struct {
 type CtdVariableSpecs struct {
 	UnusedEnums *ebpf.VariableSpec `ebpf:"unused_enums"`
 	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedOwner *ebpf.VariableSpec `ebpf:"unused_owner"`
 }
 
 // CtdObjects contains all objects after they have been loaded into the kernel.
@@ -216,12 +231,13 @@ type CtdMaps struct {
 	ConfigV1        *ebpf.Map `ebpf:"config_v1"`
 	CtUnconfirmedV1 *ebpf.Map `ebpf:"ct_unconfirmed_v1"`
 	CtV1            *ebpf.Map `ebpf:"ct_v1"`
-	EventsV1        *ebpf.Map `ebpf:"events_v1"`
+	EventsV2        *ebpf.Map `ebpf:"events_v2"`
 	EvlimitV1       *ebpf.Map `ebpf:"evlimit_v1"`
 	EvlistenV1      *ebpf.Map `ebpf:"evlisten_v1"`
 	Ipcache4V1      *ebpf.Map `ebpf:"ipcache4_v1"`
 	Ipcache6V1      *ebpf.Map `ebpf:"ipcache6_v1"`
 	MetricsV1       *ebpf.Map `ebpf:"metrics_v1"`
+	OwnerV1         *ebpf.Map `ebpf:"owner_v1"`
 	PolicyV1        *ebpf.Map `ebpf:"policy_v1"`
 }
 
@@ -230,12 +246,13 @@ func (m *CtdMaps) Close() error {
 		m.ConfigV1,
 		m.CtUnconfirmedV1,
 		m.CtV1,
-		m.EventsV1,
+		m.EventsV2,
 		m.EvlimitV1,
 		m.EvlistenV1,
 		m.Ipcache4V1,
 		m.Ipcache6V1,
 		m.MetricsV1,
+		m.OwnerV1,
 		m.PolicyV1,
 	)
 }
@@ -246,20 +263,23 @@ func (m *CtdMaps) Close() error {
 type CtdVariables struct {
 	UnusedEnums *ebpf.Variable `ebpf:"unused_enums"`
 	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
+	UnusedOwner *ebpf.Variable `ebpf:"unused_owner"`
 }
 
 // CtdPrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdPrograms struct {
-	CtdEgress  *ebpf.Program `ebpf:"ctd_egress"`
-	CtdIngress *ebpf.Program `ebpf:"ctd_ingress"`
+	CtdEgress     *ebpf.Program `ebpf:"ctd_egress"`
+	CtdIngress    *ebpf.Program `ebpf:"ctd_ingress"`
+	CtdSockCreate *ebpf.Program `ebpf:"ctd_sock_create"`
 }
 
 func (p *CtdPrograms) Close() error {
 	return _CtdClose(
 		p.CtdEgress,
 		p.CtdIngress,
+		p.CtdSockCreate,
 	)
 }
 

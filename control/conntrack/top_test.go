@@ -65,7 +65,7 @@ func TestTop(t *testing.T) {
 		{by: BySrcIdentity, filter: Filter{Proto: unix.IPPROTO_UDP}, want: []TopRow{{"200", 30, 1}}, total: 30},
 	} {
 		t.Run(string(tc.by), func(t *testing.T) {
-			got, err := Top(m, tc.filter, tc.by, tc.n, ifnames.New())
+			got, err := Top(m, tc.filter, tc.by, tc.n, ifnames.New(), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -84,7 +84,7 @@ func TestTop(t *testing.T) {
 }
 
 func TestTopIface(t *testing.T) {
-	got, err := Top(topTable(t), Filter{}, ByIface, 0, ifnames.New())
+	got, err := Top(topTable(t), Filter{}, ByIface, 0, ifnames.New(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,7 @@
 // Package events decodes and streams datapath events.
 //
 // The datapath writes flow-new, flow-closed, drop, ct-insert-failed and
-// ct-midstream-miss records to the ring buffer events_v1, but only while a
+// ct-midstream-miss records to the ring buffer events_v2, but only while a
 // consumer is registered in evlisten_v1 (Listen): with nobody listening it
 // reserves nothing and counts nothing as lost, so events-lost means that a
 // consumer fell behind. A ring buffer has one consumer: two readers would
@@ -179,7 +179,7 @@ type Reader struct {
 	skip time.Duration
 }
 
-// NewReader opens a reader on the events_v1 ring buffer.
+// NewReader opens a reader on the events_v2 ring buffer.
 func NewReader(events *ebpf.Map) (*Reader, error) {
 	rd, err := ringbuf.NewReader(events)
 	if err != nil {

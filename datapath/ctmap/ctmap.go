@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -69,6 +70,34 @@ type Flow struct {
 	Flags         uint8
 	TCPFlagsOrig  uint8
 	TCPFlagsReply uint8
+	// The local socket's owner, zero for a flow without one (forwarded).
+	Pid      uint32
+	Comm     Comm
+	CgroupID uint64 // cgroup v2 id (see datapath/cgroupv2)
+	RTT      uint32 // TCP handshake round trip in µs as seen here; 0: unknown
+}
+
+// Comm is a command name as the kernel keeps it: at most 15 bytes, NUL
+// padded.
+type Comm [16]byte
+
+// CommOf converts a command name; ok is false if it is empty or longer
+// than the kernel keeps (15 bytes) or holds a NUL.
+func CommOf(s string) (c Comm, ok bool) {
+	if s == "" || len(s) > len(c)-1 || strings.IndexByte(s, 0) >= 0 {
+		return Comm{}, false
+	}
+	copy(c[:], s)
+	return c, true
+}
+
+// String is the name without its padding.
+func (c Comm) String() string {
+	n := 0
+	for n < len(c) && c[n] != 0 {
+		n++
+	}
+	return string(c[:n])
 }
 
 // FlowOf decodes a raw key and entry.

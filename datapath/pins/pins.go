@@ -4,6 +4,7 @@
 //	<dir>/<map>~migrating           a map a migration has not yet moved to its name
 //	<dir>/links/<iface>/ingress     TCX links (attach pins them there)
 //	<dir>/links/<iface>/egress
+//	<dir>/cgroup_sock_create        the link of the socket owner program (cgroup v2 root)
 //	<dir>/created-by-ctd, mounted-by-ctd   what ctd set up here (bpffs.Prepare)
 //
 // Everything outside package loader that needs a path below the directory
@@ -23,6 +24,7 @@ import (
 
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
@@ -49,6 +51,27 @@ func (d Dir) Path() string { return d.path }
 
 // Links is the directory below which attach pins the TCX links.
 func (d Dir) Links() string { return filepath.Join(d.path, "links") }
+
+// CgroupLink is the pin of the link that attaches the datapath's
+// cgroup/sock_create program (which records each socket's owner) to the
+// cgroup v2 root. Not a map name: it has no version suffix.
+func (d Dir) CgroupLink() string { return filepath.Join(d.path, "cgroup_sock_create") }
+
+// AttachOwner attaches prog, the datapath's cgroup/sock_create program, to
+// the root of the cgroup v2 hierarchy through the link pinned at
+// CgroupLink (updated in place if pinned). It reports whether it created
+// the link.
+func (d Dir) AttachOwner(prog *ebpf.Program) (created bool, err error) {
+	root, err := cgroupv2.Mount()
+	if err != nil {
+		return false, fmt.Errorf("attach the socket owner program: %w", err)
+	}
+	return attach.AttachCgroup(root, prog, d.CgroupLink())
+}
+
+// DetachOwner detaches the socket owner program; nothing attached is not
+// an error.
+func (d Dir) DetachOwner() error { return attach.DetachCgroup(d.CgroupLink()) }
 
 // Map is the pin of the map named name.
 func (d Dir) Map(name string) string { return filepath.Join(d.path, name) }
@@ -218,10 +241,12 @@ func (d Dir) Attach(iface string, mode attach.Mode, progs attach.Programs) (atta
 }
 
 // LoadAndAttach loads the datapath against the maps pinned here (creating
-// the missing ones, see loader.Load) and attaches it to iface. If it fails,
-// the attachment of an interface that had none is removed again, and so is
-// what this call set up (bpffs.Before.Undo): new pins, and the mount and
-// directory where the directory was not set up before.
+// the missing ones, see loader.Load), attaches its socket owner program to
+// the cgroup v2 root (AttachOwner) and its TC programs to iface. If it
+// fails, the attachment of an interface that had none is removed again, a
+// cgroup link it created too, and so is what this call set up
+// (bpffs.Before.Undo): new pins, and the mount and directory where the
+// directory was not set up before.
 func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options) (at attach.Attachment, err error) {
 	before, err := d.Status(iface)
 	if err != nil {
@@ -243,10 +268,19 @@ func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options) 
 	}
 	defer dp.Close()
 
+	created, err := d.AttachOwner(dp.CtdSockCreate)
+	if err != nil {
+		return attach.Attachment{}, err
+	}
 	at, err = d.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress})
 	if err != nil {
 		if before.Mode == "" {
 			if derr := d.Detach(iface); derr != nil {
+				err = errors.Join(err, derr)
+			}
+		}
+		if created {
+			if derr := d.DetachOwner(); derr != nil {
 				err = errors.Join(err, derr)
 			}
 		}
