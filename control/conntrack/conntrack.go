@@ -222,30 +222,6 @@ type Row struct {
 	RTT      uint32 `json:"rtt_us,omitempty"` // TCP handshake round trip, µs
 }
 
-// CgroupName names the cgroup with id: its path below the cgroup v2 mount,
-// or "id:N" where no cgroup has it (any more) or cg is nil.
-func CgroupName(id uint64, cg *cgroupv2.Names) string {
-	if cg != nil {
-		if p, ok := cg.Path(id); ok {
-			return p
-		}
-	}
-	return "id:" + strconv.FormatUint(id, 10)
-}
-
-// CommText is a command name as the text form shows it: as it is, or
-// quoted (Go syntax) if it holds a space, "=" or a byte that is not
-// printable ASCII.
-func CommText(c ctmap.Comm) string {
-	s := c.String()
-	for i := 0; i < len(s); i++ {
-		if s[i] <= ' ' || s[i] >= 0x7f || s[i] == '=' || s[i] == '"' {
-			return strconv.Quote(s)
-		}
-	}
-	return s
-}
-
 // RTTText is a round trip in µs as the text form shows it, e.g. 20.113ms.
 func RTTText(us uint32) string { return (time.Duration(us) * time.Microsecond).String() }
 
@@ -300,7 +276,7 @@ func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *ifnames.Cache, cg *cgroupv2.Nam
 		RTT:          fl.RTT,
 	}
 	if fl.CgroupID != 0 {
-		r.Cgroup = CgroupName(fl.CgroupID, cg)
+		r.Cgroup = cg.Name(fl.CgroupID)
 	}
 	return r
 }
@@ -324,10 +300,10 @@ func Line(fl ctmap.Flow, names *ifnames.Cache, cg *cgroupv2.Names) string {
 		fmt.Fprintf(&b, " pid=%d", fl.Pid)
 	}
 	if fl.Comm != (ctmap.Comm{}) {
-		b.WriteString(" comm=" + CommText(fl.Comm))
+		b.WriteString(" comm=" + fl.Comm.Text())
 	}
 	if fl.CgroupID != 0 {
-		b.WriteString(" cgroup=" + CgroupName(fl.CgroupID, cg))
+		b.WriteString(" cgroup=" + cg.Name(fl.CgroupID))
 	}
 	if fl.RTT != 0 {
 		b.WriteString(" rtt=" + RTTText(fl.RTT))

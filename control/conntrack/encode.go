@@ -81,7 +81,7 @@ func (e *Encoder) AppendJSON(b []byte, fl ctmap.Flow) []byte {
 	}
 	if fl.CgroupID != 0 {
 		b = append(b, `,"cgroup":`...)
-		b = appendString(b, CgroupName(fl.CgroupID, e.cg))
+		b = appendString(b, e.cg.Name(fl.CgroupID))
 		b = append(b, `,"cgroup_id":`...)
 		b = strconv.AppendUint(b, fl.CgroupID, 10)
 	}
@@ -134,11 +134,11 @@ func (e *Encoder) AppendLine(b []byte, fl ctmap.Flow) []byte {
 	}
 	if fl.Comm != (ctmap.Comm{}) {
 		b = append(b, " comm="...)
-		b = append(b, CommText(fl.Comm)...)
+		b = append(b, fl.Comm.Text()...)
 	}
 	if fl.CgroupID != 0 {
 		b = append(b, " cgroup="...)
-		b = append(b, CgroupName(fl.CgroupID, e.cg)...)
+		b = append(b, e.cg.Name(fl.CgroupID)...)
 	}
 	if fl.RTT != 0 {
 		b = append(b, " rtt="...)

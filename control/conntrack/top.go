@@ -216,7 +216,7 @@ func topKey(by By) (keyFunc, valueFunc, error) {
 				if k == 0 {
 					return NoOwner
 				}
-				return CgroupName(in.value(k), cg)
+				return cg.Name(in.value(k))
 			}, nil
 	case ByComm:
 		in := newInterner[ctmap.Comm]()

@@ -1,6 +1,7 @@
 package events_test
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"net/netip"
@@ -212,7 +213,7 @@ func TestDecodeRejects(t *testing.T) {
 	if _, err := d.Decode(make([]byte, 10)); err == nil {
 		t.Error("short record decoded")
 	}
-	raw := make([]byte, 104)
+	raw := make([]byte, binary.Size(bpf.CtdEvent{}))
 	raw[8] = 9 // type
 	if _, err := d.Decode(raw); err == nil || !strings.Contains(err.Error(), "unknown type 9") {
 		t.Errorf("unknown type: %v", err)

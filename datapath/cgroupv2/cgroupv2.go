@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -145,6 +146,16 @@ func (n *Names) Path(id uint64) (string, bool) {
 	n.scan()
 	p, ok := n.byID[id]
 	return p, ok
+}
+
+// Name is Path, or "id:N" where no cgroup has id (any more) or n is nil.
+func (n *Names) Name(id uint64) string {
+	if n != nil {
+		if p, ok := n.Path(id); ok {
+			return p
+		}
+	}
+	return "id:" + strconv.FormatUint(id, 10)
 }
 
 // scan indexes every cgroup directory below the mount. Directories that

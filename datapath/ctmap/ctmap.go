@@ -91,6 +91,28 @@ func CommOf(s string) (c Comm, ok bool) {
 	return c, true
 }
 
+// CommFrom converts a command name as the generated types hold it (C char).
+func CommFrom(c [16]int8) Comm {
+	var out Comm
+	for i, b := range c {
+		out[i] = byte(b)
+	}
+	return out
+}
+
+// Text is the name as the text forms show it: as it is, or quoted (Go
+// syntax) if it holds a space, "=", a quote or a byte that is not
+// printable ASCII.
+func (c Comm) Text() string {
+	s := c.String()
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] >= 0x7f || s[i] == '=' || s[i] == '"' {
+			return strconv.Quote(s)
+		}
+	}
+	return s
+}
+
 // String is the name without its padding.
 func (c Comm) String() string {
 	n := 0
