@@ -235,6 +235,8 @@ const (
 	CtdMapPolicyV1        = "policy_v1"
 	CtdProgCtdEgress      = "ctd_egress"
 	CtdProgCtdIngress     = "ctd_ingress"
+	CtdProgCtdPostBind4   = "ctd_post_bind4"
+	CtdProgCtdPostBind6   = "ctd_post_bind6"
 	CtdProgCtdSockCreate  = "ctd_sock_create"
 	CtdVarUnusedEnums     = "unused_enums"
 	CtdVarUnusedEvent     = "unused_event"
@@ -285,6 +287,8 @@ type CtdSpecs struct {
 type CtdProgramSpecs struct {
 	CtdEgress     *ebpf.ProgramSpec `ebpf:"ctd_egress"`
 	CtdIngress    *ebpf.ProgramSpec `ebpf:"ctd_ingress"`
+	CtdPostBind4  *ebpf.ProgramSpec `ebpf:"ctd_post_bind4"`
+	CtdPostBind6  *ebpf.ProgramSpec `ebpf:"ctd_post_bind6"`
 	CtdSockCreate *ebpf.ProgramSpec `ebpf:"ctd_sock_create"`
 }
 
@@ -378,6 +382,8 @@ type CtdVariables struct {
 type CtdPrograms struct {
 	CtdEgress     *ebpf.Program `ebpf:"ctd_egress"`
 	CtdIngress    *ebpf.Program `ebpf:"ctd_ingress"`
+	CtdPostBind4  *ebpf.Program `ebpf:"ctd_post_bind4"`
+	CtdPostBind6  *ebpf.Program `ebpf:"ctd_post_bind6"`
 	CtdSockCreate *ebpf.Program `ebpf:"ctd_sock_create"`
 }
 
@@ -385,6 +391,8 @@ func (p *CtdPrograms) Close() error {
 	return _CtdClose(
 		p.CtdEgress,
 		p.CtdIngress,
+		p.CtdPostBind4,
+		p.CtdPostBind6,
 		p.CtdSockCreate,
 	)
 }

@@ -10,7 +10,9 @@
  * at ingress the socket a lookup of its tuple finds (a listener, a bound
  * UDP socket). A forwarded packet has no local socket and no owner. A
  * socket created before the program was attached has no storage: its flows
- * get the socket's cgroup, without pid and comm.
+ * get the socket's cgroup, without pid and comm. So do the TCP subflows of
+ * an MPTCP socket until bound (a listener's is bound by its process: the
+ * post_bind programs record it; a client's is not).
  *
  * A wildcard listener on the port of a forwarded connection would be taken
  * for its owner: the lookup cannot tell whether the destination is local.
@@ -35,24 +37,51 @@ struct {
 	__type(value, struct owner);
 } OWNER_MAP SEC(".maps");
 
-/* ctd_sock_create records the creator of every IPv4/IPv6 TCP and UDP
- * socket. It never denies: it returns 1 whatever happens. */
-SEC("cgroup/sock_create")
-int ctd_sock_create(struct bpf_sock *sk)
+/* owner_record stores the current process as sk's owner; with only_new,
+ * only if sk has none yet. */
+static __always_inline void owner_record(struct bpf_sock *sk, int only_new)
 {
 	struct owner *o;
 
 	if ((sk->family != AF_INET && sk->family != AF_INET6) ||
 	    (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_UDP))
-		return 1;
+		return;
 	o = bpf_sk_storage_get(&OWNER_MAP, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!o) {
 		count(DIR_EGRESS, M_OWNER_FAILED, 0);
-		return 1;
+		return;
 	}
+	if (only_new && o->pid)
+		return;
 	o->pid = bpf_get_current_pid_tgid() >> 32;
 	o->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(o->comm, sizeof(o->comm));
+}
+
+/* ctd_sock_create records the creator of every IPv4/IPv6 TCP and UDP
+ * socket a process creates. It never denies: it returns 1. */
+SEC("cgroup/sock_create")
+int ctd_sock_create(struct bpf_sock *sk)
+{
+	owner_record(sk, 1);
+	return 1;
+}
+
+/* ctd_post_bind4 and ctd_post_bind6 record the process that binds a socket
+ * nobody recorded: the TCP subflows of an MPTCP socket (Go's listeners are
+ * MPTCP by default), which the kernel creates, and which are what the TC
+ * programs see. A socket with an owner keeps it. They never deny. */
+SEC("cgroup/post_bind4")
+int ctd_post_bind4(struct bpf_sock *sk)
+{
+	owner_record(sk, 1);
+	return 1;
+}
+
+SEC("cgroup/post_bind6")
+int ctd_post_bind6(struct bpf_sock *sk)
+{
+	owner_record(sk, 1);
 	return 1;
 }
 

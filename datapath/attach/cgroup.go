@@ -9,13 +9,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// AttachCgroup makes prog (a cgroup/sock_create program) the program of
-// the link pinned at pin, which attaches it to the cgroup at cgroup: a
+// AttachCgroup makes prog (a cgroup socket program of attach type at) the
+// program of the link pinned at pin, which attaches it to the cgroup at cgroup: a
 // pinned link is updated in place, otherwise a new link is attached beside
 // whatever else is attached there (links are multi-attach, so datapaths of
 // other pin paths keep theirs) and pinned. It reports whether it created
 // the link (so that a caller undoing its work knows to remove it).
-func AttachCgroup(cgroup string, prog *ebpf.Program, pin string) (created bool, err error) {
+func AttachCgroup(cgroup string, at ebpf.AttachType, prog *ebpf.Program, pin string) (created bool, err error) {
 	l, err := loadPinned(pin)
 	if err != nil {
 		return false, err
@@ -34,9 +34,9 @@ func AttachCgroup(cgroup string, prog *ebpf.Program, pin string) (created bool, 
 			return false, fmt.Errorf("remove stale pinned cgroup link %s: %w", pin, err)
 		}
 	}
-	nl, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: ebpf.AttachCGroupInetSockCreate, Program: prog})
+	nl, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: at, Program: prog})
 	if err != nil {
-		return false, fmt.Errorf("attach the socket owner program to cgroup %s: %w", cgroup, err)
+		return false, fmt.Errorf("attach %s program to cgroup %s: %w", at, cgroup, err)
 	}
 	if err := nl.Pin(pin); err != nil {
 		nl.Close() // not pinned: closing detaches it again

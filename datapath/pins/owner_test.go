@@ -92,7 +92,7 @@ func TestAttachOwner(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { dp.Close() })
-		created, err := dir.AttachOwner(dp.CtdSockCreate)
+		created, err := dir.AttachOwner(&dp.CtdPrograms)
 		if err != nil || !created {
 			t.Fatalf("AttachOwner = %v, %v; want a new link", created, err)
 		}
@@ -100,23 +100,27 @@ func TestAttachOwner(t *testing.T) {
 		dps = append(dps, datapath{dir, dp})
 	}
 	// Again: the pinned link is updated, not attached twice.
-	if created, err := dps[0].dir.AttachOwner(dps[0].dp.CtdSockCreate); err != nil || created {
+	if created, err := dps[0].dir.AttachOwner(&dps[0].dp.CtdPrograms); err != nil || created {
 		t.Fatalf("second AttachOwner = %v, %v; want the pinned link updated", created, err)
 	}
 	for _, d := range dps {
-		info, err := d.dp.CtdSockCreate.Info()
-		if err != nil {
-			t.Fatal(err)
-		}
-		want, _ := info.ID()
-		if got, err := attach.CgroupProgram(d.dir.CgroupLink()); err != nil || got != want {
-			t.Errorf("program of %s = %d, %v; want %d", d.dir.CgroupLink(), got, err, want)
+		for i, prog := range []*ebpf.Program{d.dp.CtdSockCreate, d.dp.CtdPostBind4, d.dp.CtdPostBind6} {
+			info, err := prog.Info()
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, _ := info.ID()
+			pin := d.dir.CgroupLinks()[i]
+			if got, err := attach.CgroupProgram(pin); err != nil || got != want {
+				t.Errorf("program of %s = %d, %v; want %d", pin, got, err, want)
+			}
 		}
 	}
 
 	var socks []syscall.Conn
-	// Plain TCP: Go's listeners are MPTCP by default, whose TCP subflows
-	// the kernel creates (see bpf/owner.h).
+	// Plain TCP: Go's listeners are MPTCP by default, and the descriptor
+	// of an MPTCP socket is not the TCP subflow whose owner the post_bind
+	// programs record (the end-to-end tests in test/ check those).
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
 	for _, s := range []struct{ network, addr string }{{"tcp4", "127.0.0.1:0"}, {"tcp6", "[::1]:0"}} {
@@ -154,8 +158,10 @@ func TestAttachOwner(t *testing.T) {
 	if err := dps[0].dir.DetachOwner(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Lstat(dps[0].dir.CgroupLink()); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("%s after DetachOwner: %v, want it gone", dps[0].dir.CgroupLink(), err)
+	for _, pin := range dps[0].dir.CgroupLinks() {
+		if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s after DetachOwner: %v, want it gone", pin, err)
+		}
 	}
 	late, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
@@ -173,8 +179,10 @@ func TestAttachOwner(t *testing.T) {
 	if err != nil || !td.Existed {
 		t.Fatalf("Teardown = %+v, %v", td, err)
 	}
-	if _, err := os.Lstat(dps[1].dir.CgroupLink()); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("%s after Teardown: %v, want it gone", dps[1].dir.CgroupLink(), err)
+	for _, pin := range dps[1].dir.CgroupLinks() {
+		if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s after Teardown: %v, want it gone", pin, err)
+		}
 	}
 }
 
@@ -190,7 +198,9 @@ func TestLoadAndAttachUndoesOwner(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), `invalid mode "bogus"`) {
 		t.Fatalf("LoadAndAttach with mode bogus = %v, want the invalid mode named", err)
 	}
-	if _, err := os.Lstat(dir.CgroupLink()); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("%s after a failed attach: %v, want it gone", dir.CgroupLink(), err)
+	for _, pin := range dir.CgroupLinks() {
+		if _, err := os.Lstat(pin); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s after a failed attach: %v, want it gone", pin, err)
+		}
 	}
 }
