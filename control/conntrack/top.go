@@ -94,7 +94,10 @@ type Tally struct {
 	keys   []keyFunc
 	values []valueFunc
 	counts []map[uint32]int
-	total  int
+	// dense counts the dimensions whose keys number the values met (0, 1,
+	// 2, ...) by index, cheaper than a map; nil for the others.
+	dense [][]int
+	total int
 }
 
 // keyFunc maps a flow to its key in a dimension, or to two keys (two true)
@@ -108,13 +111,18 @@ type valueFunc func(k uint32, names *ifnames.Cache, cg *cgroupv2.Names) string
 func NewTally(bys ...By) (*Tally, error) {
 	t := &Tally{bys: bys}
 	for _, by := range bys {
-		key, value, err := topKey(by)
+		key, value, dense, err := topKey(by)
 		if err != nil {
 			return nil, err
 		}
 		t.keys = append(t.keys, key)
 		t.values = append(t.values, value)
 		t.counts = append(t.counts, make(map[uint32]int))
+		var d []int
+		if dense {
+			d = make([]int, 0, 64)
+		}
+		t.dense = append(t.dense, d)
 	}
 	return t, nil
 }
@@ -124,6 +132,14 @@ func (t *Tally) Add(fl ctmap.Flow) {
 	t.total++
 	for i, key := range t.keys {
 		k1, k2, two := key(fl)
+		if d := t.dense[i]; d != nil {
+			for int(k1) >= len(d) {
+				d = append(d, 0)
+			}
+			d[k1]++
+			t.dense[i] = d
+			continue
+		}
 		t.counts[i][k1]++
 		if two {
 			t.counts[i][k2]++
@@ -138,8 +154,17 @@ func (t *Tally) Tables(n int, names *ifnames.Cache, cg *cgroupv2.Names) []TopTab
 	tables := make([]TopTable, len(t.bys))
 	for i, by := range t.bys {
 		value := t.values[i]
+		counts := t.counts[i]
+		if d := t.dense[i]; d != nil {
+			counts = make(map[uint32]int, len(d))
+			for k, c := range d {
+				if c > 0 {
+					counts[uint32(k)] = c
+				}
+			}
+		}
 		tables[i] = TopTable{By: by, Total: t.total,
-			Rows: topRows(t.counts[i], t.total, n, func(k uint32) string { return value(k, names, cg) })}
+			Rows: topRows(counts, t.total, n, func(k uint32) string { return value(k, names, cg) })}
 	}
 	return tables
 }
@@ -173,8 +198,9 @@ func topRows(counts map[uint32]int, total, n int, name func(uint32) string) []To
 
 // topKey returns the functions that map a flow to its key(s) in dimension
 // by and name a key. Keys of the dimensions whose values do not fit 32
-// bits (cgroup ids, command names) index the values the tally has met.
-func topKey(by By) (keyFunc, valueFunc, error) {
+// bits (cgroup ids, command names) number the values the tally has met:
+// dense says so (one key per flow, 0, 1, 2, ...).
+func topKey(by By) (key keyFunc, value valueFunc, dense bool, err error) {
 	one := func(f func(ctmap.Flow) uint32) keyFunc {
 		return func(fl ctmap.Flow) (uint32, uint32, bool) { return f(fl), 0, false }
 	}
@@ -183,11 +209,11 @@ func topKey(by By) (keyFunc, valueFunc, error) {
 	case ByIdentity:
 		return func(fl ctmap.Flow) (uint32, uint32, bool) {
 			return fl.SrcIdentity, fl.DstIdentity, fl.DstIdentity != fl.SrcIdentity
-		}, number, nil
+		}, number, false, nil
 	case BySrcIdentity:
-		return one(func(fl ctmap.Flow) uint32 { return fl.SrcIdentity }), number, nil
+		return one(func(fl ctmap.Flow) uint32 { return fl.SrcIdentity }), number, false, nil
 	case ByDstIdentity:
-		return one(func(fl ctmap.Flow) uint32 { return fl.DstIdentity }), number, nil
+		return one(func(fl ctmap.Flow) uint32 { return fl.DstIdentity }), number, false, nil
 	case ByDport:
 		return one(func(fl ctmap.Flow) uint32 { return uint32(fl.Proto)<<16 | uint32(fl.Dport) }),
 			func(k uint32, _ *ifnames.Cache, _ *cgroupv2.Names) string {
@@ -199,16 +225,16 @@ func topKey(by By) (keyFunc, valueFunc, error) {
 					return ipproto.Name(proto)
 				}
 				return ipproto.Name(proto) + "/" + strconv.Itoa(int(port))
-			}, nil
+			}, false, nil
 	case ByProto:
 		return one(func(fl ctmap.Flow) uint32 { return uint32(fl.Proto) }),
-			func(k uint32, _ *ifnames.Cache, _ *cgroupv2.Names) string { return ipproto.Name(uint8(k)) }, nil
+			func(k uint32, _ *ifnames.Cache, _ *cgroupv2.Names) string { return ipproto.Name(uint8(k)) }, false, nil
 	case ByState:
 		return one(func(fl ctmap.Flow) uint32 { return uint32(fl.State) }),
-			func(k uint32, _ *ifnames.Cache, _ *cgroupv2.Names) string { return ctmap.State(k).String() }, nil
+			func(k uint32, _ *ifnames.Cache, _ *cgroupv2.Names) string { return ctmap.State(k).String() }, false, nil
 	case ByIface:
 		return one(func(fl ctmap.Flow) uint32 { return fl.Ifindex }),
-			func(k uint32, names *ifnames.Cache, _ *cgroupv2.Names) string { return names.Name(k) }, nil
+			func(k uint32, names *ifnames.Cache, _ *cgroupv2.Names) string { return names.Name(k) }, false, nil
 	case ByCgroup:
 		in := newInterner[uint64]()
 		return one(func(fl ctmap.Flow) uint32 { return in.key(fl.CgroupID) }),
@@ -217,7 +243,7 @@ func topKey(by By) (keyFunc, valueFunc, error) {
 					return NoOwner
 				}
 				return cg.Name(in.value(k))
-			}, nil
+			}, true, nil
 	case ByComm:
 		in := newInterner[ctmap.Comm]()
 		return one(func(fl ctmap.Flow) uint32 { return in.key(fl.Comm) }),
@@ -226,10 +252,10 @@ func topKey(by By) (keyFunc, valueFunc, error) {
 					return NoOwner
 				}
 				return in.value(k).String()
-			}, nil
+			}, true, nil
 	}
-	_, err := ParseBy(string(by))
-	return nil, nil, err
+	_, err = ParseBy(string(by))
+	return nil, nil, false, err
 }
 
 // interner numbers the values of a dimension in the order it meets them:
