@@ -2,7 +2,7 @@
 /* common.h: includes, constants and the structs shared with Go (bpf2go -type).
  *
  * Every struct here is part of a map layout. Changing one is a layout change:
- * bump the version in the map's name (ct_v1 -> ct_v2) and add a migration in
+ * bump the version in the map's name (ct4_v2 -> ct4_v3) and add a migration in
  * datapath/migrate. Never reuse a name with a different layout.
  */
 #pragma once
@@ -50,13 +50,11 @@ enum reserved_identity {
 /* The maps, one name each. The version in a name is its layout's: a layout
  * change renames the map here (and in datapath/loader, its only Go owner),
  * and the code that uses the map keeps using the macro. */
-#ifndef CT_LAYOUT_V2
-#define CT_MAP             ct_v1
-#define CT_UNCONFIRMED_MAP ct_unconfirmed_v1
-#else
-#define CT_MAP             ct_v2 /* the test-only layout below gets its own names */
-#define CT_UNCONFIRMED_MAP ct_unconfirmed_v2
-#endif
+#define CT4_MAP             ct4_v2
+#define CT6_MAP             ct6_v2
+#define CT4_UNCONFIRMED_MAP ct4_unconfirmed_v2
+#define CT6_UNCONFIRMED_MAP ct6_unconfirmed_v2
+#define CT_GUARD_MAP        ct_v2 /* holds nothing: see conntrack.h */
 #define IPCACHE4_MAP ipcache4_v1
 #define IPCACHE6_MAP ipcache6_v1
 #define POLICY_MAP   policy_v1
@@ -74,8 +72,9 @@ union addr {
 	__u64 d[2];
 };
 
-/* ---- conntrack: ct_v1 (LRU hash, confirmed flows) and ct_unconfirmed_v1
- * (LRU hash, flows not yet confirmed), one layout ---- */
+/* ---- conntrack, layout v2: ct4_v2 / ct6_v2 (LRU hash, confirmed flows) and
+ * ct4_unconfirmed_v2 / ct6_unconfirmed_v2 (LRU hash, flows not yet
+ * confirmed), a key per family and one entry layout ---- */
 
 enum ct_state {
 	CT_NEW = 0,         /* non-TCP: seen in the originating direction only */
@@ -96,60 +95,87 @@ enum ct_flag {
 /* Flag bits are additive: a program that predates a bit ignores it (a build
  * without CT_F_REVOKED passes a revoked flow again). */
 
-/* The key is canonical: endpoint a is the lower (address, port) of the two, so
- * both directions of a connection hash to the same entry with one lookup.
- * One table serves both families (family distinguishes; IPv4 zero-pads). */
-struct ct_key {
+/* The keys are canonical: endpoint a is the lower (address, port) of the
+ * two, so both directions of a connection hash to the same entry with one
+ * lookup. Addresses compare as the little-endian words they load as (IPv4:
+ * one 32-bit word; IPv6: two 64-bit words), then ports as stored. */
+struct ct4_key {
+	__be32 addr_a;
+	__be32 addr_b;
+	__be16 port_a;
+	__be16 port_b;
+	__u8   proto;
+	__u8   pad[3];
+};
+
+struct ct6_key {
 	__u8   addr_a[16];
 	__u8   addr_b[16];
 	__be16 port_a;
 	__be16 port_b;
 	__u8   proto;
-	__u8   family; /* 4 or 6 */
-	__u8   pad[2];
-} __attribute__((aligned(8)));
+	__u8   pad[3];
+};
 
-#ifndef CT_LAYOUT_V2
+/* One entry layout for both families. The first 64 bytes are what a packet
+ * of an established flow reads and writes; the rest is written when the
+ * flow is created or its handshake completes. */
 struct ct_entry {
 	__u64 packets_orig;
 	__u64 bytes_orig;
 	__u64 packets_reply;
 	__u64 bytes_reply;
-	__u64 first_seen; /* CLOCK_MONOTONIC_COARSE ns */
-	__u64 last_seen;  /* CLOCK_MONOTONIC_COARSE ns */
-	__u32 src_identity; /* originator's identity */
-	__u32 dst_identity; /* responder's identity */
-	__u32 ifindex;      /* interface the flow was first seen on */
-	__u8  state;        /* enum ct_state */
-	__u8  orig_is_b;    /* 1 when endpoint b of the key opened the flow */
+	__u64 last_seen;       /* CLOCK_MONOTONIC_COARSE ns */
+	__u8  state;           /* enum ct_state */
+	__u8  orig_is_b;       /* 1 when endpoint b of the key opened the flow */
 	__u8  tcp_flags_orig;  /* OR of TCP flags seen from the originator */
 	__u8  tcp_flags_reply; /* OR of TCP flags seen from the responder */
-	__u8  flags;        /* CT_F_* */
-	__u8  pad[7];
+	__u8  flags;           /* CT_F_* */
+	__u8  pad[3];
+	__u32 src_identity;    /* originator's identity */
+	__u32 dst_identity;    /* responder's identity */
+	__u32 ifindex;         /* interface the flow was first seen on */
+	__u32 rtt_us;          /* TCP handshake round trip seen here (SYN -> completing ACK), 0: unknown */
+	/* cold */
+	__u64 first_seen;      /* CLOCK_MONOTONIC_COARSE ns */
+	__u64 syn_ns;          /* bpf_ktime_get_ns() of the opening SYN (for rtt_us), 0 otherwise */
+	__u64 cgroup_id;       /* owner socket's cgroup v2 id, 0: no local owner */
+	__u32 pid;             /* owner process (tgid), 0: none */
+	__u32 pad2;
+	char  comm[16];        /* owner's command name, NUL padded */
 };
-#else
-/* Test-only layout ct_v2 (built into bpf/v2test, never shipped): the v1
- * fields reordered plus one new field, so that the tests of
- * datapath/migrate prove that a layout upgrade converts every entry. */
-struct ct_entry {
+
+/* ---- conntrack, layout v1 (ct_v1, ct_unconfirmed_v1): no longer used by
+ * the datapath, kept (never to change) for the converter that upgrades it
+ * (datapath/loader/convert.go). One table for both families. ---- */
+
+struct ct_v1_key {
+	__u8   addr_a[16];
+	__u8   addr_b[16];
+	__be16 port_a;
+	__be16 port_b;
+	__u8   proto;
+	__u8   family; /* 4 or 6; IPv4 zero-pads */
+	__u8   pad[2];
+} __attribute__((aligned(8)));
+
+struct ct_v1_entry {
+	__u64 packets_orig;
+	__u64 bytes_orig;
+	__u64 packets_reply;
+	__u64 bytes_reply;
 	__u64 first_seen;
 	__u64 last_seen;
 	__u32 src_identity;
 	__u32 dst_identity;
-	__u64 packets_orig;
-	__u64 packets_reply;
-	__u64 bytes_orig;
-	__u64 bytes_reply;
 	__u32 ifindex;
 	__u8  state;
 	__u8  orig_is_b;
 	__u8  tcp_flags_orig;
 	__u8  tcp_flags_reply;
 	__u8  flags;
-	__u8  pad[3];
-	__u32 origin; /* 0: created by this datapath; 1: converted from ct_v1 */
+	__u8  pad[7];
 };
-#endif
 
 /* ---- ipcache: ipcache4_v1 / ipcache6_v1 (LPM trie) ---- */
 

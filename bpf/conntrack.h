@@ -1,14 +1,20 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* conntrack.h: the connection tables and the TCP state machine.
  *
- * Flows live in two LRU tables of one layout. A new flow goes into the
- * unconfirmed table; it is promoted into the confirmed table (CT_MAP) once
- * confirmed (ct_confirmed): both sides spoke and, for TCP, the handshake
- * completed. A flood of new flows (SYNs, spoofed UDP) thus only ever
- * evicts other unconfirmed flows, never an established connection, like
- * nf_conntrack's early_drop, which sacrifices unconfirmed entries first. An
- * established flow costs one lookup, in the confirmed table; only packets
- * of unconfirmed flows also look in the other.
+ * Each family has two LRU tables with its own compact key (struct ct4_key,
+ * 16 bytes; struct ct6_key, 40) and one entry layout. A new flow goes into
+ * the family's unconfirmed table; it is promoted into the confirmed table
+ * once confirmed (ct_confirmed): both sides spoke and, for TCP, the
+ * handshake completed. A flood of new flows (SYNs, spoofed UDP) thus only
+ * ever evicts other unconfirmed flows, never an established connection,
+ * like nf_conntrack's early_drop, which sacrifices unconfirmed entries
+ * first. An established flow costs one lookup, in its family's confirmed
+ * table; only packets of unconfirmed flows also look in the other.
+ *
+ * The code is written once for both families: the functions below take a
+ * family's tables (struct ct_tables) and its key as void *, and are
+ * inlined where the family is known, so that each family's code looks up
+ * its own maps directly (the verifier inlines those lookups).
  */
 #pragma once
 
@@ -18,35 +24,64 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144); /* set by the loader from --ct-max */
-	__type(key, struct ct_key);
+	__type(key, struct ct4_key);
 	__type(value, struct ct_entry);
-} CT_MAP SEC(".maps");
+} CT4_MAP SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144); /* set by the loader from --ct-max */
+	__type(key, struct ct6_key);
+	__type(value, struct ct_entry);
+} CT6_MAP SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536); /* set by the loader from --ct-unconfirmed-max */
-	__type(key, struct ct_key);
+	__type(key, struct ct4_key);
 	__type(value, struct ct_entry);
-} CT_UNCONFIRMED_MAP SEC(".maps");
+} CT4_UNCONFIRMED_MAP SEC(".maps");
 
-/* ct_lookup finds k's entry in either table; *confirmed says which. */
-static __always_inline struct ct_entry *ct_lookup(const struct ct_key *k, int *confirmed)
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* set by the loader from --ct-unconfirmed-max */
+	__type(key, struct ct6_key);
+	__type(value, struct ct_entry);
+} CT6_UNCONFIRMED_MAP SEC(".maps");
+
+/* The tables of one family. */
+struct ct_tables {
+	void *confirmed;
+	void *unconfirmed;
+};
+
+#define CT4_TABLES ((struct ct_tables){ &CT4_MAP, &CT4_UNCONFIRMED_MAP })
+#define CT6_TABLES ((struct ct_tables){ &CT6_MAP, &CT6_UNCONFIRMED_MAP })
+
+/* ct_lookup finds k's entry in either of tb's tables; *confirmed says which. */
+static __always_inline struct ct_entry *ct_lookup(struct ct_tables tb, const void *k, int *confirmed)
 {
-	struct ct_entry *e = bpf_map_lookup_elem(&CT_MAP, k);
+	struct ct_entry *e = bpf_map_lookup_elem(tb.confirmed, k);
 
 	*confirmed = e != NULL;
 	if (e)
 		return e;
-	return bpf_map_lookup_elem(&CT_UNCONFIRMED_MAP, k);
+	return bpf_map_lookup_elem(tb.unconfirmed, k);
 }
 
-/* ct_delete removes k from the table it is in. */
-static __always_inline int ct_delete(const struct ct_key *k, int confirmed)
+/* ct_delete removes k from the table of tb it is in. */
+static __always_inline int ct_delete(struct ct_tables tb, const void *k, int confirmed)
 {
-	if (confirmed)
-		return bpf_map_delete_elem(&CT_MAP, k);
-	return bpf_map_delete_elem(&CT_UNCONFIRMED_MAP, k);
+	return bpf_map_delete_elem(confirmed ? tb.confirmed : tb.unconfirmed, k);
 }
+
+/* A key of either family, as the programs that userspace runs through
+ * BPF_PROG_TEST_RUN (ctexpire.c, ctrevoke.c) take it. */
+struct ct_any_key {
+	__u8 key[sizeof(struct ct6_key)]; /* family 4: a struct ct4_key, zero-padded */
+	__u8 family;                      /* 4 or 6 */
+	__u8 pad[7];
+};
 
 /* ct_confirmed: both sides spoke and the flow is established (for TCP:
  * the handshake completed, or, picked up mid-stream, the other side
@@ -56,11 +91,29 @@ static __always_inline int ct_confirmed(const struct ct_entry *e)
 	return e->packets_reply && e->state == CT_ESTABLISHED;
 }
 
-/* ct_key_of builds the canonical key of t: endpoint a is the lower
- * (address, port). Returns 1 when t's source is endpoint b. */
-static __always_inline int ct_key_of(const struct tuple *t, struct ct_key *k)
+/* ct4_key_of builds the canonical key of an IPv4 tuple t. Returns 1 when
+ * t's source is endpoint b. */
+static __always_inline int ct4_key_of(const struct tuple *t, struct ct4_key *k)
 {
-	int src_is_b = 0;
+	__u32 s = t->src.w[0], d = t->dst.w[0];
+	int src_is_b = s != d ? s > d : t->sport > t->dport;
+
+	k->addr_a = src_is_b ? d : s;
+	k->addr_b = src_is_b ? s : d;
+	k->port_a = src_is_b ? t->dport : t->sport;
+	k->port_b = src_is_b ? t->sport : t->dport;
+	k->proto = t->proto;
+	k->pad[0] = 0;
+	k->pad[1] = 0;
+	k->pad[2] = 0;
+	return src_is_b;
+}
+
+/* ct6_key_of builds the canonical key of an IPv6 tuple t. Returns 1 when
+ * t's source is endpoint b. */
+static __always_inline int ct6_key_of(const struct tuple *t, struct ct6_key *k)
+{
+	int src_is_b;
 
 	if (t->src.d[0] != t->dst.d[0])
 		src_is_b = t->src.d[0] > t->dst.d[0];
@@ -81,9 +134,9 @@ static __always_inline int ct_key_of(const struct tuple *t, struct ct_key *k)
 		k->port_b = t->dport;
 	}
 	k->proto = t->proto;
-	k->family = t->family;
 	k->pad[0] = 0;
 	k->pad[1] = 0;
+	k->pad[2] = 0;
 	return src_is_b;
 }
 

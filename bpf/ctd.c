@@ -3,8 +3,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* ctd.c: the TC ingress and egress programs.
  *
- * A packet's way: parse -> conntrack lookup (one in the confirmed table,
- * with a canonical key; on a miss one in the unconfirmed table) -> hit:
+ * A packet's way: parse -> conntrack lookup (one in the confirmed table of
+ * its family, with a canonical key; on a miss one in the family's
+ * unconfirmed table) -> hit:
  * advance state and counters, promote a flow just confirmed, pass -> miss:
  * resolve both identities through the ipcache, judge policy, create the
  * entry in the unconfirmed table or drop (see conntrack.h).
@@ -20,6 +21,18 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* The downgrade guard. Builds of layout v1 know the conntrack table as
+ * ct_v1 (table "ct"). Over a v2 datapath they find this map, another
+ * layout of their table, and refuse to load (they have no converter from
+ * ct_v2), instead of creating an empty ct_v1 beside ct4_v2 and ct6_v2 and
+ * losing every flow. It holds nothing and no program uses it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} CT_GUARD_MAP SEC(".maps");
+
 /* Anchors the enums userspace shares in BTF, so that bpf2go -type generates
  * their Go constants (bpf/gen.go); never used. */
 struct shared_enums {
@@ -30,6 +43,8 @@ struct shared_enums {
 	enum verdict verdict;
 	enum metric_reason reason;
 	enum event_type type;
+	struct ct_v1_key v1_key;     /* the converter's input, never used here */
+	struct ct_v1_entry v1_entry;
 };
 const struct shared_enums *unused_enums __attribute__((unused));
 /* Anchors struct owner (the value of OWNER_MAP) for bpf2go -type. */
@@ -66,9 +81,9 @@ static __always_inline void ct_account(struct ct_entry *e, int is_orig, __u8 tcp
 
 /* ct_new judges a flow that has no entry (or a SYN that reuses the tuple
  * of a closed or revoked one, replaced: in the confirmed table if
- * confirmed) and, if allowed, creates its entry in the unconfirmed table. */
+ * confirmed) and, if allowed, creates its entry in tb's unconfirmed table. */
 static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple *t,
-				  struct ct_key *k, int src_is_b, int confirmed,
+				  struct ct_tables tb, const void *k, int src_is_b, int confirmed,
 				  __u64 len, __u64 segs, __u64 now)
 {
 	struct config *cfg = config_get();
@@ -116,8 +131,8 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	ct_update_state(&e, t->proto, t->tcp_flags, 1);
 
 	if (confirmed)
-		bpf_map_delete_elem(&CT_MAP, k);
-	err = bpf_map_update_elem(&CT_UNCONFIRMED_MAP, k, &e, BPF_ANY);
+		bpf_map_delete_elem(tb.confirmed, k);
+	err = bpf_map_update_elem(tb.unconfirmed, k, &e, BPF_ANY);
 	if (err) {
 		count(dir, M_CT_UPDATE_FAILED, 0);
 		emit(cfg, now, EV_CT_INSERT_FAILED, M_DROP_CT_INSERT, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
@@ -134,13 +149,14 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
  * either side keeps trying (a pickup cannot re-create it). Only a SYN that
  * the policy in force allows opens a new flow in its place. */
 static __always_inline int ct_revoked(struct __sk_buff *skb, __u32 dir, struct tuple *t,
-				      struct ct_key *k, int src_is_b, struct ct_entry *e, int confirmed,
+				      struct ct_tables tb, const void *k, int src_is_b,
+				      struct ct_entry *e, int confirmed,
 				      __u64 len, __u64 segs, __u64 now)
 {
 	int is_orig = src_is_b == e->orig_is_b;
 
 	if (t->proto == IPPROTO_TCP && tcp_opens(t->tcp_flags))
-		return ct_new(skb, dir, t, k, src_is_b, confirmed, len, segs, now);
+		return ct_new(skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
 	e->last_seen = now;
 	emit(config_get(), now, EV_DROP, M_DROP_REVOKED, dir, skb->ifindex, t,
 	     is_orig ? e->src_identity : e->dst_identity,
@@ -148,18 +164,31 @@ static __always_inline int ct_revoked(struct __sk_buff *skb, __u32 dir, struct t
 	return verdict_drop(dir, M_DROP_REVOKED, len);
 }
 
+/* ct_lookup_tuple finds the entry of tuple t in its family's tables. */
+static __always_inline struct ct_entry *ct_lookup_tuple(const struct tuple *t)
+{
+	int confirmed;
+
+	if (t->family == 4) {
+		struct ct4_key k;
+
+		ct4_key_of(t, &k);
+		return ct_lookup(CT4_TABLES, &k, &confirmed);
+	}
+	struct ct6_key k;
+
+	ct6_key_of(t, &k);
+	return ct_lookup(CT6_TABLES, &k, &confirmed);
+}
+
 /* related handles an ICMP error: it passes when it quotes a tracked flow, and
  * is otherwise judged like a new flow without creating an entry. */
 static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
 {
-	struct ct_key k = {};
-	struct ct_entry *e;
+	struct ct_entry *e = ct_lookup_tuple(&p->inner);
 	struct config *cfg;
 	__u32 src_id;
-	int confirmed;
 
-	ct_key_of(&p->inner, &k);
-	e = ct_lookup(&k, &confirmed);
 	if (e && (e->flags & CT_F_REVOKED))
 		return verdict_drop(dir, M_DROP_REVOKED, len);
 	if (e) {
@@ -178,33 +207,34 @@ static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt 
 	return CTD_PASS;
 }
 
-/* ct_promote moves a flow just confirmed into the confirmed table. Should
+/* ct_promote moves a flow just confirmed into tb's confirmed table. Should
  * the insert fail, the flow stays where it is, and is counted. */
-static __always_inline void ct_promote(__u32 dir, const struct ct_key *k, struct ct_entry *e)
+static __always_inline void ct_promote(__u32 dir, struct ct_tables tb, const void *k, struct ct_entry *e)
 {
-	if (bpf_map_update_elem(&CT_MAP, k, e, BPF_ANY)) {
+	if (bpf_map_update_elem(tb.confirmed, k, e, BPF_ANY)) {
 		count(dir, M_CT_UPDATE_FAILED, 0);
 		return;
 	}
-	bpf_map_delete_elem(&CT_UNCONFIRMED_MAP, k);
+	bpf_map_delete_elem(tb.unconfirmed, k);
 	count(dir, M_CT_CONFIRMED, 0);
 }
 
 /* ct_hit handles a packet of a tracked flow, whose entry e is in the
  * confirmed table or not. */
 static __always_inline int ct_hit(struct __sk_buff *skb, __u32 dir, struct tuple *t,
-				  struct ct_key *k, int src_is_b, struct ct_entry *e, int confirmed,
+				  struct ct_tables tb, const void *k, int src_is_b,
+				  struct ct_entry *e, int confirmed,
 				  __u64 len, __u64 segs, __u64 now)
 {
 	int is_orig;
 	__u8 old;
 
 	if (e->flags & CT_F_REVOKED)
-		return ct_revoked(skb, dir, t, k, src_is_b, e, confirmed, len, segs, now);
+		return ct_revoked(skb, dir, t, tb, k, src_is_b, e, confirmed, len, segs, now);
 
 	/* A SYN on a closed connection reuses its tuple: a new flow. */
 	if (t->proto == IPPROTO_TCP && e->state == CT_CLOSED && tcp_opens(t->tcp_flags))
-		return ct_new(skb, dir, t, k, src_is_b, confirmed, len, segs, now);
+		return ct_new(skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
 
 	is_orig = src_is_b == e->orig_is_b;
 	old = e->state;
@@ -223,18 +253,33 @@ static __always_inline int ct_hit(struct __sk_buff *skb, __u32 dir, struct tuple
 		     e->src_identity, e->dst_identity, CT_CLOSED, e);
 	}
 	if (!confirmed && ct_confirmed(e))
-		ct_promote(dir, k, e);
+		ct_promote(dir, tb, k, e);
 	count(dir, M_FWD_ESTABLISHED, len);
 	return CTD_PASS;
+}
+
+/* ct_track runs conntrack for a packet of tuple t, whose key in tb is k:
+ * one lookup in the confirmed table, one in the unconfirmed table on a
+ * miss. Inlined once per family. */
+static __always_inline int ct_track(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+				    struct ct_tables tb, const void *k, int src_is_b,
+				    __u64 len, __u64 segs)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_entry *e;
+	int confirmed;
+
+	e = ct_lookup(tb, k, &confirmed);
+	if (!e)
+		return ct_new(skb, dir, t, tb, k, src_is_b, 0, len, segs, now);
+	return ct_hit(skb, dir, t, tb, k, src_is_b, e, confirmed, len, segs, now);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 {
 	struct pkt p = {};
-	struct ct_key k;
-	struct ct_entry *e;
-	__u64 len = skb->len, segs = skb->gso_segs ? skb->gso_segs : 1, now;
-	int kind, src_is_b, confirmed;
+	__u64 len = skb->len, segs = skb->gso_segs ? skb->gso_segs : 1;
+	int kind;
 
 	kind = parse(skb, &p);
 	switch (kind) {
@@ -265,12 +310,16 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 	if (p.t.proto == IPPROTO_TCP && tcp_flags_invalid(p.t.tcp_flags))
 		return verdict_drop(dir, M_DROP_INVALID, len);
 
-	now = bpf_ktime_get_coarse_ns();
-	src_is_b = ct_key_of(&p.t, &k);
-	e = ct_lookup(&k, &confirmed);
-	if (!e)
-		return ct_new(skb, dir, &p.t, &k, src_is_b, 0, len, segs, now);
-	return ct_hit(skb, dir, &p.t, &k, src_is_b, e, confirmed, len, segs, now);
+	if (p.t.family == 4) {
+		struct ct4_key k;
+		int src_is_b = ct4_key_of(&p.t, &k);
+
+		return ct_track(skb, dir, &p.t, CT4_TABLES, &k, src_is_b, len, segs);
+	}
+	struct ct6_key k;
+	int src_is_b = ct6_key_of(&p.t, &k);
+
+	return ct_track(skb, dir, &p.t, CT6_TABLES, &k, src_is_b, len, segs);
 }
 
 SEC("tc")

@@ -5,7 +5,7 @@
  * BPF_PROG_TEST_RUN by datapath/ctmap's Expirer against the live table.
  *
  * The input is up to EXPIRE_BATCH records back to back. For each the
- * program looks the entry up (in either conntrack table), compares its last_seen with the one GC read,
+ * program looks the entry up (in either conntrack table of its family), compares its last_seen with the one GC read,
  * and deletes it only if they are equal, all in the kernel: a packet that
  * refreshed the entry at any time before the comparison keeps it. It
  * writes what it did into the record, which BPF_PROG_TEST_RUN copies back.
@@ -18,7 +18,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* How many records one run decides: BPF_PROG_TEST_RUN takes a TC
  * program's input as one page, less the skb's head- and tailroom. */
 enum expire_limit {
-	EXPIRE_BATCH = 64,
+	EXPIRE_BATCH = 56,
 };
 
 enum expire_outcome {
@@ -28,7 +28,7 @@ enum expire_outcome {
 };
 
 struct expire_rec {
-	struct ct_key key;
+	struct ct_any_key key;
 	__u64 last_seen; /* as GC read it */
 	__u8  outcome;   /* enum expire_outcome, written here */
 	__u8  pad[7];
@@ -42,6 +42,21 @@ struct expire_types {
 };
 const struct expire_types *unused_expire_types __attribute__((unused));
 
+/* expire_one deletes the entry whose key in tb is k if its last_seen is
+ * still last_seen. */
+static __always_inline __u8 expire_one(struct ct_tables tb, const void *k, __u64 last_seen)
+{
+	struct ct_entry *e;
+	int confirmed;
+
+	e = ct_lookup(tb, k, &confirmed);
+	if (!e)
+		return EXPIRE_MISSING;
+	if (e->last_seen != last_seen)
+		return EXPIRE_REFRESHED;
+	return ct_delete(tb, k, confirmed) ? EXPIRE_MISSING : EXPIRE_DELETED;
+}
+
 SEC("tc")
 int ctd_ct_expire(struct __sk_buff *skb)
 {
@@ -50,21 +65,13 @@ int ctd_ct_expire(struct __sk_buff *skb)
 
 	for (int i = 0; i < EXPIRE_BATCH; i++) {
 		struct expire_rec *r = data + i * sizeof(struct expire_rec);
-		struct ct_entry *e;
-		int confirmed;
 
 		if ((void *)(r + 1) > end)
 			break;
-		e = ct_lookup(&r->key, &confirmed);
-		if (!e) {
-			r->outcome = EXPIRE_MISSING;
-			continue;
-		}
-		if (e->last_seen != r->last_seen) {
-			r->outcome = EXPIRE_REFRESHED;
-			continue;
-		}
-		r->outcome = ct_delete(&r->key, confirmed) ? EXPIRE_MISSING : EXPIRE_DELETED;
+		if (r->key.family == 4)
+			r->outcome = expire_one(CT4_TABLES, r->key.key, r->last_seen);
+		else
+			r->outcome = expire_one(CT6_TABLES, r->key.key, r->last_seen);
 	}
 	return 0;
 }

@@ -13,40 +13,55 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type CtexpireCt4Key struct {
+	_     structs.HostLayout
+	AddrA uint32
+	AddrB uint32
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type CtexpireCt6Key struct {
+	_     structs.HostLayout
+	AddrA [16]uint8
+	AddrB [16]uint8
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type CtexpireCtEntry struct {
 	_             structs.HostLayout
 	PacketsOrig   uint64
 	BytesOrig     uint64
 	PacketsReply  uint64
 	BytesReply    uint64
-	FirstSeen     uint64
 	LastSeen      uint64
-	SrcIdentity   uint32
-	DstIdentity   uint32
-	Ifindex       uint32
 	State         uint8
 	OrigIsB       uint8
 	TcpFlagsOrig  uint8
 	TcpFlagsReply uint8
 	Flags         uint8
-	Pad           [7]uint8
-}
-
-type CtexpireCtKey struct {
-	_      structs.HostLayout
-	AddrA  [16]uint8
-	AddrB  [16]uint8
-	PortA  uint16
-	PortB  uint16
-	Proto  uint8
-	Family uint8
-	Pad    [2]uint8
+	Pad           [3]uint8
+	SrcIdentity   uint32
+	DstIdentity   uint32
+	Ifindex       uint32
+	RttUs         uint32
+	FirstSeen     uint64
+	SynNs         uint64
+	CgroupId      uint64
+	Pid           uint32
+	Pad2          uint32
+	Comm          [16]int8
 }
 
 type CtexpireExpireLimit uint32
 
 const (
-	CtexpireExpireLimitEXPIRE_BATCH CtexpireExpireLimit = 64
+	CtexpireExpireLimitEXPIRE_BATCH CtexpireExpireLimit = 56
 )
 
 type CtexpireExpireOutcome uint32
@@ -58,8 +73,13 @@ const (
 )
 
 type CtexpireExpireRec struct {
-	_        structs.HostLayout
-	Key      CtexpireCtKey
+	_   structs.HostLayout
+	Key struct {
+		_      structs.HostLayout
+		Key    [40]uint8
+		Family uint8
+		Pad    [7]uint8
+	}
 	LastSeen uint64
 	Outcome  uint8
 	Pad      [7]uint8
@@ -69,8 +89,10 @@ type CtexpireExpireRec struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CtexpireMapCtUnconfirmedV1   = "ct_unconfirmed_v1"
-	CtexpireMapCtV1              = "ct_v1"
+	CtexpireMapCt4UnconfirmedV2  = "ct4_unconfirmed_v2"
+	CtexpireMapCt4V2             = "ct4_v2"
+	CtexpireMapCt6UnconfirmedV2  = "ct6_unconfirmed_v2"
+	CtexpireMapCt6V2             = "ct6_v2"
 	CtexpireProgCtdCtExpire      = "ctd_ct_expire"
 	CtexpireVarUnusedExpireTypes = "unused_expire_types"
 )
@@ -124,8 +146,10 @@ type CtexpireProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtexpireMapSpecs struct {
-	CtUnconfirmedV1 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v1"`
-	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
+	Ct4UnconfirmedV2 *ebpf.MapSpec `ebpf:"ct4_unconfirmed_v2"`
+	Ct4V2            *ebpf.MapSpec `ebpf:"ct4_v2"`
+	Ct6UnconfirmedV2 *ebpf.MapSpec `ebpf:"ct6_unconfirmed_v2"`
+	Ct6V2            *ebpf.MapSpec `ebpf:"ct6_v2"`
 }
 
 // CtexpireVariableSpecs contains global variables before they are loaded into the kernel.
@@ -155,14 +179,18 @@ func (o *CtexpireObjects) Close() error {
 //
 // It can be passed to LoadCtexpireObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtexpireMaps struct {
-	CtUnconfirmedV1 *ebpf.Map `ebpf:"ct_unconfirmed_v1"`
-	CtV1            *ebpf.Map `ebpf:"ct_v1"`
+	Ct4UnconfirmedV2 *ebpf.Map `ebpf:"ct4_unconfirmed_v2"`
+	Ct4V2            *ebpf.Map `ebpf:"ct4_v2"`
+	Ct6UnconfirmedV2 *ebpf.Map `ebpf:"ct6_unconfirmed_v2"`
+	Ct6V2            *ebpf.Map `ebpf:"ct6_v2"`
 }
 
 func (m *CtexpireMaps) Close() error {
 	return _CtexpireClose(
-		m.CtUnconfirmedV1,
-		m.CtV1,
+		m.Ct4UnconfirmedV2,
+		m.Ct4V2,
+		m.Ct6UnconfirmedV2,
+		m.Ct6V2,
 	)
 }
 

@@ -5,7 +5,7 @@
  * datapath/ctmap's Revoker against the live tables.
  *
  * The input is up to REVOKE_BATCH records back to back. For each the
- * program looks the entry up (in either conntrack table) and judges its
+ * program looks the entry up (in either conntrack table of its family) and judges its
  * flow again, as its first packet would be judged now: same direction,
  * remote identity, protocol and port, through the datapath's own
  * policy_verdict. A flow the policy now denies is marked CT_F_REVOKED in
@@ -31,7 +31,7 @@ enum revoke_outcome {
 };
 
 struct revoke_rec {
-	struct ct_key key;
+	struct ct_any_key key;
 	__u8  outcome; /* enum revoke_outcome, written here */
 	__u8  pad[7];
 };
@@ -44,16 +44,28 @@ struct revoke_types {
 };
 const struct revoke_types *unused_revoke_types __attribute__((unused));
 
-/* flow_verdict judges e's flow again: the direction it was opened in, the
- * remote identity there, and the originator's destination port. */
-static __always_inline int flow_verdict(const struct config *cfg, const struct ct_key *k,
-					const struct ct_entry *e)
+/* revoke_one judges the flow whose key in tb is k (its protocol and ports
+ * given) again, as its first packet would be judged now: the direction it
+ * was opened in, the remote identity there, and the originator's
+ * destination port; it marks the flow revoked if the policy denies it. */
+static __always_inline __u8 revoke_one(const struct config *cfg, struct ct_tables tb, const void *k,
+				       __u8 proto, __be16 port_a, __be16 port_b)
 {
-	__u32 dir = (e->flags & CT_F_OPENED_INGRESS) ? DIR_INGRESS : DIR_EGRESS;
-	__be16 dport = e->orig_is_b ? k->port_a : k->port_b;
+	struct ct_entry *e;
+	int confirmed;
+	__u32 dir;
 
-	return policy_verdict(cfg, dir, dir == DIR_INGRESS ? e->src_identity : e->dst_identity,
-			      k->proto, policy_port(k->proto, dport));
+	e = ct_lookup(tb, k, &confirmed);
+	if (!e)
+		return REVOKE_MISSING;
+	if (e->flags & CT_F_REVOKED)
+		return REVOKE_ALREADY;
+	dir = (e->flags & CT_F_OPENED_INGRESS) ? DIR_INGRESS : DIR_EGRESS;
+	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? e->src_identity : e->dst_identity,
+			   proto, policy_port(proto, e->orig_is_b ? port_a : port_b)) == VERDICT_ALLOW)
+		return REVOKE_KEPT;
+	e->flags |= CT_F_REVOKED;
+	return REVOKE_REVOKED;
 }
 
 SEC("tc")
@@ -66,26 +78,18 @@ int ctd_ct_revoke(struct __sk_buff *skb)
 
 	for (int i = 0; i < REVOKE_BATCH; i++) {
 		struct revoke_rec *r = data + i * sizeof(struct revoke_rec);
-		struct ct_entry *e;
-		int confirmed;
 
 		if ((void *)(r + 1) > end)
 			break;
-		e = ct_lookup(&r->key, &confirmed);
-		if (!e) {
-			r->outcome = REVOKE_MISSING;
-			continue;
+		if (r->key.family == 4) {
+			const struct ct4_key *k = (const void *)r->key.key;
+
+			r->outcome = revoke_one(cfg, CT4_TABLES, k, k->proto, k->port_a, k->port_b);
+		} else {
+			const struct ct6_key *k = (const void *)r->key.key;
+
+			r->outcome = revoke_one(cfg, CT6_TABLES, k, k->proto, k->port_a, k->port_b);
 		}
-		if (e->flags & CT_F_REVOKED) {
-			r->outcome = REVOKE_ALREADY;
-			continue;
-		}
-		if (flow_verdict(cfg, &r->key, e) == VERDICT_ALLOW) {
-			r->outcome = REVOKE_KEPT;
-			continue;
-		}
-		e->flags |= CT_F_REVOKED;
-		r->outcome = REVOKE_REVOKED;
 	}
 	return 0;
 }

@@ -23,34 +23,49 @@ type CtrevokeConfig struct {
 	EventsBurst    uint32
 }
 
+type CtrevokeCt4Key struct {
+	_     structs.HostLayout
+	AddrA uint32
+	AddrB uint32
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type CtrevokeCt6Key struct {
+	_     structs.HostLayout
+	AddrA [16]uint8
+	AddrB [16]uint8
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type CtrevokeCtEntry struct {
 	_             structs.HostLayout
 	PacketsOrig   uint64
 	BytesOrig     uint64
 	PacketsReply  uint64
 	BytesReply    uint64
-	FirstSeen     uint64
 	LastSeen      uint64
-	SrcIdentity   uint32
-	DstIdentity   uint32
-	Ifindex       uint32
 	State         uint8
 	OrigIsB       uint8
 	TcpFlagsOrig  uint8
 	TcpFlagsReply uint8
 	Flags         uint8
-	Pad           [7]uint8
-}
-
-type CtrevokeCtKey struct {
-	_      structs.HostLayout
-	AddrA  [16]uint8
-	AddrB  [16]uint8
-	PortA  uint16
-	PortB  uint16
-	Proto  uint8
-	Family uint8
-	Pad    [2]uint8
+	Pad           [3]uint8
+	SrcIdentity   uint32
+	DstIdentity   uint32
+	Ifindex       uint32
+	RttUs         uint32
+	FirstSeen     uint64
+	SynNs         uint64
+	CgroupId      uint64
+	Pid           uint32
+	Pad2          uint32
+	Comm          [16]int8
 }
 
 type CtrevokePolicyKey struct {
@@ -83,8 +98,13 @@ const (
 )
 
 type CtrevokeRevokeRec struct {
-	_       structs.HostLayout
-	Key     CtrevokeCtKey
+	_   structs.HostLayout
+	Key struct {
+		_      structs.HostLayout
+		Key    [40]uint8
+		Family uint8
+		Pad    [7]uint8
+	}
 	Outcome uint8
 	Pad     [7]uint8
 }
@@ -94,8 +114,10 @@ type CtrevokeRevokeRec struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	CtrevokeMapConfigV1          = "config_v1"
-	CtrevokeMapCtUnconfirmedV1   = "ct_unconfirmed_v1"
-	CtrevokeMapCtV1              = "ct_v1"
+	CtrevokeMapCt4UnconfirmedV2  = "ct4_unconfirmed_v2"
+	CtrevokeMapCt4V2             = "ct4_v2"
+	CtrevokeMapCt6UnconfirmedV2  = "ct6_unconfirmed_v2"
+	CtrevokeMapCt6V2             = "ct6_v2"
 	CtrevokeMapPolicyV1          = "policy_v1"
 	CtrevokeProgCtdCtRevoke      = "ctd_ct_revoke"
 	CtrevokeVarUnusedRevokeTypes = "unused_revoke_types"
@@ -150,10 +172,12 @@ type CtrevokeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtrevokeMapSpecs struct {
-	ConfigV1        *ebpf.MapSpec `ebpf:"config_v1"`
-	CtUnconfirmedV1 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v1"`
-	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
-	PolicyV1        *ebpf.MapSpec `ebpf:"policy_v1"`
+	ConfigV1         *ebpf.MapSpec `ebpf:"config_v1"`
+	Ct4UnconfirmedV2 *ebpf.MapSpec `ebpf:"ct4_unconfirmed_v2"`
+	Ct4V2            *ebpf.MapSpec `ebpf:"ct4_v2"`
+	Ct6UnconfirmedV2 *ebpf.MapSpec `ebpf:"ct6_unconfirmed_v2"`
+	Ct6V2            *ebpf.MapSpec `ebpf:"ct6_v2"`
+	PolicyV1         *ebpf.MapSpec `ebpf:"policy_v1"`
 }
 
 // CtrevokeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -183,17 +207,21 @@ func (o *CtrevokeObjects) Close() error {
 //
 // It can be passed to LoadCtrevokeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtrevokeMaps struct {
-	ConfigV1        *ebpf.Map `ebpf:"config_v1"`
-	CtUnconfirmedV1 *ebpf.Map `ebpf:"ct_unconfirmed_v1"`
-	CtV1            *ebpf.Map `ebpf:"ct_v1"`
-	PolicyV1        *ebpf.Map `ebpf:"policy_v1"`
+	ConfigV1         *ebpf.Map `ebpf:"config_v1"`
+	Ct4UnconfirmedV2 *ebpf.Map `ebpf:"ct4_unconfirmed_v2"`
+	Ct4V2            *ebpf.Map `ebpf:"ct4_v2"`
+	Ct6UnconfirmedV2 *ebpf.Map `ebpf:"ct6_unconfirmed_v2"`
+	Ct6V2            *ebpf.Map `ebpf:"ct6_v2"`
+	PolicyV1         *ebpf.Map `ebpf:"policy_v1"`
 }
 
 func (m *CtrevokeMaps) Close() error {
 	return _CtrevokeClose(
 		m.ConfigV1,
-		m.CtUnconfirmedV1,
-		m.CtV1,
+		m.Ct4UnconfirmedV2,
+		m.Ct4V2,
+		m.Ct6UnconfirmedV2,
+		m.Ct6V2,
 		m.PolicyV1,
 	)
 }

@@ -1,11 +1,9 @@
 package bpf_test
 
 import (
-	"errors"
 	"net/netip"
 	"testing"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/bpf"
@@ -19,15 +17,10 @@ import (
 func table(t *testing.T, d *dptest.Datapath, proto uint8, src, dst netip.AddrPort) string {
 	t.Helper()
 	k, _ := ctmap.KeyOf(proto, src.Addr(), src.Port(), dst.Addr(), dst.Port())
-	in := func(m *ebpf.Map) bool {
-		var e ctmap.Entry
-		err := m.Lookup(&k, &e)
-		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			t.Fatal(err)
-		}
-		return err == nil
+	c, u, err := d.Conntrack().Where(&k)
+	if err != nil {
+		t.Fatal(err)
 	}
-	c, u := in(d.CT()), in(d.CTUnconfirmed())
 	switch {
 	case c && u:
 		return "both"
@@ -130,7 +123,7 @@ func TestFloodEvictsOnlyUnconfirmed(t *testing.T) {
 		d.Expect(t, ingress, dptest.TCP(t, c, server, dptest.ACK, nil), dptest.Pass, dptest.Hit(ingress))
 		conns = append(conns, c)
 	}
-	unconfMax := d.CTUnconfirmed().MaxEntries()
+	unconfMax := d.CT4Unconfirmed().MaxEntries()
 	for i := range 10 * unconfMax { // distinct ports: 10 x 256 < 25000
 		c := netip.AddrPortFrom(peer, uint16(40000+i))
 		if v := d.Run(t, ingress, dptest.TCP(t, c, server, dptest.SYN, nil)); v != dptest.Pass {

@@ -582,10 +582,17 @@ func testCTFlows(t *testing.T, mode string) {
 	if len(st.Interfaces) != 1 || st.Interfaces[0].Name != a.Iface || st.Interfaces[0].Mode != mode {
 		t.Errorf("status shows interfaces %+v, want only %s in mode %s", st.Interfaces, a.Iface, mode)
 	}
+	confirmed := 0 // the flows of both families, all confirmed
 	for _, m := range st.Maps {
-		if m.Name == "ct_v1" && (m.Entries == nil || *m.Entries != len(want)) {
-			t.Errorf("status: ct_v1 entries %v, want %d", m.Entries, len(want))
+		if m.Name == "ct4_v2" || m.Name == "ct6_v2" {
+			if m.Entries == nil {
+				t.Fatalf("status: no entry count for %s", m.Name)
+			}
+			confirmed += *m.Entries
 		}
+	}
+	if confirmed != len(want) {
+		t.Errorf("status: ct4_v2 and ct6_v2 hold %d entries, want %d", confirmed, len(want))
 	}
 
 	// ct flush --proto udp removes exactly the UDP flows.

@@ -2,37 +2,24 @@ package test
 
 import (
 	"bytes"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"testing"
-)
 
-// firstReleaseFile records the commit of ctd's first release (datapath
-// layout v1), which the upgrade tests build from git history and upgrade
-// from.
-const firstReleaseFile = "first-release.commit"
+	"github.com/ctd-dev/ctd/test/nettest"
+)
 
 // buildFirstRelease builds cmd/ctd of the first release from git history
 // (git archive of the recorded commit into a temporary directory, then go
 // build there) and returns the binary.
 func buildFirstRelease(t *testing.T) string {
 	t.Helper()
-	raw, err := os.ReadFile(firstReleaseFile)
-	if err != nil {
-		t.Fatalf("read %s: %v", firstReleaseFile, err)
-	}
-	commit := strings.TrimSpace(string(raw))
-	top, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
-	if err != nil {
-		t.Fatalf("find the repository (the test needs a clone with history): %v", err)
-	}
+	top, commit := nettest.FirstRelease(t)
 	src := t.TempDir()
 	// From the top: git archive in a subdirectory archives only that.
 	archive := exec.Command("git", "archive", "--format=tar", commit)
-	archive.Dir = strings.TrimSpace(string(top))
+	archive.Dir = top
 	var tarball, stderr bytes.Buffer
 	archive.Stdout, archive.Stderr = &tarball, &stderr
 	if err := archive.Run(); err != nil {

@@ -166,12 +166,12 @@ func TestSYNFlood(t *testing.T) {
 	if n := delta("ct-midstream-miss"); n != 0 {
 		t.Errorf("ct-midstream-miss grew by %d during the flood, want 0 (no confirmed flow lost)", n)
 	}
-	if n := ent["ct_v1"]; n < 20 {
+	if n := ent["ct4_v2"]; n < 20 {
 		t.Errorf("the confirmed table holds %d entries after the flood, want at least the 20 connections", n)
 	}
 	t.Logf("flood: %d SYNs in %v; connections kept: %d of %d (10 active, %d echo rounds during the flood; 5 idle; 5 remote-first); "+
 		"ct-created +%d, ct-confirmed +%d, ct-midstream-miss +%d (confirmed flows lost), dropped by policy +%d; "+
-		"entries after: ct_v1 %d of %d, ct_unconfirmed_v1 %d of %d (the rest of the flood evicted there)",
+		"entries after: ct4_v2 %d of %d, ct4_unconfirmed_v2 %d of %d (the rest of the flood evicted there)",
 		10*ctMax, took.Round(time.Millisecond), kept, len(conns), rounds, delta("ct-created"), delta("ct-confirmed"), delta("ct-midstream-miss"),
-		delta("policy"), ent["ct_v1"], ctMax, ent["ct_unconfirmed_v1"], unconfMax)
+		delta("policy"), ent["ct4_v2"], ctMax, ent["ct4_unconfirmed_v2"], unconfMax)
 }

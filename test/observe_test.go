@@ -95,7 +95,7 @@ func TestObservabilityCLI(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
 	ct := dp.Maps.Conntrack()
-	ctMax := int(dp.Maps.CT().MaxEntries())
+	ctMax := int(dp.Maps.CT4().MaxEntries())
 
 	// ctd maps: exactly N after N inserts, at every step.
 	for _, n := range []int{0, 1, 1000, 3000} {
@@ -105,9 +105,9 @@ func TestObservabilityCLI(t *testing.T) {
 			putFlows(t, ct, have, n-have, ctmap.Now().Mono())
 		}
 		maps, stderr := mapsJSON(t, bin, pin)
-		got := maps["ct_v1"]
+		got := maps["ct4_v2"]
 		if got["entries"] != float64(n) || got["type"] != "lru_hash" || got["max_entries"] != float64(ctMax) ||
-			got["fill"] != 100*float64(n)/float64(ctMax) || got["pin"] != pin+"/ct_v1" {
+			got["fill"] != 100*float64(n)/float64(ctMax) || got["pin"] != pin+"/ct4_v2" {
 			t.Errorf("after %d inserts ctd maps says %v", n, got)
 		}
 		if stderr != "" {
@@ -117,11 +117,11 @@ func TestObservabilityCLI(t *testing.T) {
 	// Above 80% full: a warning on stderr, in both formats.
 	putFlows(t, ct, 3000, 500, ctmap.Now().Mono()) // 3500 of 4096: 85.4%
 	_, stderr := mapsJSON(t, bin, pin)
-	if !strings.Contains(stderr, "warning: map ct_v1 is 85.4% full (3500 of 4096 entries)") {
+	if !strings.Contains(stderr, "warning: map ct4_v2 is 85.4% full (3500 of 4096 entries)") {
 		t.Errorf("ctd maps at 85%% full: stderr %q", stderr)
 	}
 	text := obsCLI(t, bin, pin, "maps")
-	if !strings.Contains(text.stderr, "warning: map ct_v1 is 85.4% full") || !strings.Contains(text.stdout, "total") {
+	if !strings.Contains(text.stderr, "warning: map ct4_v2 is 85.4% full") || !strings.Contains(text.stdout, "total") {
 		t.Errorf("ctd maps (text):\n%s\nstderr: %s", text.stdout, text.stderr)
 	}
 	t.Logf("ctd maps:\n%s", text.stdout)

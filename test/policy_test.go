@@ -48,24 +48,43 @@ func (c *policyCLI) quiet(args ...string) string {
 
 func (c *policyCLI) exec(logOutput bool, args ...string) string {
 	c.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	full := append([]string{"--pin-path", c.pin, "--state-dir", c.stateDir}, args...)
-	cmd := c.host.CommandContext(ctx, c.bin, full...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if logOutput {
-		c.t.Logf("$ ctd %s\n%s%s", strings.Join(args, " "), stdout.String(), stderr.String())
-	}
+	stdout, stderr, err := c.start(logOutput, args...)
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
-		c.t.Fatalf("ctd %s: exit %d: %s", strings.Join(args, " "), ee.ExitCode(), strings.TrimSpace(stderr.String()))
+		c.t.Fatalf("ctd %s: exit %d: %s", strings.Join(args, " "), ee.ExitCode(), strings.TrimSpace(stderr))
 	}
 	if err != nil {
 		c.t.Fatalf("run ctd %s: %v", strings.Join(args, " "), err)
 	}
-	return stdout.String()
+	return stdout
+}
+
+// fails runs ctd with args, which must exit with an error, and returns
+// what it wrote to stderr.
+func (c *policyCLI) fails(args ...string) string {
+	c.t.Helper()
+	_, stderr, err := c.start(true, args...)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		c.t.Fatalf("ctd %s: %v, want it to exit with an error", strings.Join(args, " "), err)
+	}
+	return stderr
+}
+
+// start runs ctd with args (for at most a minute) and returns its output.
+func (c *policyCLI) start(logOutput bool, args ...string) (stdout, stderr string, err error) {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	full := append([]string{"--pin-path", c.pin, "--state-dir", c.stateDir}, args...)
+	cmd := c.host.CommandContext(ctx, c.bin, full...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err = cmd.Run()
+	if logOutput {
+		c.t.Logf("$ ctd %s\n%s%s", strings.Join(args, " "), out.String(), errOut.String())
+	}
+	return out.String(), errOut.String(), err
 }
 
 // echoServer accepts TCP connections on addr in h's namespace and echoes

@@ -95,8 +95,14 @@ func TestRestartKeepsConnections(t *testing.T) {
 			if progsBefore = d.progTags(); progsBefore == progsFirst {
 				t.Errorf("upgrade from the first release: the attached programs still have tags %v", progsBefore)
 			}
-			if _, err := os.Stat(filepath.Join(d.pinPath, "ct_unconfirmed_v1")); err != nil {
-				t.Errorf("upgrade from the first release: %v", err)
+			// Layout v1's one conntrack table became layout v2's table per family.
+			for _, name := range []string{"ct4_v2", "ct6_v2", "ct4_unconfirmed_v2", "ct6_unconfirmed_v2"} {
+				if _, err := os.Stat(filepath.Join(d.pinPath, name)); err != nil {
+					t.Errorf("upgrade from the first release: %v", err)
+				}
+			}
+			if _, err := os.Stat(filepath.Join(d.pinPath, "ct_v1")); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("upgrade from the first release: ct_v1 still pinned (%v)", err)
 			}
 		}},
 		{"SIGTERM 1", sigterm},
@@ -122,7 +128,7 @@ func TestRestartKeepsConnections(t *testing.T) {
 			d.stop(syscall.SIGTERM)
 			d.start(bin, "--ct-max", strconv.Itoa(restartResizeCTMax))
 			if got := d.ctMax(); got != restartResizeCTMax {
-				t.Errorf("resize: ct_v1 holds %d entries at most, want %d", got, restartResizeCTMax)
+				t.Errorf("resize: ct4_v2 holds %d entries at most, want %d", got, restartResizeCTMax)
 			}
 		}},
 		{"SIGTERM 4", sigterm},
@@ -215,7 +221,7 @@ func requireMetrics(t *testing.T, h *nettest.Host) {
 	}
 	for _, want := range []string{
 		fmt.Sprintf(`ctd_interface_attached{iface=%q,mode="tcx"} 1`, h.Iface),
-		`ctd_map_max_entries{map="ct_v1",type="lru_hash"} 262144`,
+		`ctd_map_max_entries{map="ct_v1",type="lru_hash"} 262144`, // the first release's daemon
 		`ctd_gc_runs_total`,
 	} {
 		if !strings.Contains(string(body), want) {
@@ -445,7 +451,7 @@ func (d *restartDaemon) drops() uint64 {
 
 func (d *restartDaemon) ctMax() uint32 {
 	d.t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(d.pinPath, "ct_v1"), &ebpf.LoadPinOptions{ReadOnly: true})
+	m, err := ebpf.LoadPinnedMap(filepath.Join(d.pinPath, "ct4_v2"), &ebpf.LoadPinOptions{ReadOnly: true})
 	if err != nil {
 		d.t.Fatal(err)
 	}

@@ -1,10 +1,13 @@
 package test
 
 import (
+	"errors"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,12 +15,13 @@ import (
 )
 
 // TestAttachUpgradesFirstRelease: 'ctd attach' of this build over a
-// datapath attached by the first release (test/first-release.commit) under
-// ingress default deny replaces its programs live: connections the
-// protected side opened keep working throughout, the peer's first word
+// datapath attached by the first release (test/first-release.commit, layout
+// v1) under ingress default deny migrates it live to layout v2: connections
+// the protected side opened keep working throughout, the peer's first word
 // after the upgrade passes (its entry was kept), nothing is dropped, and
-// every flow keeps its entry, its counters growing. Attaching the first
-// release again (a downgrade) keeps the confirmed flows too.
+// every flow keeps its entry, its counters growing. The first release's
+// attach and daemon over the v2 datapath (a downgrade) refuse in one line
+// and change nothing: the flows go on.
 func TestAttachUpgradesFirstRelease(t *testing.T) {
 	firstBin := buildFirstRelease(t)
 	bin := nettest.BuildCtd(t)
@@ -53,8 +57,13 @@ func TestAttachUpgradesFirstRelease(t *testing.T) {
 	ctd.run("attach", "--iface", a.Iface)
 	took := time.Since(start)
 	time.Sleep(300 * time.Millisecond)
-	if _, err := os.Stat(filepath.Join(ctd.pin, "ct_unconfirmed_v1")); err != nil {
-		t.Errorf("after the upgrade: %v", err)
+	for _, name := range []string{"ct4_v2", "ct6_v2", "ct4_unconfirmed_v2", "ct6_unconfirmed_v2", "ct_v2"} {
+		if _, err := os.Stat(filepath.Join(ctd.pin, name)); err != nil {
+			t.Errorf("after the upgrade: %v", err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(ctd.pin, "ct_v1")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("after the upgrade ct_v1 is still pinned (%v)", err)
 	}
 	broken := map[string]bool{}
 	for _, c := range quiet {
@@ -73,26 +82,57 @@ func TestAttachUpgradesFirstRelease(t *testing.T) {
 		}
 	}
 
-	// Downgrade: the first release's attach over this build's pins.
-	first.run("attach", "--iface", a.Iface)
+	// Downgrade: the first release's attach and daemon over this build's
+	// pins find ct_v2 beside the table they know as ct_v1 and refuse,
+	// changing nothing.
+	pinsBefore := pinNames(t, ctd.pin)
+	progsBefore := ctd.run("status")
+	for _, args := range [][]string{{"attach", "--iface", a.Iface}, {"daemon", "--iface", a.Iface}} {
+		msg := strings.TrimSpace(first.fails(args...))
+		if !strings.Contains(msg, "ct_v2") || strings.Count(msg, "\n") > 0 {
+			t.Errorf("first release's %s over the v2 datapath: %q, want one line naming ct_v2", args[0], msg)
+		}
+	}
+	if got := pinNames(t, ctd.pin); !slices.Equal(got, pinsBefore) {
+		t.Errorf("the refused downgrade changed the pins from %v to %v", pinsBefore, got)
+	}
+	if got := ctd.run("status"); got != progsBefore {
+		t.Errorf("the refused downgrade changed the status from\n%s\nto\n%s", progsBefore, got)
+	}
 	time.Sleep(300 * time.Millisecond)
 	errs, _ := stop()
 	for i, err := range errs {
 		if err != nil {
-			t.Errorf("active connection %d broke across the upgrade and downgrade: %v", i, err)
+			t.Errorf("active connection %d broke across the upgrade and the refused downgrade: %v", i, err)
 			broken[active[i].name] = true
 		}
 	}
 	for _, c := range quiet {
 		if err := send(c.b, c.a, "B first again"); err != nil {
-			t.Errorf("%s: B -> A after the downgrade: %v", c.name, err)
+			t.Errorf("%s: B -> A after the refused downgrade: %v", c.name, err)
 			broken[c.name] = true
 		}
 	}
 	drops := ctd.counters()["policy"] - dropsBefore
 	if drops != 0 {
-		t.Errorf("%d packets dropped by policy across the upgrade and downgrade, want 0", drops)
+		t.Errorf("%d packets dropped by policy across the upgrade and the refused downgrade, want 0", drops)
 	}
-	t.Logf("upgrade from the first release by ctd attach took %v; connections kept across the upgrade and the downgrade: %d of %d (2 active, 2 where the peer spoke first after each); policy drops: %d",
+	t.Logf("upgrade from the first release by ctd attach took %v; connections kept across the upgrade and the refused downgrade: %d of %d (2 active, 2 where the peer spoke first after each); policy drops: %d",
 		took.Round(time.Millisecond), len(conns)-len(broken), len(conns), drops)
+}
+
+// pinNames lists the pins in dir (not the links directory), sorted.
+func pinNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		if !e.IsDir() {
+			out = append(out, e.Name())
+		}
+	}
+	return out
 }

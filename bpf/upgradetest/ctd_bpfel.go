@@ -23,34 +23,49 @@ type CtdConfig struct {
 	EventsBurst    uint32
 }
 
+type CtdCt4Key struct {
+	_     structs.HostLayout
+	AddrA uint32
+	AddrB uint32
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
+type CtdCt6Key struct {
+	_     structs.HostLayout
+	AddrA [16]uint8
+	AddrB [16]uint8
+	PortA uint16
+	PortB uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type CtdCtEntry struct {
 	_             structs.HostLayout
 	PacketsOrig   uint64
 	BytesOrig     uint64
 	PacketsReply  uint64
 	BytesReply    uint64
-	FirstSeen     uint64
 	LastSeen      uint64
-	SrcIdentity   uint32
-	DstIdentity   uint32
-	Ifindex       uint32
 	State         uint8
 	OrigIsB       uint8
 	TcpFlagsOrig  uint8
 	TcpFlagsReply uint8
 	Flags         uint8
-	Pad           [7]uint8
-}
-
-type CtdCtKey struct {
-	_      structs.HostLayout
-	AddrA  [16]uint8
-	AddrB  [16]uint8
-	PortA  uint16
-	PortB  uint16
-	Proto  uint8
-	Family uint8
-	Pad    [2]uint8
+	Pad           [3]uint8
+	SrcIdentity   uint32
+	DstIdentity   uint32
+	Ifindex       uint32
+	RttUs         uint32
+	FirstSeen     uint64
+	SynNs         uint64
+	CgroupId      uint64
+	Pid           uint32
+	Pad2          uint32
+	Comm          [16]int8
 }
 
 type CtdEvlisten struct {
@@ -116,25 +131,28 @@ type CtdRatelimit struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CtdMapConfigV1        = "config_v1"
-	CtdMapCtUnconfirmedV1 = "ct_unconfirmed_v1"
-	CtdMapCtV1            = "ct_v1"
-	CtdMapEventsV2        = "events_v2"
-	CtdMapEvlimitV1       = "evlimit_v1"
-	CtdMapEvlistenV1      = "evlisten_v1"
-	CtdMapIpcache4V1      = "ipcache4_v1"
-	CtdMapIpcache6V1      = "ipcache6_v1"
-	CtdMapMetricsV1       = "metrics_v1"
-	CtdMapOwnerV1         = "owner_v1"
-	CtdMapPolicyV1        = "policy_v1"
-	CtdProgCtdEgress      = "ctd_egress"
-	CtdProgCtdIngress     = "ctd_ingress"
-	CtdProgCtdPostBind4   = "ctd_post_bind4"
-	CtdProgCtdPostBind6   = "ctd_post_bind6"
-	CtdProgCtdSockCreate  = "ctd_sock_create"
-	CtdVarUnusedEnums     = "unused_enums"
-	CtdVarUnusedEvent     = "unused_event"
-	CtdVarUnusedOwner     = "unused_owner"
+	CtdMapConfigV1         = "config_v1"
+	CtdMapCt4UnconfirmedV2 = "ct4_unconfirmed_v2"
+	CtdMapCt4V2            = "ct4_v2"
+	CtdMapCt6UnconfirmedV2 = "ct6_unconfirmed_v2"
+	CtdMapCt6V2            = "ct6_v2"
+	CtdMapCtV2             = "ct_v2"
+	CtdMapEventsV2         = "events_v2"
+	CtdMapEvlimitV1        = "evlimit_v1"
+	CtdMapEvlistenV1       = "evlisten_v1"
+	CtdMapIpcache4V1       = "ipcache4_v1"
+	CtdMapIpcache6V1       = "ipcache6_v1"
+	CtdMapMetricsV1        = "metrics_v1"
+	CtdMapOwnerV1          = "owner_v1"
+	CtdMapPolicyV1         = "policy_v1"
+	CtdProgCtdEgress       = "ctd_egress"
+	CtdProgCtdIngress      = "ctd_ingress"
+	CtdProgCtdPostBind4    = "ctd_post_bind4"
+	CtdProgCtdPostBind6    = "ctd_post_bind6"
+	CtdProgCtdSockCreate   = "ctd_sock_create"
+	CtdVarUnusedEnums      = "unused_enums"
+	CtdVarUnusedEvent      = "unused_event"
+	CtdVarUnusedOwner      = "unused_owner"
 )
 
 // LoadCtd returns the embedded CollectionSpec for Ctd.
@@ -190,17 +208,20 @@ type CtdProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdMapSpecs struct {
-	ConfigV1        *ebpf.MapSpec `ebpf:"config_v1"`
-	CtUnconfirmedV1 *ebpf.MapSpec `ebpf:"ct_unconfirmed_v1"`
-	CtV1            *ebpf.MapSpec `ebpf:"ct_v1"`
-	EventsV2        *ebpf.MapSpec `ebpf:"events_v2"`
-	EvlimitV1       *ebpf.MapSpec `ebpf:"evlimit_v1"`
-	EvlistenV1      *ebpf.MapSpec `ebpf:"evlisten_v1"`
-	Ipcache4V1      *ebpf.MapSpec `ebpf:"ipcache4_v1"`
-	Ipcache6V1      *ebpf.MapSpec `ebpf:"ipcache6_v1"`
-	MetricsV1       *ebpf.MapSpec `ebpf:"metrics_v1"`
-	OwnerV1         *ebpf.MapSpec `ebpf:"owner_v1"`
-	PolicyV1        *ebpf.MapSpec `ebpf:"policy_v1"`
+	ConfigV1         *ebpf.MapSpec `ebpf:"config_v1"`
+	Ct4UnconfirmedV2 *ebpf.MapSpec `ebpf:"ct4_unconfirmed_v2"`
+	Ct4V2            *ebpf.MapSpec `ebpf:"ct4_v2"`
+	Ct6UnconfirmedV2 *ebpf.MapSpec `ebpf:"ct6_unconfirmed_v2"`
+	Ct6V2            *ebpf.MapSpec `ebpf:"ct6_v2"`
+	CtV2             *ebpf.MapSpec `ebpf:"ct_v2"`
+	EventsV2         *ebpf.MapSpec `ebpf:"events_v2"`
+	EvlimitV1        *ebpf.MapSpec `ebpf:"evlimit_v1"`
+	EvlistenV1       *ebpf.MapSpec `ebpf:"evlisten_v1"`
+	Ipcache4V1       *ebpf.MapSpec `ebpf:"ipcache4_v1"`
+	Ipcache6V1       *ebpf.MapSpec `ebpf:"ipcache6_v1"`
+	MetricsV1        *ebpf.MapSpec `ebpf:"metrics_v1"`
+	OwnerV1          *ebpf.MapSpec `ebpf:"owner_v1"`
+	PolicyV1         *ebpf.MapSpec `ebpf:"policy_v1"`
 }
 
 // CtdVariableSpecs contains global variables before they are loaded into the kernel.
@@ -232,24 +253,30 @@ func (o *CtdObjects) Close() error {
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdMaps struct {
-	ConfigV1        *ebpf.Map `ebpf:"config_v1"`
-	CtUnconfirmedV1 *ebpf.Map `ebpf:"ct_unconfirmed_v1"`
-	CtV1            *ebpf.Map `ebpf:"ct_v1"`
-	EventsV2        *ebpf.Map `ebpf:"events_v2"`
-	EvlimitV1       *ebpf.Map `ebpf:"evlimit_v1"`
-	EvlistenV1      *ebpf.Map `ebpf:"evlisten_v1"`
-	Ipcache4V1      *ebpf.Map `ebpf:"ipcache4_v1"`
-	Ipcache6V1      *ebpf.Map `ebpf:"ipcache6_v1"`
-	MetricsV1       *ebpf.Map `ebpf:"metrics_v1"`
-	OwnerV1         *ebpf.Map `ebpf:"owner_v1"`
-	PolicyV1        *ebpf.Map `ebpf:"policy_v1"`
+	ConfigV1         *ebpf.Map `ebpf:"config_v1"`
+	Ct4UnconfirmedV2 *ebpf.Map `ebpf:"ct4_unconfirmed_v2"`
+	Ct4V2            *ebpf.Map `ebpf:"ct4_v2"`
+	Ct6UnconfirmedV2 *ebpf.Map `ebpf:"ct6_unconfirmed_v2"`
+	Ct6V2            *ebpf.Map `ebpf:"ct6_v2"`
+	CtV2             *ebpf.Map `ebpf:"ct_v2"`
+	EventsV2         *ebpf.Map `ebpf:"events_v2"`
+	EvlimitV1        *ebpf.Map `ebpf:"evlimit_v1"`
+	EvlistenV1       *ebpf.Map `ebpf:"evlisten_v1"`
+	Ipcache4V1       *ebpf.Map `ebpf:"ipcache4_v1"`
+	Ipcache6V1       *ebpf.Map `ebpf:"ipcache6_v1"`
+	MetricsV1        *ebpf.Map `ebpf:"metrics_v1"`
+	OwnerV1          *ebpf.Map `ebpf:"owner_v1"`
+	PolicyV1         *ebpf.Map `ebpf:"policy_v1"`
 }
 
 func (m *CtdMaps) Close() error {
 	return _CtdClose(
 		m.ConfigV1,
-		m.CtUnconfirmedV1,
-		m.CtV1,
+		m.Ct4UnconfirmedV2,
+		m.Ct4V2,
+		m.Ct6UnconfirmedV2,
+		m.Ct6V2,
+		m.CtV2,
 		m.EventsV2,
 		m.EvlimitV1,
 		m.EvlistenV1,

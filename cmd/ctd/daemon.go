@@ -74,16 +74,8 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 			if err != nil {
 				return err
 			}
-			for _, f := range []string{"ct-max", "ct-unconfirmed-max", "ipcache-max"} {
-				if fl := c.Flags().Lookup(f); fl.Changed && fl.Value.String() == "0" {
-					return fmt.Errorf("invalid --%s 0: must be at least 1", f)
-				}
-			}
-			if fl := c.Flags().Lookup("ringbuf-size"); fl.Changed {
-				o := loader.Options{CTMax: 1, CTUnconfirmedMax: 1, IPCacheMax: 1, RingBufSize: cfg.RingBufSize}
-				if err := o.Validate(); err != nil {
-					return err
-				}
+			if err := checkSizeFlags(c, cfg.RingBufSize); err != nil {
+				return err
 			}
 			if err := lifetimes.Validate(); err != nil {
 				return err
@@ -152,8 +144,8 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 	}
 	c.Flags().StringArrayVar(&ifaces, "iface", nil, "interface to attach to (repeatable; default: the interfaces recorded in the state store)")
 	c.Flags().StringVar(&mode, "mode", string(attach.ModeAuto), "attach mode for --iface: auto (tcx where the kernel has it, else tc), tcx, or tc")
-	c.Flags().Uint32Var(&cfg.CTMax, "ct-max", 0, fmt.Sprintf("conntrack table size for confirmed flows (entries); default: the pinned table's size, else %d", loader.DefaultCTMax))
-	c.Flags().Uint32Var(&cfg.CTUnconfirmedMax, "ct-unconfirmed-max", 0, fmt.Sprintf("conntrack table size for flows not yet confirmed (entries); default: the pinned table's size, else %d", loader.DefaultCTUnconfirmedMax))
+	c.Flags().Uint32Var(&cfg.CTMax, "ct-max", 0, fmt.Sprintf("conntrack table size for confirmed flows, per family (entries); default: the pinned table's size, else %d", loader.DefaultCTMax))
+	c.Flags().Uint32Var(&cfg.CTUnconfirmedMax, "ct-unconfirmed-max", 0, fmt.Sprintf("conntrack table size for flows not yet confirmed, per family (entries); default: the pinned table's size, else %d", loader.DefaultCTUnconfirmedMax))
 	c.Flags().Uint32Var(&cfg.IPCacheMax, "ipcache-max", 0, fmt.Sprintf("ipcache size per family (prefixes); default: the pinned size, else %d", loader.DefaultIPCacheMax))
 	c.Flags().Uint32Var(&cfg.RingBufSize, "ringbuf-size", 0, fmt.Sprintf("event ring buffer size in bytes, a power of two; default: the pinned size, else %d", loader.DefaultRingBufSize))
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9478 (off unless set; a non-loopback address logs a warning)")
@@ -259,7 +251,7 @@ func daemonComponents(lt gc.Lifetimes, metricsLn net.Listener) []daemon.Componen
 			col := metrics.NewCollector(metrics.Sources{
 				Metrics: metricsmap.New(env.Datapath.Metrics()),
 				Maps:    maps,
-				Entries: metrics.DatapathEntries(ctx, maps, env.Datapath.CT(), gcStats),
+				Entries: metrics.DatapathEntries(ctx, maps, env.Datapath.CT4(), env.Datapath.CT6(), gcStats),
 				GC:      gcStats,
 				Top:     census.Tables,
 				Attachments: func() ([]attach.Attachment, error) {

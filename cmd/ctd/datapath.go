@@ -30,6 +30,22 @@ func checkPinPath(p string) error {
 	return nil
 }
 
+// checkSizeFlags rejects the map size flags of c given as 0 (which, unset,
+// stand for the pinned size or the default), and a ring buffer size given
+// that the kernel would refuse.
+func checkSizeFlags(c *cobra.Command, ringBufSize uint32) error {
+	for _, f := range []string{"ct-max", "ct-unconfirmed-max", "ipcache-max"} {
+		if fl := c.Flags().Lookup(f); fl.Changed && fl.Value.String() == "0" {
+			return fmt.Errorf("invalid --%s 0: must be at least 1", f)
+		}
+	}
+	if fl := c.Flags().Lookup("ringbuf-size"); fl.Changed {
+		o := loader.Options{CTMax: 1, CTUnconfirmedMax: 1, IPCacheMax: 1, RingBufSize: ringBufSize}
+		return o.Validate()
+	}
+	return nil
+}
+
 // lookupIface checks that iface exists in the current network namespace.
 func lookupIface(iface string) (netlink.Link, error) {
 	if iface == "" {
@@ -64,23 +80,30 @@ func completeIfaces(*cobra.Command, []string, string) ([]cobra.Completion, cobra
 }
 
 // openCT runs the preamble (out: the output format, nil for none) and
-// opens the pinned conntrack table; it never creates anything.
+// opens the pinned conntrack tables; it never creates anything.
 func (a *app) openCT(out *string) (*ctmap.Map, func(), error) {
 	if err := a.preamble(out); err != nil {
 		return nil, nil, err
 	}
-	m, err := a.pins().OpenMap(loader.CTMap, &ebpf.LoadPinOptions{})
-	if err != nil {
-		return nil, nil, err
-	}
-	u, err := a.pins().OpenMap(loader.CTUnconfirmedMap, &ebpf.LoadPinOptions{})
-	if err != nil {
-		m.Close()
-		var np *loader.NotPinnedError
-		if errors.As(err, &np) {
-			np.Older = true // ct_v1 is pinned
+	var ms [4]*ebpf.Map
+	closeAll := func() {
+		for _, m := range ms {
+			if m != nil {
+				m.Close()
+			}
 		}
-		return nil, nil, err
 	}
-	return ctmap.New(m, u), func() { m.Close(); u.Close() }, nil
+	for i, name := range loader.ConntrackMaps {
+		m, err := a.pins().OpenMap(name, &ebpf.LoadPinOptions{})
+		if err != nil {
+			closeAll()
+			var np *loader.NotPinnedError
+			if errors.As(err, &np) && (i > 0 || a.pins().Pinned(loader.CTV1Map)) {
+				np.Older = true // another conntrack table is pinned
+			}
+			return nil, nil, err
+		}
+		ms[i] = m
+	}
+	return ctmap.New(ctmap.Tables{Confirmed4: ms[0], Confirmed6: ms[1], Unconfirmed4: ms[2], Unconfirmed6: ms[3]}), closeAll, nil
 }

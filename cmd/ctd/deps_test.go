@@ -8,9 +8,10 @@ import (
 	"testing"
 )
 
-// TestNoTestBuildsShipped keeps the test-only builds of the datapath out of
-// the ctd binary: bpf/v2test (a layout ctd never ships, and its converter)
-// and bpf/upgradetest (only with -tags ctd_upgradetest).
+// TestNoTestBuildsShipped keeps the test-only build of the datapath out of
+// the ctd binary: bpf/upgradetest (only with -tags ctd_upgradetest); and
+// the test helpers below test/ (nettest reads the first release's
+// datapath from git history).
 func TestNoTestBuildsShipped(t *testing.T) {
 	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	out, err := exec.Command(goBin, "list", "-deps", "github.com/ctd-dev/ctd/cmd/ctd").CombinedOutput()
@@ -18,7 +19,7 @@ func TestNoTestBuildsShipped(t *testing.T) {
 		t.Fatalf("go list -deps: %v\n%s", err, out)
 	}
 	for _, pkg := range strings.Fields(string(out)) {
-		if pkg == "github.com/ctd-dev/ctd/bpf/v2test" || pkg == "github.com/ctd-dev/ctd/bpf/upgradetest" {
+		if pkg == "github.com/ctd-dev/ctd/bpf/upgradetest" || strings.HasPrefix(pkg, "github.com/ctd-dev/ctd/test/") {
 			t.Errorf("the ctd binary links the test-only package %s", pkg)
 		}
 	}

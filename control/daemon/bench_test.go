@@ -45,11 +45,8 @@ func prefill(b *testing.B, e *testEnv, n int) {
 		}
 		keys, vals = append(keys, k), append(vals, e)
 	}
-	for i := 0; i < n; i += ctmap.BatchSize {
-		end := min(i+ctmap.BatchSize, n)
-		if _, err := d.dp.CT().BatchUpdate(keys[i:end], vals[i:end], nil); err != nil {
-			b.Fatal(err)
-		}
+	if err := d.dp.Conntrack().PutBatch(keys, vals); err != nil {
+		b.Fatal(err)
 	}
 	if c, err := d.dp.Conntrack().Count(); err != nil || c != n {
 		b.Fatalf("conntrack holds %d entries (%v), want %d", c, err, n)

@@ -399,14 +399,14 @@ func TestRepinFromAttached(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.Close()
-	if err := os.Remove(filepath.Join(e.pinPath, loader.CTMap)); err != nil {
+	if err := os.Remove(filepath.Join(e.pinPath, loader.CT4Map)); err != nil {
 		t.Fatal(err)
 	}
 
 	d, r := e.start(t, e.config())
 	defer d.Close()
-	if !slices.Equal(r.Repinned, []string{loader.CTMap}) || r.Restored {
-		t.Errorf("Ready: repinned %v restored %v; want [%s] and not restored", r.Repinned, r.Restored, loader.CTMap)
+	if !slices.Equal(r.Repinned, []string{loader.CT4Map}) || r.Restored {
+		t.Errorf("Ready: repinned %v restored %v; want [%s] and not restored", r.Repinned, r.Restored, loader.CT4Map)
 	}
 	got, err := d.dp.Conntrack().Lookup(&k)
 	if err != nil || got.PacketsOrig != 77 {
@@ -480,7 +480,7 @@ func TestRunComponents(t *testing.T) {
 		t.Errorf("Run = %v, want the failer's error", err)
 	}
 	env := <-started
-	if env.Datapath == nil || env.Datapath.CT() == nil || !slices.Equal(env.Interfaces, []string{e.pair.A.Iface}) {
+	if env.Datapath == nil || env.Datapath.CT4() == nil || !slices.Equal(env.Interfaces, []string{e.pair.A.Iface}) {
 		t.Errorf("component env %+v: want the datapath and [%s]", env, e.pair.A.Iface)
 	}
 }
@@ -520,7 +520,7 @@ func TestPinnedSizesKept(t *testing.T) {
 	for _, c := range []struct {
 		m    *ebpf.Map
 		want uint32
-	}{{d.dp.CT(), 4096}, {d.dp.IPCache4(), 2048}, {d.dp.IPCache6(), 2048}} {
+	}{{d.dp.CT4(), 4096}, {d.dp.IPCache4(), 2048}, {d.dp.IPCache6(), 2048}} {
 		if c.m.MaxEntries() != c.want {
 			t.Errorf("%v: max entries %d, want %d", c.m, c.m.MaxEntries(), c.want)
 		}
@@ -559,8 +559,10 @@ func TestResizeAndUpgrade(t *testing.T) {
 	cfg.CTMax = 8192
 	d, r := e.start(t, cfg)
 	check("resize", d)
-	if d.dp.CT().MaxEntries() != 8192 || len(r.Migration.Maps) != 1 || r.Migration.Maps[0].Action != migrate.Resize || r.Migration.Maps[0].Copied != len(keys) {
-		t.Errorf("resize: max entries %d, migration %+v; want 8192 and one resize of %d entries", d.dp.CT().MaxEntries(), r.Migration, len(keys))
+	// Both families' confirmed tables are resized; the flows are IPv4.
+	if d.dp.CT4().MaxEntries() != 8192 || len(r.Migration.Maps) != 2 || r.Migration.Maps[0].Action != migrate.Resize ||
+		r.Migration.Maps[0].Map != loader.CT4Map || r.Migration.Maps[0].Copied != len(keys) {
+		t.Errorf("resize: max entries %d, migration %+v; want 8192 and a resize of %s with %d entries", d.dp.CT4().MaxEntries(), r.Migration, loader.CT4Map, len(keys))
 	}
 	d.Close()
 	tags := progTags(t, e)
@@ -570,8 +572,8 @@ func TestResizeAndUpgrade(t *testing.T) {
 	d, r = e.start(t, cfg)
 	defer d.Close()
 	check("upgrade", d)
-	if r.Migration.Migrated() || d.dp.CT().MaxEntries() != 8192 {
-		t.Errorf("upgrade to the same layouts migrated %+v (max entries %d)", r.Migration, d.dp.CT().MaxEntries())
+	if r.Migration.Migrated() || d.dp.CT4().MaxEntries() != 8192 {
+		t.Errorf("upgrade to the same layouts migrated %+v (max entries %d)", r.Migration, d.dp.CT4().MaxEntries())
 	}
 	if got := progTags(t, e); got[0] == tags[0] || got[1] == tags[1] {
 		t.Errorf("upgrade: program tags %v, before %v: want different programs", got, tags)

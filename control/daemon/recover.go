@@ -12,34 +12,18 @@ import (
 // maps whose pins are gone are taken back from the programs that run.
 
 // options resolves the map sizes: what was asked, else what is pinned,
-// else the defaults.
+// else the defaults (migrate.PinnedSizes).
 func (d *Daemon) options() (loader.Options, error) {
-	o := loader.Options{
+	o, err := migrate.PinnedSizes(loader.Options{
 		PinPath:          d.cfg.PinPath,
 		CTMax:            d.cfg.CTMax,
 		CTUnconfirmedMax: d.cfg.CTUnconfirmedMax,
 		IPCacheMax:       d.cfg.IPCacheMax,
 		RingBufSize:      d.cfg.RingBufSize,
+	})
+	if err != nil {
+		return o, err
 	}
-	for _, f := range []struct {
-		size *uint32
-		name string
-	}{
-		{&o.CTMax, loader.CTMap},
-		{&o.CTUnconfirmedMax, loader.CTUnconfirmedMap},
-		{&o.IPCacheMax, loader.IPCache4Map},
-		{&o.RingBufSize, loader.EventsMap},
-	} {
-		if *f.size != 0 {
-			continue
-		}
-		n, err := d.pins.MaxEntries(f.name)
-		if err != nil {
-			return o, err
-		}
-		*f.size = n
-	}
-	o = o.WithDefaults()
 	return o, o.Validate()
 }
 
@@ -56,7 +40,7 @@ func (d *Daemon) load(o loader.Options) (*loader.Datapath, migrate.Report, error
 	if err != nil {
 		return nil, migrate.Report{}, fmt.Errorf("load datapath spec: %w", err)
 	}
-	coll, rep, err := migrate.LoadSpec(o, spec, migrate.Interfaces{})
+	coll, rep, err := migrate.LoadSpec(o, spec, migrate.Interfaces{}, loader.Converters()...)
 	if err != nil {
 		return nil, rep, fmt.Errorf("load datapath: %w", err)
 	}

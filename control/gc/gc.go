@@ -13,6 +13,7 @@ import (
 type Result struct {
 	Scanned   int // entries read
 	Deleted   int // expired entries deleted
+	Left6     int // IPv6 entries read and not deleted (the rest of Scanned - Deleted are IPv4)
 	Refreshed int // expired when read, refreshed before their deletion: kept
 	Vanished  int // expired when read, gone before their deletion (LRU eviction, flush)
 	Duration  time.Duration
@@ -74,10 +75,13 @@ func pass(m *ctmap.Map, x *ctmap.Expirer, lt Lifetimes, now time.Duration, h hoo
 		if err := x.Delete(cands, outcomes); err != nil {
 			return err
 		}
-		for _, o := range outcomes[:len(cands)] {
+		for i, o := range outcomes[:len(cands)] {
 			switch o {
 			case ctmap.Deleted:
 				res.Deleted++
+				if cands[i].Key.Family == 6 {
+					res.Left6--
+				}
 			case ctmap.Refreshed:
 				res.Refreshed++
 			case ctmap.Missing:
@@ -89,6 +93,9 @@ func pass(m *ctmap.Map, x *ctmap.Expirer, lt Lifetimes, now time.Duration, h hoo
 	}
 	err := m.Iterate(func(k *ctmap.Key, e *ctmap.Entry) bool {
 		res.Scanned++
+		if k.Family == 6 {
+			res.Left6++
+		}
 		if !lt.Expired(k.Proto, e, now) {
 			if h.keep != nil {
 				h.keep(ctmap.FlowOf(k, e))

@@ -151,7 +151,7 @@ func BenchmarkCount(b *testing.B) {
 	var n uint64
 	for b.Loop() {
 		var err error
-		n, err = mapinfo.Count(ct.Confirmed())
+		n, err = mapinfo.Count(ct.Tables().Confirmed4)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -149,6 +149,7 @@ type Stats struct {
 	Interval  time.Duration // the interval until the next regular pass
 	Fill      float64       // the table's fill (0-1) after the last pass
 	Entries   int           // entries the last successful pass left (scanned - deleted)
+	Entries6  int           // of those, IPv6 flows
 }
 
 // Runner runs GC passes over a conntrack table at an interval that adapts to
@@ -321,6 +322,7 @@ func (r *Runner) runPass(x *ctmap.Expirer, woken bool) time.Duration {
 	}
 	r.left = res.Scanned - res.Deleted
 	st.Entries = r.left
+	st.Entries6 = res.Left6
 	st.Fill = EstimateFill(r.left, 0, r.m.MaxEntries())
 	st.Interval = nextInterval(st.Interval, res, st.Fill, r.cfg)
 	r.cfg.Logger.Debug("conntrack GC pass", "scanned", res.Scanned, "deleted", res.Deleted,

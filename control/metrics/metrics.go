@@ -281,22 +281,27 @@ func (c *Collector) Handler() http.Handler {
 const CountAge = 5 * time.Second
 
 // DatapathEntries answers Sources.Entries as the daemon does: the conntrack
-// table ct from its GC's last pass (gcStats; no answer before the first
-// successful pass), every other map of maps that must be walked from counts
-// at most CountAge old (mapinfo.Counts), until ctx is done. The conntrack
-// table is never walked for a scrape.
-func DatapathEntries(ctx context.Context, maps []mapinfo.Map, ct *ebpf.Map, gcStats func() gc.Stats) func(mapinfo.Map) (uint64, bool) {
+// tables ct4 and ct6 from its GC's last pass (gcStats; no answer before the
+// first successful pass; each counts its family's flows, confirmed or not),
+// every other map of maps that must be walked from counts at most CountAge
+// old (mapinfo.Counts), until ctx is done. The confirmed conntrack tables
+// are never walked for a scrape.
+func DatapathEntries(ctx context.Context, maps []mapinfo.Map, ct4, ct6 *ebpf.Map, gcStats func() gc.Stats) func(mapinfo.Map) (uint64, bool) {
 	var walked []mapinfo.Map
 	for _, m := range maps {
-		if m.Map != ct && mapinfo.Walks(m.Map.Type()) {
+		if m.Map != ct4 && m.Map != ct6 && mapinfo.Walks(m.Map.Type()) {
 			walked = append(walked, m)
 		}
 	}
 	counts := mapinfo.NewCounts(ctx, walked, CountAge)
 	return func(m mapinfo.Map) (uint64, bool) {
-		if m.Map == ct {
+		if m.Map == ct4 || m.Map == ct6 {
 			st := gcStats()
-			return uint64(st.Entries), st.Runs > st.Errors
+			n := st.Entries6
+			if m.Map == ct4 {
+				n = st.Entries - st.Entries6
+			}
+			return uint64(n), st.Runs > st.Errors
 		}
 		return counts.Entries(m.Name)
 	}

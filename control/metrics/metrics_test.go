@@ -110,7 +110,7 @@ func TestScrape(t *testing.T) {
 	c := metrics.NewCollector(metrics.Sources{
 		Metrics: metricsmap.New(dp.Maps.Metrics()),
 		Maps:    maps,
-		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT(), gcStats),
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT4(), dp.CT6(), gcStats),
 		GC:      gcStats,
 		Top:     census.Tables,
 		Attachments: func() ([]attach.Attachment, error) {
@@ -122,7 +122,7 @@ func TestScrape(t *testing.T) {
 	defer srv.Close()
 	got := scrapeUntil(t, srv.URL+"/metrics", `ctd_map_entries{map="policy_v1",type="hash"}`)
 
-	ctMax := float64(dp.Maps.CT().MaxEntries())
+	ctMax := float64(dp.Maps.CT4().MaxEntries())
 	for series, want := range map[string]float64{
 		`ctd_forwarded_packets_total{direction="egress",reason="new"}`:            1,
 		`ctd_forwarded_bytes_total{direction="egress",reason="new"}`:              float64(len(syn)),
@@ -137,9 +137,9 @@ func TestScrape(t *testing.T) {
 		`ctd_conntrack_created_total{direction="egress"}`:                         1,
 		`ctd_events_lost_total{direction="ingress"}`:                              0,
 		`ctd_events_ratelimited_total{direction="egress"}`:                        0,
-		`ctd_map_entries{map="ct_v1",type="lru_hash"}`:                            1,
-		`ctd_map_max_entries{map="ct_v1",type="lru_hash"}`:                        ctMax,
-		`ctd_map_pressure{map="ct_v1",type="lru_hash"}`:                           1 / ctMax,
+		`ctd_map_entries{map="ct4_v2",type="lru_hash"}`:                           1,
+		`ctd_map_max_entries{map="ct4_v2",type="lru_hash"}`:                       ctMax,
+		`ctd_map_pressure{map="ct4_v2",type="lru_hash"}`:                          1 / ctMax,
 		`ctd_map_entries{map="policy_v1",type="hash"}`:                            0,
 		`ctd_map_entries{map="ipcache4_v1",type="lpm_trie"}`:                      0,
 		`ctd_map_entries{map="metrics_v1",type="percpu_array"}`:                   128,
@@ -172,8 +172,8 @@ func TestScrape(t *testing.T) {
 	if _, ok := got[`ctd_map_pressure{map="config_v1",type="array"}`]; ok {
 		t.Error("arrays have no pressure, but config_v1 reports one")
 	}
-	if _, ok := got[`ctd_map_memlock_bytes{map="ct_v1",type="lru_hash"}`]; !ok {
-		t.Error("ctd_map_memlock_bytes of ct_v1 missing")
+	if _, ok := got[`ctd_map_memlock_bytes{map="ct4_v2",type="lru_hash"}`]; !ok {
+		t.Error("ctd_map_memlock_bytes of ct4_v2 missing")
 	}
 	if _, ok := got["go_goroutines"]; !ok {
 		t.Error("Go runtime metrics missing")
@@ -208,18 +208,18 @@ func TestScrapeNeverWalksMaps(t *testing.T) {
 	var stats gc.Stats // no pass yet
 	c := metrics.NewCollector(metrics.Sources{
 		Maps:    maps,
-		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT(), func() gc.Stats { return stats }),
+		Entries: metrics.DatapathEntries(t.Context(), maps, dp.CT4(), dp.CT6(), func() gc.Stats { return stats }),
 	})
 	srv := httptest.NewServer(c.Handler())
 	defer srv.Close()
-	const ct, policy = `ctd_map_entries{map="ct_v1",type="lru_hash"}`, `ctd_map_entries{map="policy_v1",type="hash"}`
+	const ct, policy = `ctd_map_entries{map="ct4_v2",type="lru_hash"}`, `ctd_map_entries{map="policy_v1",type="hash"}`
 
 	got := scrapeUntil(t, srv.URL, policy)
 	if v, ok := got[ct]; ok {
 		t.Errorf("before any GC pass %s = %v: the scrape counted the table itself", ct, v)
 	}
-	if _, ok := got[`ctd_map_max_entries{map="ct_v1",type="lru_hash"}`]; !ok {
-		t.Error("ct_v1's max entries missing")
+	if _, ok := got[`ctd_map_max_entries{map="ct4_v2",type="lru_hash"}`]; !ok {
+		t.Error("ct4_v2's max entries missing")
 	}
 	stats = gc.Stats{Runs: 1, Entries: 5, LastEnd: time.Now()} // what the pass left, not what the map holds (1)
 	if got := scrape(t, srv.URL); got[ct] != 5 {

@@ -1,7 +1,8 @@
-// Package ctmap reads and edits the conntrack tables (ct_v1, ct_unconfirmed_v1) as flows.
+// Package ctmap reads and edits the conntrack tables (ct4_v2, ct6_v2 and their unconfirmed tables) as flows.
 package ctmap
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -45,11 +46,64 @@ const (
 	FlagRevoked       = uint8(bpf.CtdCtFlagCT_F_REVOKED)
 )
 
-// Key and Entry are the map's raw layout.
+// Key is a flow's canonical key in either family: the datapath's ct4_key or
+// ct6_key with its family. Addresses are held as the datapath's tuples hold
+// them (IPv4 in the first 4 bytes, the rest zero), ports in network order.
+type Key struct {
+	AddrA, AddrB [16]byte
+	PortA, PortB uint16
+	Proto        uint8
+	Family       uint8 // 4 or 6
+}
+
+// Entry is the tables' raw value layout (struct ct_entry).
+type Entry = bpf.CtdCtEntry
+
+// The raw keys of the family tables.
 type (
-	Key   = bpf.CtdCtKey
-	Entry = bpf.CtdCtEntry
+	key4 = bpf.CtdCt4Key
+	key6 = bpf.CtdCt6Key
 )
+
+func (k *Key) raw4() key4 {
+	return key4{AddrA: binary.NativeEndian.Uint32(k.AddrA[:4]), AddrB: binary.NativeEndian.Uint32(k.AddrB[:4]),
+		PortA: k.PortA, PortB: k.PortB, Proto: k.Proto}
+}
+
+func (k *Key) raw6() key6 {
+	return key6{AddrA: k.AddrA, AddrB: k.AddrB, PortA: k.PortA, PortB: k.PortB, Proto: k.Proto}
+}
+
+func fromRaw4(r *key4) Key {
+	k := Key{PortA: r.PortA, PortB: r.PortB, Proto: r.Proto, Family: 4}
+	binary.NativeEndian.PutUint32(k.AddrA[:4], r.AddrA)
+	binary.NativeEndian.PutUint32(k.AddrB[:4], r.AddrB)
+	return k
+}
+
+func fromRaw6(r *key6) Key {
+	return Key{AddrA: r.AddrA, AddrB: r.AddrB, PortA: r.PortA, PortB: r.PortB, Proto: r.Proto, Family: 6}
+}
+
+// anyKey is k as the programs run by BPF_PROG_TEST_RUN take it
+// (struct ct_any_key): the family's raw key, zero-padded.
+func (k *Key) anyKey() (raw [40]byte) {
+	ne := binary.NativeEndian
+	if k.Family == 4 {
+		copy(raw[0:4], k.AddrA[:4])
+		copy(raw[4:8], k.AddrB[:4])
+		ne.PutUint16(raw[8:], k.PortA)
+		ne.PutUint16(raw[10:], k.PortB)
+		raw[12] = k.Proto
+		return raw
+	}
+	copy(raw[0:16], k.AddrA[:])
+	copy(raw[16:32], k.AddrB[:])
+	ne.PutUint16(raw[32:], k.PortA)
+	ne.PutUint16(raw[34:], k.PortB)
+	raw[36] = k.Proto
+	return raw
+}
 
 // Flow is one conntrack entry, seen from its originator: Src and Sport sent
 // the first packet ctd saw.
@@ -196,26 +250,56 @@ func le64(b []byte) uint64 {
 	return v
 }
 
-// Map is the conntrack table: the confirmed flows (ct_v1) and those not
-// yet confirmed (ct_unconfirmed_v1), one layout. A flow is in one of them
-// (for an instant, while the datapath promotes it, in both).
-type Map struct {
-	m           *ebpf.Map // confirmed
-	unconfirmed *ebpf.Map
+// Tables are the conntrack tables: per family, the confirmed flows and
+// those not yet confirmed.
+type Tables struct {
+	Confirmed4, Confirmed6, Unconfirmed4, Unconfirmed6 *ebpf.Map
 }
 
-// New wraps the confirmed and unconfirmed tables.
-func New(confirmed, unconfirmed *ebpf.Map) *Map { return &Map{m: confirmed, unconfirmed: unconfirmed} }
+// Map is the conntrack table: its four tables as one set of flows. A flow
+// is in one table of its family (for an instant, while the datapath
+// promotes it, in both).
+type Map struct {
+	t Tables
+}
 
-// Confirmed is the confirmed table's map.
-func (m *Map) Confirmed() *ebpf.Map { return m.m }
+// New wraps the tables.
+func New(t Tables) *Map { return &Map{t: t} }
 
-func (m *Map) tables() [2]*ebpf.Map { return [2]*ebpf.Map{m.m, m.unconfirmed} }
+// Tables returns the wrapped tables.
+func (m *Map) Tables() Tables { return m.t }
+
+// table is one of the four, with what it holds.
+type table struct {
+	m         *ebpf.Map
+	family    uint8
+	confirmed bool
+}
+
+// tables lists the four tables, the confirmed ones first.
+func (m *Map) tables() [4]table {
+	return [4]table{
+		{m.t.Confirmed4, 4, true}, {m.t.Confirmed6, 6, true},
+		{m.t.Unconfirmed4, 4, false}, {m.t.Unconfirmed6, 6, false},
+	}
+}
+
+func (t table) name() string {
+	switch {
+	case t.family == 4 && t.confirmed:
+		return bpf.CtdMapCt4V2
+	case t.family == 6 && t.confirmed:
+		return bpf.CtdMapCt6V2
+	case t.family == 4:
+		return bpf.CtdMapCt4UnconfirmedV2
+	}
+	return bpf.CtdMapCt6UnconfirmedV2
+}
 
 // BatchSize is how many entries one batch syscall moves.
 const BatchSize = 4096
 
-// Iterate calls fn for every entry, reading the table in batches. Entries
+// Iterate calls fn for every entry, reading the tables in batches. Entries
 // that appear or vanish while it runs may or may not be seen. fn returning
 // false stops the walk.
 //
@@ -224,6 +308,8 @@ const BatchSize = 4096
 // printing) take about as long as each other, and overlap on two CPUs.
 func (m *Map) Iterate(fn func(k *Key, e *Entry) bool) error {
 	type batch struct {
+		raw4 []key4
+		raw6 []key6
 		keys []Key
 		vals []Entry
 		n    int
@@ -232,13 +318,14 @@ func (m *Map) Iterate(fn func(k *Key, e *Entry) bool) error {
 	free := make(chan *batch, inFlight)
 	full := make(chan *batch, inFlight) // never blocks: at most inFlight batches exist
 	for range inFlight {
-		free <- &batch{keys: make([]Key, BatchSize), vals: make([]Entry, BatchSize)}
+		free <- &batch{raw4: make([]key4, BatchSize), raw6: make([]key6, BatchSize),
+			keys: make([]Key, BatchSize), vals: make([]Entry, BatchSize)}
 	}
 	stop := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
 		defer close(full)
-		for _, table := range m.tables() {
+		for _, t := range m.tables() {
 			var cursor ebpf.MapBatchCursor
 			for {
 				var b *batch
@@ -248,7 +335,21 @@ func (m *Map) Iterate(fn func(k *Key, e *Entry) bool) error {
 					done <- nil
 					return
 				}
-				n, err := table.BatchLookup(&cursor, b.keys, b.vals, nil)
+				var (
+					n   int
+					err error
+				)
+				if t.family == 4 {
+					n, err = t.m.BatchLookup(&cursor, b.raw4, b.vals, nil)
+					for i := range n {
+						b.keys[i] = fromRaw4(&b.raw4[i])
+					}
+				} else {
+					n, err = t.m.BatchLookup(&cursor, b.raw6, b.vals, nil)
+					for i := range n {
+						b.keys[i] = fromRaw6(&b.raw6[i])
+					}
+				}
 				if b.n = n; n > 0 {
 					full <- b
 				} else {
@@ -258,7 +359,7 @@ func (m *Map) Iterate(fn func(k *Key, e *Entry) bool) error {
 					break
 				}
 				if err != nil {
-					done <- fmt.Errorf("read conntrack table %s: %w", m.tableName(table), err)
+					done <- fmt.Errorf("read conntrack table %s: %w", t.name(), err)
 					return
 				}
 			}
@@ -287,22 +388,46 @@ func (m *Map) Count() (int, error) {
 	return n, err
 }
 
+// byFamily splits keys into the raw keys of each family, in order.
+func byFamily(keys []Key) ([]key4, []key6) {
+	var k4 []key4
+	var k6 []key6
+	for i := range keys {
+		if keys[i].Family == 4 {
+			k4 = append(k4, keys[i].raw4())
+		} else {
+			k6 = append(k6, keys[i].raw6())
+		}
+	}
+	return k4, k6
+}
+
 // Delete removes keys from the table that holds each, in batches; keys
 // already gone (evicted or deleted meanwhile) are not an error. It returns
 // how many it deleted.
 //
 // A key a table lacks costs a system call of its own (a batch stops at the
-// first missing key), so each key is tried in one table and, only if it
-// is missing there, in the other. The unconfirmed table goes first: the
-// keys deleted in bulk right after their creation (the benchmark's new
-// flows) are all there.
+// first missing key), so each key is tried in one table of its family and,
+// only if it is missing there, in the other. The unconfirmed table goes
+// first: the keys deleted in bulk right after their creation (the
+// benchmark's new flows) are all there.
 func (m *Map) Delete(keys []Key) (int, error) {
+	k4, k6 := byFamily(keys)
+	n4, err := deleteFamily(table{m.t.Unconfirmed4, 4, false}, table{m.t.Confirmed4, 4, true}, k4)
+	if err != nil {
+		return n4, err
+	}
+	n6, err := deleteFamily(table{m.t.Unconfirmed6, 6, false}, table{m.t.Confirmed6, 6, true}, k6)
+	return n4 + n6, err
+}
+
+func deleteFamily[K any](first, second table, keys []K) (int, error) {
 	deleted := 0
-	for _, table := range [2]*ebpf.Map{m.unconfirmed, m.m} {
-		n, missing, err := deleteFrom(table, keys)
+	for _, t := range [2]table{first, second} {
+		n, missing, err := deleteFrom(t.m, keys)
 		deleted += n
 		if err != nil {
-			return deleted, fmt.Errorf("delete conntrack entries from %s: %w", m.tableName(table), err)
+			return deleted, fmt.Errorf("delete conntrack entries from %s: %w", t.name(), err)
 		}
 		keys = missing
 	}
@@ -310,7 +435,7 @@ func (m *Map) Delete(keys []Key) (int, error) {
 }
 
 // deleteFrom deletes keys from table and returns the keys it lacks.
-func deleteFrom(table *ebpf.Map, keys []Key) (deleted int, missing []Key, err error) {
+func deleteFrom[K any](table *ebpf.Map, keys []K) (deleted int, missing []K, err error) {
 	for len(keys) > 0 {
 		chunk := keys[:min(len(keys), BatchSize)]
 		n, err := table.BatchDelete(chunk, nil)
@@ -329,33 +454,113 @@ func deleteFrom(table *ebpf.Map, keys []Key) (deleted int, missing []Key, err er
 	return deleted, missing, nil
 }
 
-// Put writes an entry into the confirmed table (for tests and migrations).
+// Put writes an entry into the confirmed table of its family (for tests
+// and migrations).
 func (m *Map) Put(k *Key, e *Entry) error {
-	if err := m.m.Put(k, e); err != nil {
+	var err error
+	if k.Family == 4 {
+		r := k.raw4()
+		err = m.t.Confirmed4.Put(&r, e)
+	} else {
+		r := k.raw6()
+		err = m.t.Confirmed6.Put(&r, e)
+	}
+	if err != nil {
 		return fmt.Errorf("write conntrack entry: %w", err)
 	}
 	return nil
 }
 
-// Lookup reads one entry, from the confirmed table or else the unconfirmed one.
+// Lookup reads one entry, from the confirmed table of its family or else
+// the unconfirmed one.
 func (m *Map) Lookup(k *Key) (Entry, error) {
 	var e Entry
-	err := m.m.Lookup(k, &e)
+	if k.Family == 4 {
+		r := k.raw4()
+		err := m.t.Confirmed4.Lookup(&r, &e)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			err = m.t.Unconfirmed4.Lookup(&r, &e)
+		}
+		return e, err
+	}
+	r := k.raw6()
+	err := m.t.Confirmed6.Lookup(&r, &e)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		err = m.unconfirmed.Lookup(k, &e)
+		err = m.t.Unconfirmed6.Lookup(&r, &e)
 	}
 	return e, err
 }
 
-// PutBatch writes entries into the confirmed table in batches (for tests,
+// Where reports which of its family's tables hold k: the confirmed, the
+// unconfirmed, or (for an instant, while the datapath promotes the flow)
+// both.
+func (m *Map) Where(k *Key) (confirmed, unconfirmed bool, err error) {
+	in := func(t *ebpf.Map) (bool, error) {
+		var e Entry
+		var err error
+		if k.Family == 4 {
+			r := k.raw4()
+			err = t.Lookup(&r, &e)
+		} else {
+			r := k.raw6()
+			err = t.Lookup(&r, &e)
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return false, nil
+		}
+		return err == nil, err
+	}
+	c, u := m.t.Confirmed4, m.t.Unconfirmed4
+	if k.Family != 4 {
+		c, u = m.t.Confirmed6, m.t.Unconfirmed6
+	}
+	if confirmed, err = in(c); err != nil {
+		return false, false, fmt.Errorf("look up conntrack entry: %w", err)
+	}
+	if unconfirmed, err = in(u); err != nil {
+		return false, false, fmt.Errorf("look up conntrack entry: %w", err)
+	}
+	return confirmed, unconfirmed, nil
+}
+
+// PutBatch writes entries into the confirmed tables in batches (for tests,
 // benchmarks and migrations).
 func (m *Map) PutBatch(keys []Key, entries []Entry) error {
+	return putFamilies(m.t.Confirmed4, m.t.Confirmed6, keys, entries)
+}
+
+// PutUnconfirmedBatch writes entries into the unconfirmed tables in
+// batches (for tests and benchmarks: a flood's half-open flows).
+func (m *Map) PutUnconfirmedBatch(keys []Key, entries []Entry) error {
+	return putFamilies(m.t.Unconfirmed4, m.t.Unconfirmed6, keys, entries)
+}
+
+func putFamilies(t4, t6 *ebpf.Map, keys []Key, entries []Entry) error {
 	if len(keys) != len(entries) {
 		return fmt.Errorf("write conntrack entries: %d keys but %d entries", len(keys), len(entries))
 	}
+	var (
+		k4     []key4
+		k6     []key6
+		e4, e6 []Entry
+	)
+	for i := range keys {
+		if keys[i].Family == 4 {
+			k4, e4 = append(k4, keys[i].raw4()), append(e4, entries[i])
+		} else {
+			k6, e6 = append(k6, keys[i].raw6()), append(e6, entries[i])
+		}
+	}
+	if err := putBatch(t4, k4, e4); err != nil {
+		return err
+	}
+	return putBatch(t6, k6, e6)
+}
+
+func putBatch[K any](t *ebpf.Map, keys []K, entries []Entry) error {
 	for len(keys) > 0 {
 		n := min(len(keys), BatchSize)
-		if _, err := m.m.BatchUpdate(keys[:n], entries[:n], nil); err != nil {
+		if _, err := t.BatchUpdate(keys[:n], entries[:n], nil); err != nil {
 			return fmt.Errorf("write conntrack entries: %w", err)
 		}
 		keys, entries = keys[n:], entries[n:]
@@ -363,18 +568,11 @@ func (m *Map) PutBatch(keys []Key, entries []Entry) error {
 	return nil
 }
 
-// MaxEntries is the confirmed table's capacity.
-func (m *Map) MaxEntries() uint32 { return m.m.MaxEntries() }
+// MaxEntries is the capacity of each family's confirmed table.
+func (m *Map) MaxEntries() uint32 { return m.t.Confirmed4.MaxEntries() }
 
-// UnconfirmedMaxEntries is the unconfirmed table's capacity.
-func (m *Map) UnconfirmedMaxEntries() uint32 { return m.unconfirmed.MaxEntries() }
-
-func (m *Map) tableName(t *ebpf.Map) string {
-	if t == m.m {
-		return bpf.CtdMapCtV1
-	}
-	return bpf.CtdMapCtUnconfirmedV1
-}
+// UnconfirmedMaxEntries is the capacity of each family's unconfirmed table.
+func (m *Map) UnconfirmedMaxEntries() uint32 { return m.t.Unconfirmed4.MaxEntries() }
 
 // Clock converts the datapath's timestamps to wall-clock time. The datapath
 // stamps with bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC_COARSE, a tick-granular

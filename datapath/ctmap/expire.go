@@ -59,7 +59,10 @@ func (m *Map) NewExpirer() (*Expirer, error) {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
 	var objs bpf.CtexpireObjects
-	repl := map[string]*ebpf.Map{bpf.CtexpireMapCtV1: m.m, bpf.CtexpireMapCtUnconfirmedV1: m.unconfirmed}
+	repl := map[string]*ebpf.Map{
+		bpf.CtexpireMapCt4V2: m.t.Confirmed4, bpf.CtexpireMapCt6V2: m.t.Confirmed6,
+		bpf.CtexpireMapCt4UnconfirmedV2: m.t.Unconfirmed4, bpf.CtexpireMapCt6UnconfirmedV2: m.t.Unconfirmed6,
+	}
 	if err := loadAgainst(spec, repl, &objs); err != nil {
 		return nil, fmt.Errorf("load conntrack expire program: %w", err)
 	}
@@ -82,7 +85,8 @@ func (x *Expirer) Delete(cands []Candidate, outcomes []Outcome) error {
 	buf := x.buf[:len(cands)*recSize]
 	recs := unsafe.Slice((*record)(unsafe.Pointer(unsafe.SliceData(buf))), len(cands))
 	for i := range cands {
-		recs[i] = record{Key: bpf.CtexpireCtKey(cands[i].Key), LastSeen: cands[i].LastSeen}
+		recs[i] = record{LastSeen: cands[i].LastSeen}
+		recs[i].Key.Key, recs[i].Key.Family = cands[i].Key.anyKey(), cands[i].Key.Family
 	}
 	if _, err := x.prog.Run(&ebpf.RunOptions{Data: buf, DataOut: buf}); err != nil {
 		return fmt.Errorf("expire conntrack entries: %w", err)

@@ -49,10 +49,12 @@ func (m *Map) NewRevoker(policy, config *ebpf.Map) (*Revoker, error) {
 		return nil, fmt.Errorf("load conntrack revoke program: %w", err)
 	}
 	repl := map[string]*ebpf.Map{
-		bpf.CtrevokeMapCtV1:            m.m,
-		bpf.CtrevokeMapCtUnconfirmedV1: m.unconfirmed,
-		bpf.CtrevokeMapPolicyV1:        policy,
-		bpf.CtrevokeMapConfigV1:        config,
+		bpf.CtrevokeMapCt4V2:            m.t.Confirmed4,
+		bpf.CtrevokeMapCt6V2:            m.t.Confirmed6,
+		bpf.CtrevokeMapCt4UnconfirmedV2: m.t.Unconfirmed4,
+		bpf.CtrevokeMapCt6UnconfirmedV2: m.t.Unconfirmed6,
+		bpf.CtrevokeMapPolicyV1:         policy,
+		bpf.CtrevokeMapConfigV1:         config,
 	}
 	var objs bpf.CtrevokeObjects
 	if err := loadAgainst(spec, repl, &objs); err != nil {
@@ -77,7 +79,8 @@ func (r *Revoker) Revoke(keys []Key, verdicts []Verdict) error {
 	buf := r.buf[:len(keys)*revokeRecSize]
 	recs := unsafe.Slice((*revokeRecord)(unsafe.Pointer(unsafe.SliceData(buf))), len(keys))
 	for i := range keys {
-		recs[i] = revokeRecord{Key: bpf.CtrevokeCtKey(keys[i])}
+		recs[i] = revokeRecord{}
+		recs[i].Key.Key, recs[i].Key.Family = keys[i].anyKey(), keys[i].Family
 	}
 	if _, err := r.prog.Run(&ebpf.RunOptions{Data: buf, DataOut: buf}); err != nil {
 		return fmt.Errorf("revoke conntrack entries: %w", err)

@@ -7,6 +7,7 @@ import (
 	stdmaps "maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -85,7 +86,8 @@ func (o Options) Spec() (*ebpf.CollectionSpec, error) {
 }
 
 // SizeSpec sizes the maps of spec as o says, whatever their layout version:
-// ct_vN by CTMax, ipcache4_vN and ipcache6_vN by IPCacheMax, events_vN by
+// ct4_vN and ct6_vN by CTMax, ct4_unconfirmed_vN and ct6_unconfirmed_vN by
+// CTUnconfirmedMax, ipcache4_vN and ipcache6_vN by IPCacheMax, events_vN by
 // RingBufSize. Other maps keep the size they were built with.
 func (o Options) SizeSpec(spec *ebpf.CollectionSpec) {
 	for name, ms := range spec.Maps {
@@ -93,17 +95,47 @@ func (o Options) SizeSpec(spec *ebpf.CollectionSpec) {
 		if !ok {
 			continue
 		}
-		switch table {
-		case "ct":
-			ms.MaxEntries = o.CTMax
-		case "ct_unconfirmed":
-			ms.MaxEntries = o.CTUnconfirmedMax
-		case "ipcache4", "ipcache6":
-			ms.MaxEntries = o.IPCacheMax
-		case "events":
-			ms.MaxEntries = o.RingBufSize
+		if size := o.sizeOf(table); size != 0 {
+			ms.MaxEntries = size
 		}
 	}
+}
+
+// sizeOf is the size o gives the maps of table (0: the build's).
+func (o Options) sizeOf(table string) uint32 {
+	switch table {
+	case "ct4", "ct6":
+		return o.CTMax
+	case "ct4_unconfirmed", "ct6_unconfirmed":
+		return o.CTUnconfirmedMax
+	case "ipcache4", "ipcache6":
+		return o.IPCacheMax
+	case "events":
+		return o.RingBufSize
+	}
+	return 0
+}
+
+// SizeFlag names the option that sizes the maps of table, for messages.
+func SizeFlag(table string) string {
+	switch table {
+	case "ct4", "ct6", "ct":
+		return "--ct-max"
+	case "ct4_unconfirmed", "ct6_unconfirmed", "ct_unconfirmed":
+		return "--ct-unconfirmed-max"
+	case "ipcache4", "ipcache6":
+		return "--ipcache-max"
+	case "events":
+		return "--ringbuf-size"
+	}
+	return "max_entries"
+}
+
+// IsConntrackTable reports whether table is a conntrack table, which the
+// datapath writes (any layout).
+func IsConntrackTable(table string) bool {
+	f := SizeFlag(table)
+	return f == "--ct-max" || f == "--ct-unconfirmed-max"
 }
 
 // SplitName splits a map name into the table it holds and the version of
@@ -293,19 +325,42 @@ func openOrCreate(pinPath string, spec *ebpf.CollectionSpec) (map[string]*ebpf.M
 }
 
 // otherLayout returns the name of a map pinned in pinPath that holds the
-// same table as name in another layout version, or "".
+// same table as name in another layout version (or a table this build
+// converts into name), or "".
 func otherLayout(pinPath, name string) string {
-	table, _, ok := SplitName(name)
-	if !ok {
-		return ""
+	pinned, _ := os.ReadDir(pinPath)
+	var names []string
+	for _, e := range pinned {
+		names = append(names, e.Name())
 	}
-	entries, _ := os.ReadDir(pinPath)
-	for _, e := range entries {
-		if t, _, ok := SplitName(e.Name()); ok && t == table && e.Name() != name {
-			return e.Name()
-		}
+	if others := OtherLayouts(name, names, Converters()); len(others) > 0 {
+		return others[0]
 	}
 	return ""
+}
+
+// OtherLayouts returns those of the pinned map names that hold the table
+// of the map named name in another layout: the maps convs convert into
+// it, and other versions of its table that convs do not convert into
+// another (ct_v1 is converted into ct4_v2 and ct6_v2, not into the
+// downgrade guard ct_v2).
+func OtherLayouts(name string, pinned []string, convs []Converter) []string {
+	table, _, ok := SplitName(name)
+	if !ok {
+		return nil
+	}
+	from := Replaces(name, convs)
+	var out []string
+	for _, n := range pinned {
+		if n == name {
+			continue
+		}
+		t, _, ok := SplitName(n)
+		if slices.Contains(from, n) || (ok && t == table && !Converted(n, convs)) {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // DefaultEventsRate is the per-CPU event rate limit (events per second, and

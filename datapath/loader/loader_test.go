@@ -60,8 +60,8 @@ func TestLoadRefusesIncompatiblePin(t *testing.T) {
 
 	_, err = Load(Options{PinPath: pin, CTMax: 2048, IPCacheMax: 1024})
 	var inc *IncompatibleError
-	if !errors.As(err, &inc) || inc.Map != CTMap || !errors.Is(err, ebpf.ErrMapIncompatible) {
-		t.Fatalf("want IncompatibleError for ct_v1, got %v", err)
+	if !errors.As(err, &inc) || inc.Map != CT4Map || !errors.Is(err, ebpf.ErrMapIncompatible) {
+		t.Fatalf("want IncompatibleError for ct4_v2, got %v", err)
 	}
 }
 
@@ -127,25 +127,38 @@ func TestSplitName(t *testing.T) {
 }
 
 func TestLoadRefusesOtherLayout(t *testing.T) {
-	pin := testPinPath(t)
-	if err := os.MkdirAll(pin, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 40, ValueSize: 80, MaxEntries: 16})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Pin(filepath.Join(pin, "ct_v9")); err != nil {
-		t.Fatal(err)
-	}
-	_, err = Load(Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024})
-	var inc *IncompatibleError
-	if !errors.As(err, &inc) || inc.Map != CTMap || !strings.Contains(err.Error(), "pinned as ct_v9") {
-		t.Fatalf("want IncompatibleError for ct_v1 pinned as ct_v9, got %v", err)
-	}
-	if _, err := os.Stat(filepath.Join(pin, CTMap)); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("Load pinned an empty %s beside ct_v9", CTMap)
+	for _, tc := range []struct {
+		pinned string // the only map pinned
+		want   string // the map refused
+	}{
+		{"ct4_v9", CT4Map},    // another version of the table
+		{CTV1Map, CT4Map},     // the table this build converts into ct4_v2
+		{"ct_v9", CTGuardMap}, // another version of the guard's table
+	} {
+		t.Run(tc.pinned, func(t *testing.T) {
+			pin := testPinPath(t)
+			if err := os.MkdirAll(pin, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 40, ValueSize: 80, MaxEntries: 16})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			if err := m.Pin(filepath.Join(pin, tc.pinned)); err != nil {
+				t.Fatal(err)
+			}
+			_, err = Load(Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024})
+			var inc *IncompatibleError
+			if !errors.As(err, &inc) || inc.Map != tc.want || !strings.Contains(err.Error(), "pinned as "+tc.pinned) {
+				t.Fatalf("want IncompatibleError for %s pinned as %s, got %v", tc.want, tc.pinned, err)
+			}
+			for _, name := range MapNames {
+				if _, err := os.Stat(filepath.Join(pin, name)); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("Load pinned %s beside %s", name, tc.pinned)
+				}
+			}
+		})
 	}
 }
 

@@ -14,21 +14,24 @@ import (
 // (the *_MAP macros in bpf/common.h): a layout change renames the map here
 // and in the header, and the code that uses the map keeps its accessor.
 const (
-	CTMap            = bpf.CtdMapCtV1
-	CTUnconfirmedMap = bpf.CtdMapCtUnconfirmedV1
-	IPCache4Map      = bpf.CtdMapIpcache4V1
-	IPCache6Map      = bpf.CtdMapIpcache6V1
-	PolicyMap        = bpf.CtdMapPolicyV1
-	ConfigMap        = bpf.CtdMapConfigV1
-	MetricsMap       = bpf.CtdMapMetricsV1
-	EventsMap        = bpf.CtdMapEventsV2
-	EventLimitMap    = bpf.CtdMapEvlimitV1
-	ListenerMap      = bpf.CtdMapEvlistenV1
-	OwnerMap         = bpf.CtdMapOwnerV1
+	CT4Map            = bpf.CtdMapCt4V2
+	CT6Map            = bpf.CtdMapCt6V2
+	CT4UnconfirmedMap = bpf.CtdMapCt4UnconfirmedV2
+	CT6UnconfirmedMap = bpf.CtdMapCt6UnconfirmedV2
+	CTGuardMap        = bpf.CtdMapCtV2
+	IPCache4Map       = bpf.CtdMapIpcache4V1
+	IPCache6Map       = bpf.CtdMapIpcache6V1
+	PolicyMap         = bpf.CtdMapPolicyV1
+	ConfigMap         = bpf.CtdMapConfigV1
+	MetricsMap        = bpf.CtdMapMetricsV1
+	EventsMap         = bpf.CtdMapEventsV2
+	EventLimitMap     = bpf.CtdMapEvlimitV1
+	ListenerMap       = bpf.CtdMapEvlistenV1
+	OwnerMap          = bpf.CtdMapOwnerV1
 )
 
 // MapNames lists every map ctd pins, in a stable order.
-var MapNames = []string{CTMap, CTUnconfirmedMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap, OwnerMap}
+var MapNames = []string{CT4Map, CT6Map, CT4UnconfirmedMap, CT6UnconfirmedMap, CTGuardMap, IPCache4Map, IPCache6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap, OwnerMap}
 
 // Maps are the datapath's maps, each by what it holds.
 type Maps struct {
@@ -46,10 +49,18 @@ func (m *Maps) assign(coll *ebpf.Collection, pinPath string) error {
 	return nil
 }
 
-// CT is the conntrack table.
-func (m *Maps) CT() *ebpf.Map { return m.objs.CtV1 }
+// CT4 and CT6 are the conntrack tables of confirmed flows, by family.
+func (m *Maps) CT4() *ebpf.Map { return m.objs.Ct4V2 }
+func (m *Maps) CT6() *ebpf.Map { return m.objs.Ct6V2 }
 
-func (m *Maps) CTUnconfirmed() *ebpf.Map { return m.objs.CtUnconfirmedV1 }
+// CT4Unconfirmed and CT6Unconfirmed are the conntrack tables of flows not
+// yet confirmed, by family.
+func (m *Maps) CT4Unconfirmed() *ebpf.Map { return m.objs.Ct4UnconfirmedV2 }
+func (m *Maps) CT6Unconfirmed() *ebpf.Map { return m.objs.Ct6UnconfirmedV2 }
+
+// CTGuard is the downgrade guard (ct_v2 in bpf/ctd.c): it holds nothing;
+// pinned, it makes builds of conntrack layout v1 refuse this datapath.
+func (m *Maps) CTGuard() *ebpf.Map { return m.objs.CtV2 }
 
 // IPCache4 and IPCache6 are the ipcache's LPM tries, by family.
 func (m *Maps) IPCache4() *ebpf.Map { return m.objs.Ipcache4V1 }
@@ -81,7 +92,8 @@ func (m *Maps) Owner() *ebpf.Map { return m.objs.OwnerV1 }
 // ByName returns the maps by name, in the order of MapNames.
 func (m *Maps) ByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		CTMap: m.CT(), CTUnconfirmedMap: m.CTUnconfirmed(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(), PolicyMap: m.Policy(),
+		CT4Map: m.CT4(), CT6Map: m.CT6(), CT4UnconfirmedMap: m.CT4Unconfirmed(), CT6UnconfirmedMap: m.CT6Unconfirmed(),
+		CTGuardMap: m.CTGuard(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(), PolicyMap: m.Policy(),
 		ConfigMap: m.objs.ConfigV1, MetricsMap: m.Metrics(), EventsMap: m.Events(), EventLimitMap: m.EventLimit(),
 		ListenerMap: m.Listener(), OwnerMap: m.Owner(),
 	}
@@ -90,24 +102,34 @@ func (m *Maps) ByName() map[string]*ebpf.Map {
 // Close closes the maps' file descriptors; the pins stay.
 func (m *Maps) Close() error { return m.objs.Close() }
 
-// Conntrack is the conntrack table: the confirmed and unconfirmed tables as flows.
-func (m *Maps) Conntrack() *ctmap.Map { return ctmap.New(m.CT(), m.CTUnconfirmed()) }
+// Conntrack is the conntrack table: its four tables as flows.
+func (m *Maps) Conntrack() *ctmap.Map {
+	return ctmap.New(ctmap.Tables{Confirmed4: m.CT4(), Confirmed6: m.CT6(), Unconfirmed4: m.CT4Unconfirmed(), Unconfirmed6: m.CT6Unconfirmed()})
+}
 
-// NewConntrack creates an unpinned conntrack table (both of its maps),
-// sized by o, for tests and benchmarks; close releases it.
+// ConntrackMaps are the names of the conntrack tables, as in ctmap.Tables.
+var ConntrackMaps = [4]string{CT4Map, CT6Map, CT4UnconfirmedMap, CT6UnconfirmedMap}
+
+// NewConntrack creates an unpinned conntrack table (its four maps), sized
+// by o, for tests and benchmarks; close releases it.
 func NewConntrack(o Options) (ct *ctmap.Map, close func(), err error) {
 	spec, err := o.WithDefaults().Spec()
 	if err != nil {
 		return nil, nil, err
 	}
-	confirmed, err := ebpf.NewMap(spec.Maps[CTMap])
-	if err != nil {
-		return nil, nil, fmt.Errorf("create map %s: %w", CTMap, err)
+	var ms [4]*ebpf.Map
+	closeAll := func() {
+		for _, m := range ms {
+			if m != nil {
+				m.Close()
+			}
+		}
 	}
-	unconfirmed, err := ebpf.NewMap(spec.Maps[CTUnconfirmedMap])
-	if err != nil {
-		confirmed.Close()
-		return nil, nil, fmt.Errorf("create map %s: %w", CTUnconfirmedMap, err)
+	for i, name := range ConntrackMaps {
+		if ms[i], err = ebpf.NewMap(spec.Maps[name]); err != nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("create map %s: %w", name, err)
+		}
 	}
-	return ctmap.New(confirmed, unconfirmed), func() { confirmed.Close(); unconfirmed.Close() }, nil
+	return ctmap.New(ctmap.Tables{Confirmed4: ms[0], Confirmed6: ms[1], Unconfirmed4: ms[2], Unconfirmed6: ms[3]}), closeAll, nil
 }

@@ -8,6 +8,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
 // batchSize is how many entries one batch syscall moves.
@@ -141,12 +143,14 @@ func (m *migration) copyFirst(p *mapPlan) error {
 		if err != nil {
 			return err
 		}
-		conv.add(nk, nv)
+		if nk != nil {
+			conv.add(nk, nv)
+		}
 	}
 	n := conv.len()
 	if hashLike(p.spec.Type) && n > int(p.spec.MaxEntries) {
 		return &Error{Map: p.name, Pin: m.pins.Map(p.oldName),
-			Reason: fmt.Sprintf("%d live entries do not fit in max_entries %d: choose %s %d or more", n, p.spec.MaxEntries, sizeFlag(p.table), n)}
+			Reason: fmt.Sprintf("%d live entries do not fit in max_entries %d: choose %s %d or more", n, p.spec.MaxEntries, loader.SizeFlag(p.table), n)}
 	}
 
 	nm := p.new
@@ -161,7 +165,7 @@ func (m *migration) copyFirst(p *mapPlan) error {
 		if got.len() != conv.len() {
 			return &Error{Map: p.name, Pin: m.pins.Map(p.oldName),
 				Reason: fmt.Sprintf("the new map kept %d of %d live entries (an LRU map evicts before it is full): choose %s larger than %d",
-					got.len(), conv.len(), sizeFlag(p.table), p.spec.MaxEntries)}
+					got.len(), conv.len(), loader.SizeFlag(p.table), p.spec.MaxEntries)}
 		}
 	}
 	p.report.Copied = n
@@ -196,6 +200,9 @@ func (p *mapPlan) replay(cur *entries) (int, error) {
 		if err != nil {
 			return changed, err
 		}
+		if nk == nil {
+			continue
+		}
 		if err := p.new.Update(nk, nv, ebpf.UpdateAny); err != nil {
 			return changed, fmt.Errorf("write map %s: %w", p.name, err)
 		}
@@ -211,6 +218,9 @@ func (p *mapPlan) replay(cur *entries) (int, error) {
 		nk, _, err := p.convert([]byte(k), []byte(v))
 		if err != nil {
 			return changed, err
+		}
+		if nk == nil {
+			continue
 		}
 		if err := p.new.Delete(nk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return changed, fmt.Errorf("delete from map %s: %w", p.name, err)
@@ -235,6 +245,9 @@ func (p *mapPlan) mergeDatapath(cur *entries) (int, error) {
 		nk, nv, err := p.convert(k, v)
 		if err != nil {
 			return changed, err
+		}
+		if nk == nil {
+			continue
 		}
 		var ns []byte
 		if had {

@@ -13,8 +13,8 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/bpf/v2test"
 	"github.com/ctd-dev/ctd/datapath/attach"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/pins"
 	"github.com/ctd-dev/ctd/test/nettest"
@@ -73,21 +73,70 @@ func pinnedIDs(t *testing.T, pinPath string) map[string]ebpf.MapID {
 	return out
 }
 
-// ctKey returns a distinct key for i.
-func ctKey(i int) bpf.CtdCtKey {
-	k := bpf.CtdCtKey{Proto: 6, Family: 4, PortA: uint16(1024 + i%50000), PortB: 80}
+// setupV1 pins a datapath as the first release left it: the maps of this
+// build that layout v1 shares, and the conntrack table of layout v1,
+// ct_v1, with ct_unconfirmed_v1 beside it as later v1 builds added it.
+func setupV1(t *testing.T, o loader.Options) loader.Options {
+	t.Helper()
+	o = setup(t, o)
+	for _, name := range append(loader.ConntrackMaps[:], loader.CTGuardMap) {
+		if err := os.Remove(filepath.Join(o.PinPath, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	o = o.WithDefaults()
+	for name, size := range map[string]uint32{loader.CTV1Map: o.CTMax, loader.CTUnconfirmedV1Map: o.CTUnconfirmedMax} {
+		m, err := ebpf.NewMap(&ebpf.MapSpec{Name: name, Type: ebpf.LRUHash, KeySize: uint32(binary.Size(bpf.CtdCtV1Key{})),
+			ValueSize: uint32(binary.Size(bpf.CtdCtV1Entry{})), MaxEntries: size})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.Pin(filepath.Join(o.PinPath, name))
+		m.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return o
+}
+
+// ctKey returns a distinct key for i: IPv4 for even i, IPv6 for odd.
+func ctKey(i int) ctmap.Key {
+	k := ctmap.Key{Proto: 6, Family: 4, PortA: uint16(1024 + i%50000), PortB: 80}
 	k.AddrA[0], k.AddrA[1], k.AddrA[2], k.AddrA[3] = 10, byte(i>>16), byte(i>>8), byte(i)
 	k.AddrB[0], k.AddrB[3] = 10, 1
+	if i%2 == 1 {
+		k.Family = 6
+		k.AddrA[0], k.AddrB[0], k.AddrA[15], k.AddrB[15] = 0xfd, 0xfd, 7, 8
+	}
 	if i%3 == 0 {
 		k.Proto = 17
 	}
 	return k
 }
 
-// ctEntry returns an entry with every field set, different for each i.
-func ctEntry(r *rand.Rand) bpf.CtdCtEntry {
+// v1Key is k in layout v1.
+func v1Key(k ctmap.Key) bpf.CtdCtV1Key {
+	return bpf.CtdCtV1Key{AddrA: k.AddrA, AddrB: k.AddrB, PortA: k.PortA, PortB: k.PortB, Proto: k.Proto, Family: k.Family}
+}
+
+// v1Entry is e in layout v1, and e as a conversion from it leaves it (the
+// fields v2 adds zero).
+func v1Entry(e ctmap.Entry) (bpf.CtdCtV1Entry, ctmap.Entry) {
+	v1 := bpf.CtdCtV1Entry{
+		PacketsOrig: e.PacketsOrig, BytesOrig: e.BytesOrig, PacketsReply: e.PacketsReply, BytesReply: e.BytesReply,
+		FirstSeen: e.FirstSeen, LastSeen: e.LastSeen, SrcIdentity: e.SrcIdentity, DstIdentity: e.DstIdentity,
+		Ifindex: e.Ifindex, State: e.State, OrigIsB: e.OrigIsB, TcpFlagsOrig: e.TcpFlagsOrig,
+		TcpFlagsReply: e.TcpFlagsReply, Flags: e.Flags,
+	}
+	e.RttUs, e.SynNs, e.CgroupId, e.Pid, e.Comm = 0, 0, 0, 0, [16]int8{}
+	return v1, e
+}
+
+// ctEntry returns an entry with every field set, different for each call.
+func ctEntry(r *rand.Rand) ctmap.Entry {
 	first := r.Uint64N(1 << 40)
-	return bpf.CtdCtEntry{
+	e := ctmap.Entry{
 		PacketsOrig:   r.Uint64N(1 << 20),
 		BytesOrig:     r.Uint64N(1 << 30),
 		PacketsReply:  r.Uint64N(1 << 20),
@@ -102,69 +151,83 @@ func ctEntry(r *rand.Rand) bpf.CtdCtEntry {
 		TcpFlagsOrig:  uint8(r.UintN(32)),
 		TcpFlagsReply: uint8(r.UintN(32)),
 		Flags:         uint8(r.UintN(8)),
+		RttUs:         r.Uint32(),
+		SynNs:         r.Uint64(),
+		CgroupId:      r.Uint64(),
+		Pid:           r.Uint32(),
 	}
+	copy(e.Comm[:], []int8{'c', 't', 'd', int8(r.UintN(100))})
+	return e
 }
 
-// fillCT writes n entries into the v1 conntrack table at pinPath.
-func fillCT(t *testing.T, pinPath string, n int) map[bpf.CtdCtKey]bpf.CtdCtEntry {
+// conntrack opens the pinned conntrack tables of this build.
+func conntrack(t *testing.T, pinPath string) *ctmap.Map {
 	t.Helper()
-	m := openPinned(t, pinPath, bpf.CtdMapCtV1)
+	maps, err := loader.OpenPinned(pinPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { maps.Close() })
+	return maps.Conntrack()
+}
+
+// fillCT writes n entries, of both families, into the conntrack tables at
+// pinPath.
+func fillCT(t *testing.T, pinPath string, n int) map[ctmap.Key]ctmap.Entry {
+	t.Helper()
+	ct := conntrack(t, pinPath)
 	r := rand.New(rand.NewPCG(uint64(n), 7))
-	want := make(map[bpf.CtdCtKey]bpf.CtdCtEntry, n)
+	want := make(map[ctmap.Key]ctmap.Entry, n)
 	for i := range n {
 		k, e := ctKey(i), ctEntry(r)
-		if err := m.Put(k, e); err != nil {
+		if err := ct.Put(&k, &e); err != nil {
 			t.Fatalf("put conntrack entry %d: %v", i, err)
 		}
 		want[k] = e
 	}
 	// An LRU hash evicts before it is full (its free nodes sit in per-CPU
 	// lists): keep fills well below capacity, and say so if one was not.
-	if got := len(readCT(t, m)); got != n {
-		t.Fatalf("filled %d conntrack entries into max_entries %d, the LRU kept %d: fill less", n, m.MaxEntries(), got)
+	if got := len(readCT(t, ct)); got != n {
+		t.Fatalf("filled %d conntrack entries into max_entries %d, the LRU kept %d: fill less", n, ct.MaxEntries(), got)
 	}
 	return want
 }
 
-// readCT reads a v1 conntrack table.
-func readCT(t *testing.T, m *ebpf.Map) map[bpf.CtdCtKey]bpf.CtdCtEntry {
+// fillCTv1 writes n entries, of both families, into the v1 conntrack
+// table ct_v1 at pinPath, and returns them as the conversion to v2 leaves
+// them.
+func fillCTv1(t *testing.T, pinPath string, n int) map[ctmap.Key]ctmap.Entry {
 	t.Helper()
-	got := make(map[bpf.CtdCtKey]bpf.CtdCtEntry)
-	var (
-		k bpf.CtdCtKey
-		e bpf.CtdCtEntry
-	)
-	it := m.Iterate()
-	for it.Next(&k, &e) {
-		got[k] = e
+	m := openPinned(t, pinPath, loader.CTV1Map)
+	r := rand.New(rand.NewPCG(uint64(n), 7))
+	want := make(map[ctmap.Key]ctmap.Entry, n)
+	for i := range n {
+		k := ctKey(i)
+		e, conv := v1Entry(ctEntry(r))
+		if err := m.Put(v1Key(k), e); err != nil {
+			t.Fatalf("put v1 conntrack entry %d: %v", i, err)
+		}
+		want[k] = conv
 	}
-	if err := it.Err(); err != nil {
+	return want
+}
+
+// readCT reads the conntrack tables.
+func readCT(t *testing.T, ct *ctmap.Map) map[ctmap.Key]ctmap.Entry {
+	t.Helper()
+	got := make(map[ctmap.Key]ctmap.Entry)
+	if err := ct.Iterate(func(k *ctmap.Key, e *ctmap.Entry) bool {
+		got[*k] = *e
+		return true
+	}); err != nil {
 		t.Fatalf("read conntrack table: %v", err)
 	}
 	return got
 }
 
-// readCTv2 reads a v2 conntrack table.
-func readCTv2(t *testing.T, m *ebpf.Map) map[v2test.CtdCtKey]v2test.CtdCtEntry {
+func checkCT(t *testing.T, ct *ctmap.Map, want map[ctmap.Key]ctmap.Entry) {
 	t.Helper()
-	got := make(map[v2test.CtdCtKey]v2test.CtdCtEntry)
-	var (
-		k v2test.CtdCtKey
-		e v2test.CtdCtEntry
-	)
-	it := m.Iterate()
-	for it.Next(&k, &e) {
-		got[k] = e
-	}
-	if err := it.Err(); err != nil {
-		t.Fatalf("read conntrack table: %v", err)
-	}
-	return got
-}
-
-func checkCT(t *testing.T, m *ebpf.Map, want map[bpf.CtdCtKey]bpf.CtdCtEntry) {
-	t.Helper()
-	got := readCT(t, m)
+	got := readCT(t, ct)
 	if len(got) != len(want) {
 		t.Errorf("conntrack table holds %d entries, want %d", len(got), len(want))
 	}
@@ -246,18 +309,35 @@ type ctRaw struct {
 	state                                            uint8
 }
 
-func readRaw(t *testing.T, m *ebpf.Map, spec *ebpf.MapSpec, key bpf.CtdCtKey) (ctRaw, bool) {
+// rawKey is key as a map of spec's key size holds it: layout v1's key, or
+// v2's of the key's family.
+func rawKey(t *testing.T, spec *ebpf.MapSpec, key ctmap.Key) []byte {
+	t.Helper()
+	var raw any
+	switch spec.KeySize {
+	case uint32(binary.Size(bpf.CtdCtV1Key{})):
+		raw = v1Key(key)
+	case uint32(binary.Size(bpf.CtdCt4Key{})):
+		raw = bpf.CtdCt4Key{AddrA: binary.NativeEndian.Uint32(key.AddrA[:4]), AddrB: binary.NativeEndian.Uint32(key.AddrB[:4]),
+			PortA: key.PortA, PortB: key.PortB, Proto: key.Proto}
+	default:
+		raw = bpf.CtdCt6Key{AddrA: key.AddrA, AddrB: key.AddrB, PortA: key.PortA, PortB: key.PortB, Proto: key.Proto}
+	}
+	kb, err := binary.Append(nil, binary.NativeEndian, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kb
+}
+
+func readRaw(t *testing.T, m *ebpf.Map, spec *ebpf.MapSpec, key ctmap.Key) (ctRaw, bool) {
 	t.Helper()
 	l, err := ctLayoutOf(spec)
 	if err != nil {
 		t.Fatal(err)
 	}
-	kb, err := binary.Append(nil, binary.NativeEndian, key)
-	if err != nil {
-		t.Fatal(err)
-	}
 	v := make([]byte, m.ValueSize())
-	if err := m.Lookup(kb, v); errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := m.Lookup(rawKey(t, spec, key), v); errors.Is(err, ebpf.ErrKeyNotExist) {
 		return ctRaw{}, false
 	} else if err != nil {
 		t.Fatalf("look up conntrack entry: %v", err)

@@ -2,15 +2,18 @@
 //
 // # What migrates
 //
-// Every map name carries its layout version (ct_v1). Load compares each map
+// Every map name carries its layout version (ct4_v2). Load compares each map
 // of this build's spec with what is pinned and, where they differ, migrates:
 //
 //   - resize: same name, other max_entries (--ct-max, --ipcache-max). Hash,
 //     LRU hash and LPM trie maps are copied into a map of the new size; a
 //     size below the number of live entries is refused. Arrays may grow.
 //   - upgrade: an older layout of the table is pinned (ct_v1 while this build
-//     uses ct_v2). Entries are copied through the loader.Converter for that
-//     pair, which the build of the new layout provides (LoadSpec).
+//     uses ct4_v2 and ct6_v2). Entries are copied through the
+//     loader.Converter for that pair, which the build of the new layout
+//     provides (LoadSpec); an old table may feed several new ones, each
+//     converter taking the entries of its own (ct_v1's IPv4 flows go into
+//     ct4_v2, its IPv6 flows into ct6_v2).
 //   - recreate: the events ring buffer changes size. A ring buffer cannot be
 //     copied: a new one replaces it and the events not yet read from the old
 //     one, or written to it until the switch, are lost. Readers (ctd monitor)
@@ -130,7 +133,7 @@ const (
 
 // MapReport describes the migration of one map.
 type MapReport struct {
-	Map           string // name this build uses, e.g. "ct_v2"
+	Map           string // name this build uses, e.g. "ct4_v2"
 	From          string // name that was pinned, e.g. "ct_v1"; Map for a resize
 	Action        Action
 	OldMaxEntries uint32
@@ -175,7 +178,7 @@ func Load(opts loader.Options, ifs Interfaces) (*loader.Datapath, Report, error)
 	if err != nil {
 		return nil, Report{}, fmt.Errorf("load datapath spec: %w", err)
 	}
-	coll, rep, err := LoadSpec(opts, spec, ifs)
+	coll, rep, err := LoadSpec(opts, spec, ifs, loader.Converters()...)
 	if err != nil {
 		return nil, rep, err
 	}
@@ -186,8 +189,8 @@ func Load(opts loader.Options, ifs Interfaces) (*loader.Datapath, Report, error)
 
 // LoadSpec is Load for any build of the datapath: spec names the maps and
 // layouts wanted and is sized by opts (spec itself is not modified), and
-// convs convert older layouts of its tables into its own (ctd's own build
-// has none: its layouts are the first). The collection holds the programs
+// convs convert older layouts of its tables into its own (ctd's own build:
+// loader.Converters). The collection holds the programs
 // and every map by name.
 func LoadSpec(opts loader.Options, spec *ebpf.CollectionSpec, ifs Interfaces, convs ...loader.Converter) (*ebpf.Collection, Report, error) {
 	return run(config{opts: opts, spec: spec, ifs: ifs, converters: convs})

@@ -3,6 +3,7 @@ package migrate
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,7 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/bpf/v2test"
+	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
@@ -25,12 +26,12 @@ func TestResize(t *testing.T) {
 		wantMigrated     []string
 		wantUnchangedMap []string
 	}{
-		{"ct grows", [2]uint32{1024, 4096}, [2]uint32{1024, 1024}, 600, 100,
-			[]string{bpf.CtdMapCtV1}, []string{bpf.CtdMapIpcache4V1, bpf.CtdMapPolicyV1, bpf.CtdMapMetricsV1}},
-		{"ct shrinks", [2]uint32{4096, 2048}, [2]uint32{1024, 1024}, 1000, 100,
-			[]string{bpf.CtdMapCtV1}, []string{bpf.CtdMapIpcache4V1, bpf.CtdMapConfigV1}},
-		{"ipcache grows", [2]uint32{1024, 1024}, [2]uint32{1024, 4096}, 500, 1000,
-			[]string{bpf.CtdMapIpcache4V1, bpf.CtdMapIpcache6V1}, []string{bpf.CtdMapCtV1, bpf.CtdMapEvlimitV1}},
+		{"ct grows", [2]uint32{1024, 4096}, [2]uint32{1024, 1024}, 1200, 100,
+			[]string{loader.CT4Map, loader.CT6Map}, []string{bpf.CtdMapIpcache4V1, bpf.CtdMapPolicyV1, bpf.CtdMapMetricsV1, loader.CT4UnconfirmedMap}},
+		{"ct shrinks", [2]uint32{4096, 2048}, [2]uint32{1024, 1024}, 2000, 100,
+			[]string{loader.CT4Map, loader.CT6Map}, []string{bpf.CtdMapIpcache4V1, bpf.CtdMapConfigV1, loader.CTGuardMap}},
+		{"ipcache grows", [2]uint32{1024, 1024}, [2]uint32{1024, 4096}, 1000, 1000,
+			[]string{bpf.CtdMapIpcache4V1, bpf.CtdMapIpcache6V1}, []string{loader.CT4Map, loader.CT6Map, bpf.CtdMapEvlimitV1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := setup(t, loader.Options{CTMax: tc.ct[0], IPCacheMax: tc.ip[0]})
@@ -59,13 +60,16 @@ func TestResize(t *testing.T) {
 				t.Errorf("switched %v with nothing attached", rep.Switched)
 			}
 
-			if got := dp.CT().MaxEntries(); got != tc.ct[1] {
-				t.Errorf("ct_v1 has max_entries %d, want %d", got, tc.ct[1])
+			if got := dp.CT4().MaxEntries(); got != tc.ct[1] {
+				t.Errorf("ct4_v2 has max_entries %d, want %d", got, tc.ct[1])
+			}
+			if got := dp.CT6().MaxEntries(); got != tc.ct[1] {
+				t.Errorf("ct6_v2 has max_entries %d, want %d", got, tc.ct[1])
 			}
 			if got := dp.IPCache4().MaxEntries(); got != tc.ip[1] {
 				t.Errorf("ipcache4_v1 has max_entries %d, want %d", got, tc.ip[1])
 			}
-			checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), wantCT)
+			checkCT(t, conntrack(t, o.PinPath), wantCT)
 			if got := readIPCache(t, openPinned(t, o.PinPath, bpf.CtdMapIpcache4V1)); !mapsEqual(got, wantIP) {
 				t.Errorf("ipcache4_v1 holds %d entries, want the %d written before", len(got), len(wantIP))
 			}
@@ -107,7 +111,7 @@ func mapsEqual[K, V comparable](a, b map[K]V) bool {
 
 func TestRefuseTooSmall(t *testing.T) {
 	o := setup(t, loader.Options{CTMax: 4096, IPCacheMax: 1024})
-	want := fillCT(t, o.PinPath, 100)
+	want := fillCT(t, o.PinPath, 200) // 100 of each family
 	before := pinnedIDs(t, o.PinPath)
 
 	o.CTMax = 16
@@ -117,10 +121,10 @@ func TestRefuseTooSmall(t *testing.T) {
 		t.Fatal("Load migrated 100 live entries into a table of 16")
 	}
 	var me *Error
-	if !errors.As(err, &me) || me.Map != bpf.CtdMapCtV1 {
-		t.Fatalf("want *Error for %s, got %v", bpf.CtdMapCtV1, err)
+	if !errors.As(err, &me) || me.Map != loader.CT4Map {
+		t.Fatalf("want *Error for %s, got %v", loader.CT4Map, err)
 	}
-	for _, s := range []string{"ct_v1", "100 live entries", "max_entries 16", "--ct-max 100"} {
+	for _, s := range []string{"ct4_v2", "100 live entries", "max_entries 16", "--ct-max 100"} {
 		if !strings.Contains(err.Error(), s) {
 			t.Errorf("error %q does not mention %q", err, s)
 		}
@@ -128,83 +132,95 @@ func TestRefuseTooSmall(t *testing.T) {
 	t.Log(err)
 
 	checkUnchanged(t, o.PinPath, before)
-	ct := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+	ct := conntrack(t, o.PinPath)
 	if ct.MaxEntries() != 4096 {
-		t.Errorf("ct_v1 has max_entries %d after a refused resize, want 4096", ct.MaxEntries())
+		t.Errorf("ct4_v2 has max_entries %d after a refused resize, want 4096", ct.MaxEntries())
 	}
 	checkCT(t, ct, want)
 }
 
+// TestUpgradeV1ToV2 upgrades the conntrack tables of layout v1 (ct_v1,
+// ct_unconfirmed_v1: one table for both families) to layout v2 (a table
+// per family) with this build's own converters, and checks that every
+// entry keeps every field and its table (confirmed or not); then that the
+// first release refuses the result.
 func TestUpgradeV1ToV2(t *testing.T) {
-	o := setup(t, loader.Options{CTMax: 1024, IPCacheMax: 1024})
-	want := fillCT(t, o.PinPath, 500)
+	o := setupV1(t, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+	want := fillCTv1(t, o.PinPath, 500)
+	unconfirmed := openPinned(t, o.PinPath, loader.CTUnconfirmedV1Map)
+	r := rand.New(rand.NewPCG(1, 2))
+	wantUnconfirmed := map[ctmap.Key]bool{}
+	for i := 2000; i < 2020; i++ {
+		k := ctKey(i)
+		e, conv := v1Entry(ctEntry(r))
+		if err := unconfirmed.Put(v1Key(k), e); err != nil {
+			t.Fatal(err)
+		}
+		want[k], wantUnconfirmed[k] = conv, true
+	}
 	wantIP := fillIPCache(t, o.PinPath, 50)
 	before := pinnedIDs(t, o.PinPath)
 
-	spec, err := v2test.LoadCtd()
+	dp, rep, err := Load(o, none)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("Load (v1 to v2): %v", err)
 	}
-	coll, rep, err := LoadSpec(o, spec, none, v2test.Converters()...)
-	if err != nil {
-		t.Fatalf("LoadSpec(v2): %v", err)
-	}
-	defer coll.Close()
+	defer dp.Close()
+	um, cm := uint32(loader.DefaultCTUnconfirmedMax), uint32(1024)
 	wantRep := []MapReport{
-		{Map: v2test.CtdMapCtUnconfirmedV2, From: bpf.CtdMapCtUnconfirmedV1, Action: Upgrade, OldMaxEntries: loader.DefaultCTUnconfirmedMax, MaxEntries: loader.DefaultCTUnconfirmedMax},
-		{Map: v2test.CtdMapCtV2, From: bpf.CtdMapCtV1, Action: Upgrade, OldMaxEntries: 1024, MaxEntries: 1024, Copied: 500},
+		{Map: loader.CT4UnconfirmedMap, From: loader.CTUnconfirmedV1Map, Action: Upgrade, OldMaxEntries: um, MaxEntries: um, Copied: 10},
+		{Map: loader.CT4Map, From: loader.CTV1Map, Action: Upgrade, OldMaxEntries: cm, MaxEntries: cm, Copied: 250},
+		{Map: loader.CT6UnconfirmedMap, From: loader.CTUnconfirmedV1Map, Action: Upgrade, OldMaxEntries: um, MaxEntries: um, Copied: 10},
+		{Map: loader.CT6Map, From: loader.CTV1Map, Action: Upgrade, OldMaxEntries: cm, MaxEntries: cm, Copied: 250},
 	}
 	if !slices.Equal(rep.Maps, wantRep) {
 		t.Errorf("report %+v, want %+v", rep.Maps, wantRep)
 	}
 
 	after := pinnedIDs(t, o.PinPath)
-	for _, name := range []string{bpf.CtdMapCtV1, bpf.CtdMapCtUnconfirmedV1} {
+	for _, name := range []string{loader.CTV1Map, loader.CTUnconfirmedV1Map} {
 		if _, ok := after[name]; ok {
 			t.Errorf("old pin %s not retired", name)
 		}
 	}
+	for _, name := range append(loader.ConntrackMaps[:], loader.CTGuardMap) {
+		if _, ok := after[name]; !ok {
+			t.Errorf("%s not pinned", name)
+		}
+	}
 	for name, id := range before {
-		if name != bpf.CtdMapCtV1 && name != bpf.CtdMapCtUnconfirmedV1 && after[name] != id {
+		if name != loader.CTV1Map && name != loader.CTUnconfirmedV1Map && after[name] != id {
 			t.Errorf("%s was replaced although its layout did not change", name)
 		}
 	}
 	checkNoTempPins(t, o.PinPath)
 
-	got := readCTv2(t, openPinned(t, o.PinPath, v2test.CtdMapCtV2))
-	if len(got) != len(want) {
-		t.Errorf("ct_v2 holds %d entries, want %d", len(got), len(want))
-	}
-	for k, e := range want {
-		nk, ne := v2test.CtV1ToV2(k, e)
-		if ne.Origin != 1 {
-			t.Fatalf("converter did not mark the entry as converted: %+v", ne)
+	ct := dp.Conntrack()
+	checkCT(t, ct, want)
+	for k := range want {
+		c, u, err := ct.Where(&k)
+		if err != nil {
+			t.Fatal(err)
 		}
-		g, ok := got[nk]
-		if !ok || g != ne {
-			t.Fatalf("entry %v = %+v (present %v), want %+v", nk, g, ok, ne)
-		}
-		if g.PacketsOrig != e.PacketsOrig || g.BytesReply != e.BytesReply || g.State != e.State || g.OrigIsB != e.OrigIsB {
-			t.Fatalf("entry %v: v2 %+v does not carry v1 %+v", nk, g, e)
+		if c == wantUnconfirmed[k] || u != wantUnconfirmed[k] {
+			t.Fatalf("entry %v in the confirmed table %v, the unconfirmed %v; want it where v1 had it", k, c, u)
 		}
 	}
 	if gotIP := readIPCache(t, openPinned(t, o.PinPath, bpf.CtdMapIpcache4V1)); !mapsEqual(gotIP, wantIP) {
 		t.Errorf("ipcache4_v1 changed across the upgrade")
 	}
 
-	// The v1 CLI now refuses the v2 pins and points to the daemon.
-	_, err = loader.Load(o)
-	var inc *loader.IncompatibleError
-	if !errors.As(err, &inc) || !strings.Contains(err.Error(), "ct_v2") {
-		t.Errorf("loader.Load (v1) on v2 pins: want IncompatibleError naming ct_v2, got %v", err)
-	}
-	// And there is no way back: no converter from v2 to v1 (the first
-	// table planned, in name order, says so).
-	_, _, err = Load(o, none)
+	// A downgrade: the first release's datapath (layout v1) over these pins
+	// finds ct_v2, another layout of its table ct, and refuses before
+	// changing anything, instead of creating an empty ct_v1.
+	before = pinnedIDs(t, o.PinPath)
+	_, _, err = LoadSpec(o, nettest.FirstReleaseSpec(t), none)
 	var me *Error
-	if !errors.As(err, &me) || !strings.Contains(err.Error(), "no converter from ct_unconfirmed_v2 to ct_unconfirmed_v1") {
-		t.Errorf("downgrade: want *Error about the missing converter, got %v", err)
+	if !errors.As(err, &me) || !strings.Contains(err.Error(), "no converter from ct_v2 to ct_v1") {
+		t.Errorf("first release over v2 pins: want *Error about the missing converter, got %v", err)
 	}
+	t.Logf("first release over v2 pins: %v", err)
+	checkUnchanged(t, o.PinPath, before)
 }
 
 func TestCannotMigrate(t *testing.T) {
@@ -215,8 +231,8 @@ func TestCannotMigrate(t *testing.T) {
 	}{
 		{
 			name: "value size changed under one name",
-			pin:  map[string]*ebpf.MapSpec{bpf.CtdMapCtV1: {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 80, MaxEntries: 64}},
-			want: "cannot migrate pinned map " + "%s/ct_v1 to ct_v1: value size 80 pinned, this build wants 72 under the same name: a layout change needs a new map name and a converter",
+			pin:  map[string]*ebpf.MapSpec{loader.CT4Map: {Type: ebpf.LRUHash, KeySize: 16, ValueSize: 120, MaxEntries: 64}},
+			want: "cannot migrate pinned map " + "%s/ct4_v2 to ct4_v2: value size 120 pinned, this build wants 112 under the same name: a layout change needs a new map name and a converter",
 		},
 		{
 			name: "key size changed under one name",
@@ -225,16 +241,16 @@ func TestCannotMigrate(t *testing.T) {
 		},
 		{
 			name: "unknown layout",
-			pin:  map[string]*ebpf.MapSpec{"ct_v0": {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 72, MaxEntries: 64}},
-			want: "this build has no converter from ct_v0 to ct_v1 (it converts ct_v1 to ct_v2, ct_unconfirmed_v1 to ct_unconfirmed_v2)",
+			pin:  map[string]*ebpf.MapSpec{"ct4_v1": {Type: ebpf.LRUHash, KeySize: 16, ValueSize: 72, MaxEntries: 64}},
+			want: "this build has no converter from ct4_v1 to ct4_v2 (it converts ct_v1 to ct4_v2, ct_v1 to ct6_v2, ct_unconfirmed_v1 to ct4_unconfirmed_v2, ct_unconfirmed_v1 to ct6_unconfirmed_v2)",
 		},
 		{
 			name: "several layouts",
 			pin: map[string]*ebpf.MapSpec{
-				"ct_v0": {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 72, MaxEntries: 64},
-				"ct_v7": {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 72, MaxEntries: 64},
+				"ct6_v0": {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 72, MaxEntries: 64},
+				"ct6_v7": {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 72, MaxEntries: 64},
 			},
-			want: "several layouts of table ct are pinned (ct_v0, ct_v7)",
+			want: "several layouts of table ct6 are pinned (ct6_v0, ct6_v7)",
 		},
 		{
 			name: "per-CPU array resized",
@@ -259,15 +275,9 @@ func TestCannotMigrate(t *testing.T) {
 			}
 			before := pinnedIDs(t, pin)
 
-			// With the converters of the test layout, so that the error
-			// names what a build with converters offers.
-			spec, err := bpf.LoadCtd()
-			if err != nil {
-				t.Fatal(err)
-			}
-			coll, _, err := LoadSpec(loader.Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024}, spec, none, v2test.Converters()...)
+			dp, _, err := Load(loader.Options{PinPath: pin, CTMax: 1024, IPCacheMax: 1024}, none)
 			if err == nil {
-				coll.Close()
+				dp.Close()
 				t.Fatal("Load succeeded")
 			}
 			var me *Error
@@ -290,12 +300,12 @@ func TestCatchUp(t *testing.T) {
 	o := setup(t, loader.Options{CTMax: 1024, IPCacheMax: 1024})
 	base := fillCT(t, o.PinPath, 600)
 	baseIP := fillIPCache(t, o.PinPath, 100)
-	oldCT := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+	oldCT := conntrack(t, o.PinPath)
 	oldIP := openPinned(t, o.PinPath, bpf.CtdMapIpcache4V1)
 
-	const grown, fresh = 0, 1000 // key indexes: grown is in base, fresh is not
+	const grown, fresh = 0, 1000 // key indexes: grown is in base, fresh is not (both IPv4)
 	var (
-		want   = make(map[bpf.CtdCtKey]bpf.CtdCtEntry)
+		want   = make(map[ctmap.Key]ctmap.Entry)
 		wantIP = make(map[bpf.CtdIpcache4Key]bpf.CtdIpcacheValue)
 	)
 	for k, e := range base {
@@ -308,19 +318,19 @@ func TestCatchUp(t *testing.T) {
 	afterCopy := func() error {
 		// The old datapath keeps counting an existing flow and moves it
 		// on, and creates new flows.
-		e := base[ctKey(grown)]
+		e, k := base[ctKey(grown)], ctKey(grown)
 		e.PacketsOrig += 10
 		e.BytesOrig += 1000
 		e.PacketsReply += 5
 		e.LastSeen += 1e9
 		e.State = 1
 		e.TcpFlagsReply |= 0x10
-		if err := oldCT.Put(ctKey(grown), e); err != nil {
+		if err := oldCT.Put(&k, &e); err != nil {
 			return err
 		}
 		for i := fresh; i < fresh+20; i++ {
-			e := bpf.CtdCtEntry{PacketsOrig: uint64(i), BytesOrig: 100, FirstSeen: 50, LastSeen: 60, State: 0, OrigIsB: 0}
-			if err := oldCT.Put(ctKey(i), e); err != nil {
+			e, k := ctmap.Entry{PacketsOrig: uint64(i), BytesOrig: 100, FirstSeen: 50, LastSeen: 60, State: 0, OrigIsB: 0}, ctKey(i)
+			if err := oldCT.Put(&k, &e); err != nil {
 				return err
 			}
 		}
@@ -334,19 +344,20 @@ func TestCatchUp(t *testing.T) {
 		return oldIP.Delete(ipcacheKey(2))
 	}
 	afterSwitch := func(newMaps map[string]*ebpf.Map) error {
-		ct := newMaps[bpf.CtdMapCtV1]
+		ct := ctmap.New(ctmap.Tables{Confirmed4: newMaps[loader.CT4Map], Confirmed6: newMaps[loader.CT6Map]})
 		// The new datapath counts the grown flow from its pass-1 copy on,
 		// without changing its state...
-		e := base[ctKey(grown)]
+		e, k := base[ctKey(grown)], ctKey(grown)
 		e.PacketsOrig += 3
 		e.BytesOrig += 300
 		e.LastSeen += 2e9
-		if err := ct.Put(ctKey(grown), e); err != nil {
+		if err := ct.Put(&k, &e); err != nil {
 			return err
 		}
 		// ...and sees a reply of a fresh flow it does not know yet, so it
 		// creates the entry from the other end.
-		return ct.Put(ctKey(fresh), bpf.CtdCtEntry{PacketsOrig: 1, BytesOrig: 64, FirstSeen: 70, LastSeen: 70, OrigIsB: 1, TcpFlagsOrig: 0x12})
+		k = ctKey(fresh)
+		return ct.Put(&k, &ctmap.Entry{PacketsOrig: 1, BytesOrig: 64, FirstSeen: 70, LastSeen: 70, OrigIsB: 1, TcpFlagsOrig: 0x12})
 	}
 
 	g := base[ctKey(grown)]
@@ -358,11 +369,11 @@ func TestCatchUp(t *testing.T) {
 	g.TcpFlagsReply |= 0x10
 	want[ctKey(grown)] = g
 	for i := fresh; i < fresh+20; i++ {
-		want[ctKey(i)] = bpf.CtdCtEntry{PacketsOrig: uint64(i), BytesOrig: 100, FirstSeen: 50, LastSeen: 60}
+		want[ctKey(i)] = ctmap.Entry{PacketsOrig: uint64(i), BytesOrig: 100, FirstSeen: 50, LastSeen: 60}
 	}
 	// The entry the new datapath made keeps its orientation; the old
 	// counters are added to its other end.
-	want[ctKey(fresh)] = bpf.CtdCtEntry{PacketsOrig: 1, BytesOrig: 64, PacketsReply: fresh, BytesReply: 100,
+	want[ctKey(fresh)] = ctmap.Entry{PacketsOrig: 1, BytesOrig: 64, PacketsReply: fresh, BytesReply: 100,
 		FirstSeen: 50, LastSeen: 70, OrigIsB: 1, TcpFlagsOrig: 0x12}
 	wantIP[ipcacheKey(500)] = bpf.CtdIpcacheValue{Identity: 77}
 	wantIP[ipcacheKey(1)] = bpf.CtdIpcacheValue{Identity: 78}
@@ -379,12 +390,13 @@ func TestCatchUp(t *testing.T) {
 	}
 	defer coll.Close()
 
-	checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), want)
+	checkCT(t, conntrack(t, o.PinPath), want)
 	if got := readIPCache(t, openPinned(t, o.PinPath, bpf.CtdMapIpcache4V1)); !mapsEqual(got, wantIP) {
 		t.Errorf("ipcache4_v1 = %d entries, want %d: pass 2 missed a change", len(got), len(wantIP))
 	}
 	for _, m := range rep.Maps {
-		want := map[string]int{bpf.CtdMapCtV1: 21, bpf.CtdMapIpcache4V1: 3, bpf.CtdMapIpcache6V1: 0}[m.Map]
+		// IPv4: the grown flow and the 10 fresh ones of even index; IPv6: the 10 others.
+		want := map[string]int{loader.CT4Map: 11, loader.CT6Map: 10, bpf.CtdMapIpcache4V1: 3, bpf.CtdMapIpcache6V1: 0}[m.Map]
 		if m.CaughtUp != want {
 			t.Errorf("%s: pass 2 caught up %d entries, want %d", m.Map, m.CaughtUp, want)
 		}
@@ -415,6 +427,6 @@ func TestRecreateRingBuf(t *testing.T) {
 	if got := openPinned(t, o.PinPath, bpf.CtdMapEventsV2).MaxEntries(); got != 16384 {
 		t.Errorf("events_v2 has max_entries %d, want 16384", got)
 	}
-	checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), want)
+	checkCT(t, conntrack(t, o.PinPath), want)
 	checkNoTempPins(t, o.PinPath)
 }

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -18,8 +19,8 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/bpf/v2test"
 	"github.com/ctd-dev/ctd/datapath/attach"
+	cfgmap "github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/pins"
@@ -30,8 +31,8 @@ import (
 // there; its name sorts after nettest.IfaceA.
 const secondIface = "ctdz0"
 
-// attachedDatapath loads a v1 datapath and attaches it in host h: TCX on
-// the veth end, tc on a second veth added beside it.
+// attachedDatapath loads this build's datapath and attaches it in host h:
+// TCX on the veth end, tc on a second veth added beside it.
 func attachedDatapath(t *testing.T, h *nettest.Host, o loader.Options) (loader.Options, *loader.Datapath) {
 	t.Helper()
 	o.PinPath = nettest.PinPath(t)
@@ -40,8 +41,41 @@ func attachedDatapath(t *testing.T, h *nettest.Host, o loader.Options) (loader.O
 		t.Fatalf("loader.Load: %v", err)
 	}
 	t.Cleanup(func() { dp.Close() })
-	progs := attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress}
-	err = h.Do(func() error {
+	attachIn(t, h, o.PinPath, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress})
+	return o, dp
+}
+
+// attachedFirstRelease loads the first release's datapath (layout v1,
+// nettest.FirstReleaseSpec) with its maps pinned at a new pin path, ct_v1
+// sized by o.CTMax, and attaches it in host h as attachedDatapath does. It
+// returns the collection and its spec.
+func attachedFirstRelease(t *testing.T, h *nettest.Host, o loader.Options) (loader.Options, *ebpf.Collection, *ebpf.CollectionSpec) {
+	t.Helper()
+	o.PinPath = nettest.PinPath(t)
+	spec := nettest.FirstReleaseSpec(t)
+	spec.Maps[loader.CTV1Map].MaxEntries = o.CTMax
+	if err := os.MkdirAll(o.PinPath, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for name, ms := range spec.Maps {
+		if _, _, ok := loader.SplitName(name); ok {
+			ms.Pinning = ebpf.PinByName
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: o.PinPath}})
+	if err != nil {
+		t.Fatalf("load the first release's datapath: %v", err)
+	}
+	t.Cleanup(func() { coll.Close() })
+	attachIn(t, h, o.PinPath, attach.Programs{Ingress: coll.Programs[bpf.CtdProgCtdIngress], Egress: coll.Programs[bpf.CtdProgCtdEgress]})
+	return o, coll, spec
+}
+
+// attachIn attaches progs in host h: TCX on the veth end, tc on a second
+// veth added beside it.
+func attachIn(t *testing.T, h *nettest.Host, pinPath string, progs attach.Programs) {
+	t.Helper()
+	err := h.Do(func() error {
 		v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: secondIface}, PeerName: secondIface + "p"}
 		if err := netlink.LinkAdd(v); err != nil {
 			return fmt.Errorf("add veth %s: %w", secondIface, err)
@@ -49,16 +83,15 @@ func attachedDatapath(t *testing.T, h *nettest.Host, o loader.Options) (loader.O
 		if err := netlink.LinkSetUp(v); err != nil {
 			return err
 		}
-		if _, err := attach.Attach(h.Iface, attach.ModeTCX, progs, pins.New(o.PinPath).Links()); err != nil {
+		if _, err := attach.Attach(h.Iface, attach.ModeTCX, progs, pins.New(pinPath).Links()); err != nil {
 			return err
 		}
-		_, err := attach.Attach(secondIface, attach.ModeTC, progs, pins.New(o.PinPath).Links())
+		_, err := attach.Attach(secondIface, attach.ModeTC, progs, pins.New(pinPath).Links())
 		return err
 	})
 	if err != nil {
 		t.Fatalf("attach in %s: %v", h.Name, err)
 	}
-	return o, dp
 }
 
 // status returns what is attached to the interfaces, in h.
@@ -140,9 +173,9 @@ func TestRollbackWhenSwitchFails(t *testing.T) {
 	}
 	checkUnchanged(t, o.PinPath, before)
 	checkNoTempPins(t, o.PinPath)
-	ct := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+	ct := conntrack(t, o.PinPath)
 	if ct.MaxEntries() != 1024 {
-		t.Errorf("ct_v1 has max_entries %d after the rollback, want 1024", ct.MaxEntries())
+		t.Errorf("ct4_v2 has max_entries %d after the rollback, want 1024", ct.MaxEntries())
 	}
 	checkCT(t, ct, want)
 
@@ -162,15 +195,15 @@ func TestRollbackWhenSwitchFails(t *testing.T) {
 	if !slices.Equal(rep.Switched, ifaces) {
 		t.Errorf("switched %v, want %v", rep.Switched, ifaces)
 	}
-	newCT := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1]
+	newCT := pinnedIDs(t, o.PinPath)[loader.CT4Map]
 	for _, st := range status(t, a, linkDir, ifaces...) {
 		for _, id := range []ebpf.ProgramID{st.IngressProgID, st.EgressProgID} {
 			if !progUsesMap(t, id, newCT) {
-				t.Errorf("%s: program %d does not use the new ct_v1 (map %d)", st.Iface, id, newCT)
+				t.Errorf("%s: program %d does not use the new ct4_v2 (map %d)", st.Iface, id, newCT)
 			}
 		}
 	}
-	checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), want)
+	checkCT(t, conntrack(t, o.PinPath), want)
 }
 
 // TestMigrateUnderTraffic migrates while a UDP request/echo stream and a
@@ -180,21 +213,43 @@ func TestMigrateUnderTraffic(t *testing.T) {
 	nettest.RequireTool(t, "ping", "iputils-ping")
 	nettest.RequireTool(t, "nsenter", "util-linux")
 	for _, tc := range []struct {
-		name    string
-		ctMax   uint32
-		newSpec func() (*ebpf.CollectionSpec, error)
-		convs   []loader.Converter
-		wantMap string
+		name  string
+		ctMax uint32
+		first bool // from the first release's datapath (layout v1)
 	}{
-		{"resize", 4096, bpf.LoadCtd, nil, bpf.CtdMapCtV1},
-		{"upgrade", 1024, v2test.LoadCtd, v2test.Converters(), v2test.CtdMapCtV2},
+		{"resize", 4096, false},
+		{"upgrade from the first release", 1024, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			pair := nettest.NewPair(t)
 			a, b := pair.A, pair.B
-			o, dp := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+			// The old datapath: its conntrack table (and spec) and the maps
+			// the test reads and writes.
+			var (
+				o                            loader.Options
+				oldCT, oldConfig, oldMetrics *ebpf.Map
+				oldCTSpec                    *ebpf.MapSpec
+				convs                        []loader.Converter
+			)
+			if tc.first {
+				var coll *ebpf.Collection
+				var spec *ebpf.CollectionSpec
+				o, coll, spec = attachedFirstRelease(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+				oldCT, oldCTSpec = coll.Maps[loader.CTV1Map], spec.Maps[loader.CTV1Map]
+				oldConfig, oldMetrics = coll.Maps[loader.ConfigMap], coll.Maps[loader.MetricsMap]
+				convs = loader.Converters()
+			} else {
+				var dp *loader.Datapath
+				o, dp = attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
+				spec, err := o.Spec()
+				if err != nil {
+					t.Fatal(err)
+				}
+				oldCT, oldCTSpec = dp.CT4(), spec.Maps[loader.CT4Map]
+				oldConfig, oldMetrics = dp.ByName()[loader.ConfigMap], dp.Metrics()
+			}
 			cfg := bpf.CtdConfig{DefaultVerdict: [2]uint8{2, 0}} // ingress: deny
-			if err := dp.Config().Update(func(c *bpf.CtdConfig) { *c = cfg }); err != nil {
+			if err := cfgmap.New(oldConfig, o.PinPath).Update(func(c *bpf.CtdConfig) { *c = cfg }); err != nil {
 				t.Fatal(err)
 			}
 			checkIngressDenied(t, a, b)
@@ -225,15 +280,11 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			s := stream(conn, 3*time.Second, time.Millisecond)
 			time.Sleep(time.Second)
 
-			oldSpec, err := o.Spec()
-			if err != nil {
-				t.Fatal(err)
-			}
-			before, ok := readRaw(t, dp.CT(), oldSpec.Maps[bpf.CtdMapCtV1], key)
+			before, ok := readRaw(t, oldCT, oldCTSpec, key)
 			if !ok || before.packetsOrig == 0 {
 				t.Fatalf("no conntrack entry for the UDP stream before the migration")
 			}
-			spec, err := tc.newSpec()
+			spec, err := bpf.LoadCtd()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -256,7 +307,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 			var coll *ebpf.Collection
 			start := time.Now()
 			err = a.Do(func() (err error) {
-				coll, rep, err = run(config{opts: o, spec: spec, converters: tc.convs, hooks: hooks{afterCopy: afterCopy}})
+				coll, rep, err = run(config{opts: o, spec: spec, converters: convs, hooks: hooks{afterCopy: afterCopy}})
 				return err
 			})
 			if late != nil {
@@ -271,9 +322,9 @@ func TestMigrateUnderTraffic(t *testing.T) {
 				t.Errorf("switched %v, want %s and %s", rep.Switched, a.Iface, secondIface)
 			}
 
-			ct := slices.IndexFunc(rep.Maps, func(r MapReport) bool { return r.Map == tc.wantMap })
+			ct := slices.IndexFunc(rep.Maps, func(r MapReport) bool { return r.Map == loader.CT4Map })
 			if ct < 0 || rep.Maps[ct].CaughtUp < 2 {
-				t.Errorf("pass 2 caught up %+v, want the stream's and the new flow's entries in %s", rep.Maps, tc.wantMap)
+				t.Errorf("pass 2 caught up %+v, want the stream's and the new flow's entries in %s", rep.Maps, loader.CT4Map)
 			}
 			if err := roundTrip(late); err != nil {
 				t.Errorf("the flow that started during the copy broke after the switch: %v", err)
@@ -288,10 +339,10 @@ func TestMigrateUnderTraffic(t *testing.T) {
 				t.Errorf("UDP stream: %d datagrams sent, %d echoed: lost %v", res.sent, res.received, res.missing())
 			}
 
-			newCT := coll.Maps[tc.wantMap]
-			after, ok := readRaw(t, newCT, spec.Maps[tc.wantMap], key)
+			newCT := coll.Maps[loader.CT4Map]
+			after, ok := readRaw(t, newCT, spec.Maps[loader.CT4Map], key)
 			if !ok {
-				t.Fatalf("the UDP stream's conntrack entry is missing from %s", tc.wantMap)
+				t.Fatalf("the UDP stream's conntrack entry is missing from %s", loader.CT4Map)
 			}
 			if after.packetsOrig < before.packetsOrig || after.packetsReply < before.packetsReply ||
 				after.bytesOrig < before.bytesOrig || after.bytesReply < before.bytesReply {
@@ -303,7 +354,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 				t.Errorf("counters after the migration: %d orig, %d reply packets; the stream sent %d and got %d",
 					after.packetsOrig, after.packetsReply, res.sent, res.received)
 			}
-			if drops := ingressDrops(t, dp.Metrics()); drops != 1 {
+			if drops := ingressDrops(t, oldMetrics); drops != 1 {
 				t.Errorf("%d packets dropped at ingress, want only the 1 probe of checkIngressDenied", drops)
 			}
 		})
@@ -455,13 +506,13 @@ func TestRecoverInterrupted(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		spec.Maps[bpf.CtdMapCtV1].MaxEntries = 4096
-		orphan, err := ebpf.NewMap(spec.Maps[bpf.CtdMapCtV1])
+		spec.Maps[loader.CT4Map].MaxEntries = 4096
+		orphan, err := ebpf.NewMap(spec.Maps[loader.CT4Map])
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer orphan.Close()
-		if err := orphan.Pin(filepath.Join(o.PinPath, bpf.CtdMapCtV1+pins.TempSuffix)); err != nil {
+		if err := orphan.Pin(filepath.Join(o.PinPath, loader.CT4Map+pins.TempSuffix)); err != nil {
 			t.Fatal(err)
 		}
 
@@ -474,7 +525,7 @@ func TestRecoverInterrupted(t *testing.T) {
 			t.Errorf("recovered %q, want the orphaned pin removed", rep.Recovered)
 		}
 		checkUnchanged(t, o.PinPath, before)
-		checkCT(t, openPinned(t, o.PinPath, bpf.CtdMapCtV1), want)
+		checkCT(t, conntrack(t, o.PinPath), want)
 	})
 
 	t.Run("after the switch", func(t *testing.T) {
@@ -482,10 +533,10 @@ func TestRecoverInterrupted(t *testing.T) {
 		a := pair.A
 		o, _ := attachedDatapath(t, a, loader.Options{CTMax: 1024, IPCacheMax: 1024})
 		want := fillCT(t, o.PinPath, 100)
-		oldCT := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+		oldCT := conntrack(t, o.PinPath)
 		// Written by the old programs after pass 1: the completion must
 		// insert it although pass 2 never ran.
-		lateKey, lateEntry := ctKey(5000), bpf.CtdCtEntry{PacketsOrig: 9, FirstSeen: 1, LastSeen: 2}
+		lateKey, lateEntry := ctKey(5000), ctmap.Entry{PacketsOrig: 9, FirstSeen: 1, LastSeen: 2}
 		want[lateKey] = lateEntry
 
 		o.CTMax = 4096
@@ -496,7 +547,7 @@ func TestRecoverInterrupted(t *testing.T) {
 		crash := errors.New("injected crash after the switch")
 		err = a.Do(func() error {
 			coll, _, err := run(config{opts: o, spec: spec, hooks: hooks{
-				afterCopy:   func() error { return oldCT.Put(lateKey, lateEntry) },
+				afterCopy:   func() error { return oldCT.Put(&lateKey, &lateEntry) },
 				afterSwitch: func(map[string]*ebpf.Map) error { return crash },
 			}})
 			if err == nil {
@@ -507,7 +558,7 @@ func TestRecoverInterrupted(t *testing.T) {
 		if !errors.Is(err, crash) {
 			t.Fatalf("got %v, want the injected failure", err)
 		}
-		temp := pinnedIDs(t, o.PinPath)[bpf.CtdMapCtV1+pins.TempSuffix]
+		temp := pinnedIDs(t, o.PinPath)[loader.CT4Map+pins.TempSuffix]
 		if temp == 0 {
 			t.Fatal("no temporary pin left after a failure past the switch")
 		}
@@ -524,22 +575,23 @@ func TestRecoverInterrupted(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Load after the interrupted migration: %v", err)
 		}
-		if len(rep.Recovered) != 1 || !strings.Contains(rep.Recovered[0], "completed") || rep.Migrated() {
+		// Both conntrack tables were resized: both temporary pins are completed.
+		if len(rep.Recovered) != 2 || !strings.Contains(rep.Recovered[0], "completed") || rep.Migrated() {
 			t.Errorf("report %+v, want the migration completed and nothing migrated again", rep)
 		}
 		after := pinnedIDs(t, o.PinPath)
-		if after[bpf.CtdMapCtV1] != temp {
-			t.Errorf("ct_v1 is map %d, want the map the programs switched to (%d)", after[bpf.CtdMapCtV1], temp)
+		if after[loader.CT4Map] != temp {
+			t.Errorf("ct4_v2 is map %d, want the map the programs switched to (%d)", after[loader.CT4Map], temp)
 		}
 		checkNoTempPins(t, o.PinPath)
-		ct := openPinned(t, o.PinPath, bpf.CtdMapCtV1)
+		ct := conntrack(t, o.PinPath)
 		if ct.MaxEntries() != 4096 {
-			t.Errorf("ct_v1 has max_entries %d, want 4096", ct.MaxEntries())
+			t.Errorf("ct4_v2 has max_entries %d, want 4096", ct.MaxEntries())
 		}
 		checkCT(t, ct, want)
 		for _, st := range status(t, a, pins.New(o.PinPath).Links(), a.Iface, secondIface) {
 			if !progUsesMap(t, st.IngressProgID, temp) {
-				t.Errorf("%s runs program %d, which does not use ct_v1", st.Iface, st.IngressProgID)
+				t.Errorf("%s runs program %d, which does not use ct4_v2", st.Iface, st.IngressProgID)
 			}
 		}
 	})

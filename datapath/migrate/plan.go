@@ -24,7 +24,7 @@ const (
 // mapPlan is what Load does with one map of the spec.
 type mapPlan struct {
 	name    string // name this build uses
-	table   string // name without its version, e.g. "ct"
+	table   string // name without its version, e.g. "ct4"
 	spec    *ebpf.MapSpec
 	action  action
 	oldName string            // pinned name replaced (resize, upgrade, recreate)
@@ -53,7 +53,9 @@ func (p *mapPlan) final() *ebpf.Map {
 	return p.new
 }
 
-// convert turns an old entry into one of this build's layout.
+// convert turns an old entry into one of this build's layout; a nil key
+// means that the entry does not go into this map (it goes into another
+// the old table feeds).
 func (p *mapPlan) convert(k, v []byte) ([]byte, []byte, error) {
 	if p.conv == nil {
 		return k, v, nil
@@ -61,6 +63,9 @@ func (p *mapPlan) convert(k, v []byte) ([]byte, []byte, error) {
 	nk, nv, err := p.conv.Convert(k, v)
 	if err != nil {
 		return nil, nil, fmt.Errorf("convert %s entry to %s: %w", p.oldName, p.name, err)
+	}
+	if nk == nil {
+		return nil, nil, nil
 	}
 	if len(nk) != int(p.spec.KeySize) || len(nv) != int(p.spec.ValueSize) {
 		return nil, nil, fmt.Errorf("convert %s entry to %s: converter returned a %d-byte key and %d-byte value, want %d and %d",
@@ -98,12 +103,7 @@ func (m *migration) plan() error {
 		table, _, _ := loader.SplitName(name)
 		p := &mapPlan{name: name, table: table, spec: m.spec.Maps[name]}
 		m.plans = append(m.plans, p)
-		var others []string
-		for _, n := range pinned {
-			if t, _, _ := loader.SplitName(n); t == table && n != name {
-				others = append(others, n)
-			}
-		}
+		others := loader.OtherLayouts(name, pinned, m.cfg.converters)
 		if slices.Contains(pinned, name) {
 			if err := m.planPinned(p, others); err != nil {
 				return err
@@ -229,21 +229,6 @@ func converterList(cs []loader.Converter) string {
 		s = append(s, c.From+" to "+c.To)
 	}
 	return strings.Join(s, ", ")
-}
-
-// sizeFlag names the option that sizes a table, for error messages.
-func sizeFlag(table string) string {
-	switch table {
-	case "ct":
-		return "--ct-max"
-	case "ct_unconfirmed":
-		return "--ct-unconfirmed-max"
-	case "ipcache4", "ipcache6":
-		return "--ipcache-max"
-	case "events":
-		return "--ringbuf-size"
-	}
-	return "max_entries"
 }
 
 // pinUsed reports whether an attached program uses the map pinned as name.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -74,17 +75,12 @@ func (m *migration) replacedBy(name string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	table, _, _ := loader.SplitName(name)
-	var others []string
-	for _, n := range pinned {
-		if n == name {
-			return n, nil
-		}
-		if t, _, _ := loader.SplitName(n); t == table {
-			others = append(others, n)
-		}
+	if slices.Contains(pinned, name) {
+		return name, nil
 	}
+	others := loader.OtherLayouts(name, pinned, m.cfg.converters)
 	if len(others) > 1 {
+		table, _, _ := loader.SplitName(name)
 		return "", fmt.Errorf("several layouts of table %s are pinned (%s)", table, strings.Join(others, ", "))
 	}
 	if len(others) == 1 {
@@ -131,6 +127,9 @@ func (m *migration) insertMissing(oldName, name string) (int, error) {
 		nk, nv, err := p.convert(cur.key(i), cur.value(i))
 		if err != nil {
 			return inserted, err
+		}
+		if nk == nil {
+			continue
 		}
 		err = nm.Update(nk, nv, ebpf.UpdateNoExist)
 		if errors.Is(err, ebpf.ErrKeyExist) {

@@ -10,6 +10,7 @@ import (
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/pins"
 )
 
@@ -178,7 +179,7 @@ func (m *migration) prepare() (*ebpf.Collection, attach.Programs, error) {
 			return nil, attach.Programs{}, fmt.Errorf("create map %s: %w", p.name, err)
 		}
 		p.new = nm
-		if p.table == "ct" || p.table == "ct_unconfirmed" { // written by the datapath
+		if loader.IsConntrackTable(p.table) { // written by the datapath
 			mg, err := newCTMerger(p.new, p.spec)
 			if err != nil {
 				return nil, attach.Programs{}, fmt.Errorf("map %s: %w", p.name, err)

@@ -192,7 +192,7 @@ func TestLoadAndAttachUndoesOwner(t *testing.T) {
 	pair := nettest.NewPair(t)
 	dir := pins.New(nettest.PinPath(t))
 	err := pair.A.Do(func() error {
-		_, err := dir.LoadAndAttach(pair.A.Iface, attach.Mode("bogus"), loader.Options{CTMax: 1024, CTUnconfirmedMax: 1024, IPCacheMax: 64, RingBufSize: 4096})
+		_, err := dir.LoadAndAttach(pair.A.Iface, attach.Mode("bogus"), loader.Options{CTMax: 1024, CTUnconfirmedMax: 1024, IPCacheMax: 64, RingBufSize: 4096}, loader.Load)
 		return err
 	})
 	if err == nil || !strings.Contains(err.Error(), `invalid mode "bogus"`) {

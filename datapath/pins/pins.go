@@ -1,6 +1,6 @@
 // Package pins owns the layout of a datapath's pin directory: where its maps and links are pinned, what it has attached, and removing it all.
 //
-//	<dir>/ct_v1, ipcache4_v1, ...   the maps, by name (loader.MapNames)
+//	<dir>/ct4_v2, ipcache4_v1, ...  the maps, by name (loader.MapNames)
 //	<dir>/<map>~migrating           a map a migration has not yet moved to its name
 //	<dir>/links/<iface>/ingress     TCX links (attach pins them there)
 //	<dir>/links/<iface>/egress
@@ -282,14 +282,14 @@ func (d Dir) Attach(iface string, mode attach.Mode, progs attach.Programs) (atta
 	return attach.Attach(iface, mode, progs, d.Links())
 }
 
-// LoadAndAttach loads the datapath against the maps pinned here (creating
-// the missing ones, see loader.Load), attaches its socket owner programs
-// to the cgroup v2 root (AttachOwner) and its TC programs to iface. If it
-// fails, the attachment of an interface that had none is removed again,
-// cgroup links it created too, and so is what this call set up
-// (bpffs.Before.Undo): new pins, and the mount and directory where the
-// directory was not set up before.
-func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options) (at attach.Attachment, err error) {
+// LoadAndAttach loads the datapath with load against the maps pinned here
+// (loader.Load, or a migration that also switches the programs where they
+// are attached), attaches its socket owner programs to the cgroup v2 root
+// (AttachOwner) and its TC programs to iface. If it fails, the attachment
+// of an interface that had none is removed again, cgroup links it created
+// too, and so is what this call set up (bpffs.Before.Undo): new pins, and
+// the mount and directory where the directory was not set up before.
+func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options, load func(loader.Options) (*loader.Datapath, error)) (at attach.Attachment, err error) {
 	before, err := d.Status(iface)
 	if err != nil {
 		return attach.Attachment{}, err
@@ -304,7 +304,7 @@ func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options) 
 	}()
 
 	opts.PinPath = d.path
-	dp, err := loader.Load(opts)
+	dp, err := load(opts)
 	if err != nil {
 		return attach.Attachment{}, err
 	}

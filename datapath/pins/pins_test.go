@@ -17,7 +17,7 @@ import (
 // sizes, IDs, a temporary pin, and teardown.
 func TestLayout(t *testing.T) {
 	dir := pins.New(nettest.PinPath(t))
-	if _, err := dir.OpenMap(loader.CTMap, nil); !errors.Is(err, os.ErrNotExist) {
+	if _, err := dir.OpenMap(loader.CT4Map, nil); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("OpenMap before anything is pinned: %v, want a NotPinnedError", err)
 	}
 	maps, err := loader.OpenMaps(loader.Options{PinPath: dir.Path(), CTMax: 1024, IPCacheMax: 64})
@@ -33,8 +33,8 @@ func TestLayout(t *testing.T) {
 	if want := slices.Sorted(slices.Values(loader.MapNames)); !slices.Equal(names, want) {
 		t.Errorf("MapNames = %v, want %v", names, want)
 	}
-	if n, err := dir.MaxEntries(loader.CTMap); err != nil || n != 1024 {
-		t.Errorf("MaxEntries(%s) = %d, %v; want 1024", loader.CTMap, n, err)
+	if n, err := dir.MaxEntries(loader.CT4Map); err != nil || n != 1024 {
+		t.Errorf("MaxEntries(%s) = %d, %v; want 1024", loader.CT4Map, n, err)
 	}
 	if n, err := dir.MaxEntries("ct_v9"); err != nil || n != 0 {
 		t.Errorf("MaxEntries of a map not pinned = %d, %v; want 0", n, err)
@@ -46,11 +46,11 @@ func TestLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer temp.Close()
-	if err := temp.Pin(dir.Temp(loader.CTMap)); err != nil {
+	if err := temp.Pin(dir.Temp(loader.CT4Map)); err != nil {
 		t.Fatal(err)
 	}
-	if temps, err := dir.TempNames(); err != nil || !slices.Equal(temps, []string{loader.CTMap}) {
-		t.Errorf("TempNames = %v, %v; want [%s]", temps, err, loader.CTMap)
+	if temps, err := dir.TempNames(); err != nil || !slices.Equal(temps, []string{loader.CT4Map}) {
+		t.Errorf("TempNames = %v, %v; want [%s]", temps, err, loader.CT4Map)
 	}
 	ids, err := dir.MapIDs()
 	if err != nil {
@@ -60,7 +60,7 @@ func TestLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctID, err := pins.MapID(maps.CT())
+	ctID, err := pins.MapID(maps.CT4())
 	if err != nil {
 		t.Fatal(err)
 	}

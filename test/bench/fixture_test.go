@@ -98,11 +98,11 @@ func newFixture(k fixtureKey) (f *fixture, err error) {
 		return f, fmt.Errorf("open events ring buffer: %w", err)
 	}
 	f.perClass = k.flows / classes
-	if err := FillConntrack(f.dp.CT(), k.flows); err != nil {
+	if err := FillConntrack(f.dp.Conntrack(), k.flows); err != nil {
 		return f, err
 	}
 	if k.flood {
-		if err := FillFlood(f.dp.CTUnconfirmed(), int(f.dp.CTUnconfirmed().MaxEntries())); err != nil {
+		if err := FillFlood(f.dp.Conntrack(), int(f.dp.CT4Unconfirmed().MaxEntries())); err != nil {
 			return f, err
 		}
 	}

@@ -59,7 +59,7 @@ func BenchmarkScrape(b *testing.B) {
 		entries func(ctx context.Context) func(mapinfo.Map) (uint64, bool)
 	}{
 		{"daemon", func(ctx context.Context) func(mapinfo.Map) (uint64, bool) {
-			return metrics.DatapathEntries(ctx, maps, f.dp.CT(), gcStats)
+			return metrics.DatapathEntries(ctx, maps, f.dp.CT4(), f.dp.CT6(), gcStats)
 		}},
 		{"count-per-scrape", func(context.Context) func(mapinfo.Map) (uint64, bool) {
 			return func(m mapinfo.Map) (uint64, bool) {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/datapath/ctmap"
@@ -98,7 +97,7 @@ func flowOf(class, j int) flow {
 // IPv4 and TCP over IPv6, between clients in 198.18.0.0/16 (fd00:bec::/96)
 // and one server, last seen now. Size ct for at least n entries with room
 // to spare: an LRU table near its size evicts while it is filled.
-func FillConntrack(ct *ebpf.Map, n int) error {
+func FillConntrack(ct *ctmap.Map, n int) error {
 	now := uint64(ctmap.Now().Mono()) // the datapath's clock
 	const chunk = 1 << 16
 	keys := make([]ctmap.Key, 0, chunk)
@@ -107,12 +106,8 @@ func FillConntrack(ct *ebpf.Map, n int) error {
 		if len(keys) == 0 {
 			return nil
 		}
-		done, err := ct.BatchUpdate(keys, vals, nil)
-		if err != nil {
+		if err := ct.PutBatch(keys, vals); err != nil {
 			return fmt.Errorf("fill conntrack table: %w", err)
-		}
-		if done != len(keys) {
-			return fmt.Errorf("fill conntrack table: wrote %d of %d entries", done, len(keys))
 		}
 		keys, vals = keys[:0], vals[:0]
 		return nil
@@ -146,7 +141,7 @@ func FillConntrack(ct *ebpf.Map, n int) error {
 // FillFlood fills an unconfirmed conntrack table with n half-open flows, as
 // a SYN flood leaves it: SYNs from distinct addresses of space4 to a server
 // port of its own (floodPort), answered by nobody.
-func FillFlood(m *ebpf.Map, n int) error {
+func FillFlood(m *ctmap.Map, n int) error {
 	now := uint64(ctmap.Now().Mono())
 	keys := make([]ctmap.Key, 0, n)
 	vals := make([]ctmap.Entry, 0, n)
@@ -162,12 +157,8 @@ func FillFlood(m *ebpf.Map, n int) error {
 		}
 		keys, vals = append(keys, k), append(vals, e)
 	}
-	done, err := m.BatchUpdate(keys, vals, nil)
-	if err != nil {
+	if err := m.PutUnconfirmedBatch(keys, vals); err != nil {
 		return fmt.Errorf("fill the unconfirmed table: %w", err)
-	}
-	if done != n {
-		return fmt.Errorf("fill the unconfirmed table: wrote %d of %d entries", done, n)
 	}
 	return nil
 }

@@ -148,7 +148,7 @@ func measureCTCommands(g *goTest, s *scratch, p plan, cases map[string]bench.Con
 	if err != nil {
 		return fail("not measured: "+err.Error(), true)
 	}
-	err = bench.FillConntrack(maps.CT(), ctListEntries)
+	err = bench.FillConntrack(maps.Conntrack(), ctListEntries)
 	maps.Close()
 	if err != nil {
 		return fail("not measured: "+err.Error(), true)
@@ -186,17 +186,17 @@ func measureCTCommands(g *goTest, s *scratch, p plan, cases map[string]bench.Con
 	return rows()
 }
 
-// memlockPerEntry creates ct_v1 as the loader specifies it with a million
+// memlockPerEntry creates ct4_v2 as the loader specifies it with a million
 // entries and divides the memlock the kernel reports (fdinfo) by its size.
 // The LRU hash is preallocated, so the figure is the same empty or full.
 func memlockPerEntry(c bench.ControlCase) controlRow {
-	row := controlRow{Case: c, How: "memlock of ct_v1 created as the loader specifies it with max_entries 1M (fdinfo), divided by max_entries; the LRU hash is preallocated, so empty and full cost the same", Runs: 1}
+	row := controlRow{Case: c, How: "memlock of ct4_v2 created as the loader specifies it with max_entries 1M (fdinfo), divided by max_entries; the LRU hash is preallocated, so empty and full cost the same", Runs: 1}
 	spec, err := loader.Options{}.WithDefaults().Spec()
 	if err != nil {
 		row.Err, row.Failed = "not measured: "+err.Error(), true
 		return row
 	}
-	ms := spec.Maps[loader.CTMap].Copy()
+	ms := spec.Maps[loader.CT4Map].Copy()
 	ms.MaxEntries = ctListEntries
 	ms.Pinning = ebpf.PinNone
 	m, err := ebpf.NewMap(ms)
