@@ -122,6 +122,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	if (t->proto == IPPROTO_TCP) {
 		if (tcp_opens(t->tcp_flags)) {
 			e.state = CT_SYN_SENT;
+			e.syn_ns = bpf_ktime_get_ns(); /* for rtt_us (conntrack.h) */
 		} else {
 			e.state = CT_ESTABLISHED;
 			e.flags |= CT_F_PICKUP;
@@ -129,6 +130,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	}
 	ct_account(&e, 1, t->tcp_flags, len, segs, now);
 	ct_update_state(&e, t->proto, t->tcp_flags, 1);
+	owner_of(skb, dir, cfg, t, &e);
 
 	if (confirmed)
 		bpf_map_delete_elem(tb.confirmed, k);
@@ -140,7 +142,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	}
 	count(dir, M_CT_CREATED, 0);
 	count(dir, M_FWD_NEW, len);
-	emit(cfg, now, EV_FLOW_NEW, 0, dir, skb->ifindex, t, src_id, dst_id, e.state, NULL);
+	emit(cfg, now, EV_FLOW_NEW, 0, dir, skb->ifindex, t, src_id, dst_id, e.state, &e);
 	return CTD_PASS;
 }
 

@@ -9,9 +9,11 @@
  * and copies its owner into the entry: at egress the packet's own socket,
  * at ingress the socket a lookup of its tuple finds (a listener, a bound
  * UDP socket). A forwarded packet has no local socket and no owner. A
- * socket created before the program was attached has no storage: its flows
- * get the socket's cgroup, without pid and comm. So do the TCP subflows of
- * an MPTCP socket until bound (a listener's is bound by its process: the
+ * socket created before the programs were attached has no storage: the
+ * flows it opens get its cgroup (bpf_skb_cgroup_id), without pid and comm;
+ * those it accepts get nothing (TC programs have no helper for the cgroup
+ * of a socket they looked up). So do the TCP subflows of an MPTCP socket
+ * that were never bound (a listener's is bound by its process: the
  * post_bind programs record it; a client's is not).
  *
  * A wildcard listener on the port of a forwarded connection would be taken
@@ -20,6 +22,7 @@
 #pragma once
 
 #include "common.h"
+#include "conntrack.h"
 #include "metrics.h"
 #include "parse.h"
 
@@ -85,16 +88,17 @@ int ctd_post_bind6(struct bpf_sock *sk)
 	return 1;
 }
 
-/* owner_from copies sk's owner into out; without storage, its cgroup. */
-static __always_inline void owner_from(struct bpf_sock *sk, struct owner *out)
+/* owner_from copies sk's owner into e, and reports whether it has one. */
+static __always_inline int owner_from(struct bpf_sock *sk, struct ct_entry *e)
 {
 	struct owner *o = bpf_sk_storage_get(&OWNER_MAP, sk, NULL, 0);
 
-	if (o) {
-		*out = *o;
-		return;
-	}
-	out->cgroup_id = bpf_sk_cgroup_id(sk);
+	if (!o)
+		return 0;
+	e->cgroup_id = o->cgroup_id;
+	e->pid = o->pid;
+	__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+	return 1;
 }
 
 /* owner_lookup finds the local socket an ingress packet of t is for, in the
@@ -123,11 +127,12 @@ static __always_inline struct bpf_sock *owner_lookup(struct __sk_buff *skb, cons
 	return bpf_sk_lookup_udp(skb, &st, size, BPF_F_CURRENT_NETNS, 0);
 }
 
-/* owner_of fills out (zeroed by the caller) with the owner of the local
- * socket of a new flow's first packet t, if it has one. Only for new
+/* owner_of records in e, the entry of a new flow, the owner of the local
+ * socket of its first packet t, if it has one: at egress the packet's
+ * socket, at ingress the one a lookup of its tuple finds. Only for new
  * flows: it costs a socket lookup at ingress. */
-static __always_inline void owner_of(struct __sk_buff *skb, __u32 dir, const struct config *cfg,
-				     const struct tuple *t, struct owner *out)
+static __noinline void owner_of(struct __sk_buff *skb, __u32 dir, const struct config *cfg,
+				     const struct tuple *t, struct ct_entry *e)
 {
 	struct bpf_sock *sk;
 
@@ -138,15 +143,13 @@ static __always_inline void owner_of(struct __sk_buff *skb, __u32 dir, const str
 		if (!sk)
 			return;
 		sk = bpf_sk_fullsock(sk);
-		if (sk)
-			owner_from(sk, out);
-		else
-			out->cgroup_id = bpf_skb_cgroup_id(skb);
+		if (!sk || !owner_from(sk, e))
+			e->cgroup_id = bpf_skb_cgroup_id(skb); /* the socket's cgroup */
 		return;
 	}
 	sk = owner_lookup(skb, t);
 	if (!sk)
 		return;
-	owner_from(sk, out);
+	owner_from(sk, e);
 	bpf_sk_release(sk);
 }

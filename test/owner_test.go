@@ -56,16 +56,7 @@ func runOwnerRole(role string, args []string) error {
 			if err != nil {
 				return err
 			}
-			go func() {
-				buf := make([]byte, 1500)
-				for {
-					n, from, err := c.ReadFrom(buf)
-					if err != nil {
-						return
-					}
-					c.WriteTo(buf[:n], from)
-				}
-			}()
+			go echoPackets(c)
 		} else {
 			l, err := net.Listen(args[0], args[1])
 			if err != nil {
@@ -264,19 +255,17 @@ func randomName(t *testing.T) string {
 // (pid, command name, cgroup) in both families, TCP and UDP, for the
 // connections the host opened (client) and those it accepted (server, a Go
 // listener: MPTCP); a flow to a port without a socket has none; TCP flows
-// carry the handshake's round trip, 20 ms of netem delay on the peer's
-// side; ct list filters by --comm and --cgroup, and ct top counts by comm
+// carry the handshake's round trip, 20 ms more than it takes on the veth
+// (a relay between A and B delays frames, nettest.NewDelayedPair); ct list filters by --comm and --cgroup, and ct top counts by comm
 // and cgroup.
 func TestOwnerAndRTT(t *testing.T) {
-	nettest.RequireTool(t, "tc", "iproute2")
 	bin := nettest.BuildCtd(t)
-	pair := nettest.NewPair(t)
+	// 10 ms each way between A and B: a round trip takes 20 ms more.
+	pair := nettest.NewDelayedPair(t, 10*time.Millisecond)
 	a, b := pair.A, pair.B
 	ctd := &coreCLI{t: t, bin: bin, pin: nettest.PinPath(t), host: a}
 	ctd.must("attach", "--iface", a.Iface)
-	if out, err := b.Command("tc", "qdisc", "add", "dev", b.Iface, "root", "netem", "delay", "20ms").CombinedOutput(); err != nil {
-		t.Fatalf("netem on %s: %v: %s", b.Iface, err, out)
-	}
+	mon := startMonitor(t, bin, ctd.pin, a, "--type", "flow")
 
 	parent := randomName(t)
 	testCgroup(t, "", parent)
@@ -359,10 +348,22 @@ func TestOwnerAndRTT(t *testing.T) {
 				w.proto, w.src, w.dst, r.Pid, r.Comm, r.Cgroup, r.CgroupID, w.pid, w.comm, w.cgroup)
 		}
 		if w.proto == "tcp" && (r.RTT < 20000 || r.RTT > 60000) {
-			t.Errorf("flow %s %v -> %v: rtt_us %d, want 20000..60000 (20 ms of netem delay)", w.proto, w.src, w.dst, r.RTT)
+			t.Errorf("flow %s %v -> %v: rtt_us %d, want 20000..60000 (the relay adds 20 ms)", w.proto, w.src, w.dst, r.RTT)
 		}
 		if w.proto == "udp" && r.RTT != 0 {
 			t.Errorf("flow %s %v -> %v: rtt_us %d, want none for UDP", w.proto, w.src, w.dst, r.RTT)
+		}
+	}
+
+	// monitor's flow-new events carry the owner.
+	for _, w := range wants {
+		ev := mon.waitFor(fmt.Sprintf("flow-new %s %v -> %v", w.proto, w.src, w.dst), func(ev monitorEvent) bool {
+			return ev.Type == "flow-new" && ev.Proto == w.proto && ev.Src == w.src.Addr().String() && ev.Sport == w.src.Port() &&
+				ev.Dst == w.dst.Addr().String() && ev.Dport == w.dst.Port()
+		})
+		if int(ev.Pid) != w.pid || ev.Comm != w.comm || ev.Cgroup != w.cgroup {
+			t.Errorf("monitor: flow-new %s %v -> %v: pid %d comm %q cgroup %q; want %d %q %q",
+				w.proto, w.src, w.dst, ev.Pid, ev.Comm, ev.Cgroup, w.pid, w.comm, w.cgroup)
 		}
 	}
 
@@ -432,14 +433,17 @@ func udpEcho(t *testing.T, h *nettest.Host, addr netip.AddrPort) {
 		t.Fatalf("listen on %v in %s: %v", addr, h.Name, err)
 	}
 	t.Cleanup(func() { c.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := c.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			c.WriteTo(buf[:n], from)
+	go echoPackets(c)
+}
+
+// echoPackets sends every datagram back to its sender until c is closed.
+func echoPackets(c net.PacketConn) {
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return
 		}
-	}()
+		c.WriteTo(buf[:n], from)
+	}
 }

@@ -193,6 +193,10 @@ func FlowOf(k *Key, e *Entry) Flow {
 		Flags:         e.Flags,
 		TCPFlagsOrig:  e.TcpFlagsOrig,
 		TCPFlagsReply: e.TcpFlagsReply,
+		Pid:           e.Pid,
+		Comm:          CommFrom(e.Comm),
+		CgroupID:      e.CgroupId,
+		RTT:           e.RttUs,
 	}
 	a, b := byteorder.Addr(k.AddrA, k.Family), byteorder.Addr(k.AddrB, k.Family)
 	pa, pb := byteorder.Swap16(k.PortA), byteorder.Swap16(k.PortB)

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,10 +14,10 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/attach"
-	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
 	"github.com/ctd-dev/ctd/datapath/pins"
+	"github.com/ctd-dev/ctd/test/dptest"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
@@ -49,29 +48,12 @@ func ownerOf(t *testing.T, m *ebpf.Map, c syscall.Conn) (bpf.CtdOwner, bool) {
 // selfOwner is the owner the program must record for sockets of this process.
 func selfOwner(t *testing.T) (pid uint32, comm string, cgroup uint64) {
 	t.Helper()
-	root, err := cgroupv2.Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	self, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rel string
-	for line := range strings.SplitSeq(string(self), "\n") {
-		if p, ok := strings.CutPrefix(line, "0::"); ok {
-			rel = p
-		}
-	}
-	id, err := cgroupv2.ID(filepath.Join(root, rel))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cgroup, _ = dptest.SelfCgroup(t)
 	c, err := os.ReadFile("/proc/self/comm")
 	if err != nil {
 		t.Fatal(err)
 	}
-	return uint32(os.Getpid()), string(bytes.TrimSpace(c)), id
+	return uint32(os.Getpid()), string(bytes.TrimSpace(c)), cgroup
 }
 
 // TestAttachOwner: the socket owner program of two datapaths runs side by

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net/netip"
+	"os"
 	"runtime"
 	"slices"
 	"testing"
@@ -221,6 +222,18 @@ func coldRound(s *packetSource, n int) (roundResult, error) {
 		}
 		ctd = append(ctd, d[0])
 		floor = append(floor, d[1])
+	}
+	if s.c.Owner == OwnerListener {
+		// Proof that the case measures what it says: the flows are the
+		// listener's, this process's.
+		e, err := s.f.ct.Lookup(&keys[0])
+		if err != nil {
+			return roundResult{}, err
+		}
+		fl := ctmap.FlowOf(&keys[0], &e)
+		if fl.Pid != uint32(os.Getpid()) {
+			return roundResult{}, fmt.Errorf("a new flow to the listener has owner pid %d, want this process (%d)", fl.Pid, os.Getpid())
+		}
 	}
 	if s.c.Kind.New() {
 		deleted, err := s.f.ct.Delete(keys)
