@@ -23,6 +23,7 @@
 #include "metrics.h"
 #include "events.h"
 #include "explain.h"
+#include "owner.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -52,6 +53,8 @@ struct shared_enums {
 	struct ct_v1_entry v1_entry;
 };
 const struct shared_enums *unused_enums __attribute__((unused));
+/* Anchors struct owner (the value of OWNER_MAP) for bpf2go -type. */
+const struct owner *unused_owner __attribute__((unused));
 
 static __always_inline struct config *config_get(void)
 {
@@ -128,6 +131,7 @@ static __always_inline int ct_new(struct __sk_buff *x, struct __sk_buff *skb, __
 	if (t->proto == IPPROTO_TCP) {
 		if (tcp_opens(t->tcp_flags)) {
 			e.state = CT_SYN_SENT;
+			e.syn_ns = bpf_ktime_get_ns(); /* for rtt_us (conntrack.h) */
 		} else {
 			e.state = CT_ESTABLISHED;
 			e.flags |= CT_F_PICKUP;
@@ -135,6 +139,7 @@ static __always_inline int ct_new(struct __sk_buff *x, struct __sk_buff *skb, __
 	}
 	ct_account(&e, 1, t->tcp_flags, len, segs, now);
 	ct_update_state(&e, t->proto, t->tcp_flags, 1);
+	owner_of(skb, dir, cfg, t, &e);
 
 	if (confirmed)
 		bpf_map_delete_elem(tb.confirmed, k);
@@ -146,7 +151,7 @@ static __always_inline int ct_new(struct __sk_buff *x, struct __sk_buff *skb, __
 	}
 	count(dir, M_CT_CREATED, 0);
 	count(dir, M_FWD_NEW, len);
-	emit(cfg, now, EV_FLOW_NEW, 0, dir, skb->ifindex, t, src_id, dst_id, e.state, NULL);
+	emit(cfg, now, EV_FLOW_NEW, 0, dir, skb->ifindex, t, src_id, dst_id, e.state, &e);
 	return CTD_PASS;
 }
 

@@ -2,7 +2,7 @@ package explain_test
 
 import (
 	"errors"
-		"net/netip"
+	"net/netip"
 	"os"
 	"testing"
 	"time"
