@@ -103,35 +103,36 @@ static __always_inline int owner_from(struct bpf_sock *sk, struct ct_entry *e)
 
 /* owner_lookup finds the local socket an ingress packet of t is for, in the
  * network namespace of the skb's device; NULL if there is none. The caller
- * releases it. */
+ * releases it. An IPv6 tuple is laid out as bpf_sock_tuple's ipv6 (source,
+ * destination, ports) and is passed as it is: no copy on the stack. */
 static __always_inline struct bpf_sock *owner_lookup(struct __sk_buff *skb, const struct tuple *t)
 {
-	struct bpf_sock_tuple st = {};
-	__u32 size;
+	struct bpf_sock_tuple *st = (struct bpf_sock_tuple *)t;
+	struct bpf_sock_tuple st4;
+	__u32 size = sizeof(st->ipv6);
 
+	_Static_assert(__builtin_offsetof(struct tuple, dst) == __builtin_offsetof(struct bpf_sock_tuple, ipv6.daddr) &&
+		       __builtin_offsetof(struct tuple, sport) == __builtin_offsetof(struct bpf_sock_tuple, ipv6.sport) &&
+		       __builtin_offsetof(struct tuple, dport) == __builtin_offsetof(struct bpf_sock_tuple, ipv6.dport),
+		       "struct tuple starts as bpf_sock_tuple.ipv6");
 	if (t->family == 4) {
-		st.ipv4.saddr = t->src.w[0];
-		st.ipv4.daddr = t->dst.w[0];
-		st.ipv4.sport = t->sport;
-		st.ipv4.dport = t->dport;
-		size = sizeof(st.ipv4);
-	} else {
-		__builtin_memcpy(st.ipv6.saddr, t->src.w, 16);
-		__builtin_memcpy(st.ipv6.daddr, t->dst.w, 16);
-		st.ipv6.sport = t->sport;
-		st.ipv6.dport = t->dport;
-		size = sizeof(st.ipv6);
+		st4.ipv4.saddr = t->src.w[0];
+		st4.ipv4.daddr = t->dst.w[0];
+		st4.ipv4.sport = t->sport;
+		st4.ipv4.dport = t->dport;
+		st = &st4;
+		size = sizeof(st4.ipv4);
 	}
 	if (t->proto == IPPROTO_TCP)
-		return bpf_sk_lookup_tcp(skb, &st, size, BPF_F_CURRENT_NETNS, 0);
-	return bpf_sk_lookup_udp(skb, &st, size, BPF_F_CURRENT_NETNS, 0);
+		return bpf_sk_lookup_tcp(skb, st, size, BPF_F_CURRENT_NETNS, 0);
+	return bpf_sk_lookup_udp(skb, st, size, BPF_F_CURRENT_NETNS, 0);
 }
 
 /* owner_of records in e, the entry of a new flow, the owner of the local
  * socket of its first packet t, if it has one: at egress the packet's
  * socket, at ingress the one a lookup of its tuple finds. Only for new
  * flows: it costs a socket lookup at ingress. */
-static __noinline void owner_of(struct __sk_buff *skb, __u32 dir, const struct config *cfg,
+static __always_inline void owner_of(struct __sk_buff *skb, __u32 dir, const struct config *cfg,
 				     const struct tuple *t, struct ct_entry *e)
 {
 	struct bpf_sock *sk;
