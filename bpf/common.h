@@ -62,7 +62,8 @@ enum reserved_identity {
 #define POLICY_MAP   policy_v1
 #define CONFIG_MAP   config_v1
 #define METRICS_MAP  metrics_v1
-#define EVENTS_MAP   events_v1
+#define EVENTS_MAP   events_v2
+#define OWNER_MAP    owner_v1
 #define EVLIMIT_MAP  evlimit_v1
 #define EVLISTEN_MAP evlisten_v1
 
@@ -230,7 +231,8 @@ struct policy_value {
 
 struct config {
 	__u8  default_verdict[2]; /* by direction; VERDICT_UNSET means allow */
-	__u8  pad[2];
+	__u8  owner_off;          /* 1: new flows record no owner (to measure what attribution costs) */
+	__u8  pad;
 	__u32 policy_rules;       /* rules in policy_v1; 0 skips the policy lookups */
 	__u32 events_rate;        /* events per second per CPU; 0 = unlimited */
 	__u32 events_burst;       /* token bucket depth per CPU */
@@ -260,6 +262,7 @@ enum metric_reason {
 	M_CT_CONFIRMED = 37,      /* flows promoted to the confirmed table */
 	M_CT_MIDSTREAM_MISS = 38, /* a TCP packet other than SYN or RST found no entry:
 				   * its flow was lost (LRU, flush) or predates ctd */
+	M_OWNER_FAILED = 39,      /* a socket's owner could not be stored (counted as egress) */
 	METRIC_MAX = 64,
 };
 
@@ -268,7 +271,7 @@ struct metric_value {
 	__u64 bytes;
 };
 
-/* ---- events: events_v1 (ring buffer) ---- */
+/* ---- events: events_v2 (ring buffer) ---- */
 
 enum event_type {
 	EV_FLOW_NEW = 1,
@@ -300,6 +303,11 @@ struct event {
 	__u64 bytes_orig;
 	__u64 packets_reply;
 	__u64 bytes_reply;
+	/* v2: the flow's local owner (see struct owner) and handshake RTT */
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 rtt_us;
+	char  comm[16];
 };
 
 struct ratelimit {
@@ -307,9 +315,21 @@ struct ratelimit {
 	__u64 last; /* ns */
 };
 
+/* ---- owner: owner_v1 (socket storage): who created a local socket ---- */
+
+/* Written when an IPv4 or IPv6 TCP or UDP socket is created (the
+ * cgroup/sock_create program of owner.h); a socket accept() returns
+ * inherits its listener's (BPF_F_CLONE). */
+struct owner {
+	__u64 cgroup_id; /* cgroup v2 id (the inode number of its directory) */
+	__u32 pid;       /* tgid of the creating process */
+	__u32 pad;
+	char  comm[16];  /* its command name, NUL padded */
+};
+
 /* ---- event consumer: evlisten_v1 (array of one) ---- */
 
-/* The consumer of events_v1 ('ctd monitor') registers here and refreshes
+/* The consumer of events_v2 ('ctd monitor') registers here and refreshes
  * until every second; the datapath writes events only while now <= until. */
 struct evlisten {
 	__u64 until; /* CLOCK_MONOTONIC_COARSE ns; 0: nobody reads events */

@@ -140,6 +140,12 @@ static __always_inline int ct6_key_of(const struct tuple *t, struct ct6_key *k)
 	return src_is_b;
 }
 
+/* tcp_opens: a packet that may open a TCP connection (SYN without ACK). */
+static __always_inline int tcp_opens(__u8 f)
+{
+	return (f & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
+}
+
 /* ct_update_state advances e's state for a packet with TCP flags `flags`
  * (ignored for other protocols) from the originator (is_orig) or responder. */
 static __always_inline void ct_update_state(struct ct_entry *e, __u8 proto, __u8 flags, int is_orig)
@@ -169,10 +175,17 @@ static __always_inline void ct_update_state(struct ct_entry *e, __u8 proto, __u8
 	case CT_SYN_SENT:
 		if (!is_orig && (flags & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))
 			e->state = CT_SYN_RECV;
+		else if (is_orig && e->syn_ns && tcp_opens(flags))
+			e->syn_ns = bpf_ktime_get_ns(); /* a retransmitted SYN: time the last */
 		break;
 	case CT_SYN_RECV:
-		if (is_orig && (flags & (TCPF_SYN | TCPF_ACK)) == TCPF_ACK)
+		if (is_orig && (flags & (TCPF_SYN | TCPF_ACK)) == TCPF_ACK) {
 			e->state = CT_ESTABLISHED;
+			/* The handshake's round trip, from the opening SYN (the
+			 * precise clock only on handshake packets). */
+			if (e->syn_ns)
+				e->rtt_us = (bpf_ktime_get_ns() - e->syn_ns) / 1000;
+		}
 		break;
 	}
 }
@@ -187,8 +200,3 @@ static __always_inline int tcp_flags_invalid(__u8 f)
 	return (f & (TCPF_SYN | TCPF_FIN | TCPF_RST | TCPF_ACK)) == 0;
 }
 
-/* tcp_opens: a packet that may open a TCP connection (SYN without ACK). */
-static __always_inline int tcp_opens(__u8 f)
-{
-	return (f & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
-}

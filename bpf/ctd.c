@@ -9,6 +9,11 @@
  * advance state and counters, promote a flow just confirmed, pass -> miss:
  * resolve both identities through the ipcache, judge policy, create the
  * entry in the unconfirmed table or drop (see conntrack.h).
+ *
+ * x, passed down from handle(), is NULL for every real packet; in ctd
+ * explain's dry run it is the skb, whose cb[] collects what decided, and
+ * each side effect (map writes, counters, events) is skipped where x is
+ * tested (explain.h).
  */
 #include "common.h"
 #include "parse.h"
@@ -17,6 +22,8 @@
 #include "policy.h"
 #include "metrics.h"
 #include "events.h"
+#include "explain.h"
+#include "owner.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -46,6 +53,8 @@ struct shared_enums {
 	struct ct_v1_entry v1_entry;
 };
 const struct shared_enums *unused_enums __attribute__((unused));
+/* Anchors struct owner (the value of OWNER_MAP) for bpf2go -type. */
+const struct owner *unused_owner __attribute__((unused));
 
 static __always_inline struct config *config_get(void)
 {
@@ -54,9 +63,9 @@ static __always_inline struct config *config_get(void)
 	return bpf_map_lookup_elem(&CONFIG_MAP, &zero);
 }
 
-static __always_inline int verdict_drop(__u32 dir, __u32 reason, __u64 len)
+static __always_inline int verdict_drop(struct __sk_buff *x, __u32 dir, __u32 reason, __u64 len)
 {
-	count(dir, reason, len);
+	tally(x, dir, reason, len);
 	return CTD_DROP;
 }
 
@@ -79,7 +88,7 @@ static __always_inline void ct_account(struct ct_entry *e, int is_orig, __u8 tcp
 /* ct_new judges a flow that has no entry (or a SYN that reuses the tuple
  * of a closed or revoked one, replaced: in the confirmed table if
  * confirmed) and, if allowed, creates its entry in tb's unconfirmed table. */
-static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_new(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				  struct ct_tables tb, const void *k, int src_is_b, int confirmed,
 				  __u64 len, __u64 segs, __u64 now)
 {
@@ -90,22 +99,25 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 
 	src_id = identity_of(&t->src, t->family);
 	dst_id = identity_of(&t->dst, t->family);
+	explain_identities(x, src_id, dst_id);
 
 	/* Mid-stream TCP without an entry: a flow lost to the LRU (or flushed,
 	 * or older than ctd). Visible before the policy judges it. */
-	if (t->proto == IPPROTO_TCP && !(t->tcp_flags & (TCPF_SYN | TCPF_RST))) {
+	if (!x && t->proto == IPPROTO_TCP && !(t->tcp_flags & (TCPF_SYN | TCPF_RST))) {
 		count(dir, M_CT_MIDSTREAM_MISS, 0);
 		emit(cfg, now, EV_CT_MIDSTREAM_MISS, 0, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
 	}
 
-	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto,
-			   policy_port(t->proto, t->dport)) != VERDICT_ALLOW) {
-		emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
-		return verdict_drop(dir, M_DROP_POLICY, len);
+	if (judge(x, cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto,
+		  policy_port(t->proto, t->dport)) != VERDICT_ALLOW) {
+		if (!x)
+			emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
+		return verdict_drop(x, dir, M_DROP_POLICY, len);
 	}
-	/* An RST for a connection we do not know needs no entry. */
-	if (t->proto == IPPROTO_TCP && (t->tcp_flags & TCPF_RST)) {
-		count(dir, M_FWD_NEW, len);
+	/* An RST for a connection we do not know needs no entry; a dry run
+	 * creates none. */
+	if (x || (t->proto == IPPROTO_TCP && (t->tcp_flags & TCPF_RST))) {
+		tally(x, dir, M_FWD_NEW, len);
 		return CTD_PASS;
 	}
 
@@ -119,6 +131,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	if (t->proto == IPPROTO_TCP) {
 		if (tcp_opens(t->tcp_flags)) {
 			e.state = CT_SYN_SENT;
+			e.syn_ns = bpf_ktime_get_ns(); /* for rtt_us (conntrack.h) */
 		} else {
 			e.state = CT_ESTABLISHED;
 			e.flags |= CT_F_PICKUP;
@@ -126,6 +139,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	}
 	ct_account(&e, 1, t->tcp_flags, len, segs, now);
 	ct_update_state(&e, t->proto, t->tcp_flags, 1);
+	owner_of(skb, dir, cfg, t, &e);
 
 	if (confirmed)
 		bpf_map_delete_elem(tb.confirmed, k);
@@ -133,11 +147,11 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
 	if (err) {
 		count(dir, M_CT_UPDATE_FAILED, 0);
 		emit(cfg, now, EV_CT_INSERT_FAILED, M_DROP_CT_INSERT, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
-		return verdict_drop(dir, M_DROP_CT_INSERT, len);
+		return verdict_drop(x, dir, M_DROP_CT_INSERT, len);
 	}
 	count(dir, M_CT_CREATED, 0);
 	count(dir, M_FWD_NEW, len);
-	emit(cfg, now, EV_FLOW_NEW, 0, dir, skb->ifindex, t, src_id, dst_id, e.state, NULL);
+	emit(cfg, now, EV_FLOW_NEW, 0, dir, skb->ifindex, t, src_id, dst_id, e.state, &e);
 	return CTD_PASS;
 }
 
@@ -145,7 +159,7 @@ static __always_inline int ct_new(struct __sk_buff *skb, __u32 dir, struct tuple
  * its direction, and refreshes the entry so that the flow stays cut while
  * either side keeps trying (a pickup cannot re-create it). Only a SYN that
  * the policy in force allows opens a new flow in its place. */
-static __always_inline int ct_revoked(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_revoked(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				      struct ct_tables tb, const void *k, int src_is_b,
 				      struct ct_entry *e, int confirmed,
 				      __u64 len, __u64 segs, __u64 now)
@@ -153,54 +167,62 @@ static __always_inline int ct_revoked(struct __sk_buff *skb, __u32 dir, struct t
 	int is_orig = src_is_b == e->orig_is_b;
 
 	if (t->proto == IPPROTO_TCP && tcp_opens(t->tcp_flags))
-		return ct_new(skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
-	e->last_seen = now;
-	emit(config_get(), now, EV_DROP, M_DROP_REVOKED, dir, skb->ifindex, t,
-	     is_orig ? e->src_identity : e->dst_identity,
-	     is_orig ? e->dst_identity : e->src_identity, e->state, NULL);
-	return verdict_drop(dir, M_DROP_REVOKED, len);
+		return ct_new(x, skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
+	if (!x) {
+		e->last_seen = now;
+		emit(config_get(), now, EV_DROP, M_DROP_REVOKED, dir, skb->ifindex, t,
+		     is_orig ? e->src_identity : e->dst_identity,
+		     is_orig ? e->dst_identity : e->src_identity, e->state, NULL);
+	}
+	return verdict_drop(x, dir, M_DROP_REVOKED, len);
 }
 
 /* ct_lookup_tuple finds the entry of tuple t in its family's tables. */
-static __always_inline struct ct_entry *ct_lookup_tuple(const struct tuple *t)
+static __always_inline struct ct_entry *ct_lookup_tuple(const struct tuple *t, int *confirmed)
 {
-	int confirmed;
-
 	if (t->family == 4) {
 		struct ct4_key k;
 
 		ct4_key_of(t, &k);
-		return ct_lookup(CT4_TABLES, &k, &confirmed);
+		return ct_lookup(CT4_TABLES, &k, confirmed);
 	}
 	struct ct6_key k;
 
 	ct6_key_of(t, &k);
-	return ct_lookup(CT6_TABLES, &k, &confirmed);
+	return ct_lookup(CT6_TABLES, &k, confirmed);
 }
 
 /* related handles an ICMP error: it passes when it quotes a tracked flow, and
  * is otherwise judged like a new flow without creating an entry. */
-static __always_inline int related(struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
+static __always_inline int related(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
 {
-	struct ct_entry *e = ct_lookup_tuple(&p->inner);
 	struct config *cfg;
 	__u32 src_id;
+	int confirmed;
+	struct ct_entry *e = ct_lookup_tuple(&p->inner, &confirmed);
 
+	if (x) {
+		/* The quoted flow's entry; the error's own addresses' identities. */
+		explain_ct(x, e, confirmed, 1);
+		explain_identities(x, identity_of(&p->t.src, p->t.family), identity_of(&p->t.dst, p->t.family));
+	}
 	if (e && (e->flags & CT_F_REVOKED))
-		return verdict_drop(dir, M_DROP_REVOKED, len);
+		return verdict_drop(x, dir, M_DROP_REVOKED, len);
 	if (e) {
-		e->flags |= CT_F_RELATED;
-		count(dir, M_FWD_RELATED, len);
+		if (!x)
+			e->flags |= CT_F_RELATED;
+		tally(x, dir, M_FWD_RELATED, len);
 		return CTD_PASS;
 	}
 	cfg = config_get();
 	src_id = identity_of(&p->t.src, p->t.family);
-	if (policy_verdict(cfg, dir, dir == DIR_INGRESS ? src_id : identity_of(&p->t.dst, p->t.family),
-			   p->t.proto, 0) != VERDICT_ALLOW) {
-		emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, &p->t, src_id, 0, 0, NULL);
-		return verdict_drop(dir, M_DROP_POLICY, len);
+	if (judge(x, cfg, dir, dir == DIR_INGRESS ? src_id : identity_of(&p->t.dst, p->t.family),
+		  p->t.proto, 0) != VERDICT_ALLOW) {
+		if (!x)
+			emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, &p->t, src_id, 0, 0, NULL);
+		return verdict_drop(x, dir, M_DROP_POLICY, len);
 	}
-	count(dir, M_FWD_NEW, len);
+	tally(x, dir, M_FWD_NEW, len);
 	return CTD_PASS;
 }
 
@@ -218,7 +240,7 @@ static __always_inline void ct_promote(__u32 dir, struct ct_tables tb, const voi
 
 /* ct_hit handles a packet of a tracked flow, whose entry e is in the
  * confirmed table or not. */
-static __always_inline int ct_hit(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_hit(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				  struct ct_tables tb, const void *k, int src_is_b,
 				  struct ct_entry *e, int confirmed,
 				  __u64 len, __u64 segs, __u64 now)
@@ -227,11 +249,17 @@ static __always_inline int ct_hit(struct __sk_buff *skb, __u32 dir, struct tuple
 	__u8 old;
 
 	if (e->flags & CT_F_REVOKED)
-		return ct_revoked(skb, dir, t, tb, k, src_is_b, e, confirmed, len, segs, now);
+		return ct_revoked(x, skb, dir, t, tb, k, src_is_b, e, confirmed, len, segs, now);
 
 	/* A SYN on a closed connection reuses its tuple: a new flow. */
 	if (t->proto == IPPROTO_TCP && e->state == CT_CLOSED && tcp_opens(t->tcp_flags))
-		return ct_new(skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
+		return ct_new(x, skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
+
+	/* A dry run stops here: the packet would pass, and change the entry. */
+	if (x) {
+		tally(x, dir, M_FWD_ESTABLISHED, len);
+		return CTD_PASS;
+	}
 
 	is_orig = src_is_b == e->orig_is_b;
 	old = e->state;
@@ -258,7 +286,7 @@ static __always_inline int ct_hit(struct __sk_buff *skb, __u32 dir, struct tuple
 /* ct_track runs conntrack for a packet of tuple t, whose key in tb is k:
  * one lookup in the confirmed table, one in the unconfirmed table on a
  * miss. Inlined once per family. */
-static __always_inline int ct_track(struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_track(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				    struct ct_tables tb, const void *k, int src_is_b,
 				    __u64 len, __u64 segs)
 {
@@ -267,12 +295,14 @@ static __always_inline int ct_track(struct __sk_buff *skb, __u32 dir, struct tup
 	int confirmed;
 
 	e = ct_lookup(tb, k, &confirmed);
+	explain_ct(x, e, confirmed, e && src_is_b == e->orig_is_b);
 	if (!e)
-		return ct_new(skb, dir, t, tb, k, src_is_b, 0, len, segs, now);
-	return ct_hit(skb, dir, t, tb, k, src_is_b, e, confirmed, len, segs, now);
+		return ct_new(x, skb, dir, t, tb, k, src_is_b, 0, len, segs, now);
+	return ct_hit(x, skb, dir, t, tb, k, src_is_b, e, confirmed, len, segs, now);
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
+/* process judges one packet (x: see the top of this file). */
+static __always_inline int process(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir)
 {
 	struct pkt p = {};
 	__u64 len = skb->len, segs = skb->gso_segs ? skb->gso_segs : 1;
@@ -284,39 +314,45 @@ static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 		break;
 	case PKT_NON_IP:
 	case PKT_UNTRACKED:
-		count(dir, M_FWD_UNTRACKED, len);
+		tally(x, dir, M_FWD_UNTRACKED, len);
 		return CTD_PASS;
 	case PKT_FRAGMENT:
 		/* Later fragments carry no ports and are not tracked: the first
 		 * fragment was judged, and without it nothing reassembles. */
-		count(dir, M_FRAGMENTS, len);
-		count(dir, M_FWD_UNTRACKED, len);
+		tally(x, dir, M_FRAGMENTS, len);
+		tally(x, dir, M_FWD_UNTRACKED, len);
 		return CTD_PASS;
 	case PKT_ICMP_ERR:
-		return related(skb, dir, &p, len, bpf_ktime_get_coarse_ns());
+		return related(x, skb, dir, &p, len, bpf_ktime_get_coarse_ns());
 	default: {
 		struct config *cfg = config_get();
 
 		if (cfg && cfg->default_verdict[dir & 1] == VERDICT_DENY)
-			return verdict_drop(dir, M_DROP_PARSE, len);
-		count(dir, M_FWD_UNPARSEABLE, len);
+			return verdict_drop(x, dir, M_DROP_PARSE, len);
+		tally(x, dir, M_FWD_UNPARSEABLE, len);
 		return CTD_PASS;
 	}
 	}
 
 	if (p.t.proto == IPPROTO_TCP && tcp_flags_invalid(p.t.tcp_flags))
-		return verdict_drop(dir, M_DROP_INVALID, len);
+		return verdict_drop(x, dir, M_DROP_INVALID, len);
 
 	if (p.t.family == 4) {
 		struct ct4_key k;
 		int src_is_b = ct4_key_of(&p.t, &k);
 
-		return ct_track(skb, dir, &p.t, CT4_TABLES, &k, src_is_b, len, segs);
+		return ct_track(x, skb, dir, &p.t, CT4_TABLES, &k, src_is_b, len, segs);
 	}
 	struct ct6_key k;
 	int src_is_b = ct6_key_of(&p.t, &k);
 
-	return ct_track(skb, dir, &p.t, CT6_TABLES, &k, src_is_b, len, segs);
+	return ct_track(x, skb, dir, &p.t, CT6_TABLES, &k, src_is_b, len, segs);
+}
+
+/* handle reads once whether skb asks for a dry run (explain.h). */
+static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
+{
+	return process(explain_requested(skb), skb, dir);
 }
 
 SEC("tc")

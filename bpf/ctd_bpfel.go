@@ -16,7 +16,8 @@ import (
 type CtdConfig struct {
 	_              structs.HostLayout
 	DefaultVerdict [2]uint8
-	Pad            [2]uint8
+	OwnerOff       uint8
+	Pad            uint8
 	PolicyRules    uint32
 	EventsRate     uint32
 	EventsBurst    uint32
@@ -147,6 +148,10 @@ type CtdEvent struct {
 	BytesOrig    uint64
 	PacketsReply uint64
 	BytesReply   uint64
+	CgroupId     uint64
+	Pid          uint32
+	RttUs        uint32
+	Comm         [16]int8
 }
 
 type CtdEventType uint32
@@ -164,6 +169,44 @@ type CtdEvlisten struct {
 	Until uint64
 	Pid   uint32
 	Pad   uint32
+}
+
+type CtdExplainBy uint32
+
+const (
+	CtdExplainByEXPLAIN_BY_NONE    CtdExplainBy = 0
+	CtdExplainByEXPLAIN_BY_RULE    CtdExplainBy = 1
+	CtdExplainByEXPLAIN_BY_DEFAULT CtdExplainBy = 2
+)
+
+type CtdExplainCt uint32
+
+const (
+	CtdExplainCtEXPLAIN_CT_NONE        CtdExplainCt = 0
+	CtdExplainCtEXPLAIN_CT_NEW         CtdExplainCt = 1
+	CtdExplainCtEXPLAIN_CT_UNCONFIRMED CtdExplainCt = 2
+	CtdExplainCtEXPLAIN_CT_CONFIRMED   CtdExplainCt = 3
+)
+
+type CtdExplainMagic uint32
+
+const (
+	CtdExplainMagicEXPLAIN_MAGIC_LO CtdExplainMagic = 1819310181
+	CtdExplainMagicEXPLAIN_MAGIC_HI CtdExplainMagic = 979661923
+)
+
+type CtdExplainResult struct {
+	_            structs.HostLayout
+	SrcIdentity  uint32
+	DstIdentity  uint32
+	RuleIdentity uint32
+	RulePort     uint16
+	RuleProto    uint8
+	By           uint8
+	Reason       uint8
+	Ct           uint8
+	CtState      uint8
+	CtFlags      uint8
 }
 
 type CtdIpcache4Key struct {
@@ -214,6 +257,7 @@ const (
 	CtdMetricReasonM_FRAGMENTS          CtdMetricReason = 36
 	CtdMetricReasonM_CT_CONFIRMED       CtdMetricReason = 37
 	CtdMetricReasonM_CT_MIDSTREAM_MISS  CtdMetricReason = 38
+	CtdMetricReasonM_OWNER_FAILED       CtdMetricReason = 39
 	CtdMetricReasonMETRIC_MAX           CtdMetricReason = 64
 )
 
@@ -221,6 +265,14 @@ type CtdMetricValue struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
+}
+
+type CtdOwner struct {
+	_        structs.HostLayout
+	CgroupId uint64
+	Pid      uint32
+	Pad      uint32
+	Comm     [16]int8
 }
 
 type CtdPolicyKey struct {
@@ -263,25 +315,31 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	CtdMapConfigV1         = "config_v1"
-	CtdMapCt4UnconfirmedV2 = "ct4_unconfirmed_v2"
-	CtdMapCt4V2            = "ct4_v2"
-	CtdMapCt6UnconfirmedV2 = "ct6_unconfirmed_v2"
-	CtdMapCt6V2            = "ct6_v2"
-	CtdMapCtV2             = "ct_v2"
-	CtdMapEventsV1         = "events_v1"
-	CtdMapEvlimitV1        = "evlimit_v1"
-	CtdMapEvlistenV1       = "evlisten_v1"
-	CtdMapIpcache4V1       = "ipcache4_v1"
-	CtdMapIpcache6V1       = "ipcache6_v1"
-	CtdMapIphost4V1        = "iphost4_v1"
-	CtdMapIphost6V1        = "iphost6_v1"
-	CtdMapMetricsV1        = "metrics_v1"
-	CtdMapPolicyV1         = "policy_v1"
-	CtdProgCtdEgress       = "ctd_egress"
-	CtdProgCtdIngress      = "ctd_ingress"
-	CtdVarUnusedEnums      = "unused_enums"
-	CtdVarUnusedEvent      = "unused_event"
+	CtdMapConfigV1           = "config_v1"
+	CtdMapCt4UnconfirmedV2   = "ct4_unconfirmed_v2"
+	CtdMapCt4V2              = "ct4_v2"
+	CtdMapCt6UnconfirmedV2   = "ct6_unconfirmed_v2"
+	CtdMapCt6V2              = "ct6_v2"
+	CtdMapCtV2               = "ct_v2"
+	CtdMapEventsV2           = "events_v2"
+	CtdMapEvlimitV1          = "evlimit_v1"
+	CtdMapEvlistenV1         = "evlisten_v1"
+	CtdMapIpcache4V1         = "ipcache4_v1"
+	CtdMapIpcache6V1         = "ipcache6_v1"
+	CtdMapIphost4V1          = "iphost4_v1"
+	CtdMapIphost6V1          = "iphost6_v1"
+	CtdMapMetricsV1          = "metrics_v1"
+	CtdMapOwnerV1            = "owner_v1"
+	CtdMapPolicyV1           = "policy_v1"
+	CtdProgCtdEgress         = "ctd_egress"
+	CtdProgCtdIngress        = "ctd_ingress"
+	CtdProgCtdPostBind4      = "ctd_post_bind4"
+	CtdProgCtdPostBind6      = "ctd_post_bind6"
+	CtdProgCtdSockCreate     = "ctd_sock_create"
+	CtdVarUnusedEnums        = "unused_enums"
+	CtdVarUnusedEvent        = "unused_event"
+	CtdVarUnusedExplainTypes = "unused_explain_types"
+	CtdVarUnusedOwner        = "unused_owner"
 )
 
 // LoadCtd returns the embedded CollectionSpec for Ctd.
@@ -326,8 +384,11 @@ type CtdSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdProgramSpecs struct {
-	CtdEgress  *ebpf.ProgramSpec `ebpf:"ctd_egress"`
-	CtdIngress *ebpf.ProgramSpec `ebpf:"ctd_ingress"`
+	CtdEgress     *ebpf.ProgramSpec `ebpf:"ctd_egress"`
+	CtdIngress    *ebpf.ProgramSpec `ebpf:"ctd_ingress"`
+	CtdPostBind4  *ebpf.ProgramSpec `ebpf:"ctd_post_bind4"`
+	CtdPostBind6  *ebpf.ProgramSpec `ebpf:"ctd_post_bind6"`
+	CtdSockCreate *ebpf.ProgramSpec `ebpf:"ctd_sock_create"`
 }
 
 // CtdMapSpecs contains maps before they are loaded into the kernel.
@@ -340,7 +401,7 @@ type CtdMapSpecs struct {
 	Ct6UnconfirmedV2 *ebpf.MapSpec `ebpf:"ct6_unconfirmed_v2"`
 	Ct6V2            *ebpf.MapSpec `ebpf:"ct6_v2"`
 	CtV2             *ebpf.MapSpec `ebpf:"ct_v2"`
-	EventsV1         *ebpf.MapSpec `ebpf:"events_v1"`
+	EventsV2         *ebpf.MapSpec `ebpf:"events_v2"`
 	EvlimitV1        *ebpf.MapSpec `ebpf:"evlimit_v1"`
 	EvlistenV1       *ebpf.MapSpec `ebpf:"evlisten_v1"`
 	Ipcache4V1       *ebpf.MapSpec `ebpf:"ipcache4_v1"`
@@ -348,6 +409,7 @@ type CtdMapSpecs struct {
 	Iphost4V1        *ebpf.MapSpec `ebpf:"iphost4_v1"`
 	Iphost6V1        *ebpf.MapSpec `ebpf:"iphost6_v1"`
 	MetricsV1        *ebpf.MapSpec `ebpf:"metrics_v1"`
+	OwnerV1          *ebpf.MapSpec `ebpf:"owner_v1"`
 	PolicyV1         *ebpf.MapSpec `ebpf:"policy_v1"`
 }
 
@@ -355,8 +417,10 @@ type CtdMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CtdVariableSpecs struct {
-	UnusedEnums *ebpf.VariableSpec `ebpf:"unused_enums"`
-	UnusedEvent *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedEnums        *ebpf.VariableSpec `ebpf:"unused_enums"`
+	UnusedEvent        *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedExplainTypes *ebpf.VariableSpec `ebpf:"unused_explain_types"`
+	UnusedOwner        *ebpf.VariableSpec `ebpf:"unused_owner"`
 }
 
 // CtdObjects contains all objects after they have been loaded into the kernel.
@@ -385,7 +449,7 @@ type CtdMaps struct {
 	Ct6UnconfirmedV2 *ebpf.Map `ebpf:"ct6_unconfirmed_v2"`
 	Ct6V2            *ebpf.Map `ebpf:"ct6_v2"`
 	CtV2             *ebpf.Map `ebpf:"ct_v2"`
-	EventsV1         *ebpf.Map `ebpf:"events_v1"`
+	EventsV2         *ebpf.Map `ebpf:"events_v2"`
 	EvlimitV1        *ebpf.Map `ebpf:"evlimit_v1"`
 	EvlistenV1       *ebpf.Map `ebpf:"evlisten_v1"`
 	Ipcache4V1       *ebpf.Map `ebpf:"ipcache4_v1"`
@@ -393,6 +457,7 @@ type CtdMaps struct {
 	Iphost4V1        *ebpf.Map `ebpf:"iphost4_v1"`
 	Iphost6V1        *ebpf.Map `ebpf:"iphost6_v1"`
 	MetricsV1        *ebpf.Map `ebpf:"metrics_v1"`
+	OwnerV1          *ebpf.Map `ebpf:"owner_v1"`
 	PolicyV1         *ebpf.Map `ebpf:"policy_v1"`
 }
 
@@ -404,7 +469,7 @@ func (m *CtdMaps) Close() error {
 		m.Ct6UnconfirmedV2,
 		m.Ct6V2,
 		m.CtV2,
-		m.EventsV1,
+		m.EventsV2,
 		m.EvlimitV1,
 		m.EvlistenV1,
 		m.Ipcache4V1,
@@ -412,6 +477,7 @@ func (m *CtdMaps) Close() error {
 		m.Iphost4V1,
 		m.Iphost6V1,
 		m.MetricsV1,
+		m.OwnerV1,
 		m.PolicyV1,
 	)
 }
@@ -420,22 +486,30 @@ func (m *CtdMaps) Close() error {
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdVariables struct {
-	UnusedEnums *ebpf.Variable `ebpf:"unused_enums"`
-	UnusedEvent *ebpf.Variable `ebpf:"unused_event"`
+	UnusedEnums        *ebpf.Variable `ebpf:"unused_enums"`
+	UnusedEvent        *ebpf.Variable `ebpf:"unused_event"`
+	UnusedExplainTypes *ebpf.Variable `ebpf:"unused_explain_types"`
+	UnusedOwner        *ebpf.Variable `ebpf:"unused_owner"`
 }
 
 // CtdPrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to LoadCtdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CtdPrograms struct {
-	CtdEgress  *ebpf.Program `ebpf:"ctd_egress"`
-	CtdIngress *ebpf.Program `ebpf:"ctd_ingress"`
+	CtdEgress     *ebpf.Program `ebpf:"ctd_egress"`
+	CtdIngress    *ebpf.Program `ebpf:"ctd_ingress"`
+	CtdPostBind4  *ebpf.Program `ebpf:"ctd_post_bind4"`
+	CtdPostBind6  *ebpf.Program `ebpf:"ctd_post_bind6"`
+	CtdSockCreate *ebpf.Program `ebpf:"ctd_sock_create"`
 }
 
 func (p *CtdPrograms) Close() error {
 	return _CtdClose(
 		p.CtdEgress,
 		p.CtdIngress,
+		p.CtdPostBind4,
+		p.CtdPostBind6,
+		p.CtdSockCreate,
 	)
 }
 

@@ -16,7 +16,8 @@ import (
 type CtrevokeConfig struct {
 	_              structs.HostLayout
 	DefaultVerdict [2]uint8
-	Pad            [2]uint8
+	OwnerOff       uint8
+	Pad            uint8
 	PolicyRules    uint32
 	EventsRate     uint32
 	EventsBurst    uint32

@@ -109,6 +109,10 @@ static __always_inline void emit(const struct config *cfg, __u64 now, __u8 type,
 		ev->bytes_orig = e->bytes_orig;
 		ev->packets_reply = e->packets_reply;
 		ev->bytes_reply = e->bytes_reply;
+		ev->cgroup_id = e->cgroup_id;
+		ev->pid = e->pid;
+		ev->rtt_us = e->rtt_us;
+		__builtin_memcpy(ev->comm, e->comm, sizeof(ev->comm));
 	}
 	bpf_ringbuf_submit(ev, 0);
 }

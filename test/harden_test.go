@@ -330,10 +330,10 @@ func TestMonitorExitsWithItsDatapath(t *testing.T) {
 			if r := ctd.run("teardown"); r.exitCode != 0 {
 				t.Fatalf("teardown: %s", r.stderr)
 			}
-		}, "was torn down (events_v1 is no longer pinned)"},
+		}, "was torn down (events_v2 is no longer pinned)"},
 		{"replaced", func(t *testing.T) {
 			// What a resize of the ring buffer does: another map at the pin.
-			pin := filepath.Join(ctd.pin, "events_v1")
+			pin := filepath.Join(ctd.pin, "events_v2")
 			m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.RingBuf, MaxEntries: 4096})
 			if err != nil {
 				t.Fatal(err)
@@ -345,7 +345,7 @@ func TestMonitorExitsWithItsDatapath(t *testing.T) {
 			if err := m.Pin(pin); err != nil {
 				t.Fatal(err)
 			}
-		}, "was replaced (events_v1 is now another map"},
+		}, "was replaced (events_v2 is now another map"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctd.pin = nettest.PinPath(t)
@@ -460,7 +460,7 @@ func TestNoEventsWithoutMonitor(t *testing.T) {
 			}
 		}
 		maps, _ := mapsJSON(t, bin, pin)
-		return lost, maps["events_v1"]["entries"].(float64)
+		return lost, maps["events_v2"]["entries"].(float64)
 	}
 
 	newFlows(20000)

@@ -34,6 +34,10 @@ type monitorEvent struct {
 	BytesOrig    *uint64 `json:"bytes_orig"`
 	PacketsReply *uint64 `json:"packets_reply"`
 	BytesReply   *uint64 `json:"bytes_reply"`
+	Pid          uint32  `json:"pid"`
+	Comm         string  `json:"comm"`
+	Cgroup       string  `json:"cgroup"`
+	RTT          uint32  `json:"rtt_us"`
 }
 
 // monitorProc is a running `ctd monitor -o json` and what it printed.

@@ -24,14 +24,15 @@ func newCTTopCmd(a *app) *cobra.Command {
 	}
 	c := &cobra.Command{
 		Use:   "top [--by " + strings.Join(bys, "|") + "] [-n N] [-o json]",
-		Short: "What fills the conntrack table: flows counted by identity, port, protocol, state or interface",
+		Short: "What fills the conntrack table: flows counted by identity, port, protocol, state, interface, cgroup or command",
 		Long: `Count the flows in the conntrack table by one dimension and print the
 largest values first, with their share of the flows counted. --by identity
 counts a flow once for each distinct identity at its ends (so the shares
 can add up to more than 100%); src-identity is the originator's, dst-identity
 the responder's; dport is the protocol and destination port (tcp/443), or
-the protocol alone for flows without ports. The flow filters (--proto,
---addr, --port) narrow what is counted.
+the protocol alone for flows without ports; cgroup and comm are the local
+owner's (see ct list), "-" for flows without one. The flow filters
+(--proto, --addr, --port, --comm, --cgroup) narrow what is counted.
 
 With -o json the output is an array of {"value", "flows", "share"}.`,
 		Args: cobra.NoArgs,
@@ -53,7 +54,7 @@ With -o json the output is an array of {"value", "flows", "share"}.`,
 			}
 			defer closeCT()
 
-			top, err := conntrack.Top(m, f, dim, n, ifnames.New())
+			top, err := conntrack.Top(m, f, dim, n, ifnames.New(), cgroupNames())
 			if err != nil {
 				return err
 			}

@@ -73,8 +73,10 @@ that policy denied, with both identities) and ct-insert-failed. With -o json
 each event is one JSON object per line, with the keys time (RFC 3339), type,
 reason (drops), proto, src, sport, dst, dport (flow events: the flow's
 originator; drops: the packet), src_identity, dst_identity, iface, ifindex,
-dir, state (flow events) and packets_orig, bytes_orig, packets_reply,
-bytes_reply (flow-closed).
+dir, state (flow events), packets_orig, bytes_orig, packets_reply,
+bytes_reply (flow-closed), and for flows with a local owner pid, comm,
+cgroup, cgroup_id and, once the TCP handshake was seen, rtt_us (see
+'ctd ct list').
 
 The datapath writes events only while a monitor runs: monitor registers
 itself in evlisten_v1 and refreshes that every second, and the registration

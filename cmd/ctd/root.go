@@ -81,7 +81,7 @@ func newRootCmd(a *app) *cobra.Command {
 		// Commands, one file each.
 		newAttachCmd(a), newDetachCmd(a), newStatusCmd(a), newCTCmd(a), newTeardownCmd(a), newDaemonCmd(a), newIPCacheCmd(a), newPolicyCmd(a),
 		newMapsCmd(a), newMetricsCmd(a), newMonitorCmd(a), newEventsCmd(a), newStateCmd(a),
-		newClusterCmd(a), newEndpointCmd(a), newIdentityCmd(a),
+		newClusterCmd(a), newEndpointCmd(a), newIdentityCmd(a), newExplainCmd(a),
 	)
 	return root
 }

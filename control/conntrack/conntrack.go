@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/control/ipproto"
+	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -25,6 +27,40 @@ type Filter struct {
 	// Port matches flows that have it as either endpoint's port (for ICMP
 	// echo flows: the echo identifier); 0 matches any port.
 	Port uint16
+	// Comm matches flows whose local owner has this command name; the
+	// zero Comm matches any flow.
+	Comm ctmap.Comm
+	// CgroupID matches flows whose local owner is in this cgroup (not in
+	// one below it); 0 matches any flow.
+	CgroupID uint64
+}
+
+// ParseOwner sets the owner fields of f from the --comm and --cgroup flag
+// values (a path below the cgroup v2 mount, as ct list shows it); an empty
+// string leaves that field unset.
+func (f *Filter) ParseOwner(comm, cgroup string) error {
+	if comm != "" {
+		c, ok := ctmap.CommOf(comm)
+		if !ok {
+			return fmt.Errorf("invalid --comm %q: valid is a command name of 1 to 15 bytes (the kernel keeps no more)", comm)
+		}
+		f.Comm = c
+	}
+	if cgroup != "" {
+		root, err := cgroupv2.Mount()
+		if err != nil {
+			return fmt.Errorf("invalid --cgroup %q: %w", cgroup, err)
+		}
+		if !strings.HasPrefix(cgroup, "/") {
+			return fmt.Errorf("invalid --cgroup %q: valid is a cgroup's path below %s starting with /, as ct list shows it (e.g. /system.slice/nginx.service)", cgroup, root)
+		}
+		id, err := cgroupv2.ID(filepath.Join(root, filepath.Clean(cgroup)))
+		if err != nil {
+			return fmt.Errorf("invalid --cgroup %q: no such cgroup below %s", cgroup, root)
+		}
+		f.CgroupID = id
+	}
+	return nil
 }
 
 // ParseFilter parses the --proto, --addr and --port flag values; an empty
@@ -68,6 +104,12 @@ func (f Filter) Match(fl ctmap.Flow) bool {
 		return false
 	}
 	if f.Port != 0 && fl.Sport != f.Port && fl.Dport != f.Port {
+		return false
+	}
+	if f.Comm != (ctmap.Comm{}) && fl.Comm != f.Comm {
+		return false
+	}
+	if f.CgroupID != 0 && fl.CgroupID != f.CgroupID {
 		return false
 	}
 	return true
@@ -172,7 +214,16 @@ type Row struct {
 	SrcIdentity  uint32   `json:"src_identity"`
 	DstIdentity  uint32   `json:"dst_identity"`
 	Flags        []string `json:"flags"` // opened_ingress, pickup, related, revoked
+	// The local socket's owner, only when the flow has one.
+	Pid      uint32 `json:"pid,omitempty"`
+	Comm     string `json:"comm,omitempty"`
+	Cgroup   string `json:"cgroup,omitempty"` // path below the cgroup v2 mount, or id:N where none has it
+	CgroupID uint64 `json:"cgroup_id,omitempty"`
+	RTT      uint32 `json:"rtt_us,omitempty"` // TCP handshake round trip, µs
 }
+
+// RTTText is a round trip in µs as the text form shows it, e.g. 20.113ms.
+func RTTText(us uint32) string { return (time.Duration(us) * time.Microsecond).String() }
 
 var flagNames = []struct {
 	bit  uint8
@@ -200,9 +251,9 @@ func FlagNames(f uint8) []string {
 }
 
 // RowOf converts fl to its JSON form; bt converts its timestamps to wall
-// time and names its interface.
-func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *ifnames.Cache) Row {
-	return Row{
+// time, names its interface and cg its cgroup.
+func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *ifnames.Cache, cg *cgroupv2.Names) Row {
+	r := Row{
 		Proto:        ipproto.Name(fl.Proto),
 		Src:          fl.Src.String(),
 		Sport:        fl.Sport,
@@ -219,14 +270,24 @@ func RowOf(fl ctmap.Flow, bt ctmap.Clock, names *ifnames.Cache) Row {
 		SrcIdentity:  fl.SrcIdentity,
 		DstIdentity:  fl.DstIdentity,
 		Flags:        FlagNames(fl.Flags),
+		Pid:          fl.Pid,
+		Comm:         fl.Comm.String(),
+		CgroupID:     fl.CgroupID,
+		RTT:          fl.RTT,
 	}
+	if fl.CgroupID != 0 {
+		r.Cgroup = cg.Name(fl.CgroupID)
+	}
+	return r
 }
 
 // Line formats fl as one line in the style of conntrack-tools: the
 // originator's direction, then after "|" the reply direction's counters.
 //
-//	tcp ESTABLISHED src=198.51.100.1 dst=198.51.100.2 sport=40000 dport=8080 packets=5 bytes=400 | packets=4 bytes=300 id=2->2 iface=ctd0
-func Line(fl ctmap.Flow, names *ifnames.Cache) string {
+//	tcp ESTABLISHED src=198.51.100.1 dst=198.51.100.2 sport=40000 dport=8080 packets=5 bytes=400 | packets=4 bytes=300 id=2->2 iface=ctd0 pid=812 comm=curl cgroup=/user.slice rtt=20.113ms
+//
+// The owner (pid, comm, cgroup) and rtt follow where the flow has them.
+func Line(fl ctmap.Flow, names *ifnames.Cache, cg *cgroupv2.Names) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s %s src=%s dst=%s sport=%d dport=%d packets=%d bytes=%d | packets=%d bytes=%d id=%d->%d iface=%s",
 		ipproto.Name(fl.Proto), fl.State, fl.Src, fl.Dst, fl.Sport, fl.Dport,
@@ -234,6 +295,18 @@ func Line(fl ctmap.Flow, names *ifnames.Cache) string {
 		fl.SrcIdentity, fl.DstIdentity, names.Name(fl.Ifindex))
 	if f := FlagNames(fl.Flags); len(f) > 0 {
 		b.WriteString(" flags=" + strings.Join(f, ","))
+	}
+	if fl.Pid != 0 {
+		fmt.Fprintf(&b, " pid=%d", fl.Pid)
+	}
+	if fl.Comm != (ctmap.Comm{}) {
+		b.WriteString(" comm=" + fl.Comm.Text())
+	}
+	if fl.CgroupID != 0 {
+		b.WriteString(" cgroup=" + cg.Name(fl.CgroupID))
+	}
+	if fl.RTT != 0 {
+		b.WriteString(" rtt=" + RTTText(fl.RTT))
 	}
 	return b.String()
 }

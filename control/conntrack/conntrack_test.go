@@ -125,7 +125,7 @@ func TestFlagNames(t *testing.T) {
 func TestRowJSONKeys(t *testing.T) {
 	fl := testFlows[0]
 	fl.FirstSeen, fl.LastSeen = time.Second, 2*time.Second
-	b, err := json.Marshal(RowOf(fl, ctmap.Now(), ifnames.New()))
+	b, err := json.Marshal(RowOf(fl, ctmap.Now(), ifnames.New(), nil))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +254,7 @@ func TestLine(t *testing.T) {
 	fl.SrcIdentity, fl.DstIdentity, fl.Ifindex = 2, 2, 1
 	fl.Flags = ctmap.FlagOpenedIngress
 	want := "tcp ESTABLISHED src=198.51.100.1 dst=198.51.100.2 sport=40000 dport=8080 packets=5 bytes=400 | packets=4 bytes=300 id=2->2 iface=lo flags=opened_ingress"
-	if got := Line(fl, ifnames.New()); got != want {
+	if got := Line(fl, ifnames.New(), nil); got != want {
 		t.Errorf("Line =\n%s\nwant\n%s", got, want)
 	}
 }

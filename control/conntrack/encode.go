@@ -7,6 +7,7 @@ import (
 
 	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/control/ipproto"
+	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -16,6 +17,7 @@ import (
 type Encoder struct {
 	bt    ctmap.Clock
 	names *ifnames.Cache
+	cg    *cgroupv2.Names
 
 	// The formatted date and time of one wall-clock second, reused while
 	// consecutive stamps fall in the same second.
@@ -23,10 +25,10 @@ type Encoder struct {
 	secFmt []byte
 }
 
-// NewEncoder returns an encoder that converts stamps with bt and names
-// interfaces with names.
-func NewEncoder(bt ctmap.Clock, names *ifnames.Cache) *Encoder {
-	return &Encoder{bt: bt, names: names, sec: -1}
+// NewEncoder returns an encoder that converts stamps with bt, names
+// interfaces with names and cgroups with cg.
+func NewEncoder(bt ctmap.Clock, names *ifnames.Cache, cg *cgroupv2.Names) *Encoder {
+	return &Encoder{bt: bt, names: names, cg: cg, sec: -1}
 }
 
 // AppendJSON appends fl as one JSON object (the keys of Row, in its order).
@@ -68,7 +70,26 @@ func (e *Encoder) AppendJSON(b []byte, fl ctmap.Flow) []byte {
 		}
 		b = appendString(b, name)
 	}
-	return append(b, "]}"...)
+	b = append(b, ']')
+	if fl.Pid != 0 {
+		b = append(b, `,"pid":`...)
+		b = strconv.AppendUint(b, uint64(fl.Pid), 10)
+	}
+	if fl.Comm != (ctmap.Comm{}) {
+		b = append(b, `,"comm":`...)
+		b = appendString(b, fl.Comm.String())
+	}
+	if fl.CgroupID != 0 {
+		b = append(b, `,"cgroup":`...)
+		b = appendString(b, e.cg.Name(fl.CgroupID))
+		b = append(b, `,"cgroup_id":`...)
+		b = strconv.AppendUint(b, fl.CgroupID, 10)
+	}
+	if fl.RTT != 0 {
+		b = append(b, `,"rtt_us":`...)
+		b = strconv.AppendUint(b, uint64(fl.RTT), 10)
+	}
+	return append(b, '}')
 }
 
 // AppendLine appends fl in the text form of Line.
@@ -106,6 +127,22 @@ func (e *Encoder) AppendLine(b []byte, fl ctmap.Flow) []byte {
 			}
 			b = append(b, name...)
 		}
+	}
+	if fl.Pid != 0 {
+		b = append(b, " pid="...)
+		b = strconv.AppendUint(b, uint64(fl.Pid), 10)
+	}
+	if fl.Comm != (ctmap.Comm{}) {
+		b = append(b, " comm="...)
+		b = append(b, fl.Comm.Text()...)
+	}
+	if fl.CgroupID != 0 {
+		b = append(b, " cgroup="...)
+		b = append(b, e.cg.Name(fl.CgroupID)...)
+	}
+	if fl.RTT != 0 {
+		b = append(b, " rtt="...)
+		b = append(b, RTTText(fl.RTT)...)
 	}
 	return b
 }

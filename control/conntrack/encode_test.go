@@ -3,10 +3,13 @@ package conntrack
 import (
 	"encoding/json"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/ctd-dev/ctd/control/ifnames"
+	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 )
 
@@ -33,16 +36,37 @@ func TestEncoderMatchesReference(t *testing.T) {
 	}
 	flows = append(flows, ctmap.Flow{Proto: 132, Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), State: 9})
 
-	enc := NewEncoder(bt, names)
+	// Owners: a cgroup the resolver knows (a directory standing in for the
+	// cgroup v2 mount), one it does not, odd command names, an RTT.
+	root := t.TempDir()
+	if err := os.Mkdir(filepath.Join(root, "svc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := cgroupv2.ID(filepath.Join(root, "svc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := cgroupv2.NewNames(root)
+	for i, c := range []string{"nginx", "with space", `q"uote`, "a=b", "ünï", ""} {
+		fl := testFlows[i%len(testFlows)]
+		fl.Pid, fl.CgroupID, fl.RTT = uint32(100+i), svc, uint32(i*12345)
+		fl.Comm, _ = ctmap.CommOf(c)
+		if i%2 == 1 {
+			fl.CgroupID = 1 << 40 // no such cgroup
+		}
+		flows = append(flows, fl)
+	}
+
+	enc := NewEncoder(bt, names, cg)
 	for _, fl := range flows {
-		want, err := json.Marshal(RowOf(fl, bt, names))
+		want, err := json.Marshal(RowOf(fl, bt, names, cg))
 		if err != nil {
 			t.Fatal(err)
 		}
 		if got := enc.AppendJSON(nil, fl); string(got) != string(want) {
 			t.Errorf("AppendJSON:\n got %s\nwant %s", got, want)
 		}
-		if got, want := string(enc.AppendLine(nil, fl)), Line(fl, names); got != want {
+		if got, want := string(enc.AppendLine(nil, fl)), Line(fl, names, cg); got != want {
 			t.Errorf("AppendLine:\n got %s\nwant %s", got, want)
 		}
 	}
@@ -58,7 +82,7 @@ func TestAppendString(t *testing.T) {
 }
 
 func BenchmarkEncoderJSON(b *testing.B) {
-	enc := NewEncoder(ctmap.Now(), ifnames.New())
+	enc := NewEncoder(ctmap.Now(), ifnames.New(), nil)
 	fl := testFlows[0]
 	fl.FirstSeen, fl.LastSeen = 5*time.Second+123, 6*time.Second+456789
 	var buf []byte

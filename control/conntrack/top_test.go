@@ -3,6 +3,7 @@ package conntrack
 import (
 	"net/netip"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -65,7 +66,7 @@ func TestTop(t *testing.T) {
 		{by: BySrcIdentity, filter: Filter{Proto: unix.IPPROTO_UDP}, want: []TopRow{{"200", 30, 1}}, total: 30},
 	} {
 		t.Run(string(tc.by), func(t *testing.T) {
-			got, err := Top(m, tc.filter, tc.by, tc.n, ifnames.New())
+			got, err := Top(m, tc.filter, tc.by, tc.n, ifnames.New(), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -84,7 +85,7 @@ func TestTop(t *testing.T) {
 }
 
 func TestTopIface(t *testing.T) {
-	got, err := Top(topTable(t), Filter{}, ByIface, 0, ifnames.New())
+	got, err := Top(topTable(t), Filter{}, ByIface, 0, ifnames.New(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,5 +139,36 @@ func TestTopCensus(t *testing.T) {
 	pass(true)
 	if got := c.Tables(); got[1].Total != 40 || got[1].Rows[0] != (TopRow{"udp", 30, .75}) {
 		t.Errorf("Tables after the flush = %v, want 40 flows, udp first", got)
+	}
+}
+
+// BenchmarkTallyAdd: what counting one flow costs in the census's
+// dimensions without and with the owner's (cgroup, comm), on flows of 50
+// owners.
+func BenchmarkTallyAdd(b *testing.B) {
+	flows := make([]ctmap.Flow, 4096)
+	for i := range flows {
+		fl := &flows[i]
+		fl.Proto, fl.Dport, fl.State, fl.Ifindex = unix.IPPROTO_TCP, uint16(i%100), ctmap.StateEstablished, 2
+		fl.SrcIdentity, fl.DstIdentity = uint32(i%300), 2
+		fl.CgroupID = uint64(1000 + i%50)
+		fl.Comm, _ = ctmap.CommOf("proc" + strconv.Itoa(i%50))
+	}
+	base := []By{BySrcIdentity, ByDstIdentity, ByDport, ByProto, ByState, ByIface}
+	for _, bc := range []struct {
+		name string
+		bys  []By
+	}{{"census-without-owner", base}, {"census", CensusBys}, {"cgroup", []By{ByCgroup}}, {"comm", []By{ByComm}}} {
+		b.Run(bc.name, func(b *testing.B) {
+			t, err := NewTally(bc.bys...)
+			if err != nil {
+				b.Fatal(err)
+			}
+			i := 0
+			for b.Loop() {
+				t.Add(flows[i%len(flows)])
+				i++
+			}
+		})
 	}
 }

@@ -276,6 +276,9 @@ func (d *Daemon) Start() (Ready, error) {
 	r.Reconcile = time.Since(t1)
 
 	t2 := time.Now()
+	if _, err := d.pins.AttachOwner(&d.dp.CtdPrograms); err != nil {
+		return r, err
+	}
 	if r.Attached, err = d.attachAll(st.Interfaces, true); err != nil {
 		return r, err
 	}

@@ -1,7 +1,7 @@
 // Package events decodes and streams datapath events.
 //
 // The datapath writes flow-new, flow-closed, drop, ct-insert-failed and
-// ct-midstream-miss records to the ring buffer events_v1, but only while a
+// ct-midstream-miss records to the ring buffer events_v2, but only while a
 // consumer is registered in evlisten_v1 (Listen): with nobody listening it
 // reserves nothing and counts nothing as lost, so events-lost means that a
 // consumer fell behind. A ring buffer has one consumer: two readers would
@@ -27,6 +27,7 @@ import (
 	"github.com/ctd-dev/ctd/control/ifnames"
 	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/byteorder"
+	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -75,23 +76,30 @@ func (t Type) IsDrop() bool { return t == Drop || t == CTInsertFailed }
 
 // Event is one datapath event as ctd prints it.
 type Event struct {
-	Time        time.Time     `json:"time"`             // wall clock, RFC 3339
-	Type        string        `json:"type"`             // flow-new, flow-closed, drop, ct-insert-failed, ct-midstream-miss
-	Reason      string        `json:"reason,omitempty"` // drops: policy, ct-insert-failed
-	Proto       string        `json:"proto"`
-	Src         netip.Addr    `json:"src"` // flow events: the originator; drops: the packet's source
-	Sport       uint16        `json:"sport"`
-	Dst         netip.Addr    `json:"dst"`
-	Dport       uint16        `json:"dport"`
-	SrcIdentity uint32        `json:"src_identity"`
-	DstIdentity uint32        `json:"dst_identity"`
-	Iface       string        `json:"iface"` // name, or the ifindex where no interface has it
-	Ifindex     uint32        `json:"ifindex"`
-	Dir         string        `json:"dir"`             // the hook that saw the packet: ingress, egress
-	State       string        `json:"state,omitempty"` // flow events: the flow's state
-	*Counters                 // flow-closed: the flow's final counters
-	Kind        Type          `json:"-"`
-	Stamp       time.Duration `json:"-"` // Time as the datapath stamped it (CLOCK_MONOTONIC_COARSE)
+	Time        time.Time  `json:"time"`             // wall clock, RFC 3339
+	Type        string     `json:"type"`             // flow-new, flow-closed, drop, ct-insert-failed, ct-midstream-miss
+	Reason      string     `json:"reason,omitempty"` // drops: policy, ct-insert-failed
+	Proto       string     `json:"proto"`
+	Src         netip.Addr `json:"src"` // flow events: the originator; drops: the packet's source
+	Sport       uint16     `json:"sport"`
+	Dst         netip.Addr `json:"dst"`
+	Dport       uint16     `json:"dport"`
+	SrcIdentity uint32     `json:"src_identity"`
+	DstIdentity uint32     `json:"dst_identity"`
+	Iface       string     `json:"iface"` // name, or the ifindex where no interface has it
+	Ifindex     uint32     `json:"ifindex"`
+	Dir         string     `json:"dir"`             // the hook that saw the packet: ingress, egress
+	State       string     `json:"state,omitempty"` // flow events: the flow's state
+	*Counters              // flow-closed: the flow's final counters
+	// Flow events: the local socket's owner and the handshake RTT, where
+	// known (see ctd ct list).
+	Pid      uint32        `json:"pid,omitempty"`
+	Comm     string        `json:"comm,omitempty"`
+	Cgroup   string        `json:"cgroup,omitempty"`
+	CgroupID uint64        `json:"cgroup_id,omitempty"`
+	RTT      uint32        `json:"rtt_us,omitempty"`
+	Kind     Type          `json:"-"`
+	Stamp    time.Duration `json:"-"` // Time as the datapath stamped it (CLOCK_MONOTONIC_COARSE)
 }
 
 // Counters are a flow's counters, per direction of the flow.
@@ -105,14 +113,19 @@ type Counters struct {
 // Decoder turns raw ring buffer records into Events. It resolves interface
 // names in the calling thread's network namespace and caches them.
 type Decoder struct {
-	clock ctmap.Clock
-	names *ifnames.Cache
+	clock   ctmap.Clock
+	names   *ifnames.Cache
+	cgroups *cgroupv2.Names // nil without a cgroup v2 mount: ids
 }
 
 // NewDecoder returns a Decoder that converts times with a fresh reading of
 // the clocks.
 func NewDecoder() *Decoder {
-	return &Decoder{clock: ctmap.Now(), names: ifnames.New()}
+	d := &Decoder{clock: ctmap.Now(), names: ifnames.New()}
+	if root, err := cgroupv2.Mount(); err == nil {
+		d.cgroups = cgroupv2.NewNames(root)
+	}
+	return d
 }
 
 // Resync reads the clocks again (after the wall clock was stepped) and
@@ -155,6 +168,11 @@ func (d *Decoder) Decode(raw []byte) (Event, error) {
 	}
 	if t.IsFlow() {
 		ev.State = ctmap.State(r.State).String()
+		ev.Pid, ev.CgroupID, ev.RTT = r.Pid, r.CgroupId, r.RttUs
+		ev.Comm = ctmap.CommFrom(r.Comm).String()
+		if r.CgroupId != 0 {
+			ev.Cgroup = d.cgroups.Name(r.CgroupId)
+		}
 	}
 	if t == FlowClosed {
 		ev.Counters = &Counters{
@@ -179,7 +197,7 @@ type Reader struct {
 	skip time.Duration
 }
 
-// NewReader opens a reader on the events_v1 ring buffer.
+// NewReader opens a reader on the events_v2 ring buffer.
 func NewReader(events *ebpf.Map) (*Reader, error) {
 	rd, err := ringbuf.NewReader(events)
 	if err != nil {
@@ -324,6 +342,18 @@ func (e Event) String() string {
 	}
 	if c := e.Counters; c != nil {
 		fmt.Fprintf(&b, " orig %d pkts %d B, reply %d pkts %d B", c.PacketsOrig, c.BytesOrig, c.PacketsReply, c.BytesReply)
+	}
+	if e.Pid != 0 {
+		fmt.Fprintf(&b, " pid=%d", e.Pid)
+	}
+	if c, ok := ctmap.CommOf(e.Comm); ok {
+		b.WriteString(" comm=" + c.Text())
+	}
+	if e.Cgroup != "" {
+		b.WriteString(" cgroup=" + e.Cgroup)
+	}
+	if e.RTT != 0 {
+		fmt.Fprintf(&b, " rtt=%v", time.Duration(e.RTT)*time.Microsecond)
 	}
 	return b.String()
 }

@@ -1,6 +1,7 @@
 package events_test
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"net/netip"
@@ -151,9 +152,13 @@ func TestFlowNewAndClosed(t *testing.T) {
 		}
 	}
 
+	// The test run's egress packets have a socket of this process without
+	// owner storage: the flow gets this process's cgroup (bpf/owner.h).
+	cgID, cgPath := dptest.SelfCgroup(t)
 	flowNew := events.Event{
 		Type: "flow-new", Proto: "tcp", Src: addrA, Sport: 41000, Dst: addrB, Dport: 80,
 		SrcIdentity: 2, DstIdentity: 42, Dir: "egress", State: "SYN_SENT", Kind: events.FlowNew,
+		CgroupID: cgID, Cgroup: cgPath,
 	}
 	if diff := cmp.Diff(flowNew, next(t, r), ignoreTime); diff != "" {
 		t.Errorf("flow-new event (-want +got):\n%s", diff)
@@ -161,10 +166,14 @@ func TestFlowNewAndClosed(t *testing.T) {
 	closed := events.Event{
 		Type: "flow-closed", Proto: "tcp", Src: addrA, Sport: 41000, Dst: addrB, Dport: 80,
 		SrcIdentity: 2, DstIdentity: 42, Dir: "ingress", State: "CLOSED", Kind: events.FlowClosed,
-		Counters: &want,
+		Counters: &want, CgroupID: cgID, Cgroup: cgPath,
 	}
-	if diff := cmp.Diff(closed, next(t, r), ignoreTime); diff != "" {
+	got := next(t, r)
+	if diff := cmp.Diff(closed, got, ignoreTime, cmpopts.IgnoreFields(events.Event{}, "RTT")); diff != "" {
 		t.Errorf("flow-closed event (-want +got):\n%s", diff)
+	}
+	if got.RTT == 0 {
+		t.Error("flow-closed event without rtt_us: the handshake was seen")
 	}
 	expectNone(t, r)
 }
@@ -212,7 +221,7 @@ func TestDecodeRejects(t *testing.T) {
 	if _, err := d.Decode(make([]byte, 10)); err == nil {
 		t.Error("short record decoded")
 	}
-	raw := make([]byte, 104)
+	raw := make([]byte, binary.Size(bpf.CtdEvent{}))
 	raw[8] = 9 // type
 	if _, err := d.Decode(raw); err == nil || !strings.Contains(err.Error(), "unknown type 9") {
 		t.Errorf("unknown type: %v", err)

@@ -68,10 +68,11 @@ type Info struct {
 	kind ebpf.MapType
 }
 
-// CanFill reports whether the map can run full: arrays cannot.
+// CanFill reports whether the map can run full: arrays cannot, nor
+// socket storage (one value per socket, without a maximum).
 func (i Info) CanFill() bool {
 	switch i.kind {
-	case ebpf.Array, ebpf.PerCPUArray:
+	case ebpf.Array, ebpf.PerCPUArray, ebpf.SkStorage:
 		return false
 	}
 	return true
@@ -168,18 +169,23 @@ func Sum(infos []Info) Total {
 }
 
 // Walks reports whether Count reads every entry of a map of type t (hash
-// maps, LPM tries), rather than answering at once (arrays, ring buffers).
+// maps, LPM tries), rather than answering at once (arrays, ring buffers,
+// socket storage).
 func Walks(t ebpf.MapType) bool {
 	switch t {
-	case ebpf.Array, ebpf.PerCPUArray, ebpf.RingBuf:
+	case ebpf.Array, ebpf.PerCPUArray, ebpf.RingBuf, ebpf.SkStorage:
 		return false
 	}
 	return true
 }
 
-// Count returns what a map holds now, as Info.Entries describes it.
+// Count returns what a map holds now, as Info.Entries describes it. Socket
+// storage cannot be walked from userspace (its keys are sockets): it
+// counts 0.
 func Count(m *ebpf.Map) (uint64, error) {
 	switch m.Type() {
+	case ebpf.SkStorage:
+		return 0, nil
 	case ebpf.Array, ebpf.PerCPUArray:
 		return uint64(m.MaxEntries()), nil
 	case ebpf.RingBuf:

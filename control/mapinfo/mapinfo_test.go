@@ -24,7 +24,7 @@ const (
 	nPol   = 17
 	nIP4   = 300
 	nIP6   = 5
-	evSize = 8 + 104 // ring buffer record header + struct event
+	evSize = 8 + 136 // ring buffer record header + struct event (events_v2)
 )
 
 // fill puts known numbers of entries into a test datapath's maps and one

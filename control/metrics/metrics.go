@@ -91,6 +91,7 @@ var (
 	ctUpdateFailed   = desc("conntrack_update_failed_total", "Conntrack map updates that failed in the datapath.", "direction")
 	ctConfirmed      = desc("conntrack_confirmed_total", "Flows promoted from the unconfirmed to the confirmed conntrack table.", "direction")
 	ctMidstreamMiss  = desc("conntrack_midstream_miss_total", "TCP packets other than SYN or RST that found no conntrack entry: flows lost to the LRU (or flushed, or older than ctd).", "direction")
+	ownerFailed      = desc("owner_failed_total", "Sockets whose owner (process, cgroup) could not be recorded: their flows have none.", "direction")
 	eventsLost       = desc("events_lost_total", "Events the datapath could not write because the ring buffer was full.", "direction")
 	eventsLimited    = desc("events_ratelimited_total", "Events the datapath suppressed by its per-CPU rate limit.", "direction")
 	fragments        = desc("fragments_total", "Later IP fragments seen (passed untracked).", "direction")
@@ -122,7 +123,7 @@ func desc(name, help string, labels ...string) *prometheus.Desc {
 // Describe sends every metric's description.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
-		forwardedPackets, forwardedBytes, droppedPackets, droppedBytes, ctCreated, ctUpdateFailed, ctConfirmed, ctMidstreamMiss,
+		forwardedPackets, forwardedBytes, droppedPackets, droppedBytes, ctCreated, ctUpdateFailed, ctConfirmed, ctMidstreamMiss, ownerFailed,
 		eventsLost, eventsLimited, fragments, mapEntries, mapMax, mapFill, mapMemlock,
 		gcRuns, gcErrors, gcWakes, gcScanned, gcDeleted, gcRefreshed, gcDuration, gcInterval,
 		topFlows, attached, buildInfo,
@@ -168,6 +169,7 @@ func (c *Collector) collectDatapath(ch chan<- prometheus.Metric) {
 		metricsmap.CTUpdateFailed:    ctUpdateFailed,
 		metricsmap.CTConfirmed:       ctConfirmed,
 		metricsmap.CTMidstreamMiss:   ctMidstreamMiss,
+		metricsmap.OwnerFailed:       ownerFailed,
 		metricsmap.EventsLost:        eventsLost,
 		metricsmap.EventsRateLimited: eventsLimited,
 		metricsmap.Fragments:         fragments,

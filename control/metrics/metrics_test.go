@@ -75,7 +75,7 @@ func scrape(t *testing.T, url string) map[string]float64 {
 func TestScrape(t *testing.T) {
 	pin := nettest.PinPath(t)
 	dp := dptest.Load(t, pin)
-	dp.Listen(t) // so that the events are written: they fill events_v1
+	dp.Listen(t) // so that the events are written: they fill events_v2
 	dp.SetDefault(t, bpf.Ingress, 2)
 
 	a, b := netip.MustParseAddrPort("198.51.100.1:40000"), netip.MustParseAddrPort("198.51.100.2:80")
@@ -143,7 +143,7 @@ func TestScrape(t *testing.T) {
 		`ctd_map_entries{map="policy_v1",type="hash"}`:                            0,
 		`ctd_map_entries{map="ipcache4_v1",type="lpm_trie"}`:                      0,
 		`ctd_map_entries{map="metrics_v1",type="percpu_array"}`:                   128,
-		`ctd_map_entries{map="events_v1",type="ringbuf"}`:                         3 * (8 + 104), // flow-new, 2 drops
+		`ctd_map_entries{map="events_v2",type="ringbuf"}`:                         3 * (8 + 136), // flow-new, 2 drops
 		`ctd_gc_runs_total`:                                                  3,
 		`ctd_gc_errors_total`:                                                1,
 		`ctd_gc_wakes_total`:                                                 2,

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -123,6 +124,56 @@ type Flow struct {
 	Flags         uint8
 	TCPFlagsOrig  uint8
 	TCPFlagsReply uint8
+	// The local socket's owner, zero for a flow without one (forwarded).
+	Pid      uint32
+	Comm     Comm
+	CgroupID uint64 // cgroup v2 id (see datapath/cgroupv2)
+	RTT      uint32 // TCP handshake round trip in µs as seen here; 0: unknown
+}
+
+// Comm is a command name as the kernel keeps it: at most 15 bytes, NUL
+// padded.
+type Comm [16]byte
+
+// CommOf converts a command name; ok is false if it is empty or longer
+// than the kernel keeps (15 bytes) or holds a NUL.
+func CommOf(s string) (c Comm, ok bool) {
+	if s == "" || len(s) > len(c)-1 || strings.IndexByte(s, 0) >= 0 {
+		return Comm{}, false
+	}
+	copy(c[:], s)
+	return c, true
+}
+
+// CommFrom converts a command name as the generated types hold it (C char).
+func CommFrom(c [16]int8) Comm {
+	var out Comm
+	for i, b := range c {
+		out[i] = byte(b)
+	}
+	return out
+}
+
+// Text is the name as the text forms show it: as it is, or quoted (Go
+// syntax) if it holds a space, "=", a quote or a byte that is not
+// printable ASCII.
+func (c Comm) Text() string {
+	s := c.String()
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] >= 0x7f || s[i] == '=' || s[i] == '"' {
+			return strconv.Quote(s)
+		}
+	}
+	return s
+}
+
+// String is the name without its padding.
+func (c Comm) String() string {
+	n := 0
+	for n < len(c) && c[n] != 0 {
+		n++
+	}
+	return string(c[:n])
 }
 
 // FlowOf decodes a raw key and entry.
@@ -142,6 +193,10 @@ func FlowOf(k *Key, e *Entry) Flow {
 		Flags:         e.Flags,
 		TCPFlagsOrig:  e.TcpFlagsOrig,
 		TCPFlagsReply: e.TcpFlagsReply,
+		Pid:           e.Pid,
+		Comm:          CommFrom(e.Comm),
+		CgroupID:      e.CgroupId,
+		RTT:           e.RttUs,
 	}
 	a, b := byteorder.Addr(k.AddrA, k.Family), byteorder.Addr(k.AddrB, k.Family)
 	pa, pb := byteorder.Swap16(k.PortA), byteorder.Swap16(k.PortB)

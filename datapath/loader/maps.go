@@ -27,13 +27,14 @@ const (
 	PolicyMap         = bpf.CtdMapPolicyV1
 	ConfigMap         = bpf.CtdMapConfigV1
 	MetricsMap        = bpf.CtdMapMetricsV1
-	EventsMap         = bpf.CtdMapEventsV1
+	EventsMap         = bpf.CtdMapEventsV2
 	EventLimitMap     = bpf.CtdMapEvlimitV1
 	ListenerMap       = bpf.CtdMapEvlistenV1
+	OwnerMap          = bpf.CtdMapOwnerV1
 )
 
 // MapNames lists every map ctd pins, in a stable order.
-var MapNames = []string{CT4Map, CT6Map, CT4UnconfirmedMap, CT6UnconfirmedMap, CTGuardMap, IPCache4Map, IPCache6Map, IPHost4Map, IPHost6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap}
+var MapNames = []string{CT4Map, CT6Map, CT4UnconfirmedMap, CT6UnconfirmedMap, CTGuardMap, IPCache4Map, IPCache6Map, IPHost4Map, IPHost6Map, PolicyMap, ConfigMap, MetricsMap, EventsMap, EventLimitMap, ListenerMap, OwnerMap}
 
 // Maps are the datapath's maps, each by what it holds.
 type Maps struct {
@@ -87,7 +88,7 @@ func (m *Maps) Config() *config.Map { return m.cfg }
 func (m *Maps) Metrics() *ebpf.Map { return m.objs.MetricsV1 }
 
 // Events is the event ring buffer.
-func (m *Maps) Events() *ebpf.Map { return m.objs.EventsV1 }
+func (m *Maps) Events() *ebpf.Map { return m.objs.EventsV2 }
 
 // EventLimit is the per-CPU state of the event rate limit.
 func (m *Maps) EventLimit() *ebpf.Map { return m.objs.EvlimitV1 }
@@ -96,6 +97,10 @@ func (m *Maps) EventLimit() *ebpf.Map { return m.objs.EvlimitV1 }
 // datapath writes events only while one is.
 func (m *Maps) Listener() *ebpf.Map { return m.objs.EvlistenV1 }
 
+// Owner is the socket storage where the cgroup/sock_create program records
+// each local socket's owner (process and cgroup).
+func (m *Maps) Owner() *ebpf.Map { return m.objs.OwnerV1 }
+
 // ByName returns the maps by name, in the order of MapNames.
 func (m *Maps) ByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
@@ -103,7 +108,7 @@ func (m *Maps) ByName() map[string]*ebpf.Map {
 		CTGuardMap: m.CTGuard(), IPCache4Map: m.IPCache4(), IPCache6Map: m.IPCache6(),
 		IPHost4Map: m.IPHost4(), IPHost6Map: m.IPHost6(), PolicyMap: m.Policy(),
 		ConfigMap: m.objs.ConfigV1, MetricsMap: m.Metrics(), EventsMap: m.Events(), EventLimitMap: m.EventLimit(),
-		ListenerMap: m.Listener(),
+		ListenerMap: m.Listener(), OwnerMap: m.Owner(),
 	}
 }
 

@@ -34,6 +34,7 @@ const (
 	Fragments         = Reason(bpf.CtdMetricReasonM_FRAGMENTS)
 	CTConfirmed       = Reason(bpf.CtdMetricReasonM_CT_CONFIRMED)
 	CTMidstreamMiss   = Reason(bpf.CtdMetricReasonM_CT_MIDSTREAM_MISS)
+	OwnerFailed       = Reason(bpf.CtdMetricReasonM_OWNER_FAILED)
 
 	// ReasonsPerDirection is METRIC_MAX: the map's index is dir*64 + reason.
 	ReasonsPerDirection = int(bpf.CtdMetricReasonMETRIC_MAX)
@@ -72,13 +73,14 @@ var reasons = map[Reason]reasonInfo{
 	Fragments:         {"fragments", Counter},
 	CTConfirmed:       {"ct-confirmed", Counter},
 	CTMidstreamMiss:   {"ct-midstream-miss", Counter},
+	OwnerFailed:       {"owner-failed", Counter},
 }
 
 // Reasons lists every reason the datapath counts, in index order.
 var Reasons = []Reason{
 	FwdEstablished, FwdNew, FwdRelated, FwdUntracked, FwdUnparseable,
 	DropPolicy, DropInvalid, DropCTInsert, DropParse, DropRevoked,
-	CTCreated, CTUpdateFailed, EventsLost, EventsRateLimited, Fragments, CTConfirmed, CTMidstreamMiss,
+	CTCreated, CTUpdateFailed, EventsLost, EventsRateLimited, Fragments, CTConfirmed, CTMidstreamMiss, OwnerFailed,
 }
 
 // String names the reason as ctd prints it, e.g. "ct-insert-failed".

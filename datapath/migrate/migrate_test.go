@@ -414,18 +414,18 @@ func TestRecreateRingBuf(t *testing.T) {
 		t.Fatalf("Load: %v", err)
 	}
 	defer dp.Close()
-	wantRep := []MapReport{{Map: bpf.CtdMapEventsV1, From: bpf.CtdMapEventsV1, Action: Recreate, OldMaxEntries: 4096, MaxEntries: 16384}}
+	wantRep := []MapReport{{Map: bpf.CtdMapEventsV2, From: bpf.CtdMapEventsV2, Action: Recreate, OldMaxEntries: 4096, MaxEntries: 16384}}
 	if !slices.Equal(rep.Maps, wantRep) {
 		t.Errorf("report %+v, want %+v", rep.Maps, wantRep)
 	}
 	after := pinnedIDs(t, o.PinPath)
 	for name, id := range before {
-		if changed := after[name] != id; changed != (name == bpf.CtdMapEventsV1) {
+		if changed := after[name] != id; changed != (name == bpf.CtdMapEventsV2) {
 			t.Errorf("%s replaced: %v", name, changed)
 		}
 	}
-	if got := openPinned(t, o.PinPath, bpf.CtdMapEventsV1).MaxEntries(); got != 16384 {
-		t.Errorf("events_v1 has max_entries %d, want 16384", got)
+	if got := openPinned(t, o.PinPath, bpf.CtdMapEventsV2).MaxEntries(); got != 16384 {
+		t.Errorf("events_v2 has max_entries %d, want 16384", got)
 	}
 	checkCT(t, conntrack(t, o.PinPath), want)
 	checkNoTempPins(t, o.PinPath)

@@ -4,6 +4,8 @@
 //	<dir>/<map>~migrating           a map a migration has not yet moved to its name
 //	<dir>/links/<iface>/ingress     TCX links (attach pins them there)
 //	<dir>/links/<iface>/egress
+//	<dir>/cgroup_sock_create        the links of the socket owner programs (cgroup v2 root)
+//	<dir>/cgroup_post_bind4, cgroup_post_bind6
 //	<dir>/created-by-ctd, mounted-by-ctd   what ctd set up here (bpffs.Prepare)
 //
 // Everything outside package loader that needs a path below the directory
@@ -21,8 +23,10 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/datapath/attach"
 	"github.com/ctd-dev/ctd/datapath/bpffs"
+	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/loader"
 )
 
@@ -49,6 +53,67 @@ func (d Dir) Path() string { return d.path }
 
 // Links is the directory below which attach pins the TCX links.
 func (d Dir) Links() string { return filepath.Join(d.path, "links") }
+
+// ownerHooks are the cgroup hooks of the socket owner programs (see
+// bpf/owner.h), each with the name of its link's pin: not a map name (no
+// version suffix).
+var ownerHooks = []struct {
+	pin    string
+	attach ebpf.AttachType
+	prog   func(*bpf.CtdPrograms) *ebpf.Program
+}{
+	{"cgroup_sock_create", ebpf.AttachCGroupInetSockCreate, func(p *bpf.CtdPrograms) *ebpf.Program { return p.CtdSockCreate }},
+	{"cgroup_post_bind4", ebpf.AttachCGroupInet4PostBind, func(p *bpf.CtdPrograms) *ebpf.Program { return p.CtdPostBind4 }},
+	{"cgroup_post_bind6", ebpf.AttachCGroupInet6PostBind, func(p *bpf.CtdPrograms) *ebpf.Program { return p.CtdPostBind6 }},
+}
+
+// CgroupLinks are the pins of the links that attach the datapath's socket
+// owner programs (which record each socket's owner) to the cgroup v2 root.
+func (d Dir) CgroupLinks() []string {
+	out := make([]string, len(ownerHooks))
+	for i, h := range ownerHooks {
+		out[i] = filepath.Join(d.path, h.pin)
+	}
+	return out
+}
+
+// AttachOwner attaches the socket owner programs of progs to the root of
+// the cgroup v2 hierarchy through the links pinned at CgroupLinks (updated
+// in place where pinned). It reports whether it created a link; if it
+// fails, the links it created are removed again.
+func (d Dir) AttachOwner(progs *bpf.CtdPrograms) (created bool, err error) {
+	root, err := cgroupv2.Mount()
+	if err != nil {
+		return false, fmt.Errorf("attach the socket owner programs: %w", err)
+	}
+	var made []string
+	for _, h := range ownerHooks {
+		pin := filepath.Join(d.path, h.pin)
+		c, err := attach.AttachCgroup(root, h.attach, h.prog(progs), pin)
+		if err != nil {
+			for _, p := range made {
+				if derr := attach.DetachCgroup(p); derr != nil {
+					err = errors.Join(err, derr)
+				}
+			}
+			return false, err
+		}
+		if c {
+			made = append(made, pin)
+		}
+	}
+	return len(made) > 0, nil
+}
+
+// DetachOwner detaches the socket owner programs; nothing attached is not
+// an error.
+func (d Dir) DetachOwner() error {
+	var errs []error
+	for _, pin := range d.CgroupLinks() {
+		errs = append(errs, attach.DetachCgroup(pin))
+	}
+	return errors.Join(errs...)
+}
 
 // Map is the pin of the map named name.
 func (d Dir) Map(name string) string { return filepath.Join(d.path, name) }
@@ -219,10 +284,11 @@ func (d Dir) Attach(iface string, mode attach.Mode, progs attach.Programs) (atta
 
 // LoadAndAttach loads the datapath with load against the maps pinned here
 // (loader.Load, or a migration that also switches the programs where they
-// are attached) and attaches it to iface. If it fails,
-// the attachment of an interface that had none is removed again, and so is
-// what this call set up (bpffs.Before.Undo): new pins, and the mount and
-// directory where the directory was not set up before.
+// are attached), attaches its socket owner programs to the cgroup v2 root
+// (AttachOwner) and its TC programs to iface. If it fails, the attachment
+// of an interface that had none is removed again, cgroup links it created
+// too, and so is what this call set up (bpffs.Before.Undo): new pins, and
+// the mount and directory where the directory was not set up before.
 func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options, load func(loader.Options) (*loader.Datapath, error)) (at attach.Attachment, err error) {
 	before, err := d.Status(iface)
 	if err != nil {
@@ -244,10 +310,19 @@ func (d Dir) LoadAndAttach(iface string, mode attach.Mode, opts loader.Options, 
 	}
 	defer dp.Close()
 
+	created, err := d.AttachOwner(&dp.CtdPrograms)
+	if err != nil {
+		return attach.Attachment{}, err
+	}
 	at, err = d.Attach(iface, mode, attach.Programs{Ingress: dp.CtdIngress, Egress: dp.CtdEgress})
 	if err != nil {
 		if before.Mode == "" {
 			if derr := d.Detach(iface); derr != nil {
+				err = errors.Join(err, derr)
+			}
+		}
+		if created {
+			if derr := d.DetachOwner(); derr != nil {
 				err = errors.Join(err, derr)
 			}
 		}

@@ -21,8 +21,9 @@ type Teardown struct {
 }
 
 // Teardown detaches the datapath everywhere it can see (every interface
-// with links pinned below Links, attached or stale, and every interface of
-// the calling thread's network namespace this datapath is attached to),
+// with links pinned below Links, attached or stale, every interface of
+// the calling thread's network namespace this datapath is attached to,
+// and the cgroup v2 root),
 // then removes ctd's pins, and the directory and its bpffs mount where ctd
 // made them (bpffs.Release): entries of other tools, and a directory or
 // mount ctd did not make, stay. A directory that does not exist is not an
@@ -51,6 +52,9 @@ func (d Dir) Teardown() (Teardown, error) {
 			return t, fmt.Errorf("teardown: %w", err)
 		}
 		t.Detached = append(t.Detached, iface)
+	}
+	if err := d.DetachOwner(); err != nil {
+		return t, fmt.Errorf("teardown: %w", err)
 	}
 	if err := d.removePins(); err != nil {
 		return t, fmt.Errorf("teardown: %w", err)
@@ -81,8 +85,8 @@ func (d Dir) attachedIfaces() ([]string, error) {
 }
 
 // removePins removes ctd's pins: every map pin of any layout version,
-// temporary pins included, and the links directory. Entries ctd does not
-// name so are left.
+// temporary pins included, and the links directory (the cgroup link is
+// gone already). Entries ctd does not name so are left.
 func (d Dir) removePins() error {
 	entries, err := os.ReadDir(d.path)
 	if err != nil {

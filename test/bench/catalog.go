@@ -58,9 +58,28 @@ type PacketCase struct {
 	// layout v1) on the same packets in the same rounds, filled the same
 	// (its one conntrack table holds the flood's half-open flows too; its
 	// tries hold the host entries too), and reports it beside ctd's.
-	V1   bool
-	Goal time.Duration // allowed cost over the empty program; 0 when the issue sets none
+	V1 bool
+	// Owner says what the attribution of local flows to their owner
+	// (bpf/owner.h) finds; the zero value is the datapath's default with no
+	// local socket for the packets (at ingress, a socket lookup that misses).
+	Owner OwnerMode
+	Goal  time.Duration // allowed cost over the empty program; 0 when the issue sets none
 }
+
+// OwnerMode is what a per-packet case's attribution of local flows finds.
+type OwnerMode int
+
+const (
+	// OwnerNoSocket: attribution on, no socket for the packets.
+	OwnerNoSocket OwnerMode = iota
+	// OwnerListener: a listening socket with an owner (the socket owner
+	// programs attached when it was made) receives the new flows, in the
+	// network namespace the case runs in: lookup, storage, copy.
+	OwnerListener
+	// OwnerOff: attribution switched off (config_v1's owner_off), the
+	// figure without it.
+	OwnerOff
+)
 
 // Units that BenchmarkPacket reports besides ns/op (the ctd program's median).
 const (
@@ -81,6 +100,7 @@ const (
 var PacketCases = []PacketCase{
 	{Name: "tcp-est-orig/flows=1k", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, V1: true, Goal: 60 * time.Nanosecond},
 	{Name: "tcp-est-reply/flows=1k", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000, Prefixes: DefaultPrefixes, V1: true, Goal: 60 * time.Nanosecond},
+	{Name: "tcp-est-orig-owner-off/flows=1k", Title: "TCP established, originator (egress), owner attribution off", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Owner: OwnerOff},
 	{Name: "tcp-est-orig-hot/flows=1k", Title: "TCP established, originator, one flow repeated in-kernel", Kind: TCPEstablishedOrig, Flows: 1000, Prefixes: DefaultPrefixes, Hot: true},
 	{Name: "tcp-est-orig/flows=100k", Title: "TCP established, originator (egress)", Kind: TCPEstablishedOrig, Flows: 100000, Prefixes: DefaultPrefixes},
 	{Name: "tcp-est-reply/flows=100k", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 100000, Prefixes: DefaultPrefixes},
@@ -88,6 +108,8 @@ var PacketCases = []PacketCase{
 	{Name: "tcp-est-reply/flows=1M", Title: "TCP established, reply (ingress)", Kind: TCPEstablishedReply, Flows: 1000000, Prefixes: DefaultPrefixes},
 	{Name: "tcp-new/prefixes=1k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 1000},
 	{Name: "tcp-new/prefixes=10k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, V1: true, Goal: 250 * time.Nanosecond},
+	{Name: "tcp-new-owner/prefixes=10k", Title: "TCP new flow (SYN, ingress) to a local listener: its owner recorded", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Owner: OwnerListener},
+	{Name: "tcp-new-owner-off/prefixes=10k", Title: "TCP new flow (SYN, ingress), owner attribution off", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Owner: OwnerOff},
 	{Name: "tcp-new-listener/prefixes=10k", Title: "TCP new flow (SYN, ingress), an event consumer registered", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Listener: true},
 	{Name: "tcp-new/prefixes=100k", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 100000, V1: true, Goal: 250 * time.Nanosecond},
 	{Name: "tcp-new/flows=1M", Title: "TCP new flow (SYN, ingress)", Kind: TCPNew, Flows: 1000000, Prefixes: 1000},

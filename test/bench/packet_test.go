@@ -5,6 +5,8 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"net/netip"
+	"os"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -12,7 +14,9 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
+	"github.com/ctd-dev/ctd/datapath/pins"
 	"github.com/ctd-dev/ctd/test/nettest"
 )
 
@@ -231,6 +235,18 @@ func coldRound(s *packetSource, n int) (roundResult, error) {
 			return roundResult{}, err
 		}
 	}
+	if s.c.Owner == OwnerListener {
+		// Proof that the case measures what it says: the flows are the
+		// listener's, this process's.
+		e, err := s.f.ct.Lookup(&keys[0])
+		if err != nil {
+			return roundResult{}, err
+		}
+		fl := ctmap.FlowOf(&keys[0], &e)
+		if fl.Pid != uint32(os.Getpid()) {
+			return roundResult{}, fmt.Errorf("a new flow to the listener has owner pid %d, want this process (%d)", fl.Pid, os.Getpid())
+		}
+	}
 	if s.c.Kind.New() {
 		deleted, err := s.f.ct.Delete(keys)
 		if err != nil {
@@ -340,6 +356,17 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 		}
 		s.v1prog = s.v1.program(f, s.prog)
 	}
+	switch c.Owner {
+	case OwnerOff:
+		if err := f.setOwnerOff(1); err != nil {
+			b.Fatal(err)
+		}
+		defer func() {
+			if err := f.setOwnerOff(0); err != nil {
+				b.Error(err)
+			}
+		}()
+	}
 	before, err := f.created()
 	if err != nil {
 		b.Fatal(err)
@@ -356,24 +383,38 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 	}
 	var ctd, floor, over, v1, v1Over []float64
 	packets := 0
-	for done := 0; done < b.N; {
-		n := min(size, b.N-done)
-		var r roundResult
-		if c.Hot {
-			r, err = hotRound(s, n)
-		} else {
-			r, err = coldRound(s, n)
+	rounds := func() error {
+		for done := 0; done < b.N; {
+			n := min(size, b.N-done)
+			var (
+				r   roundResult
+				err error
+			)
+			if c.Hot {
+				r, err = hotRound(s, n)
+			} else {
+				r, err = coldRound(s, n)
+			}
+			if err != nil {
+				return fmt.Errorf("case %s: %w", c.Name, err)
+			}
+			ctd = append(ctd, r.ctd)
+			floor = append(floor, r.floor)
+			over = append(over, r.ctd-r.floor)
+			v1 = append(v1, r.v1)
+			v1Over = append(v1Over, r.v1-r.floor)
+			done += n
+			packets += n
 		}
-		if err != nil {
-			b.Fatalf("case %s: %v", c.Name, err)
-		}
-		ctd = append(ctd, r.ctd)
-		floor = append(floor, r.floor)
-		over = append(over, r.ctd-r.floor)
-		v1 = append(v1, r.v1)
-		v1Over = append(v1Over, r.v1-r.floor)
-		done += n
-		packets += n
+		return nil
+	}
+	if c.Owner == OwnerListener {
+		err = f.withListener(rounds)
+	} else {
+		err = rounds()
+	}
+	if err != nil {
+		b.Fatal(err)
 	}
 	after, err := f.created()
 	if err != nil {
@@ -400,4 +441,46 @@ func benchCase(b *testing.B, f *fixture, c PacketCase) {
 	b.ReportMetric(Median(ctd), "ns/op")
 	b.ReportMetric(Median(floor), UnitFloor)
 	b.ReportMetric(Median(over), UnitOver)
+}
+
+// setOwnerOff switches the attribution of new flows off (1) or on (0).
+func (f *fixture) setOwnerOff(off uint8) error {
+	return f.dp.Config().Update(func(v *config.Values) { v.OwnerOff = off })
+}
+
+// withListener runs fn on a thread of its own in a new network namespace
+// where a TCP socket listens on the port of the new flows on every address,
+// made while the fixture's socket owner programs were attached, so that
+// the SYNs' socket lookup finds it and its owner. The thread ends with fn
+// (it is never unlocked), and its namespace with it.
+func (f *fixture) withListener(fn func() error) error {
+	dir := pins.New(f.pin)
+	if _, err := dir.AttachOwner(&f.dp.CtdPrograms); err != nil {
+		return err
+	}
+	defer dir.DetachOwner()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("unshare(CLONE_NEWNET): %w", err)
+			return
+		}
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+		if err != nil {
+			errc <- fmt.Errorf("listening socket: %w", err)
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: newPort}); err != nil {
+			errc <- fmt.Errorf("bind to port %d: %w", newPort, err)
+			return
+		}
+		if err := unix.Listen(fd, 16); err != nil {
+			errc <- fmt.Errorf("listen: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
 }

@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,6 +22,7 @@ import (
 
 	"github.com/ctd-dev/ctd/bpf"
 	"github.com/ctd-dev/ctd/control/conntrack"
+	"github.com/ctd-dev/ctd/datapath/cgroupv2"
 	"github.com/ctd-dev/ctd/datapath/config"
 	"github.com/ctd-dev/ctd/datapath/ctmap"
 	"github.com/ctd-dev/ctd/datapath/loader"
@@ -272,8 +275,13 @@ func (d *Datapath) Keys(tb testing.TB) []ctmap.Key {
 	return out
 }
 
-// FlowCmp compares flows without their timestamps (checked on their own).
-var FlowCmp = cmp.Options{cmpopts.IgnoreFields(ctmap.Flow{}, "FirstSeen", "LastSeen"), cmpopts.EquateComparable(netip.Addr{})}
+// FlowCmp compares flows without their timestamps, owner and handshake
+// RTT (checked on their own: BPF_PROG_TEST_RUN gives egress packets a
+// socket of the calling process, and RTTs are times).
+var FlowCmp = cmp.Options{
+	cmpopts.IgnoreFields(ctmap.Flow{}, "FirstSeen", "LastSeen", "Pid", "Comm", "CgroupID", "RTT"),
+	cmpopts.EquateComparable(netip.Addr{}),
+}
 
 // OnlyFlow asserts that the table holds exactly want (timestamps aside) and
 // returns the entry as read.
@@ -553,4 +561,71 @@ func (d *Datapath) Revoke(tb testing.TB) (revoked, kept int) {
 		tb.Fatal(err)
 	}
 	return res.Revoked, res.Kept
+}
+
+// MapState is the content of maps, by name, raw: every key and value in
+// hex, the per-CPU values of every CPU. Ring buffers are left out (read
+// them as an event stream).
+type MapState map[string]map[string]string
+
+// State reads maps as MapState.
+func State(tb testing.TB, maps map[string]*ebpf.Map) MapState {
+	tb.Helper()
+	s := MapState{}
+	for name, m := range maps {
+		if m.Type() == ebpf.RingBuf || m.Type() == ebpf.SkStorage {
+			continue
+		}
+		s[name] = dump(tb, m)
+	}
+	return s
+}
+
+func dump(tb testing.TB, m *ebpf.Map) map[string]string {
+	tb.Helper()
+	out := map[string]string{}
+	var k []byte
+	it := m.Iterate()
+	switch m.Type() {
+	case ebpf.PerCPUArray, ebpf.PerCPUHash, ebpf.LRUCPUHash:
+		var v [][]byte
+		for it.Next(&k, &v) {
+			out[fmt.Sprintf("%x", k)] = fmt.Sprintf("%x", v)
+		}
+	default:
+		var v []byte
+		for it.Next(&k, &v) {
+			out[fmt.Sprintf("%x", k)] = fmt.Sprintf("%x", v)
+		}
+	}
+	if err := it.Err(); err != nil {
+		tb.Fatalf("dump %v: %v", m, err)
+	}
+	return out
+}
+
+// SelfCgroup returns the cgroup v2 id and path (below the mount) of the
+// calling process: the owner BPF_PROG_TEST_RUN's egress packets get, their
+// socket being one of this process without owner storage (bpf/owner.h).
+func SelfCgroup(tb testing.TB) (uint64, string) {
+	tb.Helper()
+	root, err := cgroupv2.Mount()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if rel, ok := strings.CutPrefix(line, "0::"); ok {
+			id, err := cgroupv2.ID(filepath.Join(root, rel))
+			if err != nil {
+				tb.Fatal(err)
+			}
+			return id, rel
+		}
+	}
+	tb.Fatal("/proc/self/cgroup has no cgroup v2 line")
+	return 0, ""
 }

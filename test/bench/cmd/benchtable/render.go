@@ -368,7 +368,7 @@ func plural(n int, what string) string {
 func (rep *report) hotTwin(c bench.PacketCase) (packetRow, bool) {
 	for _, r := range rep.Packet {
 		h := r.Case
-		if h.Hot && !c.Hot && h.Kind == c.Kind && h.Flows == c.Flows && h.Prefixes == c.Prefixes && h.Policy == c.Policy && h.Listener == c.Listener && h.Flood == c.Flood && r.Err == "" {
+		if h.Hot && !c.Hot && h.Kind == c.Kind && h.Flows == c.Flows && h.Prefixes == c.Prefixes && h.Policy == c.Policy && h.Listener == c.Listener && h.Flood == c.Flood && h.Owner == c.Owner && r.Err == "" {
 			return r, true
 		}
 	}
