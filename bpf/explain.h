@@ -10,9 +10,10 @@
  * nothing is counted, no event is written and no rate-limit token is
  * taken (the LRU marks the entry a lookup finds as used, as for any
  * lookup). What decided goes into cb[] instead (struct explain_result),
- * which BPF_PROG_TEST_RUN hands back in ctx_out. ctd explain runs only
- * programs of its own build (their tag), never an older one that would
- * take the packet for real.
+ * which BPF_PROG_TEST_RUN hands back in ctx_out. ctd explain runs only a
+ * program whose instructions compare cb[] with its magic, never an older
+ * one that would take the packet for real: change the magic whenever
+ * struct explain_result changes.
  *
  * At TC, cb[] is the qdisc layer's scratch space; the kernel leaves there
  * pointers, lengths and counters, never this magic. The check costs real

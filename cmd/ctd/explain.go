@@ -32,7 +32,7 @@ that decided, and the conntrack entry the packet hits (its state) or new.
 The run is a dry run: the program decides as it would for this packet and
 changes nothing (no conntrack entry, counter, event or rate-limit token).
 It is the program attached now, so the answer is that of this datapath,
-not of a model of it; it runs only a program of this build of ctd.
+not of a model of it; it runs only a program with this build's dry run.
 
 --flags takes TCP flags joined by commas (SYN, ACK, FIN, RST, PSH, URG);
 without it a TCP packet is a SYN. --dport is required for tcp, udp and
@@ -53,11 +53,7 @@ rule, ct_state (and iface, dir, ct_table, ct_flags).`,
 			if err := a.checkDatapath(); err != nil {
 				return err
 			}
-			spec, err := datapathSpec()
-			if err != nil {
-				return err
-			}
-			ans, err := explain.Explain(a.pins(), spec, req)
+			ans, err := explain.Explain(a.pins(), req)
 			if err != nil {
 				return err
 			}

@@ -17,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 
@@ -220,8 +221,8 @@ type Result struct {
 // Run runs prog, one of the datapath's TC programs, on frame as a dry run:
 // ifindex is the interface it runs for (0: the loopback), which must be in
 // the calling thread's network namespace. The caller vouches that prog is
-// a build that honours the dry-run request (see Check): any other would
-// take the packet for real.
+// a build that honours the dry-run request (Check): any other would take
+// the packet for real.
 func Run(prog *ebpf.Program, ifindex int, frame []byte) (Result, error) {
 	in := skbContext{Ifindex: uint32(ifindex)}
 	in.CB[0] = uint32(bpf.CtdExplainMagicEXPLAIN_MAGIC_LO)
@@ -245,35 +246,48 @@ func Run(prog *ebpf.Program, ifindex int, frame []byte) (Result, error) {
 	return r, nil
 }
 
-// Check fails unless prog is the build of spec's program name: ctd explain
-// runs only the programs it knows to honour its dry-run request and to
-// answer in its layout. A program of another build (an older ctd that has
-// no dry run would take the packet for real) has another tag.
-func Check(prog *ebpf.Program, spec *ebpf.CollectionSpec, name string) error {
-	ps, ok := spec.Programs[name]
-	if !ok {
-		return fmt.Errorf("this build has no program %s", name)
-	}
+// Check fails unless prog honours this build's dry-run request: its
+// instructions as the kernel holds them compare cb[] with both words of
+// this build's magic (bpf/explain.h, which changes the magic with the
+// result's layout). A program without (an older ctd's, which would take
+// the packet for real) or with another magic (another layout) is refused.
+// The kernel's tag cannot tell: the loader rewrites instructions (CO-RE,
+// subprogram calls) before the kernel hashes them.
+func Check(prog *ebpf.Program, name string) error {
 	info, err := prog.Info()
 	if err != nil {
-		return fmt.Errorf("program %v: %w", prog, err)
-	}
-	if err := ps.Compatible(info); errors.Is(err, ebpf.ErrProgIncompatible) {
-		return &OtherBuildError{Program: name}
-	} else if err != nil {
 		return fmt.Errorf("program %s: %w", name, err)
+	}
+	insns, err := info.Instructions()
+	if err != nil {
+		return fmt.Errorf("read the instructions of program %s (needed to tell whether it has this build's dry run): %w", name, err)
+	}
+	var lo, hi bool
+	for _, ins := range insns {
+		if ins.OpCode.JumpOp() == asm.InvalidJumpOp || ins.OpCode.Source() != asm.ImmSource {
+			continue
+		}
+		switch uint32(ins.Constant) {
+		case uint32(bpf.CtdExplainMagicEXPLAIN_MAGIC_LO):
+			lo = true
+		case uint32(bpf.CtdExplainMagicEXPLAIN_MAGIC_HI):
+			hi = true
+		}
+	}
+	if !lo || !hi {
+		return &OtherBuildError{Program: name}
 	}
 	return nil
 }
 
-// OtherBuildError: the attached program is not this build's.
+// OtherBuildError: the attached program has no dry run of this build's.
 type OtherBuildError struct {
 	Iface   string
 	Program string
 }
 
 func (e *OtherBuildError) Error() string {
-	return fmt.Sprintf("the %s program attached to %s is another build of ctd than this one: explain runs only its own build's programs (an older one would take the packet for real); attach this build ('ctd attach %s' or restart 'ctd daemon') or run the ctd that attached it",
+	return fmt.Sprintf("the %s program attached to %s has no dry run of this ctd's (an older ctd's program would take the packet for real): attach this build ('ctd attach %s' or restart 'ctd daemon') or run the ctd that attached it",
 		e.Program, e.Iface, e.Iface)
 }
 
@@ -286,10 +300,10 @@ type Request struct {
 
 // Explain runs the program ctd attached to req's interface and direction
 // (found through d's pinned links: Attachments) on req's packet as a dry
-// run, and tells what decided. spec is this build's datapath; the program
-// must be its build (Check). The calling thread must be in the interface's
-// network namespace.
-func Explain(d pins.Dir, spec *ebpf.CollectionSpec, req Request) (Answer, error) {
+// run, and tells what decided; only a program with this build's dry run
+// (Check). The calling thread must be in the interface's network
+// namespace.
+func Explain(d pins.Dir, req Request) (Answer, error) {
 	frame, err := req.Frame()
 	if err != nil {
 		return Answer{}, err
@@ -314,7 +328,7 @@ func Explain(d pins.Dir, spec *ebpf.CollectionSpec, req Request) (Answer, error)
 		return Answer{}, fmt.Errorf("open the %s program of %s (ID %d): %w", req.Dir, req.Iface, id, err)
 	}
 	defer prog.Close()
-	if err := Check(prog, spec, name); err != nil {
+	if err := Check(prog, name); err != nil {
 		var ob *OtherBuildError
 		if errors.As(err, &ob) {
 			ob.Iface = req.Iface

@@ -1,17 +1,21 @@
 package explain_test
 
 import (
+	"encoding/binary"
 	"errors"
 	"net/netip"
 	"os"
+	"reflect"
 	"testing"
 	"time"
+	"unsafe"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/ctd-dev/ctd/bpf"
-	"github.com/ctd-dev/ctd/bpf/upgradetest"
+	"github.com/ctd-dev/ctd/bpf/nodryrun"
 	"github.com/ctd-dev/ctd/control/explain"
 	"github.com/ctd-dev/ctd/control/ipproto"
 	"github.com/ctd-dev/ctd/datapath/metricsmap"
@@ -299,29 +303,51 @@ func frame(t *testing.T, p explain.Packet) []byte {
 	return f
 }
 
-// TestCheckBuild: Check refuses a program of another build of the datapath (one that
-// might take the packet for real), and accepts this build's.
+// TestCheckBuild: Check accepts this build's programs and refuses the same
+// sources built without the dry run (bpf/nodryrun), as it would an older
+// ctd's programs, which would take the packet for real.
 func TestCheckBuild(t *testing.T) {
 	dp := dptest.New(t)
-	own, err := bpf.LoadCtd()
+	for name, p := range map[string]*ebpf.Program{"ctd_ingress": dp.CtdIngress, "ctd_egress": dp.CtdEgress} {
+		if err := explain.Check(p, name); err != nil {
+			t.Errorf("this build's %s: %v", name, err)
+		}
+	}
+	spec, err := nodryrun.LoadCtd()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := explain.Check(dp.CtdIngress, own, "ctd_ingress"); err != nil {
-		t.Errorf("this build's ingress program: %v", err)
-	}
-	if err := explain.Check(dp.CtdEgress, own, "ctd_egress"); err != nil {
-		t.Errorf("this build's egress program: %v", err)
-	}
-	if err := explain.Check(dp.CtdEgress, own, "ctd_ingress"); err == nil {
-		t.Error("the egress program passed for the ingress program")
-	}
-	other, err := upgradetest.LoadCtd()
-	if err != nil {
-		t.Fatal(err)
-	}
+	without := dptest.NewFrom(t, spec)
 	var ob *explain.OtherBuildError
-	if err := explain.Check(dp.CtdIngress, other, "ctd_ingress"); !errors.As(err, &ob) {
-		t.Errorf("another build's spec: got %v, want an OtherBuildError", err)
+	if err := explain.Check(without.CtdIngress, "ctd_ingress"); !errors.As(err, &ob) {
+		t.Errorf("a build without the dry run: got %v, want an OtherBuildError", err)
+	}
+}
+
+// TestResultLayoutAndMagic pins struct explain_result's layout to the
+// magic: a program answers in the layout its magic names, so a change of
+// one without the other fails here (change the magic in bpf/explain.h,
+// then both figures below).
+func TestResultLayoutAndMagic(t *testing.T) {
+	type layout struct {
+		Size     int
+		Magic    [2]uint32
+		Fields   int
+		Reason   uintptr
+		CtFlags  uintptr
+		RulePort uintptr
+	}
+	var r bpf.CtdExplainResult
+	got := layout{
+		Size:     binary.Size(r),
+		Magic:    [2]uint32{uint32(bpf.CtdExplainMagicEXPLAIN_MAGIC_LO), uint32(bpf.CtdExplainMagicEXPLAIN_MAGIC_HI)},
+		Fields:   reflect.TypeOf(r).NumField(),
+		Reason:   unsafe.Offsetof(r.Reason),
+		CtFlags:  unsafe.Offsetof(r.CtFlags),
+		RulePort: unsafe.Offsetof(r.RulePort),
+	}
+	want := layout{Size: 20, Magic: [2]uint32{0x6c707865, 0x3a647463}, Fields: 11, Reason: 16, CtFlags: 19, RulePort: 12}
+	if got != want {
+		t.Errorf("explain_result and its magic: got %+v, want %+v", got, want)
 	}
 }

@@ -43,9 +43,9 @@ func Converters() []Converter {
 	}
 }
 
-// Replaces returns the maps of older layouts that convs convert into the
+// replaces returns the maps of older layouts that convs convert into the
 // map named name.
-func Replaces(name string, convs []Converter) []string {
+func replaces(name string, convs []Converter) []string {
 	var out []string
 	for _, c := range convs {
 		if c.To == name && !slices.Contains(out, c.From) {
@@ -55,8 +55,8 @@ func Replaces(name string, convs []Converter) []string {
 	return out
 }
 
-// Converted reports whether convs convert the map named name into another.
-func Converted(name string, convs []Converter) bool {
+// converted reports whether convs convert the map named name into another.
+func converted(name string, convs []Converter) bool {
 	return slices.ContainsFunc(convs, func(c Converter) bool { return c.From == name })
 }
 

@@ -350,14 +350,14 @@ func OtherLayouts(name string, pinned []string, convs []Converter) []string {
 	if !ok {
 		return nil
 	}
-	from := Replaces(name, convs)
+	from := replaces(name, convs)
 	var out []string
 	for _, n := range pinned {
 		if n == name {
 			continue
 		}
 		t, _, ok := SplitName(n)
-		if slices.Contains(from, n) || (ok && t == table && !Converted(n, convs)) {
+		if slices.Contains(from, n) || (ok && t == table && !converted(n, convs)) {
 			out = append(out, n)
 		}
 	}

@@ -277,7 +277,7 @@ func TestMigrateUnderTraffic(t *testing.T) {
 				pingOut <- err
 			}()
 
-			s := stream(conn, 3*time.Second, time.Millisecond)
+			s := stream(conn, time.Millisecond)
 			time.Sleep(time.Second)
 
 			before, ok := readRaw(t, oldCT, oldCTSpec, key)
@@ -420,15 +420,21 @@ func (r streamResult) missing() []uint64 {
 }
 
 type udpStream struct {
+	stop chan struct{}
 	done chan streamResult
 }
 
-func (s udpStream) wait() streamResult { return <-s.done }
+// wait stops the stream and returns what it sent and got back.
+func (s udpStream) wait() streamResult {
+	close(s.stop)
+	return <-s.done
+}
 
-// stream sends sequence-numbered datagrams every interval for d and counts
-// the distinct echoes, waiting a second for late ones.
-func stream(conn net.Conn, d, interval time.Duration) udpStream {
-	s := udpStream{done: make(chan streamResult, 1)}
+// stream sends sequence-numbered datagrams every interval until wait, and
+// counts the distinct echoes, waiting a second for late ones. It runs
+// however long what it measures takes on a loaded machine.
+func stream(conn net.Conn, interval time.Duration) udpStream {
+	s := udpStream{stop: make(chan struct{}), done: make(chan streamResult, 1)}
 	var (
 		mu  sync.Mutex
 		got = make(map[uint64]bool)
@@ -450,11 +456,13 @@ func stream(conn net.Conn, d, interval time.Duration) udpStream {
 	go func() {
 		tick := time.NewTicker(interval)
 		defer tick.Stop()
-		end := time.Now().Add(d)
 		sent := 0
-		for now := range tick.C {
-			if now.After(end) {
-				break
+	send:
+		for {
+			select {
+			case <-s.stop:
+				break send
+			case <-tick.C:
 			}
 			if _, err := conn.Write(binary.BigEndian.AppendUint64(nil, uint64(sent))); err != nil {
 				break
