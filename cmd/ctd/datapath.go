@@ -85,25 +85,12 @@ func (a *app) openCT(out *string) (*ctmap.Map, func(), error) {
 	if err := a.preamble(out); err != nil {
 		return nil, nil, err
 	}
-	var ms [4]*ebpf.Map
-	closeAll := func() {
-		for _, m := range ms {
-			if m != nil {
-				m.Close()
-			}
-		}
-	}
-	for i, name := range loader.ConntrackMaps {
+	return loader.OpenConntrack(func(name string) (*ebpf.Map, error) {
 		m, err := a.pins().OpenMap(name, &ebpf.LoadPinOptions{})
-		if err != nil {
-			closeAll()
-			var np *loader.NotPinnedError
-			if errors.As(err, &np) && (i > 0 || a.pins().Pinned(loader.CTV1Map)) {
-				np.Older = true // another conntrack table is pinned
-			}
-			return nil, nil, err
+		var np *loader.NotPinnedError
+		if errors.As(err, &np) && (name != loader.ConntrackMaps[0] || a.pins().Pinned(loader.CTV1Map)) {
+			np.Older = true // another conntrack table is pinned
 		}
-		ms[i] = m
-	}
-	return ctmap.New(ctmap.Tables{Confirmed4: ms[0], Confirmed6: ms[1], Unconfirmed4: ms[2], Unconfirmed6: ms[3]}), closeAll, nil
+		return m, err
+	})
 }

@@ -123,13 +123,10 @@ func (m *Maps) Conntrack() *ctmap.Map {
 // ConntrackMaps are the names of the conntrack tables, as in ctmap.Tables.
 var ConntrackMaps = [4]string{CT4Map, CT6Map, CT4UnconfirmedMap, CT6UnconfirmedMap}
 
-// NewConntrack creates an unpinned conntrack table (its four maps), sized
-// by o, for tests and benchmarks; close releases it.
-func NewConntrack(o Options) (ct *ctmap.Map, close func(), err error) {
-	spec, err := o.WithDefaults().Spec()
-	if err != nil {
-		return nil, nil, err
-	}
+// OpenConntrack opens the conntrack table's four maps with open, by name
+// in ConntrackMaps order; close releases them. On an error it closes those
+// it opened and returns open's error as is.
+func OpenConntrack(open func(name string) (*ebpf.Map, error)) (ct *ctmap.Map, close func(), err error) {
 	var ms [4]*ebpf.Map
 	closeAll := func() {
 		for _, m := range ms {
@@ -139,10 +136,26 @@ func NewConntrack(o Options) (ct *ctmap.Map, close func(), err error) {
 		}
 	}
 	for i, name := range ConntrackMaps {
-		if ms[i], err = ebpf.NewMap(spec.Maps[name]); err != nil {
+		if ms[i], err = open(name); err != nil {
 			closeAll()
-			return nil, nil, fmt.Errorf("create map %s: %w", name, err)
+			return nil, nil, err
 		}
 	}
 	return ctmap.New(ctmap.Tables{Confirmed4: ms[0], Confirmed6: ms[1], Unconfirmed4: ms[2], Unconfirmed6: ms[3]}), closeAll, nil
+}
+
+// NewConntrack creates an unpinned conntrack table (its four maps), sized
+// by o, for tests and benchmarks; close releases it.
+func NewConntrack(o Options) (ct *ctmap.Map, close func(), err error) {
+	spec, err := o.WithDefaults().Spec()
+	if err != nil {
+		return nil, nil, err
+	}
+	return OpenConntrack(func(name string) (*ebpf.Map, error) {
+		m, err := ebpf.NewMap(spec.Maps[name])
+		if err != nil {
+			return nil, fmt.Errorf("create map %s: %w", name, err)
+		}
+		return m, nil
+	})
 }
