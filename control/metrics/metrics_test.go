@@ -120,7 +120,7 @@ func TestScrape(t *testing.T) {
 	})
 	srv := httptest.NewServer(c.Handler())
 	defer srv.Close()
-	got := scrapeUntil(t, srv.URL+"/metrics", `ctd_map_entries{map="policy_v1",type="hash"}`)
+	got := scrapeUntil(t, srv.URL+"/metrics", `ctd_map_entries{map="policy_v1",type="hash"}`, `ctd_map_entries{map="ipcache4_v1",type="lpm_trie"}`)
 
 	ctMax := float64(dp.Maps.CT4().MaxEntries())
 	for series, want := range map[string]float64{
@@ -183,11 +183,18 @@ func TestScrape(t *testing.T) {
 // scrapeUntil scrapes url until series is in the scrape (the entry counts
 // of maps other than the conntrack table come a moment after the first
 // scrape asked for them), at most 10s.
-func scrapeUntil(t *testing.T, url, series string) map[string]float64 {
+// scrapeUntil scrapes until every one of series is exported (the maps are
+// counted in the background, one after the other), or 10 s have passed.
+func scrapeUntil(t *testing.T, url string, series ...string) map[string]float64 {
 	t.Helper()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		got := scrape(t, url)
-		if _, ok := got[series]; ok || time.Now().After(deadline) {
+		all := true
+		for _, s := range series {
+			_, ok := got[s]
+			all = all && ok
+		}
+		if all || time.Now().After(deadline) {
 			return got
 		}
 	}
