@@ -10,10 +10,10 @@
  * resolve both identities through the ipcache, judge policy, create the
  * entry in the unconfirmed table or drop (see conntrack.h).
  *
- * x, passed down from handle(), is NULL for every real packet; in ctd
- * explain's dry run it is the skb, whose cb[] collects what decided, and
- * each side effect (map writes, counters, events) is skipped where x is
- * tested (explain.h).
+ * x, passed down from handle(), holds ctd explain's dry-run request: in a
+ * dry run (dry(x)) the skb's cb[] collects what decided, and each side
+ * effect (map writes, counters, events) is skipped where dry(x) is tested
+ * (explain.h).
  */
 #include "common.h"
 #include "parse.h"
@@ -63,7 +63,7 @@ static __always_inline struct config *config_get(void)
 	return bpf_map_lookup_elem(&CONFIG_MAP, &zero);
 }
 
-static __always_inline int verdict_drop(struct __sk_buff *x, __u32 dir, __u32 reason, __u64 len)
+static __always_inline int verdict_drop(const struct explain *x, __u32 dir, __u32 reason, __u64 len)
 {
 	tally(x, dir, reason, len);
 	return CTD_DROP;
@@ -88,7 +88,7 @@ static __always_inline void ct_account(struct ct_entry *e, int is_orig, __u8 tcp
 /* ct_new judges a flow that has no entry (or a SYN that reuses the tuple
  * of a closed or revoked one, replaced: in the confirmed table if
  * confirmed) and, if allowed, creates its entry in tb's unconfirmed table. */
-static __always_inline int ct_new(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_new(const struct explain *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				  struct ct_tables tb, const void *k, int src_is_b, int confirmed,
 				  __u64 len, __u64 segs, __u64 now)
 {
@@ -103,20 +103,20 @@ static __always_inline int ct_new(struct __sk_buff *x, struct __sk_buff *skb, __
 
 	/* Mid-stream TCP without an entry: a flow lost to the LRU (or flushed,
 	 * or older than ctd). Visible before the policy judges it. */
-	if (!x && t->proto == IPPROTO_TCP && !(t->tcp_flags & (TCPF_SYN | TCPF_RST))) {
+	if (!dry(x) && t->proto == IPPROTO_TCP && !(t->tcp_flags & (TCPF_SYN | TCPF_RST))) {
 		count(dir, M_CT_MIDSTREAM_MISS, 0);
 		emit(cfg, now, EV_CT_MIDSTREAM_MISS, 0, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
 	}
 
 	if (judge(x, cfg, dir, dir == DIR_INGRESS ? src_id : dst_id, t->proto,
 		  policy_port(t->proto, t->dport)) != VERDICT_ALLOW) {
-		if (!x)
+		if (!dry(x))
 			emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, t, src_id, dst_id, 0, NULL);
 		return verdict_drop(x, dir, M_DROP_POLICY, len);
 	}
 	/* An RST for a connection we do not know needs no entry; a dry run
 	 * creates none. */
-	if (x || (t->proto == IPPROTO_TCP && (t->tcp_flags & TCPF_RST))) {
+	if (dry(x) || (t->proto == IPPROTO_TCP && (t->tcp_flags & TCPF_RST))) {
 		tally(x, dir, M_FWD_NEW, len);
 		return CTD_PASS;
 	}
@@ -159,7 +159,7 @@ static __always_inline int ct_new(struct __sk_buff *x, struct __sk_buff *skb, __
  * its direction, and refreshes the entry so that the flow stays cut while
  * either side keeps trying (a pickup cannot re-create it). Only a SYN that
  * the policy in force allows opens a new flow in its place. */
-static __always_inline int ct_revoked(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_revoked(const struct explain *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				      struct ct_tables tb, const void *k, int src_is_b,
 				      struct ct_entry *e, int confirmed,
 				      __u64 len, __u64 segs, __u64 now)
@@ -168,7 +168,7 @@ static __always_inline int ct_revoked(struct __sk_buff *x, struct __sk_buff *skb
 
 	if (t->proto == IPPROTO_TCP && tcp_opens(t->tcp_flags))
 		return ct_new(x, skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
-	if (!x) {
+	if (!dry(x)) {
 		e->last_seen = now;
 		emit(config_get(), now, EV_DROP, M_DROP_REVOKED, dir, skb->ifindex, t,
 		     is_orig ? e->src_identity : e->dst_identity,
@@ -194,14 +194,14 @@ static __always_inline struct ct_entry *ct_lookup_tuple(const struct tuple *t, i
 
 /* related handles an ICMP error: it passes when it quotes a tracked flow, and
  * is otherwise judged like a new flow without creating an entry. */
-static __always_inline int related(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
+static __always_inline int related(const struct explain *x, struct __sk_buff *skb, __u32 dir, struct pkt *p, __u64 len, __u64 now)
 {
 	struct config *cfg;
 	__u32 src_id;
 	int confirmed;
 	struct ct_entry *e = ct_lookup_tuple(&p->inner, &confirmed);
 
-	if (x) {
+	if (dry(x)) {
 		/* The quoted flow's entry; the error's own addresses' identities. */
 		explain_ct(x, e, confirmed, 1);
 		explain_identities(x, identity_of(&p->t.src, p->t.family), identity_of(&p->t.dst, p->t.family));
@@ -209,7 +209,7 @@ static __always_inline int related(struct __sk_buff *x, struct __sk_buff *skb, _
 	if (e && (e->flags & CT_F_REVOKED))
 		return verdict_drop(x, dir, M_DROP_REVOKED, len);
 	if (e) {
-		if (!x)
+		if (!dry(x))
 			e->flags |= CT_F_RELATED;
 		tally(x, dir, M_FWD_RELATED, len);
 		return CTD_PASS;
@@ -218,7 +218,7 @@ static __always_inline int related(struct __sk_buff *x, struct __sk_buff *skb, _
 	src_id = identity_of(&p->t.src, p->t.family);
 	if (judge(x, cfg, dir, dir == DIR_INGRESS ? src_id : identity_of(&p->t.dst, p->t.family),
 		  p->t.proto, 0) != VERDICT_ALLOW) {
-		if (!x)
+		if (!dry(x))
 			emit(cfg, now, EV_DROP, M_DROP_POLICY, dir, skb->ifindex, &p->t, src_id, 0, 0, NULL);
 		return verdict_drop(x, dir, M_DROP_POLICY, len);
 	}
@@ -240,7 +240,7 @@ static __always_inline void ct_promote(__u32 dir, struct ct_tables tb, const voi
 
 /* ct_hit handles a packet of a tracked flow, whose entry e is in the
  * confirmed table or not. */
-static __always_inline int ct_hit(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_hit(const struct explain *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				  struct ct_tables tb, const void *k, int src_is_b,
 				  struct ct_entry *e, int confirmed,
 				  __u64 len, __u64 segs, __u64 now)
@@ -256,7 +256,7 @@ static __always_inline int ct_hit(struct __sk_buff *x, struct __sk_buff *skb, __
 		return ct_new(x, skb, dir, t, tb, k, src_is_b, confirmed, len, segs, now);
 
 	/* A dry run stops here: the packet would pass, and change the entry. */
-	if (x) {
+	if (dry(x)) {
 		tally(x, dir, M_FWD_ESTABLISHED, len);
 		return CTD_PASS;
 	}
@@ -286,7 +286,7 @@ static __always_inline int ct_hit(struct __sk_buff *x, struct __sk_buff *skb, __
 /* ct_track runs conntrack for a packet of tuple t, whose key in tb is k:
  * one lookup in the confirmed table, one in the unconfirmed table on a
  * miss. Inlined once per family. */
-static __always_inline int ct_track(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
+static __always_inline int ct_track(const struct explain *x, struct __sk_buff *skb, __u32 dir, struct tuple *t,
 				    struct ct_tables tb, const void *k, int src_is_b,
 				    __u64 len, __u64 segs)
 {
@@ -302,7 +302,7 @@ static __always_inline int ct_track(struct __sk_buff *x, struct __sk_buff *skb, 
 }
 
 /* process judges one packet (x: see the top of this file). */
-static __always_inline int process(struct __sk_buff *x, struct __sk_buff *skb, __u32 dir)
+static __always_inline int process(const struct explain *x, struct __sk_buff *skb, __u32 dir)
 {
 	struct pkt p = {};
 	__u64 len = skb->len, segs = skb->gso_segs ? skb->gso_segs : 1;
@@ -349,10 +349,13 @@ static __always_inline int process(struct __sk_buff *x, struct __sk_buff *skb, _
 	return ct_track(x, skb, dir, &p.t, CT6_TABLES, &k, src_is_b, len, segs);
 }
 
-/* handle reads once whether skb asks for a dry run (explain.h). */
+/* handle reads whether skb asks for a dry run (explain.h). */
 static __always_inline int handle(struct __sk_buff *skb, __u32 dir)
 {
-	return process(explain_requested(skb), skb, dir);
+	struct explain x;
+
+	explain_start(&x, skb);
+	return process(&x, skb, dir);
 }
 
 SEC("tc")
