@@ -187,7 +187,7 @@ func (rep *report) markdown() string {
 
 	p("\n## Identity resolution (per lookup)\n\n")
 	p("What resolving one address costs, apart from the rest of a new flow: a small TC program reads an address from its packet and resolves it as the datapath does (this build: its host hash, and on a miss the full-length key in the trie of CIDRs; the first release: the full-length key in one LPM trie of every prefix), against maps created as the loader creates them (`--ipcache-max` the default) and filled with the per-packet rows' ipcache (80%% host entries). ")
-	p("Every run is one `BPF_PROG_TEST_RUN` with repeat 1 on an address drawn at random (a host entry's, or one under a CIDR that no host entry covers), the four programs and the empty TC program interleaved run by run in rotating order; the figure is the median over %s of %d lookups each of the time over the floor (ns).\n\n", plural(rep.Plan.packetCount, "run"), rep.Plan.lookupSamples)
+	p("Every run is one `BPF_PROG_TEST_RUN` with repeat 1 on an address drawn at random (a host entry's, or one under a CIDR that no host entry covers), each of the four lookups interleaved with the empty TC program alone, run by run in rotating order, in rounds of 2048 (more programs in one rotation would evict more of each other's cache lines between runs, and inflate every figure); the figure is the median over %s of %d lookups each of the time over the floor (ns).\n\n", plural(rep.Plan.packetCount, "run"), rep.Plan.lookupSamples)
 	p("| family | ipcache prefixes |")
 	for _, v := range bench.LookupVariants {
 		p(" %s |", cell(v.Title))
