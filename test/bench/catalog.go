@@ -146,6 +146,12 @@ const (
 	// FloorArray: one lookup in an array of one entry, which the verifier
 	// inlines (no call), and an add.
 	FloorArray
+	// FloorArrayTable: one hit in a table the program manages itself in an
+	// array map (262144 slots of a 16-byte key and an entry, the slot a
+	// multiplicative hash of the key computed in the program, one probe, the
+	// key compared), and two counter adds: what an established packet would
+	// cost with its flows kept outside the kernel's hash maps.
+	FloorArrayTable
 )
 
 // FloorCase is one BenchmarkMapFloor figure: what the map operations Ops
@@ -169,6 +175,7 @@ var FloorCases = []FloorCase{
 	{Name: "ct6-new-identities", Title: "the same, and both addresses resolved in an ipcache of 10k prefixes", Ops: FloorNewIdentities, IPv6: true, Bounds: "tcp6-new/prefixes=10k"},
 	{Name: "hash1-miss", Title: "reference: one miss in a hash of one entry (a helper call, no table to walk)", Ops: FloorHashMiss},
 	{Name: "array", Title: "reference: one lookup in an array of one entry (inlined by the verifier) and an add", Ops: FloorArray},
+	{Name: "array-table-hit", Title: "reference: one hit among 1k flows in a hash table the program keeps in an array map (hash computed in the program, one probe), two counter adds", Ops: FloorArrayTable},
 }
 
 // Setup is one configuration of the receiving side in the real-traffic runs.

@@ -1,9 +1,11 @@
 package bench
 
 import (
+	"encoding/binary"
 	"fmt"
 	mrand "math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 	"unsafe"
 
@@ -45,6 +47,29 @@ type floorOps struct {
 	// array is an array of one entry the program adds to, a lookup the
 	// verifier inlines.
 	array *ebpf.Map
+	// table is an array of arrayTableSlots slots the program finds the key
+	// in itself (arrayTableSlot), and adds to the entry's counters.
+	table *ebpf.Map
+}
+
+// The table of FloorArrayTable: slots of a 16-byte key and an entry.
+const (
+	arrayTableBits  = 18
+	arrayTableSlots = 1 << arrayTableBits
+	arrayTableKey   = 16
+)
+
+// Multipliers of arrayTableSlot's hash (odd 32-bit constants of xxhash).
+var arrayTableMul = [4]uint64{0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F}
+
+// arrayTableSlot is the slot of a 16-byte key: a multiplicative hash of its
+// four words (as the program loads them, host order), its top bits.
+func arrayTableSlot(k []byte) uint32 {
+	var h uint64
+	for i, m := range arrayTableMul {
+		h += uint64(binary.NativeEndian.Uint32(k[4*i:])) * m
+	}
+	return uint32(h>>(40-arrayTableBits)) & (arrayTableSlots - 1)
 }
 
 // floorProgram builds the TC program of ops. It passes (TC_ACT_UNSPEC) only
@@ -126,6 +151,41 @@ func floorProgram(ops floorOps) (*ebpf.Program, error) {
 			asm.JNE.Imm(asm.R0, 0, "drop"),
 		)
 	}
+	if ops.table != nil {
+		var e bpf.CtdCtEntry
+		insns = append(insns, asm.Mov.Imm(asm.R7, 0))
+		for i, m := range arrayTableMul {
+			insns = append(insns,
+				asm.LoadMem(asm.R1, asm.RFP, int16(floorKeySlot+4*i), asm.Word),
+				asm.LoadImm(asm.R2, int64(m), asm.DWord),
+				asm.Mul.Reg(asm.R1, asm.R2),
+				asm.Add.Reg(asm.R7, asm.R1),
+			)
+		}
+		insns = append(insns,
+			asm.RSh.Imm(asm.R7, 40-arrayTableBits),
+			asm.And.Imm(asm.R7, arrayTableSlots-1),
+			asm.StoreMem(asm.RFP, floorHashSlot, asm.R7, asm.Word),
+		)
+		insns = append(insns, lookup(ops.table, floorHashSlot)...)
+		insns = append(insns,
+			asm.JEq.Imm(asm.R0, 0, "drop"),
+			asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
+			asm.LoadMem(asm.R2, asm.RFP, floorKeySlot, asm.DWord),
+			asm.JNE.Reg(asm.R1, asm.R2, "drop"),
+			asm.LoadMem(asm.R1, asm.R0, 8, asm.DWord),
+			asm.LoadMem(asm.R2, asm.RFP, floorKeySlot+8, asm.DWord),
+			asm.JNE.Reg(asm.R1, asm.R2, "drop"),
+			asm.Mov.Imm(asm.R1, 1),
+			asm.Mov.Reg(asm.R2, asm.R0),
+			asm.Add.Imm(asm.R2, int32(arrayTableKey+unsafe.Offsetof(e.PacketsOrig))),
+			asm.StoreXAdd(asm.R2, asm.R1, asm.DWord),
+			asm.Mov.Imm(asm.R1, 64),
+			asm.Mov.Reg(asm.R2, asm.R0),
+			asm.Add.Imm(asm.R2, int32(arrayTableKey+unsafe.Offsetof(e.BytesOrig))),
+			asm.StoreXAdd(asm.R2, asm.R1, asm.DWord),
+		)
+	}
 	if ops.array != nil {
 		insns = append(insns, asm.StoreImm(asm.RFP, floorHashSlot, 0, asm.Word))
 		insns = append(insns, lookup(ops.array, floorHashSlot)...)
@@ -154,7 +214,10 @@ type floorMaps struct {
 	ct, unconfirmed map[int]*ebpf.Map // by key length
 	hosts, cidrs    map[int]*ebpf.Map // by address bits
 	array, hash1    *ebpf.Map
+	table           *ebpf.Map
 	keys            map[int][][]byte // the entries of ct, by key length
+	// tableKeys are the keys in table, each alone in its slot.
+	tableKeys [][]byte
 	// sources are host entries of the ipcache and dsts the server under
 	// its CIDR that the per-packet new flows go to, by address bits.
 	sources, dsts map[int][]netip.Addr
@@ -181,9 +244,11 @@ func newFloorMaps(tb testing.TB) *floorMaps {
 		cidrs:       map[int]*ebpf.Map{},
 		array:       mk(&ebpf.MapSpec{Name: "floor_array", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1}),
 		hash1:       mk(&ebpf.MapSpec{Name: "floor_hash1", Type: ebpf.Hash, KeySize: 16, ValueSize: 8, MaxEntries: 1}),
-		keys:        map[int][][]byte{},
-		sources:     map[int][]netip.Addr{},
-		dsts:        map[int][]netip.Addr{},
+		table: mk(&ebpf.MapSpec{Name: "floor_table", Type: ebpf.Array, KeySize: 4,
+			ValueSize: uint32(arrayTableKey + unsafe.Sizeof(bpf.CtdCtEntry{})), MaxEntries: arrayTableSlots}),
+		keys:    map[int][][]byte{},
+		sources: map[int][]netip.Addr{},
+		dsts:    map[int][]netip.Addr{},
 	}
 	rnd := mrand.New(mrand.NewPCG(16, 40))
 	var entry [unsafe.Sizeof(bpf.CtdCtEntry{})]byte
@@ -195,6 +260,19 @@ func newFloorMaps(tb testing.TB) *floorMaps {
 			}
 			fm.keys[kl] = append(fm.keys[kl], k)
 		}
+	}
+	used := map[uint32]bool{}
+	for len(fm.tableKeys) < DefaultFlows {
+		k := randomKey(rnd, arrayTableKey)
+		slot := arrayTableSlot(k)
+		if used[slot] {
+			continue // one probe: each key alone in its slot
+		}
+		used[slot] = true
+		if err := fm.table.Put(slot, append(slices.Clone(k), entry[:]...)); err != nil {
+			tb.Fatalf("fill array table: %v", err)
+		}
+		fm.tableKeys = append(fm.tableKeys, k)
 	}
 	if err := fm.hash1.Put(make([]byte, 16), uint64(0)); err != nil {
 		tb.Fatal(err)
@@ -239,6 +317,8 @@ func (fm *floorMaps) ops(c FloorCase) floorOps {
 	case FloorNewIdentities:
 		return floorOps{keyLen: kl, miss: []*ebpf.Map{fm.ct[kl], fm.unconfirmed[kl]}, insert: fm.unconfirmed[kl],
 			hosts: fm.hosts[bits], cidrs: fm.cidrs[bits], addrBits: bits}
+	case FloorArrayTable:
+		return floorOps{keyLen: arrayTableKey, table: fm.table}
 	case FloorHashMiss:
 		return floorOps{keyLen: 16, miss: []*ebpf.Map{fm.hash1}}
 	default:
@@ -286,9 +366,12 @@ func benchFloor(b *testing.B, floor *ebpf.Program, fm *floorMaps, c FloorCase) {
 		var inserted [][]byte
 		for i := range n {
 			var k []byte
-			if ops.hit != nil {
+			switch {
+			case ops.hit != nil:
 				k = fm.keys[ops.keyLen][rnd.IntN(len(fm.keys[ops.keyLen]))]
-			} else {
+			case ops.table != nil:
+				k = fm.tableKeys[rnd.IntN(len(fm.tableKeys))]
+			default:
 				k = randomKey(rnd, ops.keyLen)
 			}
 			copy(pkt[floorKeyOffset:], k)
