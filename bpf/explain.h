@@ -18,8 +18,8 @@
  * At TC, cb[] is the qdisc layer's scratch space; the kernel leaves there
  * pointers, lengths and counters, never this magic. The check costs real
  * traffic two context loads and compares, the request's word computed and
- * stored (five instructions), and a stack load and a not-taken branch
- * where a dry run leaves the real path.
+ * stored (six ALU instructions and a store), and a stack load and a
+ * not-taken branch where a dry run leaves the real path.
  */
 #pragma once
 
@@ -92,10 +92,10 @@ _Static_assert(sizeof(struct explain_result) == sizeof(((struct __sk_buff *)0)->
  * run, two states it cannot prune against each other (53% more
  * instructions verified for ingress, 63% for egress); a word it tracks in
  * the stack still cost 9% for ingress, and a flag in a register ran the
- * programs out of stack (clang's spills). The word is instead
- * the upper half of a 64-bit stack slot (word, 8-aligned as any __u64):
- * the verifier keeps the value stored there, but a load of the slot's
- * upper half gives a value it does not know. So each test reads an
+ * programs out of stack (clang's spills). The word is instead the upper
+ * half of a 64-bit stack slot (word, 8-aligned as any __u64): the
+ * verifier keeps the value stored there, but a load of the slot's upper
+ * half gives a value it does not know. So each test reads an
  * unknown value, the verifier explores both branches of that test only,
  * and the states of real packets and dry runs meet again after it. It
  * also explores mixed paths (a test as a dry run, a later one as real)
