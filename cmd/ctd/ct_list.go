@@ -2,8 +2,11 @@ package main
 
 import (
 	"bufio"
+	"io"
+	"os"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/ifnames"
@@ -46,6 +49,7 @@ With -o json the output is one JSON array, written as the table is read.`,
 			}
 			defer closeCT()
 
+			growPipe(c.OutOrStdout())
 			w := bufio.NewWriterSize(c.OutOrStdout(), listBuffer)
 			enc := conntrack.NewEncoder(ctmap.Now(), ifnames.New(), cgroupNames())
 			each := func(fn func(ctmap.Flow) error) error { return conntrack.List(m, f, fn) }
@@ -70,6 +74,27 @@ With -o json the output is one JSON array, written as the table is read.`,
 // system calls and pipe wake-ups, which cost more than the encoding. Each
 // flow is encoded straight into the buffer's free space.
 const listBuffer = 1 << 20
+
+// growPipe raises the capacity of out, where it is a smaller pipe, to
+// listBuffer (the most an unprivileged process may ask for by default), so
+// that the writer and the reader of a large listing wake each other up a
+// sixteenth as often as with the default 64 KiB. It is a hint: where out is
+// no pipe, or the limits refuse, nothing changes.
+func growPipe(out io.Writer) {
+	f, ok := out.(*os.File)
+	if !ok {
+		return
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) {
+		if n, err := unix.FcntlInt(fd, unix.F_GETPIPE_SZ, 0); err == nil && n < listBuffer {
+			_, _ = unix.FcntlInt(fd, unix.F_SETPIPE_SZ, listBuffer)
+		}
+	})
+}
 
 // listText writes a line per flow that each calls its function with.
 func listText(w *bufio.Writer, enc *conntrack.Encoder, each func(func(ctmap.Flow) error) error) error {

@@ -6,9 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ctd-dev/ctd/control/conntrack"
 	"github.com/ctd-dev/ctd/control/ifnames"
@@ -147,5 +151,39 @@ func TestListOutputError(t *testing.T) {
 		if listed == 20000 {
 			t.Errorf("%s: listed every flow after the output failed", name)
 		}
+	}
+}
+
+// TestGrowPipe checks that ct list's output, where it is a pipe, holds a
+// buffer's worth, and that other outputs are left alone.
+func TestGrowPipe(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	pipeSize := func() int {
+		n, err := unix.FcntlInt(w.Fd(), unix.F_GETPIPE_SZ, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	want := max(pipeSize(), listBuffer) // it never shrinks a pipe
+	growPipe(w)
+	if n := pipeSize(); n != want {
+		t.Errorf("pipe holds %d bytes after growPipe, want %d", n, want)
+	}
+	// A regular file and a writer without a descriptor: no change, no panic.
+	f, err := os.Create(filepath.Join(t.TempDir(), "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	growPipe(f)
+	growPipe(&bytes.Buffer{})
+	if _, err := f.WriteString("ok"); err != nil {
+		t.Errorf("write after growPipe on a file: %v", err)
 	}
 }
