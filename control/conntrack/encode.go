@@ -64,9 +64,15 @@ func (e *Encoder) AppendJSON(b []byte, fl ctmap.Flow) []byte {
 	b = append(b, `,"bytes_reply":`...)
 	b = strconv.AppendUint(b, fl.BytesReply, 10)
 	b = append(b, `,"first_seen":"`...)
+	first := len(b)
 	b = e.appendTime(b, fl.FirstSeen)
+	firstEnd := len(b)
 	b = append(b, `","last_seen":"`...)
-	b = e.appendTime(b, fl.LastSeen)
+	if fl.LastSeen == fl.FirstSeen { // a flow of one clock tick: the same text
+		b = append(b, b[first:firstEnd]...)
+	} else {
+		b = e.appendTime(b, fl.LastSeen)
+	}
 	b = append(b, `","iface":`...)
 	b = appendString(b, e.names.Name(fl.Ifindex))
 	b = append(b, `,"src_identity":`...)
@@ -199,12 +205,13 @@ func (e *Encoder) appendTime(b []byte, d time.Duration) []byte {
 		e.dayFmt = time.Unix(day*86400, 0).UTC().AppendFormat(e.dayFmt[:0], "2006-01-02T")
 	}
 	b = append(b, e.dayFmt...)
-	h, m, s := tod/3600, tod/60%60, tod%60
+	t := uint32(tod) // unsigned: cheaper division
+	h, m, s := t/3600, t/60%60, t%60
 	b = append(b, byte('0'+h/10), byte('0'+h%10), ':', byte('0'+m/10), byte('0'+m%10), ':', byte('0'+s/10), byte('0'+s%10))
 	if nsec != 0 {
 		var frac [10]byte
 		frac[0] = '.'
-		for i, v := 9, nsec; i > 0; i-- {
+		for i, v := 9, uint32(nsec); i > 0; i-- {
 			frac[i] = byte('0' + v%10)
 			v /= 10
 		}

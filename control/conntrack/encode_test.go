@@ -181,6 +181,9 @@ func TestEncoderMatchesReferenceVaried(t *testing.T) {
 		if pick(2) == 0 {
 			fl.State = ctmap.State(rng.Uint32())
 		}
+		if pick(4) == 0 { // a flow of one clock tick
+			fl.LastSeen = fl.FirstSeen
+		}
 		if pick(2) == 0 { // an owner, or parts of one
 			if pick(4) > 0 {
 				fl.Pid = uint32(count())
