@@ -16,8 +16,11 @@
  * that were never bound (a listener's is bound by its process: the
  * post_bind programs record it; a client's is not).
  *
- * A wildcard listener on the port of a forwarded connection would be taken
- * for its owner: the lookup cannot tell whether the destination is local.
+ * A socket bound to the wildcard address is found for any destination,
+ * also for a flow this host forwards; when the lookup finds one, a FIB
+ * lookup asks whether the kernel would forward the packet, and a forwarded
+ * flow gets no owner. That costs only the flows the lookup finds a
+ * wildcard socket for.
  */
 #pragma once
 
@@ -128,6 +131,44 @@ static __always_inline struct bpf_sock *owner_lookup(struct __sk_buff *skb, cons
 	return bpf_sk_lookup_udp(skb, st, size, BPF_F_CURRENT_NETNS, 0);
 }
 
+/* bound_to_any reports whether sk is bound to the wildcard address (an
+ * IPv6 one also takes IPv4 unless v6only). */
+static __always_inline int bound_to_any(const struct bpf_sock *sk)
+{
+	if (sk->family == AF_INET)
+		return sk->src_ip4 == 0;
+	return (sk->src_ip6[0] | sk->src_ip6[1] | sk->src_ip6[2] | sk->src_ip6[3]) == 0;
+}
+
+/* forwarded reports whether the kernel would forward t's packet, which
+ * entered on skb's device, rather than deliver it here: its route is a
+ * unicast one to another host. A local destination's route is of type
+ * local (BPF_FIB_LKUP_RET_NOT_FWDED), and a host that does not forward
+ * (BPF_FIB_LKUP_RET_FWD_DISABLED) can only deliver it. */
+static __always_inline int forwarded(struct __sk_buff *skb, const struct tuple *t)
+{
+	struct bpf_fib_lookup fib = {
+		.l4_protocol = t->proto,
+		.sport = t->sport,
+		.dport = t->dport,
+		.ifindex = skb->ingress_ifindex,
+	};
+	long rc;
+
+	if (t->family == 4) {
+		fib.family = AF_INET;
+		fib.ipv4_src = t->src.w[0];
+		fib.ipv4_dst = t->dst.w[0];
+	} else {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, t->src.w, sizeof(fib.ipv6_src));
+		__builtin_memcpy(fib.ipv6_dst, t->dst.w, sizeof(fib.ipv6_dst));
+	}
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	return rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+	       rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+}
+
 /* owner_of records in e, the entry of a new flow, the owner of the local
  * socket of its first packet t, if it has one: at egress the packet's
  * socket, at ingress the one a lookup of its tuple finds. Only for new
@@ -151,6 +192,7 @@ static __always_inline void owner_of(struct __sk_buff *skb, __u32 dir, const str
 	sk = owner_lookup(skb, t);
 	if (!sk)
 		return;
-	owner_from(sk, e);
+	if (!bound_to_any(sk) || !forwarded(skb, t))
+		owner_from(sk, e);
 	bpf_sk_release(sk);
 }

@@ -447,3 +447,77 @@ func echoPackets(c net.PacketConn) {
 		c.WriteTo(buf[:n], from)
 	}
 }
+
+// TestOwnerForwarded: a flow that A forwards (from B to C, a host routed
+// behind A) has no owner, even though a process in A listens on the
+// wildcard address on its destination port, which a socket lookup of the
+// flow's tuple finds; a flow from B to A's own address on that port, which
+// that process accepts, has it for its owner. Both families, TCP and UDP.
+func TestOwnerForwarded(t *testing.T) {
+	bin := nettest.BuildCtd(t)
+	pair := nettest.NewPair(t)
+	a, b := pair.A, pair.B
+	c := pair.RoutedBehindA(t)
+	ctd := &coreCLI{t: t, bin: bin, pin: nettest.PinPath(t), host: a}
+	ctd.must("attach", "--iface", a.Iface)
+
+	parent := randomName(t)
+	testCgroup(t, "", parent)
+	cg, cgFD := testCgroup(t, "/"+parent, "router")
+	const port = 9401
+	type want struct {
+		src, dst netip.AddrPort
+		proto    string
+		pid      int
+		comm, cg string
+	}
+	var wants []want
+	for _, proto := range []string{"tcp", "udp"} {
+		srv := startOwner(t, a, "ctdo-router", cgFD, "server", proto, fmt.Sprintf("[::]:%d", port))
+		for _, fam := range []struct{ local, routed netip.Addr }{{a.IPv4, c.IPv4}, {a.IPv6, c.IPv6}} {
+			routed := netip.AddrPortFrom(fam.routed, port)
+			if proto == "tcp" {
+				echoServer(t, c, routed)
+			} else {
+				udpEcho(t, c, routed)
+			}
+			for _, dst := range []netip.AddrPort{routed, netip.AddrPortFrom(fam.local, port)} {
+				conn, err := b.Dial(proto, dst.String())
+				if err != nil {
+					t.Fatalf("B to %s %v: %v", proto, dst, err)
+				}
+				t.Cleanup(func() { conn.Close() })
+				if err := exchange(conn, "hello"); err != nil {
+					t.Fatalf("B to %s %v: %v", proto, dst, err)
+				}
+				w := want{src: netip.MustParseAddrPort(conn.LocalAddr().String()), dst: dst, proto: proto}
+				if dst.Addr() == fam.local {
+					w.pid, w.comm, w.cg = srv.pid, "ctdo-router", cg
+				}
+				wants = append(wants, w)
+			}
+		}
+	}
+
+	rows := ctd.ownerList()
+	for _, w := range wants {
+		var (
+			r     ownerRow
+			found bool
+		)
+		for _, row := range rows {
+			if row.Proto == w.proto && row.Src == w.src.Addr().String() && row.Sport == w.src.Port() &&
+				row.Dst == w.dst.Addr().String() && row.Dport == w.dst.Port() {
+				r, found = row, true
+			}
+		}
+		if !found {
+			t.Errorf("no flow %s %v -> %v in ct list", w.proto, w.src, w.dst)
+			continue
+		}
+		if int(r.Pid) != w.pid || r.Comm != w.comm || r.Cgroup != w.cg {
+			t.Errorf("flow %s %v -> %v: pid %d comm %q cgroup %q; want pid %d comm %q cgroup %q",
+				w.proto, w.src, w.dst, r.Pid, r.Comm, r.Cgroup, w.pid, w.comm, w.cg)
+		}
+	}
+}

@@ -124,6 +124,60 @@ var PacketCases = []PacketCase{
 	{Name: "tcp-new-flood/prefixes=10k", Title: "TCP new flow (SYN), unconfirmed table full: evicts a half-open flow", Kind: TCPNew, Flows: DefaultFlows, Prefixes: 10000, Flood: true, V1: true},
 }
 
+// FloorOps are the map operations a BenchmarkMapFloor case does, and only those.
+type FloorOps int
+
+const (
+	// FloorHit: one lookup that hits in the family's confirmed conntrack
+	// table (1k flows) and two counter adds in the entry: what any
+	// established packet needs at least.
+	FloorHit FloorOps = iota
+	// FloorNew: a miss in the family's confirmed and unconfirmed tables,
+	// then an insert into the unconfirmed one: what any new flow needs at least.
+	FloorNew
+	// FloorNewIdentities: FloorNew, and both addresses resolved as the
+	// datapath does (host hash, then the trie of CIDRs) in an ipcache of 10k
+	// prefixes: the new flow's source a host entry, its destination the
+	// server under a CIDR, as in the per-packet new-flow rows.
+	FloorNewIdentities
+	// FloorHashMiss: one lookup that misses in a hash of one entry: a
+	// helper call into the hash table code, with no table to walk.
+	FloorHashMiss
+	// FloorArray: one lookup in an array of one entry, which the verifier
+	// inlines (no call), and an add.
+	FloorArray
+	// FloorArrayTable: one hit in a table the program manages itself in an
+	// array map (262144 slots of a 16-byte key and an entry, the slot a
+	// multiplicative hash of the key computed in the program, one probe, the
+	// key compared), and two counter adds: what an established packet would
+	// cost with its flows kept outside the kernel's hash maps.
+	FloorArrayTable
+)
+
+// FloorCase is one BenchmarkMapFloor figure: what the map operations Ops
+// cost alone, measured as the per-packet rows are, beside the per-packet
+// row Bounds (a PacketCase name) whose goal they bound from below.
+type FloorCase struct {
+	Name   string // sub-benchmark of BenchmarkMapFloor
+	Title  string
+	Ops    FloorOps
+	IPv6   bool
+	Bounds string // the PacketCase whose figure includes these operations; "" for a reference
+}
+
+// FloorCases lists the map-operation floors in table order.
+var FloorCases = []FloorCase{
+	{Name: "ct4-hit", Title: "one hit in ct4_v2 (1k flows), two counter adds", Ops: FloorHit, Bounds: "tcp-est-orig/flows=1k"},
+	{Name: "ct6-hit", Title: "one hit in ct6_v2 (1k flows), two counter adds", Ops: FloorHit, IPv6: true, Bounds: "tcp6-est-orig/flows=1k"},
+	{Name: "ct4-new", Title: "a miss in ct4_v2 and in ct4_unconfirmed_v2, an insert into ct4_unconfirmed_v2", Ops: FloorNew, Bounds: "tcp-new/prefixes=10k"},
+	{Name: "ct4-new-identities", Title: "the same, and both addresses resolved in an ipcache of 10k prefixes", Ops: FloorNewIdentities, Bounds: "tcp-new/prefixes=10k"},
+	{Name: "ct6-new", Title: "a miss in ct6_v2 and in ct6_unconfirmed_v2, an insert into ct6_unconfirmed_v2", Ops: FloorNew, IPv6: true, Bounds: "tcp6-new/prefixes=10k"},
+	{Name: "ct6-new-identities", Title: "the same, and both addresses resolved in an ipcache of 10k prefixes", Ops: FloorNewIdentities, IPv6: true, Bounds: "tcp6-new/prefixes=10k"},
+	{Name: "hash1-miss", Title: "reference: one miss in a hash of one entry (a helper call, no table to walk)", Ops: FloorHashMiss},
+	{Name: "array", Title: "reference: one lookup in an array of one entry (inlined by the verifier) and an add", Ops: FloorArray},
+	{Name: "array-table-hit", Title: "reference: one hit among 1k flows in a hash table the program keeps in an array map (hash computed in the program, one probe), two counter adds", Ops: FloorArrayTable},
+}
+
 // Setup is one configuration of the receiving side in the real-traffic runs.
 type Setup struct {
 	Name  string // sub-benchmark of BenchmarkTraffic

@@ -22,6 +22,11 @@ type smokeReport struct {
 		V1Ns  float64 `json:"first_release_ns"`
 		Error string  `json:"error"`
 	} `json:"packet"`
+	Floor []struct {
+		Name   string  `json:"name"`
+		OverNs float64 `json:"over_ns"`
+		Error  string  `json:"error"`
+	} `json:"map_floor"`
 	Traffic []struct {
 		Setup string                     `json:"setup"`
 		Tests map[string]json.RawMessage `json:"tests"`
@@ -73,7 +78,7 @@ func TestSmoke(t *testing.T) {
 
 	// Every row, in the table and in the JSON.
 	text := string(doc)
-	for _, want := range []string{"## Goals", "## Per packet", "## Identity resolution", "## Real traffic", "## Control plane", "| kernel |", "| CPU |"} {
+	for _, want := range []string{"## Goals", "## Per packet", "## Map operations alone", "## Identity resolution", "## Real traffic", "## Control plane", "| kernel |", "| CPU |"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("the table has no %q", want)
 		}
@@ -91,6 +96,14 @@ func TestSmoke(t *testing.T) {
 		}
 		if !strings.Contains(text, "| "+c.Title+" |") {
 			t.Errorf("the table has no row %q", c.Title)
+		}
+	}
+	if len(rep.Floor) != len(FloorCases) {
+		t.Fatalf("%d map-operation rows, want %d", len(rep.Floor), len(FloorCases))
+	}
+	for i, c := range FloorCases {
+		if r := rep.Floor[i]; r.Name != c.Name || r.Error != "" {
+			t.Errorf("map-operation row %d: %+v, want %s measured", i, r, c.Name)
 		}
 	}
 	if strings.Contains(text, "BenchmarkIPCacheLookup/") {

@@ -250,44 +250,7 @@ func createVeth(a, b *Host) error {
 }
 
 // configure brings lo and the veth end up and assigns the addresses.
-func (h *Host) configure() error {
-	nl, err := h.netlinkHandle()
-	if err != nil {
-		return err
-	}
-	defer nl.Close()
-
-	lo, err := nl.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("lo: %w", err)
-	}
-	if err := nl.LinkSetUp(lo); err != nil {
-		return fmt.Errorf("set lo up: %w", err)
-	}
-	link, err := nl.LinkByName(h.Iface)
-	if err != nil {
-		return err
-	}
-	h.IfIndex = link.Attrs().Index
-	h.MAC = link.Attrs().HardwareAddr
-	for _, a := range []struct {
-		addr   netip.Addr
-		prefix netip.Prefix
-		flags  int
-	}{
-		{h.IPv4, Prefix4, 0},
-		{h.IPv6, Prefix6, unix.IFA_F_NODAD},
-	} {
-		ipn := &net.IPNet{IP: a.addr.AsSlice(), Mask: net.CIDRMask(a.prefix.Bits(), a.addr.BitLen())}
-		if err := nl.AddrAdd(link, &netlink.Addr{IPNet: ipn, Flags: a.flags}); err != nil {
-			return fmt.Errorf("add address %s: %w", ipn, err)
-		}
-	}
-	if err := nl.LinkSetUp(link); err != nil {
-		return fmt.Errorf("set %s up: %w", h.Iface, err)
-	}
-	return nil
-}
+func (h *Host) configure() error { return h.configureIn(Prefix4, Prefix6) }
 
 // waitReady waits until the veth end is operationally up and its IPv6
 // address is not tentative.

@@ -91,6 +91,10 @@ func run(smoke bool, out, jsonOut string, quiet bool) error {
 	rep.Packet, perr = packetSection(g, p)
 	fail("per packet", perr)
 
+	var ferr error
+	rep.Floor, ferr = floorSection(g, p)
+	fail("map operations alone", ferr)
+
 	var lerr error
 	rep.Lookup, lerr = lookupSection(g, p)
 	fail("identity resolution", lerr)

@@ -133,6 +133,50 @@ func lookupSection(g *goTest, p plan) ([]lookupRow, error) {
 	return rows, runErr
 }
 
+// ---- map operations alone ----
+
+type floorRow struct {
+	Case             bench.FloorCase
+	Over             float64 // median over runs, ns over the floor
+	OverMin, OverMax float64 // the runs' range
+	Runs             int
+	Err              string
+}
+
+func floorSection(g *goTest, p plan) ([]floorRow, error) {
+	res, runErr := g.bench("./test/bench", "^BenchmarkMapFloor$", strconv.Itoa(p.packetSamples)+"x", p.packetCount, p.benchTimeout)
+	rows := make([]floorRow, len(bench.FloorCases))
+	for i, c := range bench.FloorCases {
+		rows[i].Case = c
+		var over []float64
+		for _, r := range res {
+			if r.Base() == "BenchmarkMapFloor/"+c.Name {
+				over = append(over, r.Metrics[bench.UnitOver])
+			}
+		}
+		if len(over) == 0 {
+			rows[i].Err = "not measured: BenchmarkMapFloor/" + c.Name + " reported nothing"
+			continue
+		}
+		rows[i].Over, rows[i].OverMin, rows[i].OverMax = bench.Median(over), slices.Min(over), slices.Max(over)
+		rows[i].Runs = len(over)
+	}
+	return rows, runErr
+}
+
+// floorOf returns the largest measured floor of the map operations that
+// the per-packet case named name includes, and whether there is one.
+func floorOf(rows []floorRow, name string) (floorRow, bool) {
+	var best floorRow
+	found := false
+	for _, r := range rows {
+		if r.Err == "" && r.Case.Bounds == name && (!found || r.Over > best.Over) {
+			best, found = r, true
+		}
+	}
+	return best, found
+}
+
 // ---- real traffic ----
 
 type trafficCell struct {
