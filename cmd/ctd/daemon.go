@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -131,6 +132,7 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 				}
 			}
 			cfg.Components = daemonComponents(lifetimes, metricsLn)
+			var early func(context.Context)
 			if a.clusterMode() {
 				agent, closeKV, err := a.clusterAgent(node, log)
 				if err != nil {
@@ -138,8 +140,9 @@ lease of --kvstore-lease-ttl; see 'ctd cluster status'.`,
 				}
 				defer closeKV()
 				cfg.Components = append(cfg.Components, agent.Component())
+				early = agent.Publish
 			}
-			return runDaemon(c, cfg, log)
+			return runDaemon(c, cfg, log, early)
 		},
 	}
 	c.Flags().StringArrayVar(&ifaces, "iface", nil, "interface to attach to (repeatable; default: the interfaces recorded in the state store)")
@@ -307,7 +310,7 @@ func serveMetrics(ctx context.Context, ln net.Listener, h http.Handler, log *slo
 	}
 }
 
-func runDaemon(c *cobra.Command, cfg daemon.Config, log *slog.Logger) error {
+func runDaemon(c *cobra.Command, cfg daemon.Config, log *slog.Logger, early func(context.Context)) error {
 	d, err := daemon.New(cfg)
 	if err != nil {
 		return err
@@ -318,6 +321,16 @@ func runDaemon(c *cobra.Command, cfg daemon.Config, log *slog.Logger) error {
 	// finish (it leaves nothing half-done) and then stops.
 	ctx, stop := signal.NotifyContext(c.Context(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+
+	// early (the cluster agent's lease and endpoints) runs from before the
+	// datapath loads until the daemon stops: the daemon holds the state
+	// directory from daemon.New on.
+	if early != nil {
+		ectx, cancel := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() { early(ectx) })
+		defer func() { cancel(); wg.Wait() }()
+	}
 
 	r, err := d.Start()
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/ctd-dev/ctd/control/daemon"
@@ -45,11 +46,12 @@ type Agent struct {
 	log    *slog.Logger
 	apply  func(kvstore.Update) error // set by Run before the syncer starts
 
-	mu        sync.Mutex
-	lease     clientv3.LeaseID
-	published int
-	conflicts []kvstore.Conflict
-	kick      chan struct{} // conflicts changed
+	mu         sync.Mutex
+	publishing bool // Publish runs
+	lease      clientv3.LeaseID
+	published  int
+	conflicts  []kvstore.Conflict
+	kick       chan struct{} // conflicts changed
 }
 
 // New checks cfg and returns an agent; Run runs it.
@@ -101,7 +103,7 @@ func (a *Agent) Run(ctx context.Context, env *daemon.Env) error {
 	}
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = a.syncer.Run(ctx) })
-	wg.Go(func() { a.publishLoop(ctx) })
+	wg.Go(func() { a.Publish(ctx) })
 	wg.Go(func() { a.statusLoop(ctx) })
 	wg.Wait()
 	return nil
@@ -139,8 +141,24 @@ type ConflictEvent struct {
 	WinnerIdentity uint32    `json:"winner_identity"`
 }
 
-// publishLoop holds the node's lease and keeps its endpoints (and conflict
-// events) in etcd equal to the local ones.
+// Publish holds the node's lease and keeps its endpoints (and conflict
+// events) in etcd equal to the local ones until ctx ends. Run does it too,
+// unless Publish runs already: a daemon calls it before it loads its
+// datapath, because the node's endpoints and the programs its previous
+// daemon attached stay in place throughout a restart, and a load slower
+// than the lease TTL (seconds on a busy node) must not take the endpoints
+// out of every node's ipcache meanwhile.
+func (a *Agent) Publish(ctx context.Context) {
+	a.mu.Lock()
+	if a.publishing {
+		a.mu.Unlock()
+		return
+	}
+	a.publishing = true
+	a.mu.Unlock()
+	a.publishLoop(ctx)
+}
+
 func (a *Agent) publishLoop(ctx context.Context) {
 	for ctx.Err() == nil {
 		lease, err := a.takeLease(ctx)
@@ -158,6 +176,13 @@ func (a *Agent) publishLoop(ctx context.Context) {
 
 // takeLease takes up the lease recorded in the state directory if it is
 // still alive, else grants a new one and records it.
+//
+// The recorded lease is taken up with a keepalive, not a TimeToLive: one
+// request both tells whether it lives and gives it its whole TTL back. A
+// lease with less than a second left (TimeToLive rounds that to 0) is
+// still alive, and a restarted or reconnected node must not let it run
+// out between looking at it and keeping it alive: its endpoints would
+// leave every node's ipcache and come back under a new lease.
 func (a *Agent) takeLease(ctx context.Context) (clientv3.LeaseID, error) {
 	cli := a.cfg.Client.Etcd()
 	path := filepath.Join(a.cfg.StateDir, LeaseFile)
@@ -165,14 +190,17 @@ func (a *Agent) takeLease(ctx context.Context) (clientv3.LeaseID, error) {
 	var rec leaseRecord
 	if b, err := os.ReadFile(path); err == nil && json.Unmarshal(b, &rec) == nil && rec.ID != 0 && rec.Node == a.cfg.Node && rec.TTL == ttl {
 		rctx, cancel := context.WithTimeout(ctx, a.cfg.Client.Timeout())
-		resp, err := cli.TimeToLive(rctx, clientv3.LeaseID(rec.ID))
+		_, err := cli.KeepAliveOnce(rctx, clientv3.LeaseID(rec.ID))
 		cancel()
-		if err != nil {
-			return 0, err
-		}
-		if resp.TTL > 0 {
-			a.log.Info("took up the recorded kvstore lease", "lease", strconv.FormatInt(rec.ID, 16), "remaining", time.Duration(resp.TTL)*time.Second)
+		switch {
+		case err == nil:
+			a.log.Info("took up the recorded kvstore lease", "lease", strconv.FormatInt(rec.ID, 16))
 			return clientv3.LeaseID(rec.ID), nil
+		case errors.Is(rpctypes.Error(err), rpctypes.ErrLeaseNotFound):
+			a.log.Warn("the recorded kvstore lease expired (the node was gone longer than its TTL): its endpoints left the cluster; granting a new lease",
+				"lease", strconv.FormatInt(rec.ID, 16), "ttl", a.cfg.LeaseTTL)
+		default:
+			return 0, fmt.Errorf("refresh the recorded lease %x: %w", rec.ID, err)
 		}
 	}
 	rctx, cancel := context.WithTimeout(ctx, a.cfg.Client.Timeout())
@@ -230,15 +258,30 @@ func (a *Agent) keepPublished(ctx context.Context, lease clientv3.LeaseID) {
 		}
 		select {
 		case <-ctx.Done():
+			a.refreshOnStop(lease)
 			return
 		case _, ok := <-ka:
 			if !ok {
-				a.log.Warn("the kvstore lease was lost (etcd away longer than its TTL); taking a new one")
+				a.log.Warn("no kvstore lease keepalive answered within the TTL; taking the lease up again, or a new one if it expired")
 				return
 			}
 		case <-a.kick:
 		case <-tick.C:
 		}
+	}
+}
+
+// refreshOnStop gives the lease its whole TTL once more as the agent stops,
+// so that the node's endpoints outlive it by the TTL (what --kvstore-lease-ttl
+// promises), not by whatever was left since the last periodic keepalive
+// (as little as two thirds of it): a daemon restarted within the TTL, its
+// datapath load included, takes the lease up again and its endpoints never
+// leave. It waits at most a second.
+func (a *Agent) refreshOnStop(lease clientv3.LeaseID) {
+	ctx, cancel := context.WithTimeout(context.Background(), min(a.cfg.Client.Timeout(), time.Second))
+	defer cancel()
+	if _, err := a.cfg.Client.Etcd().KeepAliveOnce(ctx, lease); err != nil {
+		a.log.Warn("refresh the kvstore lease on stop", "lease", strconv.FormatInt(int64(lease), 16), "err", err)
 	}
 }
 
