@@ -64,15 +64,9 @@ func (e *Encoder) AppendJSON(b []byte, fl ctmap.Flow) []byte {
 	b = append(b, `,"bytes_reply":`...)
 	b = strconv.AppendUint(b, fl.BytesReply, 10)
 	b = append(b, `,"first_seen":"`...)
-	first := len(b)
 	b = e.appendTime(b, fl.FirstSeen)
-	firstEnd := len(b)
 	b = append(b, `","last_seen":"`...)
-	if fl.LastSeen == fl.FirstSeen { // a flow of one clock tick: the same text
-		b = append(b, b[first:firstEnd]...)
-	} else {
-		b = e.appendTime(b, fl.LastSeen)
-	}
+	b = e.appendTime(b, fl.LastSeen)
 	b = append(b, `","iface":`...)
 	b = appendString(b, e.names.Name(fl.Ifindex))
 	b = append(b, `,"src_identity":`...)

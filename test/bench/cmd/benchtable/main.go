@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"syscall"
@@ -207,10 +208,19 @@ func probeEnvironment(root string) environment {
 			e.Commit += " (with uncommitted changes)"
 		}
 	}
-	for _, name := range []string{"spectre_v2", "spec_rstack_overflow"} {
+	// meltdown's PTI without the CPU's pcid flag flushes the TLB at every
+	// system call, so every BPF_PROG_TEST_RUN starts with an empty one.
+	for _, name := range []string{"spectre_v2", "spec_rstack_overflow", "meltdown"} {
 		if b, err := os.ReadFile("/sys/devices/system/cpu/vulnerabilities/" + name); err == nil {
 			e.Mitigations = append(e.Mitigations, [2]string{"mitigation " + name, strings.TrimSpace(string(b))})
 		}
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		pcid := "no"
+		if regexp.MustCompile(`(?m)^flags\s*:.*\bpcid\b`).Match(b) {
+			pcid = "yes"
+		}
+		e.Mitigations = append(e.Mitigations, [2]string{"CPU flag pcid", pcid})
 	}
 	return e
 }
