@@ -218,9 +218,10 @@ type floorMaps struct {
 	keys            map[int][][]byte // the entries of ct, by key length
 	// tableKeys are the keys in table, each alone in its slot.
 	tableKeys [][]byte
-	// sources are host entries of the ipcache and dsts the server under
+	// sources are host entries of the ipcache and server the address under
 	// its CIDR that the per-packet new flows go to, by address bits.
-	sources, dsts map[int][]netip.Addr
+	sources map[int][]netip.Addr
+	server  map[int]netip.Addr
 }
 
 func newFloorMaps(tb testing.TB) *floorMaps {
@@ -248,7 +249,7 @@ func newFloorMaps(tb testing.TB) *floorMaps {
 			ValueSize: uint32(arrayTableKey + unsafe.Sizeof(bpf.CtdCtEntry{})), MaxEntries: arrayTableSlots}),
 		keys:    map[int][][]byte{},
 		sources: map[int][]netip.Addr{},
-		dsts:    map[int][]netip.Addr{},
+		server:  map[int]netip.Addr{},
 	}
 	rnd := mrand.New(mrand.NewPCG(16, 40))
 	var entry [unsafe.Sizeof(bpf.CtdCtEntry{})]byte
@@ -287,7 +288,7 @@ func newFloorMaps(tb testing.TB) *floorMaps {
 			bits, srcs, dst = 32, set.sources4, server4
 		}
 		_, fm.hosts[bits], fm.cidrs[bits] = lookupMaps(tb, is4, set.entries)
-		fm.sources[bits], fm.dsts[bits] = srcs, []netip.Addr{dst}
+		fm.sources[bits], fm.server[bits] = srcs, dst
 	}
 	return fm
 }
@@ -377,9 +378,9 @@ func benchFloor(b *testing.B, floor *ebpf.Program, fm *floorMaps, c FloorCase) {
 			copy(pkt[floorKeyOffset:], k)
 			if ops.hosts != nil {
 				at := floorKeyOffset + ops.keyLen
-				srcs, dsts := fm.sources[ops.addrBits], fm.dsts[ops.addrBits]
+				srcs := fm.sources[ops.addrBits]
 				copy(pkt[at:], srcs[rnd.IntN(len(srcs))].AsSlice())
-				copy(pkt[at+ops.addrBits/8:], dsts[rnd.IntN(len(dsts))].AsSlice())
+				copy(pkt[at+ops.addrBits/8:], fm.server[ops.addrBits].AsSlice())
 			}
 			if ops.insert != nil {
 				inserted = append(inserted, k)
